@@ -1,0 +1,35 @@
+# Two entry points on a fresh machine: `make demo` and `make test` (each installs what it needs).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH_PIN := torch==2.13.0
+DEMO_DIR ?= demo_out
+
+.PHONY: demo test install lint bench-mtd clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# The pinned CPU build first: a looser requirement would pull a multi-GB CUDA build.
+	$(PIP) install --quiet $(TORCH_PIN)
+	$(PIP) install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) tools/demo.py --out $(DEMO_DIR)
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+# Fit, evaluate and benchmark on ../shared/data/mtd (figures for the README / issue notes)
+bench-mtd: install
+	$(PY) tools/bench_mtd.py --out runs/mtd
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) runs *.egg-info

@@ -1,0 +1,195 @@
+"""``weakrest-edge``: inspect images with a bundle, check a bundle, benchmark the inference path."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .core.bundle import BundleError, load_bundle
+from .core.engines import EngineError
+from .core.pipeline import Inspector
+from .core.preprocess import ImageReadError, read_image
+
+
+def _inspector(bundle_path: Path, threads: int | None) -> Inspector:
+    """Load, verify and smoke-run a bundle: a bad bundle raises BundleError naming the file."""
+    bundle = load_bundle(bundle_path)
+    try:
+        inspector = Inspector(bundle, threads=threads)
+    except EngineError as exc:
+        raise BundleError(bundle.backbone_path.name, str(exc)) from exc
+    m = bundle.manifest
+    probe = np.zeros((*m.preprocessing.input_size, 3), dtype=np.uint8)
+    try:
+        pcf, descriptor = inspector.features(probe)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise BundleError(bundle.backbone_path.name, f"does not run on a {probe.shape} input ({exc})") from exc
+    expected = (m.backbone.grid[0] * m.backbone.grid[1], m.backbone.d_f)
+    if pcf.shape != expected:
+        raise BundleError(bundle.backbone_path.name, f"outputs pcf {pcf.shape}, manifest implies {expected}")
+    cells = m.backbone.descriptor_grid[0] * m.backbone.descriptor_grid[1]
+    if descriptor.shape != (cells, m.backbone.descriptor_channels):
+        raise BundleError(bundle.backbone_path.name, f"outputs descriptor {descriptor.shape}, manifest implies "
+                          f"{(cells, m.backbone.descriptor_channels)}")
+    return inspector
+
+
+def cmd_check_bundle(args: argparse.Namespace) -> int:
+    try:
+        inspector = _inspector(Path(args.bundle), args.threads)
+    except BundleError as exc:
+        report = {"valid": False, "file": exc.file, "problem": exc.problem}
+        print(json.dumps(report) if args.json else f"INVALID bundle {args.bundle}: {exc}", file=sys.stdout)
+        return 1
+    m = inspector.bundle.manifest
+    report = {"valid": True, "product": m.product, "bundle_version": m.bundle_version,
+              "schema_version": m.schema_version, "backbone": m.backbone.name, "input_size": m.preprocessing.input_size,
+              "n_reference_images": m.posfar.n_reference_images, "n_bank": m.posfar.n_bank,
+              "threshold": m.thresholds.image, "files": sorted(m.files)}
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"OK bundle {args.bundle}: product {m.product} version {m.bundle_version}, "
+              f"{m.posfar.n_reference_images} reference images, {m.posfar.n_bank} bank entries, "
+              f"threshold {m.thresholds.image:.4g}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import cv2
+    from tqdm import tqdm
+
+    from .core.overlay import heatmap_overlay
+
+    try:
+        inspector = _inspector(Path(args.bundle), args.threads)
+    except BundleError as exc:
+        print(f"error: bundle refused: {exc}", file=sys.stderr)
+        return 2
+    images = sorted(p for p in Path(args.images).rglob("*") if p.is_file())
+    if not images:
+        print(f"error: no files in {args.images}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    (out / "heatmaps").mkdir(parents=True, exist_ok=True)
+    counts = {"pass": 0, "fail": 0, "error": 0}
+    with open(out / "results.jsonl", "w", encoding="utf-8") as fh:
+        for path in tqdm(images, desc="inspecting", unit="img", disable=args.quiet):
+            rel = str(path.relative_to(args.images))
+            try:
+                image = read_image(path)
+            except ImageReadError as exc:
+                fh.write(json.dumps({"file": rel, "verdict": "error", "error": str(exc)}) + "\n")
+                counts["error"] += 1
+                continue
+            result = inspector.inspect(image)
+            counts[result.verdict] += 1
+            fh.write(json.dumps({"file": rel, **result.to_json()}) + "\n")
+            if args.heatmaps == "all" or (args.heatmaps == "fail" and result.verdict == "fail"):
+                pic = heatmap_overlay(image, result.heatmap, result.threshold, regions=result.regions)
+                name = rel.replace("/", "__").rsplit(".", 1)[0] + ".png"
+                cv2.imwrite(str(out / "heatmaps" / name), pic)
+    print(f"inspected {len(images)} files: {counts['pass']} pass, {counts['fail']} fail, {counts['error']} error; "
+          f"results in {out / 'results.jsonl'}, heatmaps in {out / 'heatmaps'}")
+    return 1 if counts["error"] else 0
+
+
+def _bench_images(folder: str | None, size_hw: tuple[int, int], limit: int) -> list[np.ndarray]:
+    if folder is None:
+        rng = np.random.default_rng(0)
+        return [rng.integers(0, 256, (*size_hw, 3), dtype=np.uint8) for _ in range(8)]
+    images = []
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        try:
+            images.append(read_image(path))
+        except ImageReadError:
+            continue
+        if len(images) >= limit:
+            break
+    if not images:
+        raise SystemExit(f"error: no readable images in {folder}")
+    return images
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    try:
+        inspector = _inspector(Path(args.bundle), args.threads)
+    except BundleError as exc:
+        print(f"error: bundle refused: {exc}", file=sys.stderr)
+        return 2
+    images = _bench_images(args.images, inspector.input_hw, 64)
+    for i in range(args.warmup):
+        inspector.inspect(images[i % len(images)])
+    stages: dict[str, list[float]] = {}
+    t0 = time.perf_counter()
+    for i in range(args.frames):
+        for name, ms in inspector.inspect(images[i % len(images)]).timings_ms.items():
+            stages.setdefault(name, []).append(ms)
+    wall = time.perf_counter() - t0
+    table = {name: {"p50": float(np.percentile(v, 50)), "p99": float(np.percentile(v, 99)),
+                    "mean": float(np.mean(v))} for name, v in stages.items()}
+    m = inspector.bundle.manifest
+    report = {
+        "bundle": args.bundle, "product": m.product, "frames": args.frames, "images": len(images),
+        "n_reference_images": m.posfar.n_reference_images, "k_references": m.posfar.k_references,
+        "n_bank": m.posfar.n_bank, "threads": inspector.backbone.session.get_session_options().intra_op_num_threads,
+        "stages_ms": table, "fps": args.frames / wall,
+        "total_over_backbone_p50": table["total"]["p50"] / table["backbone"]["p50"],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+    }
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"bundle {args.bundle} ({m.product}, {m.posfar.n_reference_images} reference images, "
+          f"K={m.posfar.k_references}, {m.posfar.n_bank} bank entries), {args.frames} frames, batch 1")
+    print(f"{'stage':<12}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}")
+    for name, row in table.items():
+        print(f"{name:<12}{row['p50']:>10.3f}{row['p99']:>10.3f}{row['mean']:>10.3f}")
+    print(f"throughput {report['fps']:.1f} frames/s; total/backbone p50 = {report['total_over_backbone_p50']:.2f}; "
+          f"peak RSS {report['peak_rss_mb']:.0f} MB")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="weakrest-edge", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="inspect a folder of images, write results.jsonl and heatmap overlays")
+    p.add_argument("--bundle", required=True, help="bundle folder or .tar")
+    p.add_argument("--images", required=True, help="folder of images (searched recursively)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--heatmaps", choices=["all", "fail", "none"], default="all", help="which overlays to write")
+    p.add_argument("--threads", type=int, default=None, help="inference threads (default: all usable CPUs)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("check-bundle", help="verify a bundle (hashes, arrays, schema, graph); exit 0 only if valid")
+    p.add_argument("bundle")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="machine-readable report")
+    p.set_defaults(func=cmd_check_bundle)
+
+    p = sub.add_parser("bench", help="per-stage p50/p99 latency and frames/s of batch-1 inference")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--images", default=None, help="images to cycle through (default: random frames)")
+    p.add_argument("--frames", type=int, default=200)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""The bundle: the versioned, self-describing contract between training host, field tool and edge.
+
+A bundle is a directory (or one ``.tar`` of it) holding ``manifest.json``, ``backbone.onnx`` and
+``arrays.safetensors`` (plus ``swin.onnx`` and engine plans in later versions).  The manifest records
+every parameter the edge needs and, for every file, its sha256 and size (and for arrays their dtype and
+shape).  :func:`load_bundle` verifies all of it and refuses a bad bundle with a :class:`BundleError`
+naming the file and the problem; nothing here ever unpickles anything.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+BACKBONE = "backbone.onnx"
+ARRAYS = "arrays.safetensors"
+
+#: arrays every schema-1 bundle carries, with their dtype and rank
+REQUIRED_ARRAYS: dict[str, tuple[str, int]] = {
+    "bank": ("float16", 2),
+    "bank_image": ("int32", 1),
+    "pca_components": ("float32", 2),
+    "pca_mean": ("float32", 1),
+    "ref_descriptors": ("float16", 3),
+}
+
+
+class BundleError(Exception):
+    """A bundle failed validation; ``file`` names the part of the bundle at fault."""
+
+    def __init__(self, file: str, problem: str) -> None:
+        super().__init__(f"{file}: {problem}")
+        self.file = file
+        self.problem = problem
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Preprocessing(_Strict):
+    input_size: tuple[int, int] = Field(description="(height, width) fed to the backbone")
+    resize: Literal["stretch"] = "stretch"
+    colour: Literal["rgb"] = "rgb"
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    scale: float = Field(1.0 / 255.0, description="multiplies uint8 pixels before the graph")
+
+
+class BackboneInfo(_Strict):
+    name: str
+    layers: list[int]
+    d_f: int
+    grid: tuple[int, int]
+    stride: int
+    descriptor_grid: tuple[int, int]
+    descriptor_channels: int
+    lambda_p: float
+    inputs: list[str] = ["image"]
+    outputs: list[str] = ["pcf", "descriptor"]
+
+
+class PosFARInfo(_Strict):
+    d_l: int
+    k_references: int
+    retrieval_trim: float
+    thetas: list[float]
+    coreset_ratio: float
+    n_reference_images: int
+    n_bank: int
+
+
+class ScoringInfo(_Strict):
+    anomaly_map: Literal["nn_distance"] = "nn_distance"
+    blur_sigma: float
+    score_pool: int
+
+
+class Thresholds(_Strict):
+    image: float
+    pixel: float
+    n_holdout_images: int
+    target_false_reject: float
+    margin: float
+
+
+class FileEntry(_Strict):
+    sha256: str
+    size: int
+    arrays: dict[str, dict[str, Any]] | None = None
+
+
+class Manifest(_Strict):
+    schema_version: int
+    product: str
+    bundle_version: str
+    created_at: str
+    parent: str | None = None
+    producer: dict[str, str]
+    preprocessing: Preprocessing
+    backbone: BackboneInfo
+    posfar: PosFARInfo
+    scoring: ScoringInfo
+    thresholds: Thresholds
+    latency_budget_ms: float
+    files: dict[str, FileEntry] = {}
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class Bundle:
+    """A verified bundle: its manifest, its folder and its arrays (numpy, as stored)."""
+
+    root: Path
+    manifest: Manifest
+    arrays: dict[str, np.ndarray]
+
+    @property
+    def backbone_path(self) -> Path:
+        return self.root / BACKBONE
+
+
+def _read_manifest(root: Path) -> Manifest:
+    path = root / MANIFEST
+    if not path.is_file():
+        raise BundleError(MANIFEST, f"missing in {root}")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(MANIFEST, f"not readable JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise BundleError(MANIFEST, "must hold a JSON object")
+    version = raw.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise BundleError(
+            MANIFEST, f"schema version {version!r} is not supported (this runtime reads {SCHEMA_VERSION})"
+        )
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        raise BundleError(MANIFEST, f"key '{key}': {first['msg']} (got {first.get('input')!r})") from exc
+
+
+def _verify_files(root: Path, manifest: Manifest) -> None:
+    for required in (BACKBONE, ARRAYS):
+        if required not in manifest.files:
+            raise BundleError(required, "not listed in manifest.json")
+    for name, entry in manifest.files.items():
+        path = root / name
+        if not path.is_file():
+            raise BundleError(name, "listed in manifest.json but missing")
+        size = path.stat().st_size
+        if size != entry.size:
+            raise BundleError(name, f"size {size} bytes differs from the manifest's {entry.size}")
+        if sha256_of(path) != entry.sha256:
+            raise BundleError(name, "sha256 differs from the manifest: the file was changed or corrupted")
+
+
+def _load_arrays(root: Path, manifest: Manifest) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        arrays = load_file(str(root / ARRAYS))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BundleError(ARRAYS, f"not a readable safetensors file ({exc})") from exc
+    listed = manifest.files[ARRAYS].arrays or {}
+    for name, (dtype, rank) in REQUIRED_ARRAYS.items():
+        if name not in arrays:
+            raise BundleError(ARRAYS, f"array '{name}' is missing")
+        if str(arrays[name].dtype) != dtype or arrays[name].ndim != rank:
+            raise BundleError(
+                ARRAYS,
+                f"array '{name}' is {arrays[name].dtype}{list(arrays[name].shape)}, expected {dtype} of rank {rank}",
+            )
+    for name, arr in arrays.items():
+        spec = listed.get(name)
+        if spec is None:
+            raise BundleError(ARRAYS, f"array '{name}' is not described in manifest.json")
+        if spec.get("dtype") != str(arr.dtype) or list(spec.get("shape", [])) != list(arr.shape):
+            raise BundleError(
+                ARRAYS,
+                f"array '{name}' is {arr.dtype}{list(arr.shape)}, manifest says {spec.get('dtype')}{spec.get('shape')}",
+            )
+    _check_consistency(manifest, arrays)
+    return arrays
+
+
+def _check_consistency(m: Manifest, a: dict[str, np.ndarray]) -> None:
+    d_f, d_l = m.backbone.d_f, m.posfar.d_l
+    checks = [
+        (a["bank"].shape[1] == d_f, f"bank has {a['bank'].shape[1]} channels, manifest d_f is {d_f}"),
+        (a["bank"].shape[0] == a["bank_image"].shape[0] == m.posfar.n_bank, "bank, bank_image and n_bank disagree"),
+        (
+            a["pca_components"].shape == (d_l, d_f),
+            f"pca_components is {a['pca_components'].shape}, expected {(d_l, d_f)}",
+        ),
+        (a["pca_mean"].shape == (d_f,), f"pca_mean is {a['pca_mean'].shape}, expected {(d_f,)}"),
+        (
+            a["ref_descriptors"].shape[0] == m.posfar.n_reference_images,
+            "ref_descriptors count differs from n_reference_images",
+        ),
+        (
+            a["ref_descriptors"].shape[1] == m.backbone.descriptor_grid[0] * m.backbone.descriptor_grid[1],
+            "ref_descriptors cells differ from descriptor_grid",
+        ),
+        (a["ref_descriptors"].shape[2] == m.backbone.descriptor_channels, "ref_descriptors channels differ"),
+        (
+            a["bank_image"].size == 0
+            or (a["bank_image"].min() >= 0 and a["bank_image"].max() < m.posfar.n_reference_images),
+            "bank_image refers to reference images that do not exist",
+        ),
+        (
+            all(np.isfinite(a[k].astype(np.float32)).all() for k in ("bank", "pca_components", "pca_mean")),
+            "non-finite values in bank or PCA",
+        ),
+    ]
+    for ok, problem in checks:
+        if not ok:
+            raise BundleError(ARRAYS, problem)
+
+
+def _extract_tar(tar_path: Path) -> Path:
+    target = Path(tempfile.mkdtemp(prefix="weakrest-bundle-"))
+    try:
+        with tarfile.open(tar_path) as tar:
+            for member in tar.getmembers():
+                name = Path(member.name)
+                if name.is_absolute() or ".." in name.parts or not (member.isfile() or member.isdir()):
+                    raise BundleError(tar_path.name, f"unsafe member '{member.name}' in the archive")
+            tar.extractall(target, filter="data")
+    except (tarfile.TarError, OSError) as exc:
+        shutil.rmtree(target, ignore_errors=True)
+        raise BundleError(tar_path.name, f"not a readable tar archive ({exc})") from exc
+    entries = [p for p in target.iterdir()]
+    return entries[0] if len(entries) == 1 and entries[0].is_dir() else target
+
+
+def load_bundle(path: str | os.PathLike) -> Bundle:
+    """Verify and load a bundle folder or ``.tar``; raise :class:`BundleError` on any problem."""
+    path = Path(path)
+    if not path.exists():
+        raise BundleError(str(path), "no such bundle")
+    root = _extract_tar(path) if path.is_file() else path
+    manifest = _read_manifest(root)
+    _verify_files(root, manifest)
+    arrays = _load_arrays(root, manifest)
+    return Bundle(root=root, manifest=manifest, arrays=arrays)
+
+
+def describe_arrays(arrays: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+    return {name: {"dtype": str(a.dtype), "shape": list(a.shape)} for name, a in arrays.items()}
+
+
+def write_bundle(
+    out_dir: str | os.PathLike, manifest: Manifest, files: dict[str, Path], arrays: dict[str, np.ndarray]
+) -> Path:
+    """Write a bundle folder: copy ``files`` (name -> source path), save arrays, hash all, write manifest.
+
+    The folder is assembled beside its destination and renamed into place, so a reader never sees a
+    half-written bundle; an existing destination is replaced.
+    """
+    from safetensors.numpy import save_file
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for name, src in files.items():
+            shutil.copyfile(src, staging / name)
+        arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+        save_file(arrays, str(staging / ARRAYS))
+        entries = {}
+        for name in [*files, ARRAYS]:
+            p = staging / name
+            entries[name] = FileEntry(
+                sha256=sha256_of(p), size=p.stat().st_size, arrays=describe_arrays(arrays) if name == ARRAYS else None
+            )
+        final = manifest.model_copy(update={"files": entries})
+        text = json.dumps(final.model_dump(mode="json", exclude_none=True), indent=2)
+        (staging / MANIFEST).write_text(text + "\n", encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def pack_bundle(bundle_dir: str | os.PathLike, tar_path: str | os.PathLike | None = None) -> Path:
+    """Ship a bundle folder as one uncompressed ``.tar`` (its folder name as the single top entry)."""
+    bundle_dir = Path(bundle_dir)
+    tar_path = Path(tar_path) if tar_path else bundle_dir.with_suffix(".tar")
+    with tarfile.open(tar_path, "w") as tar:
+        tar.add(bundle_dir, arcname=bundle_dir.name)
+    return tar_path
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()

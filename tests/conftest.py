@@ -1,0 +1,45 @@
+"""Shared fixtures: a small demo product and a bundle fitted on it with the real backbone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+MTD = SHARED_DATA / "mtd"
+
+
+def require_mtd() -> Path:
+    if not (MTD / "train" / "good").is_dir():
+        pytest.skip(f"real data not found at {MTD} (../shared/data is absent in a fresh clone)")
+    return MTD
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    from training_host.demo_data import make_demo_dataset
+
+    root = tmp_path_factory.mktemp("demo") / "data"
+    return make_demo_dataset(root, product="texture", n_train=30, n_test_good=6, n_test_per_defect=3, seed=3)
+
+
+@pytest.fixture(scope="session")
+def small_config():
+    from training_host.config import ProductConfig
+
+    return ProductConfig.model_validate({
+        "product": "test-product", "input_size": [128, 128], "posfar": {"d_l": 16, "k_references": 8},
+        "threshold": {"holdout_fraction": 0.2}, "batch_size": 8,
+    })
+
+
+@pytest.fixture(scope="session")
+def fitted(tmp_path_factory, demo_data, small_config):
+    """(bundle path, fit summary) for the small demo product."""
+    from training_host.fit import fit_product
+
+    out = tmp_path_factory.mktemp("bundle") / "bundle"
+    summary = fit_product(small_config, demo_data, out, progress=False)
+    return out, summary

@@ -1,0 +1,135 @@
+"""The torch-free PosFAR math: coreset, PCA, retrieval, matching, residuals, scoring, position code."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_runtime.core.coreset import greedy_kcenter, greedy_kcenter_batched, select_per_image
+from edge_runtime.core.matching import MemoryBank, posfar_residual
+from edge_runtime.core.pca import PCA, fit_pca
+from edge_runtime.core.position import position_code
+from edge_runtime.core.retrieval import ReferenceIndex
+from edge_runtime.core.scoring import choose_threshold, defect_regions, heatmap_from_blocks, image_score
+
+
+def _slow_kcenter(x: np.ndarray, n: int, start: int) -> list[int]:
+    chosen = [start]
+    for _ in range(n - 1):
+        d = np.min(((x[:, None, :] - x[None, chosen, :]) ** 2).sum(-1), axis=1)
+        d[chosen] = -1
+        chosen.append(int(np.argmax(d)))
+    return chosen
+
+
+def test_kcenter_matches_reference_implementation():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 5)).astype(np.float32)
+    assert greedy_kcenter(x, 20, start=7).tolist() == _slow_kcenter(x, 20, 7)
+
+
+def test_kcenter_batched_equals_independent_runs():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(4, 100, 6)).astype(np.float32)
+    starts = np.array([0, 5, 9, 99])
+    batched = greedy_kcenter_batched(x, 10, starts)
+    for b in range(4):
+        assert batched[b].tolist() == greedy_kcenter(x[b], 10, start=int(starts[b])).tolist()
+
+
+def test_kcenter_covers_clusters_better_than_random():
+    rng = np.random.default_rng(2)
+    centres = rng.normal(scale=10, size=(8, 3))
+    x = (centres[rng.integers(0, 8, 400)] + rng.normal(scale=0.1, size=(400, 3))).astype(np.float32)
+    chosen = greedy_kcenter(x, 8)
+    # each of the 8 well-separated clusters gets exactly one centre
+    labels = np.argmin(((x[chosen][:, None] - centres[None]) ** 2).sum(-1), axis=1)
+    assert sorted(labels.tolist()) == list(range(8))
+
+
+def test_select_per_image_shape_and_uniqueness():
+    feats = np.random.default_rng(3).normal(size=(5, 64, 32)).astype(np.float32)
+    idx = select_per_image(feats, 0.25, projection_dim=8, chunk=2)
+    assert idx.shape == (5, 16)
+    assert all(len(set(row.tolist())) == 16 for row in idx)
+    with pytest.raises(ValueError, match="ratio"):
+        select_per_image(feats, 0.0)
+
+
+def test_pca_matches_svd_and_variance_rule():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(500, 6)) * np.array([10, 5, 1, 0.1, 0.1, 0.1])
+    pca = fit_pca(x, variance=0.95)
+    assert pca.dim == 2
+    _, _, vt = np.linalg.svd(x - x.mean(0), full_matrices=False)
+    assert np.allclose(np.abs(pca.components @ vt[:2].T), np.eye(2), atol=1e-4)
+    assert fit_pca(x, n_components=4).dim == 4
+    with pytest.raises(ValueError):
+        fit_pca(x[:1])
+
+
+def test_retrieval_is_robust_to_a_local_change():
+    rng = np.random.default_rng(5)
+    refs = rng.normal(size=(30, 16, 4)).astype(np.float32)
+    query = refs[12].copy()
+    query[3] += 100.0  # a "defect" in one cell
+    index = ReferenceIndex(refs, trim=0.25)
+    assert index.nearest(query, 1)[0] == 12
+    assert ReferenceIndex(refs, trim=0.0).distances(query)[12] > 99
+    near = index.nearest(refs[4], 5, exclude=4)
+    assert 4 not in near and len(near) == 5
+    assert np.all(np.diff(index.distances(refs[4])[near]) >= 0)
+
+
+def test_matching_equals_brute_force_restricted_search():
+    rng = np.random.default_rng(6)
+    bank = rng.normal(size=(300, 12)).astype(np.float32)
+    image = rng.integers(0, 10, 300)
+    pca = fit_pca(bank, n_components=12)  # full rank: PCA search = exact search
+    mb = MemoryBank(bank, image, pca)
+    query = rng.normal(size=(50, 12)).astype(np.float32)
+    refs = np.array([2, 7])
+    match = mb.match(query, refs)
+    allowed = np.flatnonzero(np.isin(image, refs))
+    d = np.sqrt(((query[:, None] - bank[None, allowed]) ** 2).sum(-1))
+    assert np.allclose(match.distance, d.min(1), atol=1e-4)
+    assert np.isin(mb.image_index[match.bank_rows], refs).all()
+    with pytest.raises(ValueError):
+        MemoryBank(bank, image[:10], pca)
+
+
+def test_posfar_residual_averages_theta_powers():
+    p = np.array([[1.0, -2.0]], np.float32)
+    q = np.array([[0.0, 1.0]], np.float32)
+    assert np.allclose(posfar_residual(p, q), [[(1 + 1) / 2, (3 + 9) / 2]])
+    assert np.allclose(posfar_residual(p, q, thetas=(1.0,)), [[1, 3]])
+
+
+def test_position_code_shape_range_and_uniqueness():
+    code = position_code(8, 6, 16)
+    assert code.shape == (16, 8, 6) and np.abs(code).max() <= 1.0
+    flat = code.reshape(16, -1).T
+    assert len({tuple(np.round(v, 5)) for v in flat}) == 48  # every position gets its own code
+    with pytest.raises(ValueError):
+        position_code(4, 4, 6)
+
+
+def test_heatmap_score_regions_and_threshold():
+    block = np.zeros((8, 8), np.float32)
+    block[2, 5] = 10.0
+    heat = heatmap_from_blocks(block, (64, 64), sigma=2.0)
+    assert heat.shape == (64, 64)
+    y, x = np.unravel_index(np.argmax(heat), heat.shape)
+    assert 16 <= y < 24 and 40 <= x < 48  # the peak stays where the block was
+    assert image_score(heat, 4) <= heat.max()
+    regions = defect_regions(heat, heat.max() / 2)
+    assert len(regions) == 1 and regions[0].peak == pytest.approx(float(heat.max()))
+    choice = choose_threshold(np.arange(100.0), target_false_reject=0.01, margin=0.0)
+    assert choice.threshold == 99.0 and choice.n_images == 100
+    with pytest.raises(ValueError):
+        choose_threshold(np.array([]))
+
+
+def test_pca_transform_dtype():
+    pca = PCA(components=np.eye(3, dtype=np.float32)[:2], mean=np.zeros(3, np.float32))
+    assert pca.transform(np.ones((4, 3))).dtype == np.float32

@@ -1,0 +1,157 @@
+"""Training host: config validation, datasets, backbones, fit, eval and the calibration refit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from training_host import cli as train_cli
+from training_host.config import ConfigError, load_config
+from training_host.data import load_batch, scan_dataset
+from training_host.efficientnet_lite import load_efficientnet_lite0
+from training_host.features import PatchFeatureExtractor
+
+from .conftest import REPO
+
+
+def test_shipped_configs_validate():
+    fast = load_config(REPO / "configs" / "products" / "fast.yaml")
+    paper = load_config(REPO / "configs" / "products" / "paper.yaml")
+    assert fast.backbone.name == "efficientnet_lite0" and fast.input_size == (256, 256)
+    assert paper.backbone.name == "wide_resnet50_2" and paper.input_size == (512, 512)
+    assert paper.posfar.k_references == 64
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("posfar:\n  coreset_ratio: 2\n", "posfar.coreset_ratio"),
+        ("input_size: [250, 256]\n", "input_size"),
+        ("backbone:\n  name: resnet9000\n", "backbone.name"),
+        ("unknown_key: 1\n", "unknown_key"),
+        ("- a list\n", "mapping"),
+        ("posfar: {d_l: [\n", "YAML"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path, text, words):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=words):
+        load_config(path)
+
+
+def test_fit_cli_refuses_bad_config_before_work(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("posfar:\n  k_references: 0\n")
+    assert train_cli.main(["fit", "--config", str(path), "--data", str(tmp_path), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "posfar.k_references" in err and "0" in err
+    assert not (tmp_path / "b").exists()
+
+
+def test_dataset_scan_and_unreadable_images(demo_data, tmp_path):
+    ds = scan_dataset(demo_data)
+    assert len(ds.train) == 30 and {s.defect_type for s in ds.test} >= {"good", "scratch"}
+    assert all(s.mask_path and s.mask_path.is_file() for s in ds.test if s.is_defective)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"nope")
+    batch, ok, errors = load_batch([ds.train[0], broken, ds.train[1]], (64, 64))
+    assert batch.shape == (2, 3, 64, 64) and ok == [0, 2] and "broken.png" in errors[0]
+    with pytest.raises(FileNotFoundError):
+        scan_dataset(tmp_path / "none")
+
+
+def test_test_only_dataset_is_accepted(demo_data, tmp_path):
+    shutil.copytree(demo_data / "test", tmp_path / "test")
+    shutil.copytree(demo_data / "ground_truth", tmp_path / "ground_truth")
+    ds = scan_dataset(tmp_path)
+    assert ds.train == [] and ds.test
+
+
+def test_efficientnet_weights_are_the_imagenet_ones():
+    trunk = load_efficientnet_lite0((2, 4, 10))
+    assert trunk.out_channels == (24, 40, 112) and trunk.out_strides == (4, 8, 16)
+    # trained batch-norm statistics, not the initial zeros / ones
+    assert float(trunk._bn0.running_var.std()) > 0.01
+    with pytest.raises(ValueError, match="safetensors"):
+        load_efficientnet_lite0(weights=REPO / "weights.pth")
+
+
+def test_efficientnet_matches_the_reference_implementation():
+    lib = pytest.importorskip("efficientnet_lite_pytorch", reason="efficientnet-lite-pytorch not installed")
+    from training_host.efficientnet_lite import lite0_weights_path
+
+    ref = lib.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(lite0_weights_path())).eval()
+    ours = load_efficientnet_lite0((4, 10))
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        y = ref._swish(ref._bn0(ref._conv_stem(x)))
+        outs = []
+        for i, block in enumerate(ref._blocks[:11]):
+            y = block(y)
+            if i in (4, 10):
+                outs.append(y)
+        for a, b in zip(ours(x), outs, strict=True):
+            assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_extractor_shapes_and_position_code():
+    trunk = load_efficientnet_lite0((2, 4, 10))
+    ext = PatchFeatureExtractor(trunk, (128, 96), 176, 0.5, trunk.mean, trunk.std)
+    image = torch.rand(2, 3, 128, 96)
+    pcf, desc = ext(image)
+    assert pcf.shape == (2, 16 * 12, 176) and desc.shape == (2, 64, 24)
+    plain, _ = ext.patch_features(image)
+    diff = pcf - plain.flatten(2).transpose(1, 2)
+    assert torch.allclose(diff[0], diff[1], atol=1e-5) and float(diff.abs().max()) <= 0.5 + 1e-5
+    ext.train()
+    assert not ext.trunk.training  # stays frozen whatever the caller does
+    with pytest.raises(ValueError, match="multiple of 32"):
+        PatchFeatureExtractor(trunk, (100, 96), 176, 0.0, trunk.mean, trunk.std)
+
+
+def test_fit_summary(fitted):
+    _, s = fitted
+    assert s.n_train == 24 and s.n_holdout == 6
+    assert s.n_bank == 24 * round(0.1 * 256)
+    assert s.onnx_max_abs_diff < 1e-3 and s.threshold > 0 and s.d_l == 16
+
+
+def test_eval_writes_metrics_and_curves(fitted, demo_data, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert train_cli.main(["eval", "--bundle", str(fitted[0]), "--data", str(demo_data), "--out", str(out),
+                           "--overlays", "1"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("image_auroc", "pixel_auroc", "pro", "pixel_ap"):
+        assert 0.0 <= metrics[key] <= 1.0
+        for row in metrics["per_defect"].values():
+            assert row[key] is None or 0.0 <= row[key] <= 1.0
+    assert set(metrics["per_defect"]) == {"crack", "foreign", "scratch", "stain"}
+    assert metrics["pixel_auroc"] > 0.7  # the demo defects are found, not guessed
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(list((out / "overlays").glob("*.png"))) == 5
+    assert "pixel_ap" in capsys.readouterr().out
+
+
+def test_calibration_refit_from_good_frames(fitted, demo_data, tmp_path):
+    from calibration.cli import main as calibrate_main
+    from edge_runtime.core.bundle import load_bundle
+
+    out = tmp_path / "cal"
+    assert calibrate_main(["fit", "--base", str(fitted[0]), "--images", str(demo_data / "train" / "good"),
+                           "--out", str(out), "--json"]) == 0
+    base, new = load_bundle(fitted[0]), load_bundle(out)
+    assert new.manifest.parent == f"{base.manifest.product}@{base.manifest.bundle_version}"
+    assert new.manifest.posfar.n_reference_images == 24  # 30 frames, 20 % held out
+    assert new.manifest.files["backbone.onnx"].sha256 == base.manifest.files["backbone.onnx"].sha256
+    few = tmp_path / "few"
+    few.mkdir()
+    for p in sorted((demo_data / "train" / "good").glob("*.png"))[:3]:
+        shutil.copy(p, few)
+    assert calibrate_main(["fit", "--base", str(fitted[0]), "--images", str(few), "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
+    assert np.isfinite(new.manifest.thresholds.image)
