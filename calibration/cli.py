@@ -20,7 +20,7 @@ from edge_runtime.core import bundle as B
 from edge_runtime.core.fitting import BankBuilder, split_holdout
 from edge_runtime.core.matching import MemoryBank
 from edge_runtime.core.pipeline import Inspector, PosFARScorer
-from edge_runtime.core.preprocess import ImageReadError, read_image
+from edge_runtime.core.preprocess import ImageReadError, list_images, read_image
 from edge_runtime.core.retrieval import ReferenceIndex
 from edge_runtime.core.scoring import choose_threshold
 
@@ -42,7 +42,7 @@ def calibrate(
     bundle = B.load_bundle(base)
     m = bundle.manifest
     inspector = Inspector(bundle)
-    paths = sorted(p for p in images.iterdir() if p.is_file())
+    paths = list_images(images)
     if len(paths) < MIN_IMAGES:
         raise ValueError(f"{images}: {len(paths)} images, calibration needs at least {MIN_IMAGES} good frames")
     bank_paths, holdout_paths = split_holdout(paths, holdout, seed)

@@ -14,7 +14,7 @@ import numpy as np
 from .core.bundle import BundleError, load_bundle
 from .core.engines import EngineError
 from .core.pipeline import Inspector
-from .core.preprocess import ImageReadError, read_image
+from .core.preprocess import ImageReadError, list_images, read_image
 
 
 def _inspector(bundle_path: Path, threads: int | None) -> Inspector:
@@ -72,9 +72,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     except BundleError as exc:
         print(f"error: bundle refused: {exc}", file=sys.stderr)
         return 2
-    images = sorted(p for p in Path(args.images).rglob("*") if p.is_file())
+    images = list_images(args.images, recursive=True)
     if not images:
-        print(f"error: no files in {args.images}", file=sys.stderr)
+        print(f"error: no image files in {args.images}", file=sys.stderr)
         return 2
     out = Path(args.out)
     (out / "heatmaps").mkdir(parents=True, exist_ok=True)
@@ -105,7 +105,7 @@ def _bench_images(folder: str | None, size_hw: tuple[int, int], limit: int) -> l
         rng = np.random.default_rng(0)
         return [rng.integers(0, 256, (*size_hw, 3), dtype=np.uint8) for _ in range(8)]
     images = []
-    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+    for path in list_images(folder, recursive=True):
         try:
             images.append(read_image(path))
         except ImageReadError:
@@ -138,7 +138,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     report = {
         "bundle": args.bundle, "product": m.product, "frames": args.frames, "images": len(images),
         "n_reference_images": m.posfar.n_reference_images, "k_references": m.posfar.k_references,
-        "n_bank": m.posfar.n_bank, "threads": inspector.backbone.session.get_session_options().intra_op_num_threads,
+        "n_bank": m.posfar.n_bank, "engine": inspector.backbone.name,
         "stages_ms": table, "fps": args.frames / wall,
         "total_over_backbone_p50": table["total"]["p50"] / table["backbone"]["p50"],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,

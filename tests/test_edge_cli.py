@@ -20,6 +20,7 @@ def test_inspect_reports_a_corrupt_image_and_inspects_the_rest(fitted, demo_data
     for p in good + bad:
         (images / f"{p.parent.name}_{p.name}").write_bytes(p.read_bytes())
     (images / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (images / "notes.txt").write_text("not an image, not inspected")
     grey = cv2.cvtColor(cv2.imread(str(good[0])), cv2.COLOR_BGR2GRAY)
     cv2.imwrite(str(images / "grey_small.jpg"), cv2.resize(grey, (97, 61)))  # other size and colour
     out = tmp_path / "out"

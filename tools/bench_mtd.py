@@ -24,7 +24,9 @@ MTD = ROOT.parent / "shared" / "data" / "mtd"
 def _subset(src: Path, dst: Path, n: int) -> Path:
     good = dst / "train" / "good"
     good.mkdir(parents=True, exist_ok=True)
-    for p in sorted((src / "train" / "good").iterdir())[:: max(1, len(list((src / "train" / "good").iterdir())) // n)][:n]:
+    for p in sorted((src / "train" / "good").iterdir())[:: max(1, len(list((src / "train" / "good").iterdir())) // n)][
+        :n
+    ]:
         link = good / p.name
         if not link.exists():
             link.symlink_to(p.resolve())
@@ -64,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         summary = fit_product(cfg, root, out / f"bundle_{name}")
         report[f"fit_{name}"] = {**summary.to_json(), "wall_s": round(time.perf_counter() - t0, 1)}
     metrics = evaluate_bundle(out / "bundle_all", data, out / "eval_all", overlays=3)
-    report["metrics"] = {k: metrics[k] for k in ("image_auroc", "pixel_auroc", "pro", "pixel_ap", "per_defect",
-                                                 "at_threshold")}
+    report["metrics"] = {
+        k: metrics[k] for k in ("image_auroc", "pixel_auroc", "pro", "pixel_ap", "per_defect", "at_threshold")
+    }
     test_images = data / "test"
     report["bench_all"] = _bench(out / "bundle_all", test_images, args.frames)
     report["bench_subset100"] = _bench(out / "bundle_subset100", test_images, args.frames)
@@ -75,17 +78,23 @@ def main(argv: list[str] | None = None) -> int:
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
 
     fit = report["fit_all"]
-    print(f"\nfit on {fit['n_train']} + {fit['n_holdout']} held-out images: {fit['wall_s']} s wall "
-          f"({fit['seconds']}), bundle {fit['bundle_bytes'] / 1e6:.1f} MB, {fit['n_bank']} bank entries")
+    print(
+        f"\nfit on {fit['n_train']} + {fit['n_holdout']} held-out images: {fit['wall_s']} s wall "
+        f"({fit['seconds']}), bundle {fit['bundle_bytes'] / 1e6:.1f} MB, {fit['n_bank']} bank entries"
+    )
     print_metrics(report["metrics"])
     print(f"at threshold: {report['metrics']['at_threshold']}")
     for name in ("all", "subset100"):
         b = report[f"bench_{name}"]
         stages = ", ".join(f"{k} {v['p50']:.2f}/{v['p99']:.2f}" for k, v in b["stages_ms"].items())
-        print(f"bench {name} ({b['n_reference_images']} refs, {b['n_bank']} bank): p50/p99 ms {stages}; "
-              f"{b['fps']:.1f} fps; total/backbone {b['total_over_backbone_p50']:.2f}; peak RSS {b['peak_rss_mb']:.0f} MB")
-    print(f"matching p50 ratio (all / 100 images) = {report['matching_ratio_all_over_100']:.2f}; "
-          f"retrieval ratio = {report['retrieval_ratio_all_over_100']:.2f}")
+        print(
+            f"bench {name} ({b['n_reference_images']} refs, {b['n_bank']} bank): p50/p99 ms {stages}; "
+            f"{b['fps']:.1f} fps; total/backbone {b['total_over_backbone_p50']:.2f}; peak RSS {b['peak_rss_mb']:.0f} MB"
+        )
+    print(
+        f"matching p50 ratio (all / 100 images) = {report['matching_ratio_all_over_100']:.2f}; "
+        f"retrieval ratio = {report['retrieval_ratio_all_over_100']:.2f}"
+    )
     print(f"report in {out / 'report.json'}")
     return 0
 

@@ -23,9 +23,9 @@ class _Section(BaseModel):
 
 class BackboneConfig(_Section):
     name: Literal["efficientnet_lite0", "wide_resnet50_2"] = "efficientnet_lite0"
-    layers: list[int] = Field(default=[2, 4, 10], description="trunk blocks/stages whose outputs are used")
+    layers: list[int] = Field(default=[4, 10], description="trunk blocks/stages whose outputs are used")
     weights: str | None = Field(default=None, description=".safetensors file; None = offline default")
-    d_f: int = Field(default=176, gt=0)
+    d_f: int = Field(default=152, gt=0)
     descriptor_grid: tuple[int, int] = (8, 8)
 
     @field_validator("layers")
@@ -40,7 +40,7 @@ class PosFARConfig(_Section):
     lambda_p: float = Field(default=0.03, ge=0.0, description="position code weight (0.03 textures, 0.15 objects)")
     coreset_ratio: float = Field(default=0.1, gt=0.0, le=1.0)
     projection_dim: int = Field(default=128, gt=0)
-    d_l: int | None = Field(default=None, gt=0, description="PCA dims; None = keep pca_variance")
+    d_l: int | None = Field(default=32, gt=0, description="PCA dims; None = keep pca_variance")
     pca_variance: float = Field(default=0.95, gt=0.0, le=1.0)
     k_references: int = Field(default=16, gt=0)
     retrieval_trim: float = Field(default=0.25, ge=0.0, lt=1.0)
@@ -49,7 +49,7 @@ class PosFARConfig(_Section):
 
 class ScoringConfig(_Section):
     blur_sigma: float = Field(default=4.0, ge=0.0)
-    score_pool: int = Field(default=8, ge=1)
+    score_pool: int = Field(default=24, ge=1)
 
 
 class ThresholdConfig(_Section):

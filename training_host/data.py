@@ -13,10 +13,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edge_runtime.core.preprocess import ImageReadError, read_image, to_input_tensor
+from edge_runtime.core.preprocess import ImageReadError, list_images, read_image, to_input_tensor
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
 @dataclass(frozen=True)
@@ -35,12 +34,6 @@ class Dataset:
     root: Path
     train: list[Path]
     test: list[TestSample]
-
-
-def list_images(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
 def scan_dataset(root: str | Path) -> Dataset:

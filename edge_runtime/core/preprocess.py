@@ -7,6 +7,18 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+#: file suffixes treated as images when a folder is scanned
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".pgm", ".ppm", ".webp"})
+
+
+def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
+    """Image files in a folder, sorted; other files (notes, logs) are not images and are left alone."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in found if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
 
 class ImageReadError(ValueError):
     """An image file could not be decoded."""
