@@ -18,10 +18,8 @@ from tqdm import tqdm
 
 from edge_runtime.core import bundle as B
 from edge_runtime.core.fitting import BankBuilder, split_holdout
-from edge_runtime.core.matching import MemoryBank
-from edge_runtime.core.pipeline import Inspector, PosFARScorer
+from edge_runtime.core.pipeline import Inspector
 from edge_runtime.core.preprocess import ImageReadError, list_images, read_image
-from edge_runtime.core.retrieval import ReferenceIndex
 from edge_runtime.core.scoring import choose_threshold
 
 MIN_IMAGES = 10
@@ -51,15 +49,8 @@ def calibrate(
     for pcf, desc in _features(inspector, bank_paths, "bank frames", skipped, quiet):
         builder.add(pcf[None], desc[None])
     fitted = builder.build(m.posfar.d_l)
-    scorer = PosFARScorer(
-        MemoryBank(fitted.bank, fitted.bank_image, fitted.pca),
-        ReferenceIndex(fitted.descriptors, m.posfar.retrieval_trim),
-        m.posfar.k_references,
-        tuple(m.backbone.grid),
-        tuple(m.preprocessing.input_size),
-        m.scoring.blur_sigma,
-        m.scoring.score_pool,
-    )
+    scorer = fitted.scorer(m.posfar.k_references, tuple(m.backbone.grid), tuple(m.preprocessing.input_size),
+                           m.posfar.retrieval_trim, m.scoring.blur_sigma, m.scoring.score_pool)
     scores = [
         scorer.score(p, d).score for p, d in _features(inspector, holdout_paths, "hold-out frames", skipped, quiet)
     ]

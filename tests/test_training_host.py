@@ -155,3 +155,22 @@ def test_calibration_refit_from_good_frames(fitted, demo_data, tmp_path):
     assert calibrate_main(["fit", "--base", str(fitted[0]), "--images", str(few), "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
     assert np.isfinite(new.manifest.thresholds.image)
+
+
+def test_wide_resnet_backbone_through_the_config(tmp_path):
+    """The paper's backbone path: user-supplied safetensors weights (random here), ImageNet mean/std."""
+    from safetensors.torch import save_file
+
+    from training_host.config import BackboneConfig
+    from training_host.features import build_extractor
+    from training_host.wide_resnet import WideResNet50Trunk
+
+    weights = tmp_path / "wrn.safetensors"
+    save_file({k: v.contiguous() for k, v in WideResNet50Trunk().state_dict().items()}, str(weights))
+    cfg = BackboneConfig(name="wide_resnet50_2", layers=[1, 2, 3], weights=str(weights), d_f=256)
+    ext = build_extractor(cfg, (64, 64), lambda_p=0.03)
+    pcf, desc = ext(torch.rand(1, 3, 64, 64))
+    assert pcf.shape == (1, 64, 256) and desc.shape == (1, 64, 256)
+    assert torch.allclose(ext.mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
+    with pytest.raises(ValueError, match="safetensors"):
+        build_extractor(BackboneConfig(name="wide_resnet50_2", layers=[1, 2, 3]), (64, 64), 0.03)

@@ -15,9 +15,6 @@ from tqdm import tqdm
 import edge_runtime
 from edge_runtime.core import bundle as B
 from edge_runtime.core.fitting import BankBuilder, FittedPosFAR, split_holdout
-from edge_runtime.core.matching import MemoryBank
-from edge_runtime.core.pipeline import PosFARScorer
-from edge_runtime.core.retrieval import ReferenceIndex
 from edge_runtime.core.scoring import choose_threshold
 
 from .config import ProductConfig
@@ -88,10 +85,8 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
     seconds["bank"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    scorer = PosFARScorer(MemoryBank(fitted.bank, fitted.bank_image, fitted.pca),
-                          ReferenceIndex(fitted.descriptors, cfg.posfar.retrieval_trim),
-                          cfg.posfar.k_references, extractor.grid, cfg.input_size,
-                          cfg.scoring.blur_sigma, cfg.scoring.score_pool)
+    scorer = fitted.scorer(cfg.posfar.k_references, extractor.grid, cfg.input_size, cfg.posfar.retrieval_trim,
+                           cfg.scoring.blur_sigma, cfg.scoring.score_pool)
     holdout_scores = []
     for _, pcf, descriptor in _features(extractor, holdout_paths, cfg, "hold-out images", skipped, progress):
         holdout_scores.extend(scorer.score(p, d).score for p, d in zip(pcf, descriptor, strict=True))

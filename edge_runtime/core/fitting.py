@@ -12,7 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from .coreset import select_per_image
+from .matching import MemoryBank
 from .pca import PCA, fit_pca
+from .pipeline import PosFARScorer
+from .retrieval import ReferenceIndex
 
 
 @dataclass
@@ -21,6 +24,12 @@ class FittedPosFAR:
     bank_image: np.ndarray  # (n_bank,) int32
     pca: PCA
     descriptors: np.ndarray  # (n_images, cells, C) float32
+
+    def scorer(self, k: int, grid: tuple[int, int], input_hw: tuple[int, int], retrieval_trim: float,
+               blur_sigma: float, score_pool: int) -> PosFARScorer:
+        """Score held-out images against this state exactly as the edge will against the bundle."""
+        return PosFARScorer(MemoryBank(self.bank, self.bank_image, self.pca),
+                            ReferenceIndex(self.descriptors, retrieval_trim), k, grid, input_hw, blur_sigma, score_pool)
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The bundle's arrays, in the dtypes of the bundle contract (fp16 bank and descriptors)."""
