@@ -56,7 +56,7 @@ def _features(extractor: PatchFeatureExtractor, paths: list[Path], cfg: ProductC
         skipped.extend(errors)
         if len(ok):
             pcf, descriptor = extract(extractor, batch)
-            yield [chunk[i] for i in ok], pcf, descriptor
+            yield pcf, descriptor
         bar.update(len(chunk))
     bar.close()
 
@@ -79,7 +79,7 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
     t0 = time.perf_counter()
     extractor = build_extractor(cfg.backbone, cfg.input_size, cfg.posfar.lambda_p)
     builder = BankBuilder(cfg.posfar.coreset_ratio, cfg.posfar.projection_dim, cfg.seed)
-    for _, pcf, descriptor in _features(extractor, bank_paths, cfg, "bank images", skipped, progress):
+    for pcf, descriptor in _features(extractor, bank_paths, cfg, "bank images", skipped, progress):
         builder.add(pcf, descriptor)
     fitted: FittedPosFAR = builder.build(cfg.posfar.d_l, cfg.posfar.pca_variance)
     seconds["bank"] = time.perf_counter() - t0
@@ -88,7 +88,7 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
     scorer = fitted.scorer(cfg.posfar.k_references, extractor.grid, cfg.input_size, cfg.posfar.retrieval_trim,
                            cfg.scoring.blur_sigma, cfg.scoring.score_pool)
     holdout_scores = []
-    for _, pcf, descriptor in _features(extractor, holdout_paths, cfg, "hold-out images", skipped, progress):
+    for pcf, descriptor in _features(extractor, holdout_paths, cfg, "hold-out images", skipped, progress):
         holdout_scores.extend(scorer.score(p, d).score for p, d in zip(pcf, descriptor, strict=True))
     choice = choose_threshold(np.array(holdout_scores), cfg.threshold.target_false_reject, cfg.threshold.margin)
     seconds["threshold"] = time.perf_counter() - t1
