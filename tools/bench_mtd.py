@@ -22,11 +22,13 @@ MTD = ROOT.parent / "shared" / "data" / "mtd"
 
 
 def _subset(src: Path, dst: Path, n: int) -> Path:
+    """A dataset of n evenly spaced training images of src, as symbolic links (nothing is copied)."""
+    from edge_runtime.core.preprocess import list_images
+
     good = dst / "train" / "good"
     good.mkdir(parents=True, exist_ok=True)
-    for p in sorted((src / "train" / "good").iterdir())[:: max(1, len(list((src / "train" / "good").iterdir())) // n)][
-        :n
-    ]:
+    images = list_images(src / "train" / "good")
+    for p in images[:: max(1, len(images) // n)][:n]:
         link = good / p.name
         if not link.exists():
             link.symlink_to(p.resolve())
