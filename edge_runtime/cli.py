@@ -11,33 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .core.bundle import BundleError, load_bundle
-from .core.engines import EngineError
-from .core.pipeline import Inspector
+from .core.bundle import BundleError
+from .core.pipeline import Inspector, open_inspector
 from .core.preprocess import ImageReadError, list_images, read_image
 
 
 def _inspector(bundle_path: Path, threads: int | None) -> Inspector:
     """Load, verify and smoke-run a bundle: a bad bundle raises BundleError naming the file."""
-    bundle = load_bundle(bundle_path)
-    try:
-        inspector = Inspector(bundle, threads=threads)
-    except EngineError as exc:
-        raise BundleError(bundle.backbone_path.name, str(exc)) from exc
-    m = bundle.manifest
-    probe = np.zeros((*m.preprocessing.input_size, 3), dtype=np.uint8)
-    try:
-        pcf, descriptor = inspector.features(probe)
-    except Exception as exc:  # onnxruntime raises its own exception types
-        raise BundleError(bundle.backbone_path.name, f"does not run on a {probe.shape} input ({exc})") from exc
-    expected = (m.backbone.grid[0] * m.backbone.grid[1], m.backbone.d_f)
-    if pcf.shape != expected:
-        raise BundleError(bundle.backbone_path.name, f"outputs pcf {pcf.shape}, manifest implies {expected}")
-    cells = m.backbone.descriptor_grid[0] * m.backbone.descriptor_grid[1]
-    if descriptor.shape != (cells, m.backbone.descriptor_channels):
-        raise BundleError(bundle.backbone_path.name, f"outputs descriptor {descriptor.shape}, manifest implies "
-                          f"{(cells, m.backbone.descriptor_channels)}")
-    return inspector
+    return open_inspector(bundle_path, threads=threads)
 
 
 def cmd_check_bundle(args: argparse.Namespace) -> int:
@@ -51,12 +32,15 @@ def cmd_check_bundle(args: argparse.Namespace) -> int:
     report = {"valid": True, "product": m.product, "bundle_version": m.bundle_version,
               "schema_version": m.schema_version, "backbone": m.backbone.name, "input_size": m.preprocessing.input_size,
               "n_reference_images": m.posfar.n_reference_images, "n_bank": m.posfar.n_bank,
-              "threshold": m.thresholds.image, "files": sorted(m.files)}
+              "threshold": m.thresholds.image, "anomaly_map": m.scoring.anomaly_map,
+              "foreground": m.foreground is not None, "training": m.training.supervision if m.training else None,
+              "files": sorted(m.files)}
     if args.json:
         print(json.dumps(report))
     else:
         print(f"OK bundle {args.bundle}: product {m.product} version {m.bundle_version}, "
               f"{m.posfar.n_reference_images} reference images, {m.posfar.n_bank} bank entries, "
+              f"anomaly map {m.scoring.anomaly_map}{' with foreground' if m.foreground else ''}, "
               f"threshold {m.thresholds.image:.4g}")
     return 0
 

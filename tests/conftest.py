@@ -32,14 +32,27 @@ def small_config():
     return ProductConfig.model_validate({
         "product": "test-product", "input_size": [128, 128], "posfar": {"d_l": 16, "k_references": 8},
         "threshold": {"holdout_fraction": 0.2}, "batch_size": 8,
+        "swin": {"steps": 120, "finetune_steps": 40, "synthetic_per_image": 1, "batch_size": 8,
+                 "checkpoint_every": 50, "warmup_steps": 10},
     })
 
 
 @pytest.fixture(scope="session")
 def fitted(tmp_path_factory, demo_data, small_config):
-    """(bundle path, fit summary) for the small demo product."""
+    """(bundle path, fit summary) for the small demo product, with the residual Swin (unsupervised)."""
     from training_host.fit import fit_product
 
     out = tmp_path_factory.mktemp("bundle") / "bundle"
     summary = fit_product(small_config, demo_data, out, progress=False)
+    return out, summary
+
+
+@pytest.fixture(scope="session")
+def fitted_slice(tmp_path_factory, demo_data, small_config):
+    """(bundle path, fit summary) of a distance-only bundle (swin.enabled: false), as the slice made them."""
+    from training_host.fit import fit_product
+
+    cfg = small_config.model_copy(update={"swin": small_config.swin.model_copy(update={"enabled": False})})
+    out = tmp_path_factory.mktemp("slice") / "bundle"
+    summary = fit_product(cfg, demo_data, out, progress=False)
     return out, summary

@@ -9,7 +9,7 @@ import tarfile
 import pytest
 
 from edge_runtime import cli as edge_cli
-from edge_runtime.core.bundle import ARRAYS, BACKBONE, MANIFEST, BundleError, load_bundle, pack_bundle
+from edge_runtime.core.bundle import ARRAYS, BACKBONE, MANIFEST, SWIN, BundleError, load_bundle, pack_bundle
 
 
 @pytest.fixture()
@@ -23,8 +23,10 @@ def test_fitted_bundle_is_valid_and_complete(fitted, capsys):
     path, summary = fitted
     bundle = load_bundle(path)
     m = bundle.manifest
-    assert sorted(p.name for p in path.iterdir()) == sorted([MANIFEST, BACKBONE, ARRAYS])
-    assert set(m.files) == {BACKBONE, ARRAYS}
+    assert sorted(p.name for p in path.iterdir()) == sorted([MANIFEST, BACKBONE, SWIN, ARRAYS])
+    assert set(m.files) == {BACKBONE, SWIN, ARRAYS}
+    assert m.scoring.anomaly_map == "swin" and m.swin is not None and m.swin.onnx_max_abs_diff < 1e-4
+    assert m.training.mode == "unsupervised" and m.training.synthetic_fields > 0 and not m.training.defect_images
     assert bundle.arrays["bank"].dtype.name == "float16"
     assert m.posfar.n_bank == summary.n_bank and m.backbone.grid == (16, 16)
     assert m.producer["weakrest"] and m.created_at

@@ -1,7 +1,8 @@
 """The main job on built-in defaults (``make demo``): a demo product end to end, offline, on a CPU.
 
 1. build a small product dataset from images that scikit-image ships, with procedural defects and masks
-2. fit the fast profile and export a bundle
+2. fit the fast profile: coreset bank, PCA, references, and the residual Swin trained on good images and
+   synthetic anomalies (fewer steps than the profile's default, so the demo stays short); export a bundle
 3. check the bundle and inspect the test images with the edge runtime (results.jsonl + heatmaps)
 4. evaluate: image AUROC, pixel AUROC, PRO, pixel AP, overall and per defect type
 5. benchmark the edge inference path
@@ -22,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="demo_out", help="working folder")
     parser.add_argument("--product", choices=["texture", "object"], default="texture")
     parser.add_argument("--config", default=str(ROOT / "configs" / "products" / "fast.yaml"))
+    parser.add_argument("--swin-steps", type=int, default=500, help="Swin training steps (the profile has 1500)")
     args = parser.parse_args(argv)
 
     from edge_runtime import cli as edge_cli
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     bundle = out / "bundle"
     steps = [
         (
-            "[2/5] fitting the fast profile",
+            "[2/5] fitting the fast profile (bank, PCA, references, residual Swin)",
             train_cli.main,
             [
                 "fit",
@@ -47,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
                 str(bundle),
                 "--product",
                 f"demo-{args.product}",
+                "--set",
+                f"swin.steps={args.swin_steps}",
+                "--synthetic-preview",
+                str(out / "synthetic_anomalies.png"),
             ],
         ),
         ("[3/5] checking the bundle", edge_cli.main, ["check-bundle", str(bundle)]),
@@ -84,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             return code
     print(
         f"demo finished in {time.perf_counter() - t0:.0f} s: bundle {bundle}, heatmaps {out / 'inspect' / 'heatmaps'}, "
-        f"metrics {out / 'eval' / 'metrics.json'}, curves {out / 'eval' / 'curves.png'}"
+        f"metrics {out / 'eval' / 'metrics.json'}, curves {out / 'eval' / 'curves.png'}, "
+        f"synthetic anomalies {out / 'synthetic_anomalies.png'}"
     )
     return 0
 

@@ -52,6 +52,92 @@ class ScoringConfig(_Section):
     score_pool: int = Field(default=24, ge=1)
 
 
+class SwinConfig(_Section):
+    """Residual Swin classifier: architecture (goes into the bundle) and training schedule (host only)."""
+
+    enabled: bool = Field(default=True, description="false: distance-only bundle, as the slice made")
+    embed_dim: int = Field(default=32, gt=0)
+    depth: int = Field(default=2, gt=0, description="blocks, alternating regular and shifted windows")
+    heads: int = Field(default=2, gt=0)
+    window: int = Field(default=8, gt=0)
+    mlp_ratio: float = Field(default=2.0, gt=0.0)
+    train_window: int = Field(default=32, gt=0, description="tokens per side of training crops / sliding windows")
+    window_stride: int = Field(default=16, gt=0)
+    position_embedding: bool = Field(default=True, description="learned absolute position embedding of the grid")
+    log_input: bool = Field(default=True, description="embed log(1 + residual / scale)")
+    steps: int = Field(default=1500, ge=0, description="unsupervised training steps")
+    finetune_steps: int = Field(default=600, ge=0, description="supervised fine-tuning steps on real defects")
+    batch_size: int = Field(default=16, gt=0)
+    lr: float = Field(default=5e-4, gt=0.0)
+    finetune_lr: float = Field(default=2e-4, gt=0.0)
+    weight_decay: float = Field(default=0.05, ge=0.0)
+    warmup_steps: int = Field(default=100, ge=0)
+    ema: float = Field(default=0.999, ge=0.0, lt=1.0)
+    focal_alpha: float = Field(default=0.5, gt=0.0, lt=1.0, description="weight of the anomalous class")
+    focal_gamma: float = Field(default=2.0, ge=0.0)
+    mask_ratio: float = Field(default=0.1, ge=0.0, lt=1.0, description="residual tokens zeroed (Eq. 18)")
+    jitter: float = Field(default=0.1, ge=0.0, description="log-scale jitter of residual tokens (Eq. 18)")
+    synthetic_per_image: int = Field(default=2, ge=0, description="synthetic anomalies made from each good image")
+    defect_fraction: float = Field(default=0.25, ge=0.0, le=1.0,
+                                   description="share of each fine-tuning batch drawn from real defects")
+    checkpoint_every: int = Field(default=250, gt=0)
+
+    @field_validator("heads")
+    @classmethod
+    def _divides(cls, v: int, info) -> int:
+        embed = info.data.get("embed_dim")
+        if embed is not None and embed % v:
+            raise ValueError(f"heads must divide embed_dim ({embed})")
+        return v
+
+
+class LabelConfig(_Section):
+    """Block labels from pixel masks (paper Eq. 15)."""
+
+    eps_pos: float = Field(default=0.5, gt=0.0, le=1.0, description="anomalous above this defective fraction")
+    eps_neg: float = Field(default=0.1, ge=0.0, le=1.0, description="normal below it; ignored in between")
+
+    @field_validator("eps_neg")
+    @classmethod
+    def _ordered(cls, v: float, info) -> float:
+        pos = info.data.get("eps_pos")
+        if pos is not None and v > pos:
+            raise ValueError(f"eps_neg must not exceed eps_pos ({pos})")
+        return v
+
+
+class SyntheticSection(_Section):
+    """Synthetic anomalies (Perlin masks filled with foreign texture) for training from good images."""
+
+    opacity: tuple[float, float] = (0.5, 1.0)
+    source_weights: tuple[float, float, float] = Field(
+        default=(0.4, 0.3, 0.3), description="other good image / shuffled tiles of itself / packaged texture")
+    max_area: float = Field(default=0.25, gt=0.0, le=1.0)
+    small_fraction: float = Field(default=0.5, ge=0.0, le=1.0,
+                                  description="share of masks cut down to one to three small pieces")
+    min_feature_px: int = Field(default=12, ge=1, description="finest Perlin cell in pixels")
+    min_area_px: int = Field(default=48, ge=1, description="smallest mask in pixels")
+    min_contrast: float = Field(default=12.0, ge=0.0, description="mean grey-level change a paste must reach")
+
+
+class ForegroundConfig(_Section):
+    """Foreground maps (paper §III-E): on for object products, off for textures."""
+
+    enabled: bool = False
+    power: float = Field(default=0.15, gt=0.0, description="r in [maxpool(E_ref)]^r")
+    pool: int = Field(default=3, ge=1)
+    fit_images: int = Field(default=64, ge=2)
+    per_image: int = Field(default=32, ge=1)
+    quantile: float = Field(default=0.3, gt=0.0, le=0.5)
+
+    @field_validator("pool")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError("expected an odd pooling size")
+        return v
+
+
 class ThresholdConfig(_Section):
     holdout_fraction: float = Field(default=0.1, gt=0.0, lt=0.5)
     target_false_reject: float = Field(default=0.005, gt=0.0, lt=0.5)
@@ -66,6 +152,10 @@ class ProductConfig(_Section):
     posfar: PosFARConfig = PosFARConfig()
     scoring: ScoringConfig = ScoringConfig()
     threshold: ThresholdConfig = ThresholdConfig()
+    swin: SwinConfig = SwinConfig()
+    labels: LabelConfig = LabelConfig()
+    synthetic: SyntheticSection = SyntheticSection()
+    foreground: ForegroundConfig = ForegroundConfig()
     latency_budget_ms: float = Field(default=50.0, gt=0.0)
     batch_size: int = Field(default=16, gt=0)
     seed: int = 0
@@ -78,17 +168,37 @@ class ProductConfig(_Section):
         return v
 
 
-def load_config(path: str | Path | None) -> ProductConfig:
-    """Read and validate a YAML product config (None -> built-in fast defaults)."""
-    if path is None:
-        return ProductConfig()
-    path = Path(path)
+def _apply_override(raw: dict, assignment: str) -> None:
+    """``swin.steps=300`` -> raw["swin"]["steps"] = 300 (the value parsed as YAML)."""
+    key, sep, value = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{assignment}': expected KEY=VALUE, e.g. swin.steps=300")
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{assignment}': '{part}' is not a section")
+        node = child
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read YAML ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{assignment}': value is not valid YAML ({exc})") from exc
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ProductConfig:
+    """Read and validate a YAML product config (None -> built-in fast defaults), then ``KEY=VALUE`` overrides."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{path}: cannot read YAML ({exc})") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    for assignment in overrides:
+        _apply_override(raw, assignment)
     try:
         return ProductConfig.model_validate(raw)
     except ValidationError as exc:
@@ -96,4 +206,4 @@ def load_config(path: str | Path | None) -> ProductConfig:
         for err in exc.errors():
             key = ".".join(str(p) for p in err["loc"])
             problems.append(f"key '{key}' = {err.get('input')!r}: {err['msg']}")
-        raise ConfigError(f"{path}: " + "; ".join(problems)) from exc
+        raise ConfigError(f"{path or 'built-in defaults'}: " + "; ".join(problems)) from exc

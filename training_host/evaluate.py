@@ -7,6 +7,7 @@ bundle's input-size maps.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -24,12 +25,30 @@ from .data import load_mask, scan_dataset
 from .metrics import evaluate_maps, save_curve_plot
 
 
-def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int = 0,
-                    progress: bool = True) -> dict:
-    """Run every test image through the bundle; return and write the metrics."""
+def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int = 0, progress: bool = True,
+                    anomaly_map: str | None = None, use_foreground: bool = True,
+                    also_exclude: set[str] | frozenset[str] = frozenset()) -> dict:
+    """Run every test image through the bundle; return and write the metrics.
+
+    Defective images the bundle was trained on (listed with their sha256 in its manifest) are left out,
+    so a supervised bundle is never scored on its own training defects; ``also_exclude`` (sha256s) leaves
+    out more, so that models compared in one table are scored on the same images.
+    """
     bundle = load_bundle(bundle_path)
-    inspector = Inspector(bundle)
+    inspector = Inspector(bundle, anomaly_map=anomaly_map, use_foreground=use_foreground)
     dataset = scan_dataset(data_root)
+    m = bundle.manifest
+    trained_on = {d.sha256 for d in m.training.defect_images} if m.training else set()
+    trained_on |= set(also_exclude)
+    excluded = []
+    if trained_on:
+        kept = []
+        for sample in dataset.test:
+            if sample.is_defective and hashlib.sha256(sample.path.read_bytes()).hexdigest() in trained_on:
+                excluded.append(str(sample.path.relative_to(dataset.root)))
+            else:
+                kept.append(sample)
+        dataset.test = kept
     if not dataset.test:
         raise FileNotFoundError(f"{data_root}: no test images to evaluate on")
     out.mkdir(parents=True, exist_ok=True)
@@ -58,14 +77,25 @@ def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int
     maps_a, masks_a = np.stack(maps), np.stack(masks)
     labels_a, scores_a = np.array(labels), np.array(scores)
     metrics = evaluate_maps(labels_a, scores_a, masks_a, maps_a, types)
+    # the bundle's threshold belongs to its own anomaly map; with another map there is no verdict to report
+    own_map = inspector.anomaly_map == m.scoring.anomaly_map and (use_foreground or m.foreground is None)
     predicted = scores_a >= inspector.threshold
-    m = bundle.manifest
+    at_threshold = None
+    if own_map:
+        at_threshold = {
+            "false_reject_rate": float(predicted[~labels_a].mean()) if (~labels_a).any() else None,
+            "detection_rate": float(predicted[labels_a].mean()) if labels_a.any() else None,
+        }
+    supervision = m.training.supervision if m.training else "none: nearest-normal distance from good images"
+    if inspector.anomaly_map != m.scoring.anomaly_map:
+        supervision = "none: nearest-normal distance from good images (bundle's Swin not used)"
     metrics.update({
         "bundle": str(bundle_path), "product": m.product, "bundle_version": m.bundle_version,
-        "anomaly_map": m.scoring.anomaly_map, "supervision": "unsupervised (good images only)",
-        "threshold": inspector.threshold,
-        "at_threshold": {"false_reject_rate": float(predicted[~labels_a].mean()) if (~labels_a).any() else None,
-                         "detection_rate": float(predicted[labels_a].mean()) if labels_a.any() else None},
+        "anomaly_map": inspector.anomaly_map, "foreground": bool(m.foreground is not None and use_foreground),
+        "supervision": supervision, "training_mode": m.training.mode if m.training else None,
+        "excluded_training_defects": excluded,
+        "threshold": inspector.threshold if own_map else None,
+        "at_threshold": at_threshold,
         "latency_ms_p50": float(np.median(latencies)), "errors": errors,
         "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     })

@@ -1,12 +1,15 @@
-"""Fit a product: good images -> features -> coreset bank, PCA, references, threshold -> bundle."""
+"""Fit a product: good images -> features -> coreset bank, PCA, references (+ foreground maps) -> residual
+Swin trained on good and synthetic (and, supervised, real defective) residual fields -> threshold -> bundle."""
 
 from __future__ import annotations
 
+import logging
 import platform
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -14,13 +17,44 @@ from tqdm import tqdm
 
 import edge_runtime
 from edge_runtime.core import bundle as B
+from edge_runtime.core.engines import OnnxRuntimeEngine
 from edge_runtime.core.fitting import BankBuilder, FittedPosFAR, split_holdout
+from edge_runtime.core.foreground import ForegroundBuilder
+from edge_runtime.core.pipeline import SwinClassifier
 from edge_runtime.core.scoring import choose_threshold
 
 from .config import ProductConfig
 from .data import load_batch, scan_dataset
-from .export import export_backbone
+from .export import export_backbone, export_swin
 from .features import PatchFeatureExtractor, build_extractor, extract
+from .residual_data import (
+    LabelledDefect,
+    ResidualFieldMaker,
+    ResidualSet,
+    defect_fields,
+    pick_defects,
+    read_resized,
+    synthetic_fields,
+)
+from .swin import ResidualSwin, SwinShape
+from .synthetic import AnomalySynthesizer, SyntheticConfig, save_sample_grid
+from .train_swin import SwinTrainer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingOptions:
+    """How the anomaly map is learned (``weakrest-train fit --mode ...``)."""
+
+    mode: Literal["unsupervised", "supervised"] = "unsupervised"
+    supervised_from: Path | None = None  # dataset whose test split gives the real defects
+    n_defects: int = 10
+    defect_seed: int = 0
+    checkpoint_dir: Path | None = None  # default: <out>.ckpt beside the bundle
+    resume: bool = False
+    init: Path | None = None  # start from this checkpoint's EMA weights instead of training the first phase
+    synthetic_preview: Path | None = None  # write a picture grid of synthetic anomalies here
 
 
 @dataclass
@@ -34,6 +68,9 @@ class FitSummary:
     threshold: float
     onnx_max_abs_diff: float
     bundle_bytes: int
+    anomaly_map: str = "nn_distance"
+    swin: dict | None = None
+    foreground: bool = False
     seconds: dict[str, float] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
 
@@ -49,11 +86,15 @@ def _batches(paths: list[Path], size: int):
 
 
 def _features(extractor: PatchFeatureExtractor, paths: list[Path], cfg: ProductConfig, desc: str,
-              skipped: list[str], progress: bool):
+              skipped: list[str], progress: bool, loaded: list[Path] | None = None):
+    """Patch features of ``paths`` in batches; unreadable images are reported in ``skipped`` and the ones
+    that loaded are appended to ``loaded`` (their order is the bank's image index)."""
     bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress)
     for chunk in _batches(paths, cfg.batch_size):
         batch, ok, errors = load_batch(chunk, cfg.input_size)
         skipped.extend(errors)
+        if loaded is not None:
+            loaded.extend(chunk[i] for i in ok)
         if len(ok):
             pcf, descriptor = extract(extractor, batch)
             yield pcf, descriptor
@@ -68,8 +109,94 @@ def producer_versions() -> dict[str, str]:
             "numpy": np.__version__, "python": platform.python_version()}
 
 
-def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool = True) -> FitSummary:
-    """Train the PosFAR bundle of one product from ``data_root/train/good``."""
+@dataclass
+class _TrainedSwin:
+    model: ResidualSwin
+    onnx_path: Path
+    onnx_diff: float
+    info: B.TrainingInfo
+    phases: list[dict]
+
+
+def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatureExtractor, fitted: FittedPosFAR,
+                bank_paths: list[Path], defects: list[LabelledDefect], out: Path, tmp: Path, skipped: list[str],
+                progress: bool) -> _TrainedSwin:
+    """Residual fields (good, synthetic, real defects) -> trained, exported, checked ``swin.onnx``."""
+    t0 = time.perf_counter()
+    sc = cfg.swin
+    nn_scorer = fitted.scorer(cfg.posfar.k_references, extractor.grid, cfg.input_size, cfg.posfar.retrieval_trim,
+                              cfg.scoring.blur_sigma, cfg.scoring.score_pool)
+    maker = ResidualFieldMaker(extractor, nn_scorer, cfg.labels.eps_pos, cfg.labels.eps_neg, cfg.batch_size)
+    images, ok, errors = read_resized(bank_paths, cfg.input_size)
+    skipped.extend(errors)
+    if len(ok) != len(bank_paths):  # the bank skipped the same files, so indices still line up
+        log.warning("%d bank images unreadable on the second pass", len(bank_paths) - len(ok))
+    good = maker.make(images, [None] * len(images), list(range(len(images))), "good", progress)
+    rng = np.random.default_rng(cfg.seed)
+    donors = [images[i] for i in rng.permutation(len(images))[:32]]
+    synth_cfg = SyntheticConfig(opacity=tuple(cfg.synthetic.opacity),
+                                source_weights=tuple(cfg.synthetic.source_weights), max_area=cfg.synthetic.max_area,
+                                small_fraction=cfg.synthetic.small_fraction,
+                                min_feature_px=cfg.synthetic.min_feature_px, min_area_px=cfg.synthetic.min_area_px,
+                                min_contrast=cfg.synthetic.min_contrast)
+    synthesizer = AnomalySynthesizer(donors, synth_cfg, seed=cfg.seed)
+    synthetic, preview = synthetic_fields(maker, images, sc.synthetic_per_image, synthesizer,
+                                          fitted.foreground_maps, cfg.seed, progress)
+    if opts.synthetic_preview is not None and preview:
+        save_sample_grid(preview, opts.synthetic_preview)
+    del images
+    data = ResidualSet.concat([good, synthetic])
+    shape = SwinShape(in_dim=extractor.d_f, embed_dim=sc.embed_dim, depth=sc.depth, heads=sc.heads, window=sc.window,
+                      mlp_ratio=sc.mlp_ratio, train_window=sc.train_window, window_stride=sc.window_stride,
+                      log_input=sc.log_input, grid=extractor.grid if sc.position_embedding else None)
+    torch.manual_seed(cfg.seed)
+    model = ResidualSwin(shape)
+    model.set_input_scale(good.fields.float())
+    ckpt = opts.checkpoint_dir or out.parent / f"{out.name}.ckpt"
+    trainer = SwinTrainer(model, sc, ckpt, seed=cfg.seed, resume=opts.resume)
+    phases = []
+    if opts.init is not None:
+        trainer.load_weights(opts.init)
+    else:
+        phases.append(trainer.run_phase("unsupervised", data, sc.steps, sc.lr, progress=progress).to_json())
+    labelled: list[B.LabelledImage] = []
+    steps = sc.steps if opts.init is None else 0
+    if opts.mode == "supervised":
+        real, errors = defect_fields(maker, defects)
+        skipped.extend(errors)
+        if not len(real):
+            raise ValueError(f"{opts.supervised_from}: none of the {len(defects)} picked defective images is readable")
+        trainer.model.load_state_dict(trainer.ema.state_dict())  # fine-tune the unsupervised (EMA) model
+        phases.append(trainer.run_phase("supervised", data, sc.finetune_steps, sc.finetune_lr, defects=real,
+                                        progress=progress).to_json())
+        steps += sc.finetune_steps
+        labelled = [B.LabelledImage(name=d.name, sha256=d.sha256, defect_type=d.sample.defect_type) for d in defects]
+    final = trainer.ema.eval()
+    onnx_path = tmp / B.SWIN
+    check = good.fields[:2].float().reshape(min(2, len(good)), -1, extractor.d_f).numpy()
+    if synthetic.count("synthetic"):
+        check = np.concatenate([check, synthetic.fields[:2].float().reshape(-1, *check.shape[1:]).numpy()])
+    diff = export_swin(final, extractor.grid, onnx_path, check)
+    supervision = ("good images + synthetic anomalies" if opts.mode == "unsupervised"
+                   else f"good images + synthetic anomalies + {len(labelled)} defective images with pixel masks")
+    info = B.TrainingInfo(mode=opts.mode, supervision=supervision, steps=steps, good_fields=good.count("good"),
+                          synthetic_fields=synthetic.count("synthetic"), defect_images=labelled,
+                          seconds=round(time.perf_counter() - t0, 2))
+    return _TrainedSwin(final, onnx_path, diff, info, phases)
+
+
+def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool = True,
+                options: TrainingOptions | None = None) -> FitSummary:
+    """Train the bundle of one product from ``data_root/train/good`` (plus real defects when supervised)."""
+    opts = options or TrainingOptions()
+    if opts.mode != "unsupervised" and not cfg.swin.enabled:
+        raise ValueError(f"--mode {opts.mode} trains the Swin, but the config has swin.enabled: false")
+    out = Path(out)
+    defects: list[LabelledDefect] = []
+    if opts.mode == "supervised":  # checked before any work starts
+        if opts.supervised_from is None:
+            raise ValueError("--mode supervised needs --supervised-from DATASET (its test split gives the defects)")
+        defects = pick_defects(opts.supervised_from, opts.n_defects, opts.defect_seed)
     torch.manual_seed(cfg.seed)
     dataset = scan_dataset(data_root)
     bank_paths, holdout_paths = split_holdout(dataset.train, cfg.threshold.holdout_fraction, cfg.seed)
@@ -78,25 +205,49 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
 
     t0 = time.perf_counter()
     extractor = build_extractor(cfg.backbone, cfg.input_size, cfg.posfar.lambda_p)
-    builder = BankBuilder(cfg.posfar.coreset_ratio, cfg.posfar.projection_dim, cfg.seed)
-    for pcf, descriptor in _features(extractor, bank_paths, cfg, "bank images", skipped, progress):
+    fg_cfg = cfg.foreground
+    foreground = (ForegroundBuilder(extractor.grid, fg_cfg.fit_images, fg_cfg.per_image, fg_cfg.quantile,
+                                    seed=cfg.seed) if fg_cfg.enabled else None)
+    builder = BankBuilder(cfg.posfar.coreset_ratio, cfg.posfar.projection_dim, cfg.seed, foreground=foreground)
+    loaded: list[Path] = []
+    for pcf, descriptor in _features(extractor, bank_paths, cfg, "bank images", skipped, progress, loaded):
         builder.add(pcf, descriptor)
     fitted: FittedPosFAR = builder.build(cfg.posfar.d_l, cfg.posfar.pca_variance)
     seconds["bank"] = time.perf_counter() - t0
 
-    t1 = time.perf_counter()
-    scorer = fitted.scorer(cfg.posfar.k_references, extractor.grid, cfg.input_size, cfg.posfar.retrieval_trim,
-                           cfg.scoring.blur_sigma, cfg.scoring.score_pool)
-    holdout_scores = []
-    for pcf, descriptor in _features(extractor, holdout_paths, cfg, "hold-out images", skipped, progress):
-        holdout_scores.extend(scorer.score(p, d).score for p, d in zip(pcf, descriptor, strict=True))
-    choice = choose_threshold(np.array(holdout_scores), cfg.threshold.target_false_reject, cfg.threshold.margin)
-    seconds["threshold"] = time.perf_counter() - t1
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        trained = None
+        classifier = None
+        if cfg.swin.enabled:
+            t_swin = time.perf_counter()
+            trained = _train_swin(cfg, opts, extractor, fitted, loaded, defects, out, tmp, skipped, progress)
+            classifier = SwinClassifier(OnnxRuntimeEngine(trained.onnx_path))
+            seconds["swin"] = time.perf_counter() - t_swin
 
-    t2 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = Path(tmp) / B.BACKBONE
+        t1 = time.perf_counter()
+        power = fg_cfg.power if fg_cfg.enabled else 0.0
+        scorer = fitted.scorer(cfg.posfar.k_references, extractor.grid, cfg.input_size, cfg.posfar.retrieval_trim,
+                               cfg.scoring.blur_sigma, cfg.scoring.score_pool, classifier=classifier,
+                               foreground_power=power, foreground_pool=fg_cfg.pool)
+        holdout_scores = []
+        for pcf, descriptor in _features(extractor, holdout_paths, cfg, "hold-out images", skipped, progress):
+            holdout_scores.extend(scorer.score(p, d).score for p, d in zip(pcf, descriptor, strict=True))
+        choice = choose_threshold(np.array(holdout_scores), cfg.threshold.target_false_reject, cfg.threshold.margin)
+        seconds["threshold"] = time.perf_counter() - t1
+
+        t2 = time.perf_counter()
+        onnx_path = tmp / B.BACKBONE
         diff = export_backbone(extractor, onnx_path)
+        sc = cfg.swin
+        swin_info = None
+        files = {B.BACKBONE: onnx_path}
+        if trained is not None:
+            swin_info = B.SwinInfo(embed_dim=sc.embed_dim, depth=sc.depth, heads=sc.heads, window=sc.window,
+                                   mlp_ratio=sc.mlp_ratio, train_window=sc.train_window,
+                                   window_stride=sc.window_stride, position_embedding=sc.position_embedding,
+                                   log_input=sc.log_input, onnx_max_abs_diff=trained.onnx_diff)
+            files[B.SWIN] = trained.onnx_path
         manifest = B.Manifest(
             schema_version=B.SCHEMA_VERSION,
             product=cfg.product,
@@ -115,16 +266,29 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
                                 coreset_ratio=cfg.posfar.coreset_ratio,
                                 n_reference_images=int(fitted.descriptors.shape[0]),
                                 n_bank=int(fitted.bank.shape[0])),
-            scoring=B.ScoringInfo(blur_sigma=cfg.scoring.blur_sigma, score_pool=cfg.scoring.score_pool),
+            scoring=B.ScoringInfo(anomaly_map="swin" if trained else "nn_distance",
+                                  blur_sigma=cfg.scoring.blur_sigma, score_pool=cfg.scoring.score_pool),
             thresholds=B.Thresholds(image=choice.threshold, pixel=choice.threshold, n_holdout_images=choice.n_images,
                                     target_false_reject=choice.target_false_reject, margin=choice.margin),
             latency_budget_ms=cfg.latency_budget_ms,
+            swin=swin_info,
+            foreground=(B.ForegroundInfo(power=fg_cfg.power, pool=fg_cfg.pool,
+                                         n_fit_images=min(fg_cfg.fit_images, builder.n_images))
+                        if fitted.foreground_maps is not None else None),
+            training=trained.info if trained else None,
         )
-        B.write_bundle(out, manifest, {B.BACKBONE: onnx_path}, fitted.arrays())
+        B.write_bundle(out, manifest, files, fitted.arrays())
     seconds["export"] = time.perf_counter() - t2
     seconds["total"] = time.perf_counter() - t0
     size = sum(p.stat().st_size for p in Path(out).iterdir())
-    return FitSummary(bundle=Path(out), n_train=builder.n_images, n_holdout=choice.n_images,
+    swin_summary = None
+    if trained is not None:
+        swin_summary = {"onnx_max_abs_diff": trained.onnx_diff, "phases": trained.phases,
+                        **trained.info.model_dump(exclude={"defect_images"}),
+                        "defect_images": [d.name for d in trained.info.defect_images]}
+    return FitSummary(bundle=out, n_train=builder.n_images, n_holdout=choice.n_images,
                       n_bank=int(fitted.bank.shape[0]), d_f=extractor.d_f, d_l=fitted.pca.dim,
                       threshold=choice.threshold, onnx_max_abs_diff=diff, bundle_bytes=size,
+                      anomaly_map=manifest.scoring.anomaly_map, swin=swin_summary,
+                      foreground=fitted.foreground_maps is not None,
                       seconds={k: round(v, 2) for k, v in seconds.items()}, skipped=skipped)

@@ -1,7 +1,7 @@
 """The bundle: the versioned, self-describing contract between training host, field tool and edge.
 
 A bundle is a directory (or one ``.tar`` of it) holding ``manifest.json``, ``backbone.onnx`` and
-``arrays.safetensors`` (plus ``swin.onnx`` and engine plans in later versions).  The manifest records
+``arrays.safetensors``, and with the residual classifier ``swin.onnx`` (plus engine plans later).  The manifest records
 every parameter the edge needs and, for every file, its sha256 and size (and for arrays their dtype and
 shape).  :func:`load_bundle` verifies all of it and refuses a bad bundle with a :class:`BundleError`
 naming the file and the problem; nothing here ever unpickles anything.
@@ -23,9 +23,12 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: schema 1 is the distance-only slice (no swin, foreground or training sections); still served as it was
+SUPPORTED_SCHEMAS = (1, 2)
 MANIFEST = "manifest.json"
 BACKBONE = "backbone.onnx"
+SWIN = "swin.onnx"
 ARRAYS = "arrays.safetensors"
 
 #: arrays every schema-1 bundle carries, with their dtype and rank
@@ -35,6 +38,11 @@ REQUIRED_ARRAYS: dict[str, tuple[str, int]] = {
     "pca_components": ("float32", 2),
     "pca_mean": ("float32", 1),
     "ref_descriptors": ("float16", 3),
+}
+
+#: arrays present only when the manifest has the matching section
+OPTIONAL_ARRAYS: dict[str, tuple[str, int]] = {
+    "foreground_maps": ("float16", 3),  # (n_reference_images, h_f, w_f), with the ``foreground`` section
 }
 
 
@@ -83,8 +91,53 @@ class PosFARInfo(_Strict):
     n_bank: int
 
 
+class SwinInfo(_Strict):
+    """The residual classifier in ``swin.onnx``: residual tokens (1, M, d_f) -> probabilities (1, M)."""
+
+    embed_dim: int
+    depth: int
+    heads: int
+    window: int
+    mlp_ratio: float
+    train_window: int
+    window_stride: int
+    position_embedding: bool = False
+    log_input: bool = False
+    inputs: list[str] = ["residual"]
+    outputs: list[str] = ["probability"]
+    onnx_max_abs_diff: float = Field(description="ONNX Runtime vs torch on real residual fields at export")
+
+
+class ForegroundInfo(_Strict):
+    """Foreground weighting: block map * [max over the K references of pooled maps] ** power."""
+
+    power: float = Field(ge=0.0)
+    pool: int = Field(ge=1)
+    n_fit_images: int
+
+
+class LabelledImage(_Strict):
+    """A defective image the classifier was trained on: evaluation must leave it out."""
+
+    name: str
+    sha256: str
+    defect_type: str
+
+
+class TrainingInfo(_Strict):
+    """How the anomaly map was learned, so evaluation reports can say what supervision was used."""
+
+    mode: Literal["unsupervised", "supervised", "weak"]
+    supervision: str
+    steps: int
+    good_fields: int
+    synthetic_fields: int
+    defect_images: list[LabelledImage] = []
+    seconds: float
+
+
 class ScoringInfo(_Strict):
-    anomaly_map: Literal["nn_distance"] = "nn_distance"
+    anomaly_map: Literal["nn_distance", "swin"] = "nn_distance"
     blur_sigma: float
     score_pool: int
 
@@ -116,6 +169,9 @@ class Manifest(_Strict):
     scoring: ScoringInfo
     thresholds: Thresholds
     latency_budget_ms: float
+    swin: SwinInfo | None = None
+    foreground: ForegroundInfo | None = None
+    training: TrainingInfo | None = None
     files: dict[str, FileEntry] = {}
 
 
@@ -139,6 +195,10 @@ class Bundle:
     def backbone_path(self) -> Path:
         return self.root / BACKBONE
 
+    @property
+    def swin_path(self) -> Path | None:
+        return self.root / SWIN if self.manifest.swin is not None else None
+
 
 def _read_manifest(root: Path) -> Manifest:
     path = root / MANIFEST
@@ -151,20 +211,25 @@ def _read_manifest(root: Path) -> Manifest:
     if not isinstance(raw, dict):
         raise BundleError(MANIFEST, "must hold a JSON object")
     version = raw.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in SUPPORTED_SCHEMAS:
         raise BundleError(
-            MANIFEST, f"schema version {version!r} is not supported (this runtime reads {SCHEMA_VERSION})"
+            MANIFEST, f"schema version {version!r} is not supported (this runtime reads {list(SUPPORTED_SCHEMAS)})"
         )
     try:
-        return Manifest.model_validate(raw)
+        manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         key = ".".join(str(p) for p in first["loc"])
         raise BundleError(MANIFEST, f"key '{key}': {first['msg']} (got {first.get('input')!r})") from exc
+    if (manifest.scoring.anomaly_map == "swin") != (manifest.swin is not None):
+        raise BundleError(MANIFEST, f"scoring.anomaly_map is '{manifest.scoring.anomaly_map}' but the swin section "
+                                    f"is {'present' if manifest.swin else 'absent'}")
+    return manifest
 
 
 def _verify_files(root: Path, manifest: Manifest) -> None:
-    for required in (BACKBONE, ARRAYS):
+    required_files = (BACKBONE, ARRAYS, SWIN) if manifest.swin is not None else (BACKBONE, ARRAYS)
+    for required in required_files:
         if required not in manifest.files:
             raise BundleError(required, "not listed in manifest.json")
     for name, entry in manifest.files.items():
@@ -195,6 +260,14 @@ def _load_arrays(root: Path, manifest: Manifest) -> dict[str, np.ndarray]:
                 ARRAYS,
                 f"array '{name}' is {arrays[name].dtype}{list(arrays[name].shape)}, expected {dtype} of rank {rank}",
             )
+    for name, (dtype, rank) in OPTIONAL_ARRAYS.items():
+        if name in arrays and (str(arrays[name].dtype) != dtype or arrays[name].ndim != rank):
+            raise BundleError(
+                ARRAYS,
+                f"array '{name}' is {arrays[name].dtype}{list(arrays[name].shape)}, expected {dtype} of rank {rank}",
+            )
+    if (manifest.foreground is not None) != ("foreground_maps" in arrays):
+        raise BundleError(ARRAYS, "array 'foreground_maps' and the manifest's foreground section must come together")
     for name, arr in arrays.items():
         spec = listed.get(name)
         if spec is None:
@@ -237,6 +310,12 @@ def _check_consistency(m: Manifest, a: dict[str, np.ndarray]) -> None:
             "non-finite values in bank or PCA",
         ),
     ]
+    if "foreground_maps" in a:
+        fg = a["foreground_maps"]
+        expected = (m.posfar.n_reference_images, *m.backbone.grid)
+        checks.append((fg.shape == expected, f"foreground_maps is {list(fg.shape)}, expected {list(expected)}"))
+        checks.append((bool(np.isfinite(fg.astype(np.float32)).all()) and fg.min() >= 0 and fg.max() <= 1,
+                       "foreground_maps must hold finite values in [0, 1]"))
     for ok, problem in checks:
         if not ok:
             raise BundleError(ARRAYS, problem)

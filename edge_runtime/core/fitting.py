@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from .coreset import select_per_image
+from .foreground import ForegroundBuilder
 from .matching import MemoryBank
 from .pca import PCA, fit_pca
-from .pipeline import PosFARScorer
+from .pipeline import Classifier, ForegroundWeighting, PosFARScorer
 from .retrieval import ReferenceIndex
 
 
@@ -24,31 +25,48 @@ class FittedPosFAR:
     bank_image: np.ndarray  # (n_bank,) int32
     pca: PCA
     descriptors: np.ndarray  # (n_images, cells, C) float32
+    foreground_maps: np.ndarray | None = None  # (n_images, h_f, w_f) float32 in [0, 1], object products only
 
     def scorer(self, k: int, grid: tuple[int, int], input_hw: tuple[int, int], retrieval_trim: float,
-               blur_sigma: float, score_pool: int) -> PosFARScorer:
+               blur_sigma: float, score_pool: int, classifier: Classifier | None = None,
+               foreground_power: float = 0.0, foreground_pool: int = 3) -> PosFARScorer:
         """Score held-out images against this state exactly as the edge will against the bundle."""
+        foreground = None
+        if self.foreground_maps is not None and foreground_power > 0:
+            # the edge reads the maps back from fp16: score with the same values
+            foreground = ForegroundWeighting(self.foreground_maps.astype(np.float16), foreground_power,
+                                             foreground_pool)
         return PosFARScorer(MemoryBank(self.bank, self.bank_image, self.pca),
-                            ReferenceIndex(self.descriptors, retrieval_trim), k, grid, input_hw, blur_sigma, score_pool)
+                            ReferenceIndex(self.descriptors, retrieval_trim), k, grid, input_hw, blur_sigma, score_pool,
+                            classifier=classifier, foreground=foreground)
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The bundle's arrays, in the dtypes of the bundle contract (fp16 bank and descriptors)."""
-        return {
+        arrays = {
             "bank": self.bank.astype(np.float16),
             "bank_image": self.bank_image.astype(np.int32),
             "pca_components": self.pca.components.astype(np.float32),
             "pca_mean": self.pca.mean.astype(np.float32),
             "ref_descriptors": self.descriptors.astype(np.float16),
         }
+        if self.foreground_maps is not None:
+            arrays["foreground_maps"] = self.foreground_maps.astype(np.float16)
+        return arrays
 
 
 class BankBuilder:
-    """Accumulates coreset patches and descriptors image by image, then fits the PCA."""
+    """Accumulates coreset patches and descriptors image by image, then fits the PCA.
 
-    def __init__(self, coreset_ratio: float, projection_dim: int = 128, seed: int = 0) -> None:
+    With a :class:`ForegroundBuilder` it also feeds each image's coreset choice to the foreground LDA,
+    which needs exactly that (frequently selected positions are the object).
+    """
+
+    def __init__(self, coreset_ratio: float, projection_dim: int = 128, seed: int = 0,
+                 foreground: ForegroundBuilder | None = None) -> None:
         self.coreset_ratio = coreset_ratio
         self.projection_dim = projection_dim
         self.seed = seed
+        self.foreground = foreground
         self._bank: list[np.ndarray] = []
         self._image: list[np.ndarray] = []
         self._descriptors: list[np.ndarray] = []
@@ -66,6 +84,8 @@ class BankBuilder:
         ids = np.repeat(np.arange(self.n_images, self.n_images + pcf.shape[0]), chosen.shape[1])
         self._image.append(ids.astype(np.int32))
         self._descriptors.append(np.asarray(descriptors, dtype=np.float32))
+        if self.foreground is not None:
+            self.foreground.add(pcf, chosen)
         self.n_images += pcf.shape[0]
 
     def build(self, d_l: int | None = None, pca_variance: float = 0.95) -> FittedPosFAR:
@@ -73,8 +93,9 @@ class BankBuilder:
             raise ValueError(f"need at least 2 good images to build a bank, got {self.n_images}")
         bank = np.concatenate(self._bank)
         pca = fit_pca(bank, n_components=d_l, variance=pca_variance)
+        maps = self.foreground.finish()[1] if self.foreground is not None else None
         return FittedPosFAR(bank=bank, bank_image=np.concatenate(self._image), pca=pca,
-                            descriptors=np.concatenate(self._descriptors))
+                            descriptors=np.concatenate(self._descriptors), foreground_maps=maps)
 
 
 def split_holdout(items: list, fraction: float, seed: int) -> tuple[list, list]:

@@ -1,20 +1,25 @@
-"""The per-frame inspection pipeline: image -> backbone -> retrieval -> matching -> heatmap -> verdict.
+"""The per-frame inspection pipeline: image -> backbone -> retrieval -> matching -> Swin -> heatmap -> verdict.
 
 :class:`PosFARScorer` is the torch-free math from patch features to an anomaly map and score; the
-training host and the calibration tool use it to score held-out images exactly as the edge will.
-:class:`Inspector` wraps it with the backbone engine and stage timings for the runtime.
+training host and the calibration tool use it to score held-out images exactly as the edge will.  The
+block map is either the nearest-normal distance (the slice's bundles) or the residual Swin's anomaly
+probability, optionally weighted by the retrieved references' foreground maps (object products).
+:class:`Inspector` wraps it with the engines and stage timings for the runtime.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
-from .bundle import Bundle
-from .engines import Engine, OnnxRuntimeEngine
-from .matching import MemoryBank
+from .bundle import BACKBONE, SWIN, Bundle, BundleError, load_bundle
+from .engines import Engine, EngineError, OnnxRuntimeEngine
+from .foreground import reference_foreground
+from .matching import MemoryBank, posfar_residual
 from .pca import PCA
 from .preprocess import to_input_tensor
 from .retrieval import ReferenceIndex
@@ -32,11 +37,49 @@ class Scored:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
+#: residual tokens (M, d_f) float32 -> anomaly probability per block (M,)
+Classifier = Callable[[np.ndarray], np.ndarray]
+
+
+class SwinClassifier:
+    """The bundle's ``swin.onnx`` (or any engine with the same contract) as a :data:`Classifier`."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def __call__(self, residual: np.ndarray) -> np.ndarray:
+        out = self.engine.run({"residual": np.ascontiguousarray(residual[None], dtype=np.float32)})
+        return out["probability"][0]
+
+
+@dataclass(frozen=True)
+class ForegroundWeighting:
+    """Paper step 9: multiply the block map by the K references' pooled foreground maps raised to ``power``."""
+
+    maps: np.ndarray  # (n_reference_images, h_f, w_f)
+    power: float
+    pool: int = 3
+
+    def factor(self, references: np.ndarray) -> np.ndarray:
+        return reference_foreground(self.maps, references, self.power, self.pool)
+
+
+@dataclass(frozen=True)
+class Residual:
+    """What matching produced for one image: the PosFAR residual field and where it came from."""
+
+    residual: np.ndarray  # (M, d_f) float32
+    distance: np.ndarray  # (M,) float32, full-space distance to the matched normal patch
+    references: np.ndarray  # the K retrieved training images
+
+
 class PosFARScorer:
-    """Nearest-normal-patch scoring restricted to the K retrieved reference images."""
+    """Scoring restricted to the K retrieved reference images: distance, or Swin over the residuals."""
 
     def __init__(self, bank: MemoryBank, references: ReferenceIndex, k: int, grid: tuple[int, int],
-                 input_hw: tuple[int, int], blur_sigma: float = 4.0, score_pool: int = 8) -> None:
+                 input_hw: tuple[int, int], blur_sigma: float = 4.0, score_pool: int = 8,
+                 thetas: tuple[float, ...] = (1.0, 2.0), classifier: Classifier | None = None,
+                 foreground: ForegroundWeighting | None = None) -> None:
         self.bank = bank
         self.references = references
         self.k = k
@@ -44,15 +87,31 @@ class PosFARScorer:
         self.input_hw = input_hw
         self.blur_sigma = blur_sigma
         self.score_pool = score_pool
+        self.thetas = tuple(thetas)
+        self.classifier = classifier
+        self.foreground = foreground
 
     @classmethod
-    def from_bundle(cls, bundle: Bundle) -> PosFARScorer:
+    def from_bundle(cls, bundle: Bundle, classifier: Classifier | None = None,
+                    use_foreground: bool = True) -> PosFARScorer:
+        """The bundle's scorer; pass ``classifier`` (its Swin engine) to score with the residual Swin."""
         m, a = bundle.manifest, bundle.arrays
         pca = PCA(components=a["pca_components"], mean=a["pca_mean"])
         bank = MemoryBank(a["bank"].astype(np.float32), a["bank_image"], pca)
         refs = ReferenceIndex(a["ref_descriptors"].astype(np.float32), trim=m.posfar.retrieval_trim)
+        foreground = None
+        if use_foreground and m.foreground is not None and m.foreground.power > 0:
+            foreground = ForegroundWeighting(a["foreground_maps"], m.foreground.power, m.foreground.pool)
         return cls(bank, refs, m.posfar.k_references, tuple(m.backbone.grid), tuple(m.preprocessing.input_size),
-                   m.scoring.blur_sigma, m.scoring.score_pool)
+                   m.scoring.blur_sigma, m.scoring.score_pool, thetas=tuple(m.posfar.thetas), classifier=classifier,
+                   foreground=foreground)
+
+    def residual(self, pcf: np.ndarray, descriptor: np.ndarray, exclude: int | None = None) -> Residual:
+        """Retrieval, matching and the PosFAR residual field of one image (no classifier)."""
+        refs = self.references.nearest(descriptor, self.k, exclude=exclude)
+        match = self.bank.match(pcf, refs)
+        residual = posfar_residual(pcf, self.bank.features[match.bank_rows], self.thetas)
+        return Residual(residual=residual, distance=match.distance, references=refs)
 
     def score(self, pcf: np.ndarray, descriptor: np.ndarray, exclude: int | None = None) -> Scored:
         """pcf: (M, d_f) patch features; descriptor: (cells, C).  ``exclude`` leaves one image out."""
@@ -61,11 +120,21 @@ class PosFARScorer:
         t1 = time.perf_counter()
         match = self.bank.match(pcf, refs)
         t2 = time.perf_counter()
-        block_map = match.distance.reshape(self.grid)
+        timings = {"retrieval": (t1 - t0) * 1e3, "matching": (t2 - t1) * 1e3}
+        if self.classifier is not None:
+            residual = posfar_residual(pcf, self.bank.features[match.bank_rows], self.thetas)
+            block_map = np.asarray(self.classifier(residual), dtype=np.float32).reshape(self.grid)
+            t_swin = time.perf_counter()
+            timings["swin"] = (t_swin - t2) * 1e3
+            t2 = t_swin
+        else:
+            block_map = match.distance.reshape(self.grid)
+        if self.foreground is not None:
+            block_map = block_map * self.foreground.factor(refs)
         heatmap = heatmap_from_blocks(block_map, self.input_hw, self.blur_sigma)
         score = image_score(heatmap, self.score_pool)
         t3 = time.perf_counter()
-        timings = {"retrieval": (t1 - t0) * 1e3, "matching": (t2 - t1) * 1e3, "postprocess": (t3 - t2) * 1e3}
+        timings["postprocess"] = (t3 - t2) * 1e3
         return Scored(block_map=block_map, heatmap=heatmap, score=score, references=refs, timings_ms=timings)
 
 
@@ -93,15 +162,28 @@ class InspectionResult:
 
 
 class Inspector:
-    """Loads the engines of a verified bundle and inspects decoded RGB images."""
+    """Loads the engines of a verified bundle and inspects decoded RGB images.
 
-    def __init__(self, bundle: Bundle, backbone: Engine | None = None, threads: int | None = None) -> None:
+    ``anomaly_map="nn_distance"`` scores a Swin bundle by distance alone (the baseline, for evaluation);
+    its threshold is then meaningless and ``threshold`` must be read as unset.
+    """
+
+    def __init__(self, bundle: Bundle, backbone: Engine | None = None, threads: int | None = None,
+                 swin: Engine | None = None, anomaly_map: Literal["swin", "nn_distance"] | None = None,
+                 use_foreground: bool = True) -> None:
         self.bundle = bundle
         m = bundle.manifest
         self.input_hw = tuple(m.preprocessing.input_size)
         self.scale = m.preprocessing.scale
         self.backbone = backbone or OnnxRuntimeEngine(bundle.backbone_path, threads=threads)
-        self.scorer = PosFARScorer.from_bundle(bundle)
+        self.anomaly_map = anomaly_map or m.scoring.anomaly_map
+        if self.anomaly_map == "swin" and bundle.swin_path is None:
+            raise ValueError(f"bundle {bundle.root} has no swin.onnx: it can only score by nn_distance")
+        self.swin = None
+        if self.anomaly_map == "swin":
+            self.swin = swin or OnnxRuntimeEngine(bundle.swin_path, threads=threads)
+        classifier = SwinClassifier(self.swin) if self.swin is not None else None
+        self.scorer = PosFARScorer.from_bundle(bundle, classifier=classifier, use_foreground=use_foreground)
         self.threshold = m.thresholds.image
         self.pixel_threshold = m.thresholds.pixel
         self.budget_ms = m.latency_budget_ms
@@ -129,3 +211,45 @@ class Inspector:
             heatmap=scored.heatmap, regions=regions, timings_ms=timings,
             over_budget=timings["total"] > self.budget_ms,
         )
+
+
+def open_inspector(bundle_path, threads: int | None = None) -> Inspector:
+    """Load, verify and smoke-run a bundle before trusting it with frames.
+
+    Hashes and arrays are checked by :func:`load_bundle`; here each graph is loaded and run once on a
+    blank input and its outputs are checked against the manifest.  Any failure is a :class:`BundleError`
+    naming the graph, so a caller (the CLI, a service reload) can refuse the bundle and keep its old one.
+    """
+    bundle = load_bundle(bundle_path)
+    m = bundle.manifest
+    try:
+        backbone = OnnxRuntimeEngine(bundle.backbone_path, threads=threads)
+    except EngineError as exc:
+        raise BundleError(BACKBONE, str(exc)) from exc
+    swin = None
+    if bundle.swin_path is not None:
+        try:
+            swin = OnnxRuntimeEngine(bundle.swin_path, threads=threads)
+        except EngineError as exc:
+            raise BundleError(SWIN, str(exc)) from exc
+    inspector = Inspector(bundle, backbone=backbone, swin=swin, threads=threads)
+    probe = np.zeros((*m.preprocessing.input_size, 3), dtype=np.uint8)
+    try:
+        pcf, descriptor = inspector.features(probe)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise BundleError(BACKBONE, f"does not run on a {probe.shape} input ({exc})") from exc
+    n_tokens = m.backbone.grid[0] * m.backbone.grid[1]
+    if pcf.shape != (n_tokens, m.backbone.d_f):
+        raise BundleError(BACKBONE, f"outputs pcf {pcf.shape}, manifest implies {(n_tokens, m.backbone.d_f)}")
+    cells = m.backbone.descriptor_grid[0] * m.backbone.descriptor_grid[1]
+    if descriptor.shape != (cells, m.backbone.descriptor_channels):
+        raise BundleError(BACKBONE, f"outputs descriptor {descriptor.shape}, manifest implies "
+                                    f"{(cells, m.backbone.descriptor_channels)}")
+    if swin is not None:
+        try:
+            prob = SwinClassifier(swin)(np.zeros((n_tokens, m.backbone.d_f), dtype=np.float32))
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise BundleError(SWIN, f"does not run on residual tokens ({n_tokens}, {m.backbone.d_f}) ({exc})") from exc
+        if prob.shape != (n_tokens,) or not np.all((prob >= 0) & (prob <= 1)):
+            raise BundleError(SWIN, f"outputs {prob.shape} probabilities, expected {n_tokens} values in [0, 1]")
+    return inspector

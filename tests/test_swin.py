@@ -1,0 +1,222 @@
+"""The residual Swin: window mechanics, sliding windows, losses, augmentation, training, resume, export."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from training_host.config import SwinConfig
+from training_host.residual_data import ResidualSet
+from training_host.swin import (
+    ResidualSwin,
+    SwinShape,
+    _shift_mask,
+    _window_merge,
+    _window_partition,
+    focal_loss,
+    mask_and_jitter,
+)
+from training_host.train_swin import CheckpointError, SwinTrainer
+
+
+def _model(**kw) -> ResidualSwin:
+    torch.manual_seed(0)
+    return ResidualSwin(SwinShape(in_dim=12, embed_dim=16, depth=2, heads=2, **kw)).eval()
+
+
+def test_window_partition_round_trip_and_shift_mask():
+    x = torch.arange(2 * 16 * 24 * 3, dtype=torch.float32).reshape(2, 16, 24, 3)
+    windows = _window_partition(x, 8)
+    assert windows.shape == (2 * 2 * 3, 64, 3)
+    assert torch.equal(windows[0, 9], x[0, 1, 1])  # token (1, 1) of the first window
+    assert torch.equal(_window_merge(windows, 8, 2, 16, 24), x)
+    mask = _shift_mask(16, 16, 8, 4)
+    assert mask.shape == (4, 64, 64)
+    assert float(mask[0].abs().sum()) == 0.0  # the top-left window holds one region after the shift
+    assert float((mask[3] < 0).float().mean()) > 0.5  # the bottom-right one mixes four regions
+
+
+def test_shifted_windows_let_information_cross_window_borders():
+    """With depth 2 the second (shifted) block mixes tokens of neighbouring windows; depth 1 cannot."""
+    for depth, crosses in ((1, False), (2, True)):
+        torch.manual_seed(0)
+        model = ResidualSwin(SwinShape(in_dim=12, embed_dim=16, depth=depth, heads=2)).eval()
+        field = torch.rand(1, 16, 16, 12)
+        changed = field.clone()
+        changed[0, 7, 7] += 5.0  # inside the top-left window, next to its border
+        with torch.no_grad():
+            delta = (model.logits(changed) - model.logits(field)).abs().sum(-1)[0]
+        assert bool(delta[8, 8] > 1e-6) == crosses  # (8, 8) sits in the bottom-right window
+        assert float(delta[0:8, 8:].sum() + delta[8:, 0:8].sum() > 1e-6) == crosses
+
+
+def test_forward_is_the_softmax_on_small_grids_and_averages_sliding_windows_on_large_ones():
+    model = _model(train_window=16, window_stride=8, grid=(24, 32))
+    small = torch.rand(2, 16, 16, 12)
+    with torch.no_grad():
+        assert torch.allclose(model(small), model.logits(small).softmax(-1)[..., 1])
+        big = torch.rand(1, 24, 32, 12)
+        prob = model(big)
+        total = torch.zeros(1, 24, 32)
+        count = torch.zeros(1, 24, 32)
+        for top in (0, 8):
+            for left in (0, 8, 16):
+                # each window sees its own slice of the absolute position embedding
+                p = model.logits(big[:, top : top + 16, left : left + 16], (top, left)).softmax(-1)[..., 1]
+                total[:, top : top + 16, left : left + 16] += p
+                count[:, top : top + 16, left : left + 16] += 1
+    assert prob.shape == (1, 24, 32)
+    assert torch.allclose(prob, total / count, atol=1e-6)
+    with pytest.raises(ValueError, match="multiple of the window"):
+        model.logits(torch.rand(1, 12, 16, 12))
+    with pytest.raises(ValueError, match="exceeds the model's grid"):
+        model.logits(torch.rand(1, 16, 16, 12), (16, 0))
+
+
+def test_position_embedding_makes_the_same_residual_score_differently_by_place():
+    torch.manual_seed(0)
+    model = _model(grid=(16, 16))
+    with torch.no_grad():
+        model.pos_embed.normal_(0, 1.0)
+        field = torch.ones(1, 16, 16, 12)
+        prob = model(field)[0]
+    assert float(prob.std()) > 1e-3  # constant input, position-dependent output
+    plain = _model()
+    with torch.no_grad():
+        flat = plain(torch.ones(1, 8, 8, 12))[0]  # one window, no shift, no position: all tokens alike
+    assert float(flat.std()) < 1e-5
+
+
+def test_focal_loss_ignores_unlabelled_tokens_and_reduces_to_cross_entropy():
+    logits = torch.randn(4, 8, 8, 2)
+    labels = torch.randint(0, 2, (4, 8, 8))
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 2), labels.reshape(-1))
+    assert torch.allclose(focal_loss(logits, labels, alpha=0.5, gamma=0.0), 0.5 * ce, atol=1e-6)
+    ignored = labels.clone()
+    ignored[:2] = -1
+    expect = 0.5 * torch.nn.functional.cross_entropy(logits[2:].reshape(-1, 2), labels[2:].reshape(-1))
+    assert torch.allclose(focal_loss(logits, ignored, 0.5, 0.0), expect, atol=1e-6)
+    assert float(focal_loss(logits, torch.full_like(labels, -1), 0.5, 2.0)) == 0.0
+    # gamma > 0 down-weights well-classified tokens
+    easy = torch.tensor([[4.0, -4.0]]).expand(10, 2)
+    focal, plain = focal_loss(easy, torch.zeros(10), 0.5, 2.0), focal_loss(easy, torch.zeros(10), 0.5, 0.0)
+    assert float(focal) < 1e-3 * float(plain)
+
+
+def test_mask_and_jitter_is_seeded_and_masks_the_asked_share():
+    field = torch.ones(8, 32, 32, 4)
+    a = mask_and_jitter(field, 0.2, 0.1, torch.Generator().manual_seed(1))
+    b = mask_and_jitter(field, 0.2, 0.1, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    zero = (a.abs().sum(-1) == 0).float().mean()
+    assert 0.17 < float(zero) < 0.23
+    kept = a[a.abs().sum(-1) > 0]
+    assert float(kept.std()) > 0.05  # jittered
+    assert torch.equal(mask_and_jitter(field, 0.0, 0.0, torch.Generator()), field)
+
+
+def _toy_set(n: int = 48, seed: int = 0) -> ResidualSet:
+    """Residual fields where anomalous blocks carry a blob of large residuals, as a defect does."""
+    g = torch.Generator().manual_seed(seed)
+    fields = torch.rand(n, 16, 16, 12, generator=g) * 0.5
+    labels = torch.zeros(n, 16, 16, dtype=torch.int8)
+    for i in range(n // 2, n):
+        r, c = (int(v) for v in torch.randint(1, 13, (2,), generator=g))
+        fields[i, r : r + 3, c : c + 3] += 2.0
+        labels[i, r : r + 3, c : c + 3] = 1
+    return ResidualSet(fields.half(), labels, ["good"] * (n // 2) + ["synthetic"] * (n - n // 2))
+
+
+def _cfg(**kw) -> SwinConfig:
+    base = dict(batch_size=8, lr=3e-3, warmup_steps=5, ema=0.9, checkpoint_every=10, mask_ratio=0.05, jitter=0.05)
+    return SwinConfig.model_validate({**base, **kw})
+
+
+def test_training_learns_to_find_large_residual_blobs():
+    train, test = _toy_set(seed=0), _toy_set(seed=1)
+    model = ResidualSwin(SwinShape(in_dim=12, embed_dim=16, depth=2, heads=2, train_window=16))
+    model.set_input_scale(train.fields.float())
+    trainer = SwinTrainer(model, _cfg(), seed=0)
+    report = trainer.run_phase("unsupervised", train, steps=200, lr=3e-3, progress=False)
+    assert report.losses[-1][1] < report.losses[0][1]
+    with torch.no_grad():
+        prob = trainer.ema(test.fields.float())
+    from training_host.metrics import roc_auc
+
+    labels = (test.labels == 1).reshape(-1).numpy()
+    assert roc_auc(labels, prob.reshape(-1).numpy()) > 0.97  # blocks ranked right on unseen fields
+    assert float(prob[test.labels == 1].mean()) > 2 * float(prob[test.labels == 0].mean())
+
+
+def _fresh(data: ResidualSet) -> ResidualSwin:
+    torch.manual_seed(0)
+    m = ResidualSwin(SwinShape(in_dim=12, embed_dim=16, depth=2, heads=2, train_window=16))
+    m.set_input_scale(data.fields.float())
+    return m
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_a_run_killed_mid_phase_resumes_to_the_same_weights(tmp_path):
+    data = _toy_set(n=16)
+    straight = SwinTrainer(_fresh(data), _cfg(), tmp_path / "straight", seed=3)
+    straight.run_phase("unsupervised", data, steps=20, lr=1e-3, progress=False)
+
+    killed = SwinTrainer(_fresh(data), _cfg(), tmp_path / "killed", seed=3)
+    real_save = killed._save
+
+    def save_then_die(*args):
+        real_save(*args)
+        raise _Killed  # the process dies right after its step-10 checkpoint
+
+    killed._save = save_then_die
+    with pytest.raises(_Killed):
+        killed.run_phase("unsupervised", data, steps=20, lr=1e-3, progress=False)
+
+    resumed = SwinTrainer(_fresh(data), _cfg(), tmp_path / "killed", seed=3, resume=True)
+    report = resumed.run_phase("unsupervised", data, steps=20, lr=1e-3, progress=False)
+    assert report.resumed_at == 10 and report.losses[-1][0] == 20
+    for (name, a), b in zip(resumed.ema.state_dict().items(), straight.ema.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name
+    for a, b in zip(resumed.model.parameters(), straight.model.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_a_finished_phase_is_not_trained_again(tmp_path):
+    data = _toy_set(n=16)
+    first = SwinTrainer(_fresh(data), _cfg(), tmp_path, seed=3)
+    first.run_phase("unsupervised", data, steps=10, lr=1e-3, progress=False)
+    again = SwinTrainer(_fresh(data), _cfg(), tmp_path, seed=3, resume=True)
+    report = again.run_phase("unsupervised", data, steps=10, lr=1e-3, progress=False)
+    assert report.resumed_at == 10
+    for a, b in zip(again.ema.state_dict().values(), first.ema.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+    data = _toy_set(n=8)
+    SwinTrainer(_model(), _cfg(), tmp_path, seed=0).run_phase("unsupervised", data, 10, 1e-3, progress=False)
+    other = ResidualSwin(SwinShape(in_dim=12, embed_dim=32, depth=2, heads=2))
+    with pytest.raises(CheckpointError, match="checkpoint is for"):
+        SwinTrainer(other, _cfg(), tmp_path, resume=True).run_phase("unsupervised", data, 10, 1e-3, progress=False)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        SwinTrainer(other, _cfg()).load_weights(tmp_path / "unsupervised.safetensors")
+
+
+def test_exported_swin_matches_torch_through_the_edge_classifier(tmp_path):
+    from edge_runtime.core.engines import OnnxRuntimeEngine
+    from edge_runtime.core.pipeline import SwinClassifier
+    from training_host.export import export_swin
+
+    model = _model(train_window=16)
+    fields = np.random.default_rng(0).random((3, 256, 12), dtype=np.float32)
+    diff = export_swin(model, (16, 16), tmp_path / "swin.onnx", fields)
+    assert diff < 1e-5
+    classifier = SwinClassifier(OnnxRuntimeEngine(tmp_path / "swin.onnx"))
+    with torch.no_grad():
+        expect = model(torch.from_numpy(fields[1]).reshape(1, 16, 16, 12)).reshape(-1).numpy()
+    got = classifier(fields[1])
+    assert got.shape == (256,) and np.abs(got - expect).max() < 1e-5

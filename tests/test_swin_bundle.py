@@ -1,0 +1,191 @@
+"""Swin bundles end to end on the demo product: fit modes, the bundle contract, the edge runtime, evaluation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from edge_runtime import cli as edge_cli
+from edge_runtime.core.bundle import ARRAYS, MANIFEST, SWIN, BundleError, load_bundle, sha256_of
+from edge_runtime.core.pipeline import Inspector, open_inspector
+from edge_runtime.core.preprocess import list_images, read_image
+from training_host import cli as train_cli
+from training_host.evaluate import evaluate_bundle
+
+
+def _rewrite_manifest(path, edit) -> None:
+    manifest = json.loads((path / MANIFEST).read_text())
+    edit(manifest)
+    (path / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_swin_bundle_inspects_with_a_swin_stage(fitted, demo_data):
+    inspector = open_inspector(fitted[0])
+    image = read_image(list_images(demo_data / "test" / "scratch")[0])
+    result = inspector.inspect(image)
+    assert {"backbone", "retrieval", "matching", "swin", "postprocess", "total"} <= set(result.timings_ms)
+    assert abs(sum(v for k, v in result.timings_ms.items() if k != "total") - result.timings_ms["total"]) < 0.5
+    assert result.heatmap.shape == (128, 128) and 0.0 <= result.score <= 1.0
+    baseline = Inspector(inspector.bundle, anomaly_map="nn_distance").inspect(image)
+    assert "swin" not in baseline.timings_ms and baseline.score > 1.0  # a distance, not a probability
+
+
+def test_slice_bundles_of_schema_1_keep_working(fitted_slice, demo_data, tmp_path):
+    path = tmp_path / "slice"
+    shutil.copytree(fitted_slice[0], path)
+    _rewrite_manifest(path, lambda m: m.update(schema_version=1))
+    bundle = load_bundle(path)
+    assert bundle.manifest.schema_version == 1 and bundle.swin_path is None
+    assert bundle.manifest.scoring.anomaly_map == "nn_distance"
+    result = open_inspector(path).inspect(read_image(list_images(demo_data / "test" / "good")[0]))
+    assert "swin" not in result.timings_ms and result.verdict in ("pass", "fail")
+    with pytest.raises(ValueError, match="no swin.onnx"):
+        Inspector(bundle, anomaly_map="swin")
+
+
+def test_swin_graph_tampering_is_refused_naming_it(fitted, tmp_path, capsys):
+    path = tmp_path / "b"
+    shutil.copytree(fitted[0], path)
+    data = bytearray((path / SWIN).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (path / SWIN).write_bytes(bytes(data))
+    with pytest.raises(BundleError) as err:
+        load_bundle(path)
+    assert err.value.file == SWIN and "sha256" in err.value.problem
+    # a graph that hashes right but is not ONNX is caught by the smoke run
+    (path / SWIN).write_bytes(b"not a graph")
+    _rewrite_manifest(path, lambda m: m["files"][SWIN].update(sha256=sha256_of(path / SWIN), size=11))
+    assert edge_cli.main(["check-bundle", str(path), "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["file"] == SWIN
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (lambda m: m.pop("swin"), "swin section is absent"),
+        (lambda m: m["scoring"].update(anomaly_map="nn_distance"), "swin section is present"),
+        (lambda m: m["files"].pop(SWIN), "not listed"),
+        (lambda m: m.update(foreground={"power": 0.15, "pool": 3, "n_fit_images": 8}), "foreground_maps"),
+    ],
+)
+def test_inconsistent_swin_manifest_is_refused(fitted, tmp_path, edit, words):
+    path = tmp_path / "b"
+    shutil.copytree(fitted[0], path)
+    _rewrite_manifest(path, edit)
+    with pytest.raises(BundleError, match=words):
+        load_bundle(path)
+
+
+def test_foreground_maps_out_of_range_are_refused(object_bundle, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    path = tmp_path / "b"
+    shutil.copytree(object_bundle, path)
+    arrays = load_file(str(path / ARRAYS))
+    arrays["foreground_maps"] = (arrays["foreground_maps"].astype(np.float32) * 3).astype(np.float16)
+    save_file(arrays, str(path / ARRAYS))
+    _rewrite_manifest(path, lambda m: m["files"][ARRAYS].update(sha256=sha256_of(path / ARRAYS),
+                                                                  size=(path / ARRAYS).stat().st_size))
+    with pytest.raises(BundleError, match=r"foreground_maps must hold finite values in \[0, 1\]"):
+        load_bundle(path)
+
+
+#: small object product; 4x4 windows and 8x8 training crops on the 16x16 grid, so that training crops, shifted
+#: windows and sliding-window inference (also inside swin.onnx) are all exercised
+OBJECT_SETTINGS = [
+    "--set", "input_size=[128,128]", "--set", "posfar.d_l=16", "--set", "posfar.k_references=8",
+    "--set", "posfar.lambda_p=0.15", "--set", "threshold.holdout_fraction=0.2", "--set", "foreground.enabled=true",
+    "--set", "swin.steps=60", "--set", "swin.finetune_steps=30", "--set", "swin.synthetic_per_image=1",
+    "--set", "swin.batch_size=8", "--set", "swin.checkpoint_every=25", "--set", "swin.window=4",
+    "--set", "swin.train_window=8", "--set", "swin.window_stride=4",
+]
+
+
+@pytest.fixture(scope="module")
+def object_data(tmp_path_factory):
+    from training_host.demo_data import make_demo_dataset
+
+    root = tmp_path_factory.mktemp("object") / "data"
+    return make_demo_dataset(root, product="object", n_train=30, n_test_good=4, n_test_per_defect=3, seed=5)
+
+
+@pytest.fixture(scope="module")
+def object_bundle(tmp_path_factory, object_data):
+    """A supervised bundle with foreground maps, fitted through the CLI with checkpoints."""
+    out = tmp_path_factory.mktemp("object_bundle") / "bundle"
+    code = train_cli.main([
+        "fit", "--data", str(object_data), "--out", str(out), "--mode", "supervised",
+        "--supervised-from", str(object_data), "--n-defects", "3", "--defect-seed", "1",
+        "--synthetic-preview", str(out.parent / "synthetic.png"), "--json",
+        *OBJECT_SETTINGS,
+    ])
+    assert code == 0
+    return out
+
+
+def test_supervised_object_bundle_records_its_training_and_foreground(object_bundle):
+    m = load_bundle(object_bundle).manifest
+    assert m.training.mode == "supervised" and len(m.training.defect_images) == 3
+    assert m.training.steps == 90 and "3 defective images" in m.training.supervision
+    assert m.foreground is not None and m.foreground.power == 0.15
+    assert m.swin.train_window == 8 and m.swin.window == 4 and m.swin.onnx_max_abs_diff < 1e-4  # sliding windows
+    maps = load_bundle(object_bundle).arrays["foreground_maps"].astype(np.float32)
+    assert maps.shape == (m.posfar.n_reference_images, 16, 16)
+    # the demo object is a centred ring (a washer) on a plain background: the ring is foreground, the corners
+    # are background
+    yy, xx = np.mgrid[:16, :16]
+    radius = np.hypot(yy - 7.5, xx - 7.5)
+    ring, corners = (radius > 3.5) & (radius < 5.5), radius > 9
+    assert maps[:, ring].mean() > 0.7 and maps[:, corners].mean() < 0.3
+    assert (object_bundle.parent / "synthetic.png").is_file()
+    ckpt = object_bundle.parent / "bundle.ckpt"
+    assert {p.name for p in ckpt.iterdir()} >= {"unsupervised.safetensors", "unsupervised.json",
+                                                "supervised.safetensors", "supervised.json"}
+    assert json.loads((ckpt / "supervised.json").read_text())["step"] == 30
+
+
+def test_evaluation_leaves_out_the_training_defects(object_bundle, object_data, tmp_path):
+    m = load_bundle(object_bundle).manifest
+    metrics = evaluate_bundle(object_bundle, object_data, tmp_path / "eval", progress=False)
+    trained = sorted(d.name for d in m.training.defect_images)
+    assert sorted(metrics["excluded_training_defects"]) == trained
+    assert metrics["n_defective"] == 4 * 3 - 3
+    assert metrics["supervision"] == m.training.supervision and metrics["foreground"] is True
+    no_fg = evaluate_bundle(object_bundle, object_data, tmp_path / "nofg", progress=False, use_foreground=False)
+    assert no_fg["foreground"] is False and no_fg["at_threshold"] is None
+
+
+def test_resume_continues_from_checkpoints_without_training_again(object_bundle, object_data, tmp_path, capsys):
+    out = tmp_path / "again"
+    shutil.copytree(object_bundle.parent / "bundle.ckpt", tmp_path / "again.ckpt")
+    code = train_cli.main([
+        "fit", "--data", str(object_data), "--out", str(out), "--mode", "supervised", "--resume",
+        "--supervised-from", str(object_data), "--n-defects", "3", "--defect-seed", "1", "--json",
+        *OBJECT_SETTINGS,
+    ])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [p["resumed_at"] for p in summary["swin"]["phases"]] == [60, 30]
+    # the same finished weights, so the same graph output on the same residuals
+    a = open_inspector(object_bundle)
+    b = open_inspector(out)
+    probe = np.random.default_rng(0).random((256, 152), dtype=np.float32)
+    assert np.allclose(a.scorer.classifier(probe), b.scorer.classifier(probe), atol=1e-6)
+
+
+def test_fit_cli_refuses_bad_requests_with_clear_messages(demo_data, tmp_path, capsys):
+    assert train_cli.main(["fit", "--data", str(demo_data), "--out", str(tmp_path / "b"), "--mode", "supervised"]) == 2
+    assert "--supervised-from" in capsys.readouterr().err
+    assert train_cli.main(["fit", "--data", str(demo_data), "--out", str(tmp_path / "b"),
+                           "--set", "swin.heads=5"]) == 2
+    err = capsys.readouterr().err
+    assert "swin.heads" in err and "divide embed_dim" in err
+    assert train_cli.main(["fit", "--data", str(demo_data), "--out", str(tmp_path / "b"), "--set", "swin.steps"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+    assert train_cli.main(["fit", "--data", str(demo_data), "--out", str(tmp_path / "b"), "--mode", "supervised",
+                           "--supervised-from", str(demo_data), "--n-defects", "500"]) == 2
+    assert "asked for 500 defective images" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()

@@ -1,0 +1,210 @@
+"""Tests for the synthetic anomaly generator (training_host.synthetic)."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from training_host.synthetic import (
+    AnomalySynthesizer,
+    SyntheticConfig,
+    block_labels,
+    packaged_textures,
+    perlin_mask,
+    perlin_noise,
+    save_sample_grid,
+)
+
+SIZE = 128
+
+
+def _texture(seed: int, size: int = SIZE) -> np.ndarray:
+    """Smoothed random noise, RGB uint8: a textured good image."""
+    rng = np.random.default_rng(seed)
+    noise = rng.uniform(0, 255, (size, size, 3)).astype(np.float32)
+    smooth = cv2.GaussianBlur(noise, (0, 0), 2.0)
+    smooth = (smooth - smooth.mean()) / (smooth.std() + 1e-6) * 40 + 128
+    return np.clip(smooth, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    return _texture(0)
+
+
+@pytest.fixture(scope="module")
+def donors() -> list[np.ndarray]:
+    return [_texture(1, 96), _texture(2, 200)]
+
+
+def test_packaged_textures_load_offline():
+    tex = packaged_textures()
+    assert len(tex) >= 3
+    for name, img in tex:
+        assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3, name
+        assert not img.flags.writeable
+
+
+def test_perlin_noise_shape_range_and_determinism():
+    n = perlin_noise((100, 70), (3, 7), np.random.default_rng(0))
+    assert n.shape == (100, 70) and n.dtype == np.float32
+    assert -1.01 <= n.min() < 0 < n.max() <= 1.01
+    assert np.array_equal(n, perlin_noise((100, 70), (3, 7), np.random.default_rng(0)))
+    assert not np.array_equal(n, perlin_noise((100, 70), (3, 7), np.random.default_rng(1)))
+
+
+def test_make_is_deterministic(image, donors):
+    a = AnomalySynthesizer(donors, seed=5)
+    b = AnomalySynthesizer(donors, seed=5)
+    c = AnomalySynthesizer(donors, seed=6)
+    outs_a = [a.make(image) for _ in range(4)]
+    outs_b = [b.make(image) for _ in range(4)]
+    outs_c = [c.make(image) for _ in range(4)]
+    for (ia, ma), (ib, mb) in zip(outs_a, outs_b, strict=True):
+        assert np.array_equal(ia, ib) and np.array_equal(ma, mb)
+    assert any(not np.array_equal(ma, mc) for (_, ma), (_, mc) in zip(outs_a, outs_c, strict=True))
+    # An explicit generator overrides the instance's own one.
+    x = a.make(image, rng=np.random.default_rng(9))
+    y = c.make(image, rng=np.random.default_rng(9))
+    assert np.array_equal(x[0], y[0]) and np.array_equal(x[1], y[1])
+
+
+@pytest.mark.parametrize("weights", [(1, 0, 0), (0, 1, 0), (0, 0, 1), (0.4, 0.3, 0.3)])
+def test_mask_is_exact_and_binary(image, donors, weights):
+    syn = AnomalySynthesizer(donors, SyntheticConfig(source_weights=weights), seed=1)
+    changed_any = False
+    for _ in range(8):
+        out, mask = syn.make(image)
+        assert out.shape == image.shape and out.dtype == np.uint8
+        assert mask.shape == image.shape[:2] and mask.dtype == np.float32
+        assert set(np.unique(mask)) <= {0.0, 1.0}
+        assert mask.sum() >= 1
+        assert mask.mean() <= syn.config.max_area
+        outside = mask == 0
+        assert np.array_equal(out[outside], image[outside])
+        changed_any |= bool((out != image).any())
+    assert changed_any
+
+
+def test_input_is_not_modified(image, donors):
+    before = image.copy()
+    AnomalySynthesizer(donors, seed=0).make(image)
+    assert np.array_equal(image, before)
+
+
+def test_foreground_confinement(image, donors):
+    syn = AnomalySynthesizer(donors, seed=2)
+    fg = np.ones((32, 32), np.float32)
+    fg[:, :16] = 0.0  # left half is background
+    for _ in range(10):
+        out, mask = syn.make(image, fg)
+        assert mask.sum() > 0
+        assert mask[:, : SIZE // 2 - 2].sum() == 0  # allow the interpolated boundary column(s)
+        assert np.array_equal(out[mask == 0], image[mask == 0])
+
+
+def test_small_foreground_is_still_hit(image, donors):
+    syn = AnomalySynthesizer(donors, seed=3)
+    fg = np.zeros((32, 32), np.float32)
+    fg[20:22, 5:7] = 1.0
+    big = cv2.resize(fg, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR) > 0.5
+    for _ in range(5):
+        _, mask = syn.make(image, fg)
+        assert mask.sum() > 0 and not mask[~big].any()
+
+
+def test_empty_foreground_returns_unchanged(image, donors):
+    out, mask = AnomalySynthesizer(donors, seed=0).make(image, np.zeros((32, 32), np.float32))
+    assert np.array_equal(out, image)
+    assert mask.shape == (SIZE, SIZE) and not mask.any()
+
+
+def test_grey_input_and_no_donors():
+    grey = cv2.cvtColor(_texture(4), cv2.COLOR_RGB2GRAY)
+    out, mask = AnomalySynthesizer([], seed=0).make(grey)
+    assert out.shape == (SIZE, SIZE, 3) and out.dtype == np.uint8
+    rgb = cv2.cvtColor(grey, cv2.COLOR_GRAY2RGB)
+    assert mask.any() and np.array_equal(out[mask == 0], rgb[mask == 0])
+
+
+def test_non_square_image(donors):
+    img = _texture(5, 160)[:96]
+    out, mask = AnomalySynthesizer(donors, seed=0).make(img)
+    assert out.shape == img.shape and mask.shape == img.shape[:2] and mask.any()
+
+
+def test_bad_inputs(donors):
+    with pytest.raises(ValueError):
+        AnomalySynthesizer(donors, SyntheticConfig(opacity=(0.8, 0.2)))
+    with pytest.raises(ValueError):
+        AnomalySynthesizer(donors, SyntheticConfig(source_weights=(0, 0, 0)))
+    with pytest.raises(ValueError):
+        AnomalySynthesizer(donors).make(np.zeros((8, 8, 3), np.float32))
+
+
+def test_perlin_mask_areas():
+    rng = np.random.default_rng(0)
+    h = w = SIZE
+    fracs = []
+    for _ in range(50):
+        m = perlin_mask((h, w), rng, max_area=0.3, min_area_px=16)
+        assert m.shape == (h, w) and m.dtype == np.float32
+        assert set(np.unique(m)) <= {0.0, 1.0}
+        assert 16 <= m.sum() <= 0.3 * h * w
+        fracs.append(m.mean())
+    fracs = np.asarray(fracs)
+    assert (fracs < 0.02).mean() >= 0.2  # many masks are small, like the real defects
+    assert (fracs > 0.02).mean() >= 0.2  # ...but not all
+    with pytest.raises(ValueError):
+        perlin_mask((8, 8), rng, max_area=0.1, min_area_px=16)
+
+
+def test_perlin_mask_non_divisible_shape():
+    m = perlin_mask((100, 37), np.random.default_rng(1))
+    assert m.shape == (100, 37) and 16 <= m.sum() <= 0.3 * 100 * 37
+
+
+def test_block_labels():
+    mask = np.zeros((64, 64), np.uint8)
+    mask[0:16, 0:8] = 1  # block (0, 0): exactly half covered -> ignored
+    mask[16:32, 16:32] = 255  # block (1, 1): fully covered -> positive
+    mask[48:50, 48:54] = 1  # block (3, 3): 12 / 256 = 4.7 % -> negative
+    mask[0:16, 32:41] = 1  # block (0, 2): 56 % -> positive
+    mask[32:48, 0:4] = 1  # block (2, 0): 25 % -> ignored
+    labels = block_labels(mask, (4, 4), eps_pos=0.5, eps_neg=0.1)
+    assert labels.dtype == np.int8 and labels.shape == (4, 4)
+    expected = np.zeros((4, 4), np.int8)
+    expected[0, 0], expected[1, 1], expected[0, 2], expected[2, 0] = -1, 1, 1, -1
+    assert np.array_equal(labels, expected)
+    assert np.array_equal(block_labels(mask.astype(bool), (4, 4)), labels)
+    assert np.array_equal(block_labels(mask.astype(np.float32), (4, 4)), labels)
+    assert block_labels(mask, (64, 64)).tolist() == np.where(mask > 0, 1, 0).tolist()
+
+
+@pytest.mark.parametrize(
+    ("shape", "grid", "eps_pos", "eps_neg"),
+    [((64, 62), (4, 4), 0.5, 0.1), ((64, 64), (0, 4), 0.5, 0.1), ((64, 64), (4, 4), 0.1, 0.5),
+     ((64, 64), (4, 4), 1.5, 0.1), ((64, 64), (4, 4), 0.5, -0.1), ((4, 4, 4), (2, 2), 0.5, 0.1)],
+)
+def test_block_labels_errors(shape, grid, eps_pos, eps_neg):
+    with pytest.raises(ValueError):
+        block_labels(np.zeros(shape), grid, eps_pos=eps_pos, eps_neg=eps_neg)
+
+
+def test_block_labels_error_names_shapes():
+    with pytest.raises(ValueError, match=r"\(64, 60\).*\(4, 7\)"):
+        block_labels(np.zeros((64, 60)), (4, 7))
+
+
+def test_save_sample_grid(tmp_path, image, donors):
+    syn = AnomalySynthesizer(donors, seed=0)
+    samples = [syn.make(image) for _ in range(5)]
+    path = save_sample_grid(samples, tmp_path / "sub" / "grid.png", columns=3, tile=64)
+    assert path.is_file()
+    pic = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    assert pic is not None and pic.shape == (2 * 64, 3 * 64, 3)
+    red = (pic[..., 2] == 255) & (pic[..., 1] == 0) & (pic[..., 0] == 0)  # BGR on disk
+    assert red.any()
+    with pytest.raises(ValueError):
+        save_sample_grid([], tmp_path / "empty.png")

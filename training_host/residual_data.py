@@ -1,0 +1,160 @@
+"""Residual fields for training the Swin: the same retrieval + matching the edge runs, on training images.
+
+Three kinds of field, all (h_f, w_f, d_f) float16 with int8 block labels (1 anomalous, 0 normal, -1 ignored):
+
+- ``good``: a bank image matched against the bank with itself left out of the references, which is how a
+  new good frame looks to the edge (its own patches are not in the bank);
+- ``synthetic``: a synthetic anomaly pasted on a bank image (again leaving the source image out), labelled
+  from its mask by paper Eq. 15;
+- ``defect``: a real defective image with a pixel mask (supervised mode), matched like any test image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from edge_runtime.core.pipeline import PosFARScorer
+from edge_runtime.core.preprocess import ImageReadError, read_image, resize_rgb, to_input_tensor
+
+from .data import TestSample, load_mask, scan_dataset
+from .features import PatchFeatureExtractor, extract
+from .synthetic import AnomalySynthesizer, block_labels
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ResidualSet:
+    """Training fields for the residual classifier, with their block labels and kind."""
+
+    fields: torch.Tensor  # (N, h, w, d_f) float16
+    labels: torch.Tensor  # (N, h, w) int8
+    kinds: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.fields.shape[0])
+
+    def count(self, kind: str) -> int:
+        return sum(k == kind for k in self.kinds)
+
+    def select(self, kind: str) -> ResidualSet:
+        idx = [i for i, k in enumerate(self.kinds) if k == kind]
+        return ResidualSet(self.fields[idx], self.labels[idx], [kind] * len(idx))
+
+    @staticmethod
+    def concat(sets: list[ResidualSet]) -> ResidualSet:
+        sets = [s for s in sets if len(s)]
+        if not sets:
+            raise ValueError("no residual fields to train on")
+        return ResidualSet(torch.cat([s.fields for s in sets]), torch.cat([s.labels for s in sets]),
+                           [k for s in sets for k in s.kinds])
+
+
+@dataclass(frozen=True)
+class LabelledDefect:
+    """A real defective image picked for supervision, with what identifies it in reports."""
+
+    sample: TestSample
+    name: str  # path relative to the dataset root
+    sha256: str
+
+
+class ResidualFieldMaker:
+    """Turns RGB images (+ masks) into residual fields with the fitted bank, in backbone-sized batches."""
+
+    def __init__(self, extractor: PatchFeatureExtractor, scorer: PosFARScorer, eps_pos: float, eps_neg: float,
+                 batch_size: int = 16) -> None:
+        self.extractor = extractor
+        self.scorer = scorer
+        self.grid = extractor.grid
+        self.input_hw = extractor.input_hw
+        self.eps_pos = eps_pos
+        self.eps_neg = eps_neg
+        self.batch_size = batch_size
+
+    def make(self, images: list[np.ndarray], masks: list[np.ndarray | None], exclude: list[int | None],
+             kind: str, progress: bool = False) -> ResidualSet:
+        """images: RGB uint8 at the input size; masks: (H, W) defect masks or None (all normal)."""
+        n = len(images)
+        h, w = self.grid
+        fields = torch.empty((n, h, w, self.extractor.d_f), dtype=torch.float16)
+        labels = torch.zeros((n, h, w), dtype=torch.int8)
+        bar = tqdm(total=n, desc=f"{kind} residuals", unit="img", disable=not progress)
+        for lo in range(0, n, self.batch_size):
+            batch = np.concatenate([to_input_tensor(img, self.input_hw) for img in images[lo : lo + self.batch_size]])
+            pcf, desc = extract(self.extractor, batch)
+            for i in range(len(batch)):
+                j = lo + i
+                res = self.scorer.residual(pcf[i], desc[i], exclude=exclude[j])
+                fields[j] = torch.from_numpy(res.residual.reshape(h, w, -1))
+                if masks[j] is not None:
+                    labels[j] = torch.from_numpy(block_labels(masks[j], self.grid, self.eps_pos, self.eps_neg))
+            bar.update(len(batch))
+        bar.close()
+        return ResidualSet(fields, labels, [kind] * n)
+
+
+def read_resized(paths: list[Path], size_hw: tuple[int, int]) -> tuple[list[np.ndarray], list[int], list[str]]:
+    """RGB uint8 images at ``size_hw``; returns them, the positions that loaded and one line per failure."""
+    images, ok, errors = [], [], []
+    for i, path in enumerate(paths):
+        try:
+            images.append(resize_rgb(read_image(path), size_hw))
+            ok.append(i)
+        except ImageReadError as exc:
+            errors.append(str(exc))
+    return images, ok, errors
+
+
+def synthetic_fields(maker: ResidualFieldMaker, images: list[np.ndarray], per_image: int,
+                     synthesizer: AnomalySynthesizer, foreground_maps: np.ndarray | None, seed: int,
+                     progress: bool = False) -> tuple[ResidualSet, list[tuple[np.ndarray, np.ndarray]]]:
+    """``per_image`` synthetic anomalies on every bank image (image j left out of its own references).
+
+    Returns the fields and the first few (image, mask) pairs for a preview grid.
+    """
+    augmented, masks, exclude = [], [], []
+    for j, image in enumerate(images):
+        rng = np.random.default_rng([seed, j])
+        fg = foreground_maps[j] if foreground_maps is not None else None
+        for _ in range(per_image):
+            aug, mask = synthesizer.make(image, foreground=fg, rng=rng)
+            augmented.append(aug)
+            masks.append(mask)
+            exclude.append(j)
+    data = maker.make(augmented, masks, exclude, "synthetic", progress)
+    return data, list(zip(augmented[:16], masks[:16], strict=True))
+
+
+def pick_defects(source: Path, n: int, seed: int) -> list[LabelledDefect]:
+    """The paper's protocol: ``n`` defective test images with pixel masks, drawn at random (seeded)."""
+    dataset = scan_dataset(source)
+    candidates = [s for s in dataset.test if s.is_defective and s.mask_path is not None and s.mask_path.is_file()]
+    if len(candidates) < n:
+        raise ValueError(f"{source}: asked for {n} defective images with masks, found {len(candidates)}")
+    order = np.random.default_rng(seed).permutation(len(candidates))[:n]
+    picked = [candidates[i] for i in sorted(order)]
+    return [LabelledDefect(s, str(s.path.relative_to(dataset.root)), _sha256(s.path)) for s in picked]
+
+
+def defect_fields(maker: ResidualFieldMaker, defects: list[LabelledDefect]) -> tuple[ResidualSet, list[str]]:
+    """Residual fields of real defects, labelled from their masks; unreadable ones are reported and skipped."""
+    images, masks, errors = [], [], []
+    for d in defects:
+        try:
+            images.append(resize_rgb(read_image(d.sample.path), maker.input_hw))
+            masks.append(load_mask(d.sample, maker.input_hw).astype(np.float32))
+        except ImageReadError as exc:
+            errors.append(str(exc))
+    return maker.make(images, masks, [None] * len(images), "defect"), errors
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

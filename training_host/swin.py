@@ -1,0 +1,276 @@
+"""Residual Swin Transformer (paper step 8): classify every block of a PosFAR residual field.
+
+Input: residual tokens r_i (B, h, w, d_f), one per patch of the stride-8 feature grid.  They are divided
+by a per-channel scale fitted on good residuals (a buffer, so it travels inside ``swin.onnx``), embedded
+linearly, passed through Swin blocks that alternate regular and shifted ``window`` x ``window`` attention
+windows with a relative position bias, and a per-token head gives two logits (normal, anomalous).
+
+Fields larger than the training window are covered by sliding windows whose overlapping probabilities
+are averaged (:meth:`ResidualSwin.forward`), so the paper profile (64 x 64 grid) runs a model trained on
+32 x 32 crops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class SwinShape:
+    """Architecture of the residual classifier; stored in the bundle manifest."""
+
+    in_dim: int
+    embed_dim: int = 64
+    depth: int = 2
+    heads: int = 4
+    window: int = 8
+    mlp_ratio: float = 2.0
+    train_window: int = 32  # tokens per side of the training crop and of the inference sliding window
+    window_stride: int = 16  # step of the inference sliding window when the grid is larger
+    log_input: bool = True  # embed log(1 + r / scale): moderate residuals are not drowned by the largest
+    grid: tuple[int, int] | None = None  # full residual grid; with it, a learned absolute position embedding
+
+
+def _window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B * nW, window * window, C)."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // window, window, w // window, window, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, c)
+
+
+def _window_merge(windows: torch.Tensor, window: int, b: int, h: int, w: int) -> torch.Tensor:
+    """(B * nW, window * window, C) -> (B, H, W, C)."""
+    c = windows.shape[-1]
+    x = windows.reshape(b, h // window, w // window, window, window, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
+
+
+def _relative_index(window: int) -> torch.Tensor:
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
+    return rel[..., 0] * (2 * window - 1) + rel[..., 1]  # (window^2, window^2)
+
+
+def _shift_mask(h: int, w: int, window: int, shift: int) -> torch.Tensor:
+    """Attention mask (nW, N, N) that keeps tokens of different regions apart after the cyclic shift."""
+    region = torch.zeros(1, h, w, 1)
+    label = 0
+    for hs in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
+        for ws in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
+            region[:, hs, ws, :] = label
+            label += 1
+    ids = _window_partition(region, window).squeeze(-1)  # (nW, N)
+    differs = ids[:, :, None] != ids[:, None, :]
+    return differs.float() * -100.0
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside windows, with a learned relative position bias."""
+
+    def __init__(self, dim: int, heads: int, window: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"embed dim {dim} must be divisible by heads {heads}")
+        self.heads = heads
+        self.scale = (dim // heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
+        nn.init.trunc_normal_(self.bias_table, std=0.02)
+        self.register_buffer("bias_index", _relative_index(window).flatten(), persistent=False)
+        self.n = window * window
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        bw, n, c = x.shape
+        qkv = self.qkv(x).reshape(bw, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = (q * self.scale) @ k.transpose(-2, -1)  # (bw, heads, n, n)
+        bias = self.bias_table[self.bias_index].reshape(self.n, self.n, self.heads).permute(2, 0, 1)
+        attn = attn + bias.unsqueeze(0)
+        if mask is not None:
+            n_windows = mask.shape[0]
+            attn = attn.reshape(bw // n_windows, n_windows, self.heads, n, n) + mask[None, :, None]
+            attn = attn.reshape(bw, self.heads, n, n)
+        out = attn.softmax(dim=-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(bw, n, c))
+
+
+class SwinBlock(nn.Module):
+    """LayerNorm -> (shifted) window attention -> residual; LayerNorm -> MLP -> residual."""
+
+    def __init__(self, dim: int, heads: int, window: int, shift: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.window = window
+        self.shift = shift
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, heads, window)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, c = x.shape
+        shift = self.shift if min(h, w) > self.window else 0  # one window: nothing to shift across
+        y = self.norm1(x)
+        if shift:
+            y = torch.roll(y, shifts=(-shift, -shift), dims=(1, 2))
+            mask = _shift_mask(h, w, self.window, shift).to(y.dtype)
+        else:
+            mask = None
+        y = _window_merge(self.attn(_window_partition(y, self.window), mask), self.window, b, h, w)
+        if shift:
+            y = torch.roll(y, shifts=(shift, shift), dims=(1, 2))
+        x = x + y
+        return x + self.mlp(self.norm2(x))
+
+
+class ResidualSwin(nn.Module):
+    """Residual field (B, h, w, d_f) -> per-block logits; ``forward`` gives anomaly probabilities."""
+
+    def __init__(self, shape: SwinShape) -> None:
+        super().__init__()
+        if shape.train_window % shape.window:
+            raise ValueError(f"train_window {shape.train_window} must be a multiple of window {shape.window}")
+        self.shape = shape
+        self.register_buffer("input_scale", torch.ones(shape.in_dim))
+        # no LayerNorm on the embedding: it would make the classifier blind to the residual's magnitude,
+        # which is the main evidence; the pre-norm blocks keep it in the residual stream
+        self.embed = nn.Linear(shape.in_dim, shape.embed_dim)
+        # Normal residuals are not stationary: border blocks match worse than the middle (padding, part edges),
+        # and the residual itself carries no position.  A learned embedding per grid position lets the
+        # classifier learn where large residuals are normal; windows and crops use their slice of it.
+        self.pos_embed = None
+        if shape.grid is not None:
+            self.pos_embed = nn.Parameter(torch.zeros(1, shape.grid[0], shape.grid[1], shape.embed_dim))
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.blocks = nn.ModuleList(
+            SwinBlock(shape.embed_dim, shape.heads, shape.window, 0 if i % 2 == 0 else shape.window // 2,
+                      shape.mlp_ratio)
+            for i in range(shape.depth)
+        )
+        self.head_norm = nn.LayerNorm(shape.embed_dim)
+        self.head = nn.Linear(shape.embed_dim, 2)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+
+    def set_input_scale(self, residuals: torch.Tensor) -> None:
+        """Per-channel scale from good residuals (..., d_f): their RMS, so embedded inputs are O(1)."""
+        flat = residuals.reshape(-1, residuals.shape[-1]).float()
+        self.input_scale.copy_(flat.pow(2).mean(0).sqrt().clamp_min(1e-6))
+
+    def logits(self, field: torch.Tensor, offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+        """(B, h, w, d_f) with h, w multiples of the window -> (B, h, w, 2).
+
+        ``offset``: where this field (a crop or sliding window) starts in the full grid.
+        """
+        h, w = field.shape[1:3]
+        if h % self.shape.window or w % self.shape.window:
+            raise ValueError(f"residual grid {h}x{w} must be a multiple of the window {self.shape.window}")
+        x = field / self.input_scale
+        if self.shape.log_input:
+            x = torch.log1p(x)
+        x = self.embed(x)
+        if self.pos_embed is not None:
+            top, left = offset
+            if top + h > self.pos_embed.shape[1] or left + w > self.pos_embed.shape[2]:
+                raise ValueError(f"residual field {h}x{w} at {offset} exceeds the model's grid {self.shape.grid}")
+            x = x + self.pos_embed[:, top : top + h, left : left + w]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.head_norm(x))
+
+    def _starts(self, size: int) -> list[int]:
+        win, stride = self.shape.train_window, self.shape.window_stride
+        if size <= win:
+            return [0]
+        starts = list(range(0, size - win + 1, stride))
+        if starts[-1] != size - win:
+            starts.append(size - win)
+        return starts
+
+    def forward(self, field: torch.Tensor) -> torch.Tensor:
+        """(B, h, w, d_f) -> anomaly probability (B, h, w); sliding windows averaged on large grids."""
+        h, w = field.shape[1:3]
+        win = self.shape.train_window
+        if h <= win and w <= win:
+            return self.logits(field).softmax(-1)[..., 1]
+        total = field.new_zeros(field.shape[:3])
+        count = field.new_zeros(field.shape[:3])
+        for top in self._starts(h):
+            for left in self._starts(w):
+                hs, ws = slice(top, min(top + win, h)), slice(left, min(left + win, w))
+                total[:, hs, ws] += self.logits(field[:, hs, ws], (top, left)).softmax(-1)[..., 1]
+                count[:, hs, ws] += 1.0
+        return total / count
+
+
+class SwinForExport(nn.Module):
+    """The graph in ``swin.onnx``: residual tokens (1, M, d_f) on a fixed grid -> probabilities (1, M)."""
+
+    def __init__(self, model: ResidualSwin, grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.model = model
+        self.grid = grid
+
+    def forward(self, residual: torch.Tensor) -> torch.Tensor:
+        b, _, c = residual.shape
+        prob = self.model(residual.reshape(b, self.grid[0], self.grid[1], c))
+        return prob.reshape(b, -1)
+
+
+def focal_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
+    """Binary focal loss over tokens; labels 1 anomalous, 0 normal, -1 ignored.  Mean over labelled tokens.
+
+    alpha weights the anomalous class and 1 - alpha the normal one; gamma down-weights easy tokens.
+    """
+    logits = logits.reshape(-1, 2)
+    labels = labels.reshape(-1).long()
+    keep = labels >= 0
+    if not bool(keep.any()):
+        return logits.sum() * 0.0
+    logits, labels = logits[keep], labels[keep]
+    logp = F.log_softmax(logits, dim=-1).gather(1, labels[:, None]).squeeze(1)
+    p = logp.exp()
+    weight = torch.where(labels == 1, torch.full_like(p, alpha), torch.full_like(p, 1.0 - alpha))
+    return (-weight * (1.0 - p).pow(gamma) * logp).mean()
+
+
+def soft_focal_loss(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, alpha: float,
+                    gamma: float) -> torch.Tensor:
+    """Focal loss against soft anomaly targets in [0, 1] (MixUp, guessed labels); ``weight`` 0 ignores a token."""
+    logits = logits.reshape(-1, 2)
+    targets = targets.reshape(-1).float()
+    weight = weight.reshape(-1).float()
+    logp = F.log_softmax(logits, dim=-1)
+    p = logp.exp()
+    pos = -alpha * (1.0 - p[:, 1]).pow(gamma) * logp[:, 1]
+    neg = -(1.0 - alpha) * (1.0 - p[:, 0]).pow(gamma) * logp[:, 0]
+    loss = (targets * pos + (1.0 - targets) * neg) * weight
+    return loss.sum() / weight.sum().clamp_min(1.0)
+
+
+def mask_and_jitter(field: torch.Tensor, mask_ratio: float, jitter: float, generator: torch.Generator
+                    ) -> torch.Tensor:
+    """Eq. 18 augmentation: zero a random ``mask_ratio`` of tokens and scale each token by exp(jitter * N(0,1)).
+
+    A masked token looks like a perfect match, so the classifier must also read its neighbours; the jitter
+    keeps it from keying on exact residual magnitudes, which move with the bank and the references.
+    """
+    b, h, w, _ = field.shape
+    out = field
+    if jitter > 0:
+        noise = torch.randn(b, h, w, 1, generator=generator, dtype=field.dtype)
+        out = out * torch.exp(jitter * noise)
+    if mask_ratio > 0:
+        keep = (torch.rand(b, h, w, 1, generator=generator) >= mask_ratio).to(field.dtype)
+        out = out * keep
+    return out

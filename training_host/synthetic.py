@@ -1,0 +1,433 @@
+"""Synthetic anomalies (MemSeg / DRAEM style) to train the residual classifier from good images only.
+
+A Perlin-noise mask (random scale per axis, randomly rotated, and often cut down to one or a few connected
+blobs, because real defects are small) selects where a *foreign texture* is alpha-blended into a good image.
+The texture is one of
+
+(a) another good image (a *donor*) with random crop, flip, rotation by 90 degrees and brightness/contrast jitter,
+(b) the image itself cut into ``tile_grid x tile_grid`` tiles that are shuffled (and possibly rotated): locally
+    plausible surface, structurally wrong,
+(c) a texture bundled with scikit-image (``skimage.data``; the files ship inside the wheel, no download).
+
+The returned mask is exactly the set of pixels that were changed; :func:`block_labels` turns it into block
+targets (paper Eq. 15).  Everything is numpy + OpenCV and deterministic under a seed / ``np.random.Generator``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+# skimage.data images used as packaged foreign textures.  All of them are files inside the installed package;
+# one that does not load (another installation) is skipped.
+TEXTURE_NAMES: tuple[str, ...] = (
+    "brick", "grass", "gravel", "camera", "coins", "moon", "text",
+    "rocket", "coffee", "chelsea", "astronaut", "hubble_deep_field",
+)
+
+_MASK_TRIES = 20  # perlin_mask redraws before the rectangle fallback
+_MAKE_TRIES = 10  # AnomalySynthesizer.make redraws while the mask misses the foreground
+_PASTE_TRIES = 4  # ... and the texture while the paste is fainter than min_contrast
+_MIN_CELL_PX = 4  # Perlin cells are at least this many pixels, else the "noise" is just salt and pepper
+_JITTER_CONTRAST = (0.7, 1.3)
+_JITTER_BRIGHTNESS = (-40.0, 40.0)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _as_rgb_uint8(img: np.ndarray, what: str) -> np.ndarray:
+    """RGB uint8 (H, W, 3) view/copy of a grey, single-channel, RGB or RGBA (alpha dropped) uint8/bool image."""
+    a = np.asarray(img)
+    if a.dtype == np.bool_:
+        a = a.astype(np.uint8) * 255
+    elif a.dtype != np.uint8:
+        raise ValueError(f"{what} must be uint8, got dtype {a.dtype}")
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    if a.ndim == 2:
+        return cv2.cvtColor(np.ascontiguousarray(a), cv2.COLOR_GRAY2RGB)
+    if a.ndim == 3 and a.shape[2] == 4:
+        a = a[..., :3]
+    if a.ndim != 3 or a.shape[2] != 3 or min(a.shape[:2]) < 1:
+        raise ValueError(f"{what} must be (H, W) or (H, W, 3), got shape {a.shape}")
+    return np.ascontiguousarray(a)
+
+
+@functools.cache
+def packaged_textures() -> tuple[tuple[str, np.ndarray], ...]:
+    """``(name, RGB uint8)`` for the loadable :data:`TEXTURE_NAMES`; loaded once per process, read-only."""
+    try:
+        import skimage.data
+    except ImportError:  # pragma: no cover - the train extra installs scikit-image
+        return ()
+    out = []
+    for name in TEXTURE_NAMES:
+        try:
+            rgb = _as_rgb_uint8(np.asarray(getattr(skimage.data, name)()), f"skimage.data.{name}()")
+        except Exception:  # pragma: no cover - depends on the installation (missing file, no network)
+            continue
+        rgb.setflags(write=False)
+        out.append((name, rgb))
+    return tuple(out)
+
+
+def _resize(img: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Resize to (h, w): INTER_AREA when shrinking (no aliasing), INTER_LINEAR when enlarging."""
+    if img.shape[:2] == (h, w):
+        return img
+    shrink = img.shape[0] * img.shape[1] > h * w
+    return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def _random_crop(src: np.ndarray, h: int, w: int, frac: tuple[float, float], rng: np.random.Generator) -> np.ndarray:
+    """Crop with the aspect ratio of (h, w), ``frac`` of the largest such crop, at a random place."""
+    sh, sw = src.shape[:2]
+    side = min(sh / h, sw / w) * rng.uniform(*frac)  # source pixels per target pixel
+    ch, cw = max(1, min(sh, round(h * side))), max(1, min(sw, round(w * side)))
+    y = int(rng.integers(0, sh - ch + 1))
+    x = int(rng.integers(0, sw - cw + 1))
+    return src[y : y + ch, x : x + cw]
+
+
+def _flip_rotate(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random horizontal/vertical flip and rotation by a multiple of 90 degrees (cv2, so it stays fast)."""
+    code = int(rng.integers(-1, 3))  # -1 both, 0 vertical, 1 horizontal, 2 none
+    if code != 2:
+        img = cv2.flip(img, code)
+    k = int(rng.integers(0, 4))
+    if k:
+        img = cv2.rotate(img, (cv2.ROTATE_90_CLOCKWISE, cv2.ROTATE_180, cv2.ROTATE_90_COUNTERCLOCKWISE)[k - 1])
+    return img
+
+
+def _jitter(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Brightness/contrast jitter around the image mean, applied with a lookup table."""
+    c = rng.uniform(*_JITTER_CONTRAST)
+    b = rng.uniform(*_JITTER_BRIGHTNESS)
+    mean = float(np.mean(cv2.mean(img)[:3]))
+    lut = np.clip(np.rint(np.arange(256, dtype=np.float32) * c + (1.0 - c) * mean + b), 0, 255).astype(np.uint8)
+    return cv2.LUT(img, lut)
+
+
+def _shift(mask: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """``mask`` translated by (dy, dx) without wrap-around (what leaves the image is dropped)."""
+    h, w = mask.shape
+    out = np.zeros_like(mask)
+    if abs(dy) >= h or abs(dx) >= w:
+        return out
+    out[max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = mask[
+        max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
+    ]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- masks
+def perlin_noise(shape: tuple[int, int], scale: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """2-D Perlin noise (float32, roughly in [-1, 1]: scaled by sqrt(2) as in DRAEM) with ``scale`` gradient cells
+    per axis.
+
+    The shape need not be divisible by the scale: every pixel is mapped to continuous lattice coordinates, which
+    gives the same result as generating on a larger, divisible grid and cropping, without the extra pixels.
+    """
+    h, w = int(shape[0]), int(shape[1])
+    ry, rx = int(scale[0]), int(scale[1])
+    if h < 1 or w < 1 or ry < 1 or rx < 1:
+        raise ValueError(f"shape {shape} and scale {scale} must be positive")
+    angles = rng.uniform(0.0, 2.0 * math.pi, (ry + 1, rx + 1))
+    gy, gx = np.sin(angles).astype(np.float32), np.cos(angles).astype(np.float32)
+
+    ty = np.arange(h, dtype=np.float64) * (ry / h)
+    tx = np.arange(w, dtype=np.float64) * (rx / w)
+    iy = np.minimum(ty.astype(np.intp), ry - 1)
+    ix = np.minimum(tx.astype(np.intp), rx - 1)
+    fy = (ty - iy).astype(np.float32)[:, None]
+    fx = (tx - ix).astype(np.float32)[None, :]
+
+    def corner(dy: int, dx: int) -> np.ndarray:
+        rows = iy + dy
+        cols = ix + dx
+        return gx[rows][:, cols] * (fx - dx) + gy[rows][:, cols] * (fy - dy)
+
+    u = fx * fx * fx * (fx * (fx * 6.0 - 15.0) + 10.0)  # quintic fade
+    v = fy * fy * fy * (fy * (fy * 6.0 - 15.0) + 10.0)
+    n00, n01, n10, n11 = corner(0, 0), corner(0, 1), corner(1, 0), corner(1, 1)
+    top = n00 + u * (n01 - n00)
+    bottom = n10 + u * (n11 - n10)
+    return (math.sqrt(2.0) * (top + v * (bottom - top))).astype(np.float32)
+
+
+def _keep_some_components(mask: np.ndarray, rng: np.random.Generator, min_px: int) -> np.ndarray:
+    """One to three random connected components of ``mask`` (uint8), preferring those of at least ``min_px``."""
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if n <= 2:  # background plus at most one component
+        return mask
+    ids = np.arange(1, n)
+    big = ids[stats[1:, cv2.CC_STAT_AREA] >= min_px]
+    pool = big if len(big) else ids
+    k = min(int(rng.integers(1, 4)), len(pool))
+    keep = np.zeros(n, np.uint8)
+    keep[rng.choice(pool, size=k, replace=False)] = 1
+    return keep[labels]
+
+
+def perlin_mask(
+    shape: tuple[int, int],
+    rng: np.random.Generator,
+    min_scale_exp: int = 0,
+    max_scale_exp: int = 6,
+    threshold: float = 0.5,
+    max_area: float = 0.3,
+    min_area_px: int = 16,
+    keep_components_prob: float = 0.5,
+) -> np.ndarray:
+    """Binary float32 {0, 1} anomaly mask from thresholded, randomly rotated Perlin noise (DRAEM style).
+
+    The scale is ``2**a`` cells per axis, ``a`` drawn in [min_scale_exp, max_scale_exp] separately per axis (capped
+    so that a cell has at least 4 pixels).  With probability ``keep_components_prob`` only one to three random
+    connected components are kept: real defects are small (about 0.5 % of the image), so many masks must be too.
+    Draws whose area is not in [min_area_px, max_area * H * W] are redrawn (at most 20 times; the threshold is
+    raised after a too-large draw and lowered after a too-small one); should all fail, a random rectangle of
+    admissible area is returned, so the bounds always hold.
+    """
+    h, w = int(shape[0]), int(shape[1])
+    if h < 1 or w < 1:
+        raise ValueError(f"shape must be positive, got {shape}")
+    if not 0 <= min_scale_exp <= max_scale_exp:
+        raise ValueError(f"need 0 <= min_scale_exp <= max_scale_exp, got {min_scale_exp}, {max_scale_exp}")
+    max_px = max_area * h * w
+    if min_area_px < 1 or min_area_px > max_px:
+        raise ValueError(
+            f"no admissible area: min_area_px={min_area_px}, max_area={max_area} of {h}x{w} = {max_px:.1f} px"
+        )
+    thr = float(threshold)
+    centre = ((w - 1) / 2.0, (h - 1) / 2.0)
+    for _ in range(_MASK_TRIES):
+        ey, ex = rng.integers(min_scale_exp, max_scale_exp + 1, size=2)
+        sy = max(1, min(2 ** int(ey), h // _MIN_CELL_PX))
+        sx = max(1, min(2 ** int(ex), w // _MIN_CELL_PX))
+        noise = perlin_noise((h, w), (sy, sx), rng)
+        rot = cv2.getRotationMatrix2D(centre, rng.uniform(-90.0, 90.0), 1.0)
+        noise = cv2.warpAffine(noise, rot, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+        mask = (noise > thr).astype(np.uint8)
+        if rng.random() < keep_components_prob:
+            mask = _keep_some_components(mask, rng, min_area_px)
+        area = cv2.countNonZero(mask)
+        if min_area_px <= area <= max_px:
+            return mask.astype(np.float32)
+        thr = min(thr + 0.05, 0.9) if area > max_px else max(thr - 0.05, 0.2)
+
+    # Fallback (rare, e.g. tiny images): an axis-aligned rectangle of about the geometric mean admissible area.
+    target = math.sqrt(min_area_px * max_px)
+    rh = int(min(h, max(1, round(math.sqrt(target)))))
+    rw = int(min(w, max(1, round(target / rh), math.ceil(min_area_px / rh))))
+    rw = max(1, min(rw, int(max_px // rh)))
+    y = int(rng.integers(0, h - rh + 1))
+    x = int(rng.integers(0, w - rw + 1))
+    out = np.zeros((h, w), np.float32)
+    out[y : y + rh, x : x + rw] = 1.0
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- synthesis
+@dataclass
+class SyntheticConfig:
+    """Knobs of :class:`AnomalySynthesizer`."""
+
+    opacity: tuple[float, float] = (0.5, 1.0)  # range of the foreign texture's weight inside the mask
+    source_weights: tuple[float, float, float] = (0.4, 0.3, 0.3)  # donor image / own shuffled tiles / packaged
+    max_area: float = 0.25  # largest mask, fraction of the image
+    small_fraction: float = 0.5  # share of masks cut down to one to three connected pieces (small defects)
+    min_feature_px: int = 12  # finest Perlin cell: thinner streaks vanish in the 8-px blocks the labels use
+    min_area_px: int = 48  # smallest mask, about the area that can make an 8x8 block positive
+    min_contrast: float = 12.0  # mean |change| in grey levels inside the mask; fainter pastes are redrawn
+    foreground_threshold: float = 0.5  # resized foreground map must be strictly above this
+    tile_grid: int = 8  # tiles per axis for source (b)
+
+
+def _validate(cfg: SyntheticConfig) -> None:
+    lo, hi = cfg.opacity
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"opacity must satisfy 0 <= lo <= hi <= 1, got {cfg.opacity}")
+    if len(cfg.source_weights) != 3 or min(cfg.source_weights) < 0 or sum(cfg.source_weights) <= 0:
+        raise ValueError(f"source_weights must be three non-negative numbers with a positive sum, "
+                         f"got {cfg.source_weights}")
+    if not 0.0 < cfg.max_area <= 1.0:
+        raise ValueError(f"max_area must be in (0, 1], got {cfg.max_area}")
+    if cfg.tile_grid < 1:
+        raise ValueError(f"tile_grid must be >= 1, got {cfg.tile_grid}")
+
+
+class AnomalySynthesizer:
+    """Turns a good image into ``(anomalous image, exact mask)`` by blending a foreign texture into a Perlin mask."""
+
+    def __init__(self, donors: list[np.ndarray], config: SyntheticConfig | None = None, seed: int = 0) -> None:
+        """``donors``: other good images (RGB or grey uint8, any size) used as foreign texture (a).  The packaged
+        skimage textures (c) are loaded once per process; without donors/textures their weight goes to (b)."""
+        self.config = config if config is not None else SyntheticConfig()
+        _validate(self.config)
+        self.donors = [_as_rgb_uint8(d, f"donor {i}") for i, d in enumerate(donors)]
+        self.textures = packaged_textures() if self.config.source_weights[2] > 0 else ()
+        weights = np.asarray(self.config.source_weights, np.float64)
+        weights *= [bool(self.donors), True, bool(self.textures)]
+        if weights.sum() <= 0:
+            weights = np.array([0.0, 1.0, 0.0])
+        self._weights = weights / weights.sum()
+        self._rng = np.random.default_rng(seed)
+
+    # --------------------------------------------------------------------------------------- texture sources
+    def _donor_texture(self, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+        donor = self.donors[int(rng.integers(len(self.donors)))]
+        crop = _flip_rotate(_random_crop(donor, h, w, (0.5, 1.0), rng), rng)
+        return _jitter(_resize(crop, h, w), rng)
+
+    def _tile_texture(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        h, w = image.shape[:2]
+        g = max(1, min(self.config.tile_grid, h, w))
+        th, tw = h // g, w // g
+        tiles = image[: g * th, : g * tw].reshape(g, th, g, tw, 3).swapaxes(1, 2).reshape(g * g, th, tw, 3)
+        tiles = tiles[rng.permutation(g * g)]
+        if rng.random() < 0.5:  # rotate tiles too (by 90 degree steps if square, else only by 180)
+            ks = rng.integers(0, 4, g * g) if th == tw else 2 * rng.integers(0, 2, g * g)
+            for k in (1, 2, 3):
+                sel = ks == k
+                if sel.any():
+                    tiles[sel] = np.rot90(tiles[sel], k, axes=(1, 2))
+        out = tiles.reshape(g, g, th, tw, 3).swapaxes(1, 2).reshape(g * th, g * tw, 3)
+        return _resize(np.ascontiguousarray(out), h, w)
+
+    def _packaged_texture(self, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+        _, tex = self.textures[int(rng.integers(len(self.textures)))]
+        crop = _flip_rotate(_random_crop(tex, h, w, (0.25, 0.75), rng), rng)
+        return _jitter(_resize(crop, h, w), rng)
+
+    # --------------------------------------------------------------------------------------- main entry
+    def make(
+        self, image: np.ndarray, foreground: np.ndarray | None = None, rng: np.random.Generator | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Return ``(augmented RGB uint8 (H, W, 3), mask float32 (H, W) in {0, 1})`` for ``image`` (RGB or grey
+        uint8).
+
+        ``foreground``: optional float map in [0, 1] of any size (e.g. a 32x32 block map), resized to (H, W) with
+        INTER_LINEAR; the mask is confined to pixels strictly above ``config.foreground_threshold``.  The mask is
+        exactly the set of pixels where the blend ``(1 - beta) * image + beta * texture`` (beta ~ U(opacity)) was
+        applied; outside it the output equals the input.  If no mask pixel can be placed on the foreground (e.g.
+        it is empty) the image is returned unchanged with an all-zero mask.  ``rng`` defaults to the instance's
+        own generator seeded in ``__init__``.
+        """
+        rng = self._rng if rng is None else rng
+        img = _as_rgb_uint8(image, "image")
+        if img is image:
+            img = img.copy()
+        h, w = img.shape[:2]
+        empty = np.zeros((h, w), np.float32)
+        max_px = self.config.max_area * h * w
+        if max_px < 1:
+            return img, empty
+
+        fg = None
+        if foreground is not None:
+            fmap = np.asarray(foreground, np.float32)
+            if fmap.ndim != 2 or min(fmap.shape) < 1:
+                raise ValueError(f"foreground must be a 2-D map, got shape {fmap.shape}")
+            if fmap.shape != (h, w):
+                fmap = cv2.resize(fmap, (w, h), interpolation=cv2.INTER_LINEAR)
+            fg = fmap > self.config.foreground_threshold
+            if not fg.any():
+                return img, empty
+            if fg.all():
+                fg = None
+        fg_y, fg_x = np.nonzero(fg) if fg is not None else (None, None)
+
+        mask = None
+        min_px = int(min(self.config.min_area_px, max_px))
+        max_exp = max(0, int(np.floor(np.log2(max(1.0, min(h, w) / max(1, self.config.min_feature_px))))))
+        for _ in range(_MAKE_TRIES):
+            m = perlin_mask((h, w), rng, max_scale_exp=max_exp, max_area=self.config.max_area, min_area_px=min_px,
+                            keep_components_prob=self.config.small_fraction)
+            if fg is not None:
+                # Move the mask so that one of its pixels lands on a random foreground pixel, then confine it.
+                my, mx = np.nonzero(m)
+                i, j = int(rng.integers(len(my))), int(rng.integers(len(fg_y)))
+                m = _shift(m, int(fg_y[j] - my[i]), int(fg_x[j] - mx[i])) * fg
+            if m.any():
+                mask = m
+                break
+        if mask is None:  # pragma: no cover - the shift above makes this practically unreachable
+            return img, empty
+
+        # A paste that barely changes the pixels would be labelled anomalous while looking normal: redraw the
+        # texture and opacity a few times and keep the most visible one.
+        sel = mask > 0
+        best, best_change = None, -1.0
+        for _ in range(_PASTE_TRIES):
+            source = int(rng.choice(3, p=self._weights))
+            if source == 0:
+                tex = self._donor_texture(h, w, rng)
+            elif source == 1:
+                tex = self._tile_texture(img, rng)
+            else:
+                tex = self._packaged_texture(h, w, rng)
+            beta = float(rng.uniform(*self.config.opacity))
+            blended = cv2.addWeighted(img, 1.0 - beta, tex, beta, 0.0)
+            change = float(np.abs(blended[sel].astype(np.int16) - img[sel].astype(np.int16)).mean())
+            if change > best_change:
+                best, best_change = blended, change
+            if change >= self.config.min_contrast:
+                break
+        np.copyto(img, best, where=sel[..., None])
+        return img, sel.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------- labels
+def block_labels(mask: np.ndarray, grid: tuple[int, int], eps_pos: float = 0.5, eps_neg: float = 0.1) -> np.ndarray:
+    """Block targets of paper Eq. 15 from a pixel mask (nonzero = defect) of shape (H, W).
+
+    ``grid`` = (h, w) blocks per axis (the output shape); H and W must be divisible by it.  With ``f`` the
+    fraction of defective pixels in a block: 1 if ``f > eps_pos``, 0 if ``f < eps_neg``, else -1 (ignored in the
+    loss: a partly covered block is neither a clean negative nor a convincing positive).  Returns int8 (h, w).
+    """
+    if not 0.0 <= eps_neg <= eps_pos <= 1.0:
+        raise ValueError(f"need 0 <= eps_neg <= eps_pos <= 1, got eps_neg={eps_neg}, eps_pos={eps_pos}")
+    m = np.asarray(mask)
+    if m.ndim != 2:
+        raise ValueError(f"mask must be 2-D (H, W), got shape {m.shape}")
+    gh, gw = int(grid[0]), int(grid[1])
+    hh, ww = m.shape
+    if gh < 1 or gw < 1 or hh % gh or ww % gw:
+        raise ValueError(f"mask shape {m.shape} is not divisible by grid {tuple(grid)}")
+    frac = (m != 0).reshape(gh, hh // gh, gw, ww // gw).mean(axis=(1, 3))
+    labels = np.full((gh, gw), -1, np.int8)
+    labels[frac > eps_pos] = 1
+    labels[frac < eps_neg] = 0
+    return labels
+
+
+# ----------------------------------------------------------------------------------------------- preview
+def save_sample_grid(samples: list[tuple[np.ndarray, np.ndarray]], path: Path, columns: int = 4,
+                     tile: int = 160) -> Path:
+    """Write a PNG grid for a person to check the synthetic anomalies: each (image, mask) becomes a ``tile`` x
+    ``tile`` picture with the mask outline in red, ``columns`` per row (fewer if there are fewer samples).
+    Parent folders are created; returns ``path``."""
+    if not samples:
+        raise ValueError("no samples to draw")
+    if columns < 1 or tile < 1:
+        raise ValueError(f"columns and tile must be positive, got {columns}, {tile}")
+    cols = min(columns, len(samples))
+    rows = math.ceil(len(samples) / cols)
+    canvas = np.zeros((rows * tile, cols * tile, 3), np.uint8)
+    for k, (image, mask) in enumerate(samples):
+        rgb = np.ascontiguousarray(_resize(_as_rgb_uint8(image, f"sample {k}"), tile, tile))
+        m = cv2.resize((np.asarray(mask) > 0).astype(np.uint8), (tile, tile), interpolation=cv2.INTER_NEAREST)
+        contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(rgb, contours, -1, (255, 0, 0), 1)
+        r, c = divmod(k, cols)
+        canvas[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile] = rgb
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR)):
+        raise OSError(f"could not write {path}")
+    return path
