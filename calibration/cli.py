@@ -1,8 +1,9 @@
 """``weakrest-calibrate``: adapt a bundle to a new product or a moved camera from good frames only.
 
-``fit`` reuses the base bundle's backbone graph (ONNX Runtime, no torch, no GPU) and refits the coreset
-bank, the PCA, the reference index and the image threshold from a folder of good images, writing a new
-bundle version whose manifest names its parent.
+``fit`` reuses the base bundle's backbone and residual Swin graphs (ONNX Runtime, no torch, no GPU) and
+refits the coreset bank, the PCA, the reference index, the foreground maps (when the base has them) and
+the image threshold from a folder of good images, writing a new bundle version whose manifest names its
+parent.  The Swin carries over because it classifies residuals, not appearance.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from tqdm import tqdm
 
 from edge_runtime.core import bundle as B
 from edge_runtime.core.fitting import BankBuilder, split_holdout
+from edge_runtime.core.foreground import ForegroundBuilder
 from edge_runtime.core.pipeline import Inspector
 from edge_runtime.core.preprocess import ImageReadError, list_images, read_image
 from edge_runtime.core.scoring import choose_threshold
@@ -45,12 +47,16 @@ def calibrate(
         raise ValueError(f"{images}: {len(paths)} images, calibration needs at least {MIN_IMAGES} good frames")
     bank_paths, holdout_paths = split_holdout(paths, holdout, seed)
     skipped: list[str] = []
-    builder = BankBuilder(m.posfar.coreset_ratio, seed=seed)
+    foreground = ForegroundBuilder(tuple(m.backbone.grid), seed=seed) if m.foreground is not None else None
+    builder = BankBuilder(m.posfar.coreset_ratio, seed=seed, foreground=foreground)
     for pcf, desc in _features(inspector, bank_paths, "bank frames", skipped, quiet):
         builder.add(pcf[None], desc[None])
     fitted = builder.build(m.posfar.d_l)
+    fg = m.foreground
     scorer = fitted.scorer(m.posfar.k_references, tuple(m.backbone.grid), tuple(m.preprocessing.input_size),
-                           m.posfar.retrieval_trim, m.scoring.blur_sigma, m.scoring.score_pool)
+                           m.posfar.retrieval_trim, m.scoring.blur_sigma, m.scoring.score_pool,
+                           classifier=inspector.scorer.classifier, foreground_power=fg.power if fg else 0.0,
+                           foreground_pool=fg.pool if fg else 3)
     scores = [
         scorer.score(p, d).score for p, d in _features(inspector, holdout_paths, "hold-out frames", skipped, quiet)
     ]
@@ -70,10 +76,15 @@ def calibrate(
                 target_false_reject=target_false_reject,
                 margin=m.thresholds.margin,
             ),
+            "foreground": (fg.model_copy(update={"n_fit_images": min(foreground.fit_images, builder.n_images)})
+                           if fg is not None else None),
             "files": {},
         }
     )
-    B.write_bundle(out, manifest, {B.BACKBONE: bundle.backbone_path}, fitted.arrays())
+    files = {B.BACKBONE: bundle.backbone_path}
+    if bundle.swin_path is not None:
+        files[B.SWIN] = bundle.swin_path
+    B.write_bundle(out, manifest, files, fitted.arrays())
     B.load_bundle(out)  # never hand out a bundle that does not verify
     return {
         "bundle": str(out),

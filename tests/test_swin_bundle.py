@@ -189,3 +189,20 @@ def test_fit_cli_refuses_bad_requests_with_clear_messages(demo_data, tmp_path, c
                            "--supervised-from", str(demo_data), "--n-defects", "500"]) == 2
     assert "asked for 500 defective images" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_calibration_refits_foreground_maps_and_keeps_the_swin(object_bundle, object_data, tmp_path):
+    from calibration.cli import main as calibrate_main
+
+    out = tmp_path / "cal"
+    assert calibrate_main(["fit", "--base", str(object_bundle), "--images", str(object_data / "train" / "good"),
+                           "--out", str(out), "--json"]) == 0
+    base, new = load_bundle(object_bundle), load_bundle(out)
+    assert new.manifest.foreground is not None and new.manifest.swin == base.manifest.swin
+    maps = new.arrays["foreground_maps"].astype(np.float32)
+    assert maps.shape == (new.manifest.posfar.n_reference_images, 16, 16)
+    yy, xx = np.mgrid[:16, :16]
+    radius = np.hypot(yy - 7.5, xx - 7.5)
+    assert maps[:, (radius > 3.5) & (radius < 5.5)].mean() > 0.7 and maps[:, radius > 9].mean() < 0.3
+    result = open_inspector(out).inspect(read_image(list_images(object_data / "test" / "good")[0]))
+    assert {"swin", "total"} <= set(result.timings_ms)

@@ -148,6 +148,10 @@ def test_calibration_refit_from_good_frames(fitted, demo_data, tmp_path):
     assert new.manifest.parent == f"{base.manifest.product}@{base.manifest.bundle_version}"
     assert new.manifest.posfar.n_reference_images == 24  # 30 frames, 20 % held out
     assert new.manifest.files["backbone.onnx"].sha256 == base.manifest.files["backbone.onnx"].sha256
+    # the residual Swin carries over unchanged, and the threshold is on its probability scale
+    assert new.manifest.files["swin.onnx"].sha256 == base.manifest.files["swin.onnx"].sha256
+    assert new.manifest.scoring.anomaly_map == "swin" and new.manifest.swin == base.manifest.swin
+    assert 0.0 < new.manifest.thresholds.image < 1.5
     few = tmp_path / "few"
     few.mkdir()
     for p in sorted((demo_data / "train" / "good").glob("*.png"))[:3]:

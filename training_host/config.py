@@ -65,7 +65,7 @@ class SwinConfig(_Section):
     window_stride: int = Field(default=16, gt=0)
     position_embedding: bool = Field(default=True, description="learned absolute position embedding of the grid")
     log_input: bool = Field(default=True, description="embed log(1 + residual / scale)")
-    steps: int = Field(default=1500, ge=0, description="unsupervised training steps")
+    steps: int = Field(default=3000, ge=0, description="unsupervised training steps")
     finetune_steps: int = Field(default=600, ge=0, description="supervised fine-tuning steps on real defects")
     batch_size: int = Field(default=16, gt=0)
     lr: float = Field(default=5e-4, gt=0.0)
