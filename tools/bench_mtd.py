@@ -16,9 +16,8 @@ The images are only read from ../shared/data; the subset is a folder of symbolic
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,12 +42,11 @@ def _subset(src: Path, dst: Path, n: int) -> Path:
 
 
 def _bench(bundle: Path, images: Path, frames: int) -> dict:
-    from edge_runtime import cli as edge_cli
-
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        edge_cli.main(["bench", "--bundle", str(bundle), "--images", str(images), "--frames", str(frames), "--json"])
-    return json.loads(buf.getvalue())
+    """``weakrest-edge bench`` in a fresh process: after training, this process's torch thread pool and its
+    peak memory would distort both the latency and the RSS figures."""
+    cmd = [sys.executable, "-m", "edge_runtime.cli", "bench", "--bundle", str(bundle), "--images", str(images),
+           "--frames", str(frames), "--json"]
+    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
 
 
 def _row(name: str, metrics: dict, fit: dict | None) -> dict:
