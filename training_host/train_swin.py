@@ -15,6 +15,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from tqdm import tqdm
@@ -36,6 +37,25 @@ class PhaseReport:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+class Objective(Protocol):
+    """Loss of one training step: model, clean batch (B, h, w, d_f), labels (B, h, w), crop offset, step, rng."""
+
+    def __call__(self, model: ResidualSwin, x: torch.Tensor, y: torch.Tensor, offset: tuple[int, int], step: int,
+                 gen: torch.Generator) -> torch.Tensor: ...
+
+
+class FocalObjective:
+    """Hard block labels (1, 0, -1 ignored): focal loss on masked and jittered residual tokens (Eq. 18)."""
+
+    def __init__(self, cfg: SwinConfig) -> None:
+        self.cfg = cfg
+
+    def __call__(self, model: ResidualSwin, x: torch.Tensor, y: torch.Tensor, offset: tuple[int, int], step: int,
+                 gen: torch.Generator) -> torch.Tensor:
+        x = mask_and_jitter(x, self.cfg.mask_ratio, self.cfg.jitter, gen)
+        return focal_loss(model.logits(x, offset), y, self.cfg.focal_alpha, self.cfg.focal_gamma)
 
 
 class CheckpointError(RuntimeError):
@@ -130,7 +150,8 @@ class SwinTrainer:
 
     # -- training ----------------------------------------------------------------------------------------
     def _batch(self, data: ResidualSet, defects: ResidualSet | None, step: int
-               ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+               ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], torch.Generator]:
+        """A clean batch (no masking/jitter yet) and the step's generator, which the objective goes on using."""
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         bs = self.cfg.batch_size
         n_def = 0
@@ -142,8 +163,7 @@ class SwinTrainer:
             didx = torch.randint(len(defects), (n_def,), generator=gen)
             x = torch.cat([x, defects.fields[didx].float()])
             y = torch.cat([y, defects.labels[didx]])
-        x, y, offset = self._crop_flip(x, y, gen)
-        return mask_and_jitter(x, self.cfg.mask_ratio, self.cfg.jitter, gen), y, offset
+        return (*self._crop_flip(x, y, gen), gen)
 
     def _crop_flip(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator
                    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
@@ -165,9 +185,14 @@ class SwinTrainer:
         return x, y, (top, left)
 
     def run_phase(self, phase: str, data: ResidualSet, steps: int, lr: float, defects: ResidualSet | None = None,
-                  progress: bool = True) -> PhaseReport:
-        """Train ``steps`` steps (resuming from this phase's checkpoint when asked); the EMA is the result."""
+                  progress: bool = True, objective: Objective | None = None) -> PhaseReport:
+        """Train ``steps`` steps (resuming from this phase's checkpoint when asked); the EMA is the result.
+
+        ``objective`` turns a clean batch into a loss; the default is the focal loss on masked and jittered
+        tokens with hard block labels (unsupervised and supervised modes).
+        """
         cfg = self.cfg
+        objective = objective or FocalObjective(cfg)
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
         report = PhaseReport(phase=phase, steps=steps, seconds=0.0)
         start = 0
@@ -185,8 +210,8 @@ class SwinTrainer:
         for step in range(start, steps):
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(step, steps, lr, min(cfg.warmup_steps, steps // 5))
-            x, y, offset = self._batch(data, defects, step)
-            loss = focal_loss(self.model.logits(x, offset), y, cfg.focal_alpha, cfg.focal_gamma)
+            x, y, offset, gen = self._batch(data, defects, step)
+            loss = objective(self.model, x, y, offset, step, gen)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)

@@ -1,0 +1,96 @@
+"""ResMixMatch (paper Algorithm 1): learning block anomaly from weak labels on residual fields.
+
+Weak labels leave some blocks *unknown* (label -1): the blocks inside a box, every block of a tagged
+image.  Known blocks (normal outside boxes, and all blocks of good and synthetic fields) keep hard
+targets; unknown blocks get a guessed target:
+
+1. A augmented copies of the batch (token masking and jitter, Eq. 18) are classified; the anomaly
+   probabilities of each unknown block are averaged over the copies and sharpened with temperature T;
+2. the batch (one augmented copy) and its targets are mixed with a shuffled copy of itself (MixUp,
+   lambda ~ Beta(a, a), kept >= 0.5 so each mixed field stays closest to its own labels);
+3. loss = focal(known blocks; alpha_x, gamma_x) + lambda_u(step) * focal(unknown blocks; alpha_u, gamma_u)
+   with soft targets, lambda_u ramped linearly to its final value over the first ``rampup_steps`` steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .swin import ResidualSwin, mask_and_jitter, soft_focal_loss
+
+
+@dataclass(frozen=True)
+class ResMixMatchConfig:
+    augmentations: int = 2  # A
+    temperature: float = 0.5  # T
+    mixup_alpha: float = 0.75
+    alpha_x: float = 0.25
+    alpha_u: float = 0.75
+    gamma_x: float = 4.0
+    gamma_u: float = 4.0
+    lambda_u: float = 5.0
+    rampup_steps: int = 400
+    mask_ratio: float = 0.1
+    jitter: float = 0.1
+
+
+def sharpen(p: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Two-class sharpening of anomaly probabilities: p^(1/T) / (p^(1/T) + (1-p)^(1/T))."""
+    a = p.clamp(1e-6, 1 - 1e-6).pow(1.0 / temperature)
+    b = (1.0 - p).clamp(1e-6, 1 - 1e-6).pow(1.0 / temperature)
+    return a / (a + b)
+
+
+class ResMixMatch:
+    """The weak-label objective for :class:`~training_host.train_swin.SwinTrainer`."""
+
+    def __init__(self, cfg: ResMixMatchConfig) -> None:
+        if cfg.augmentations < 1:
+            raise ValueError(f"augmentations must be >= 1, got {cfg.augmentations}")
+        self.cfg = cfg
+
+    def lambda_u(self, step: int) -> float:
+        if self.cfg.rampup_steps <= 0:
+            return self.cfg.lambda_u
+        return self.cfg.lambda_u * min(1.0, step / self.cfg.rampup_steps)
+
+    @torch.no_grad()
+    def guess(self, model: ResidualSwin, x: torch.Tensor, offset: tuple[int, int], gen: torch.Generator
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One augmented copy of the batch and the sharpened average anomaly probability over A copies."""
+        cfg = self.cfg
+        copies = [mask_and_jitter(x, cfg.mask_ratio, cfg.jitter, gen) for _ in range(cfg.augmentations)]
+        was_training = model.training
+        model.eval()
+        probs = torch.stack([model.logits(c, offset).softmax(-1)[..., 1] for c in copies]).mean(0)
+        model.train(was_training)
+        return copies[0], sharpen(probs, cfg.temperature)
+
+    def __call__(self, model: ResidualSwin, x: torch.Tensor, y: torch.Tensor, offset: tuple[int, int], step: int,
+                 gen: torch.Generator) -> torch.Tensor:
+        cfg = self.cfg
+        augmented, guessed = self.guess(model, x, offset, gen)
+        known = y >= 0
+        targets = torch.where(known, y.clamp_min(0).to(guessed.dtype), guessed)
+        lam = _beta(cfg.mixup_alpha, gen)
+        lam = max(lam, 1.0 - lam)
+        perm = torch.randperm(x.shape[0], generator=gen)
+        mixed_x = lam * augmented + (1.0 - lam) * augmented[perm]
+        mixed_t = lam * targets + (1.0 - lam) * targets[perm]
+        logits = model.logits(mixed_x, offset)
+        loss_x = soft_focal_loss(logits, mixed_t, known.float(), cfg.alpha_x, cfg.gamma_x)
+        loss_u = soft_focal_loss(logits, mixed_t, (~known).float(), cfg.alpha_u, cfg.gamma_u)
+        return loss_x + self.lambda_u(step) * loss_u
+
+
+def _beta(alpha: float, gen: torch.Generator) -> float:
+    """Beta(alpha, alpha) by Johnk's method on the step's generator (torch.distributions takes no generator),
+    so that a resumed run mixes exactly as the uninterrupted one would."""
+    for _ in range(1000):
+        u, v = torch.rand(2, generator=gen).tolist()
+        x, y = u ** (1.0 / alpha), v ** (1.0 / alpha)
+        if 0.0 < x + y <= 1.0:
+            return x / (x + y)
+    return 0.5
