@@ -25,12 +25,16 @@ def cmd_fit(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     if args.mode == "supervised" and not args.supervised_from:
         raise ValueError("--mode supervised needs --supervised-from DATASET (defective test images with masks)")
+    if args.mode == "weak" and not args.labels:
+        raise ValueError("--mode weak needs --labels FILE (boxes, rotated boxes, tags or blocks)")
     options = TrainingOptions(
         mode=args.mode, supervised_from=Path(args.supervised_from) if args.supervised_from else None,
         n_defects=args.n_defects, defect_seed=args.defect_seed if args.defect_seed is not None else cfg.seed,
         checkpoint_dir=Path(args.checkpoints) if args.checkpoints else None, resume=args.resume,
         init=Path(args.init) if args.init else None,
         synthetic_preview=Path(args.synthetic_preview) if args.synthetic_preview else None,
+        labels=Path(args.labels) if args.labels else None,
+        labels_root=Path(args.labels_root) if args.labels_root else None,
     )
     summary = fit_product(cfg, Path(args.data), Path(args.out), progress=not args.json, options=options)
     if args.json:
@@ -82,6 +86,50 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_labels_stats(args: argparse.Namespace) -> int:
+    from .weak_labels import load_labels
+
+    labels = load_labels(Path(args.file), root=Path(args.root) if args.root else None)
+    counts = labels.counts()
+    if args.json:
+        print(json.dumps({"counts": counts, "warnings": labels.warnings}))
+        return 0
+    print(f"{args.file}: {counts['total']} labelled images")
+    for kind, n in counts.items():
+        if kind != "total":
+            print(f"  {kind:<14}{n:>6}")
+    for warning in labels.warnings:
+        print(f"warning: {warning}")
+    return 0
+
+
+def cmd_labels_from_masks(args: argparse.Namespace) -> int:
+    """Weak labels derived from pixel masks, for benchmarks that follow the paper's protocol."""
+    import cv2
+    import numpy as np
+
+    from .residual_data import pick_defects
+    from .synthetic import block_labels
+    from .weak_labels import LabelSet, WeakLabel, weak_from_mask
+
+    rng = np.random.default_rng(args.seed)
+    images = {}
+    for d in pick_defects(Path(args.data), args.n_defects, args.seed):
+        mask = cv2.imread(str(d.sample.mask_path), cv2.IMREAD_GRAYSCALE)
+        if mask is None:
+            raise ValueError(f"{d.sample.mask_path}: not a readable mask")
+        if args.kind == "blocks":
+            gh, gw = args.grid
+            frac = cv2.resize((mask > 127).astype(np.float32), (gw * 8, gh * 8), interpolation=cv2.INTER_AREA)
+            images[d.name] = WeakLabel(blocks=block_labels(frac, (gh, gw)))
+        else:
+            images[d.name] = weak_from_mask(mask > 127, args.kind, rng=rng, jitter_px=args.jitter)
+    LabelSet(images=images, warnings=[]).save(Path(args.out))
+    jitter = f" (box edges moved by up to {args.jitter:g} px)" if args.jitter else ""
+    print(f"{args.out}: {len(images)} images labelled as {args.kind}{jitter}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="weakrest-train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,8 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="override the seed")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set swin.steps=300 (repeatable)")
-    p.add_argument("--mode", choices=["unsupervised", "supervised"], default="unsupervised",
-                   help="unsupervised: good images + synthetic anomalies; supervised: also real defects with masks")
+    p.add_argument("--mode", choices=["unsupervised", "supervised", "weak"], default="unsupervised",
+                   help="unsupervised: good images + synthetic anomalies; supervised: also real defects with masks; "
+                        "weak: also defects with boxes / rotated boxes / tags (ResMixMatch)")
+    p.add_argument("--labels", default=None, metavar="FILE", help="weak mode: label file (see README)")
+    p.add_argument("--labels-root", default=None, metavar="DIR",
+                   help="folder the label file's image paths are relative to (default: --data)")
     p.add_argument("--supervised-from", default=None, metavar="DATASET",
                    help="dataset whose test split provides the real defective images (supervised mode)")
     p.add_argument("--n-defects", type=int, default=10, help="defective images taken for supervision")
@@ -118,6 +170,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-foreground", action="store_true", help="ignore the bundle's foreground maps (ablation)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
+    labels = sub.add_parser("labels", help="weak label files: statistics, derivation from masks")
+    lsub = labels.add_subparsers(dest="labels_command", required=True)
+    q = lsub.add_parser("stats", help="how many images carry each kind of label (validates the file)")
+    q.add_argument("file")
+    q.add_argument("--root", default=None, help="dataset folder: also check that every image exists")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_labels_stats)
+    q = lsub.add_parser("from-masks", help="derive boxes, rotated boxes, tags or blocks from pixel masks")
+    q.add_argument("--data", required=True, help="dataset whose test split has the defects and masks")
+    q.add_argument("--kind", choices=["boxes", "rotated_boxes", "tag", "blocks"], required=True)
+    q.add_argument("--n-defects", type=int, default=10)
+    q.add_argument("--seed", type=int, default=0, help="the same seed picks the same images as fit --mode supervised")
+    q.add_argument("--jitter", type=float, default=0.0, help="move box edges by up to this many pixels")
+    q.add_argument("--grid", type=int, nargs=2, default=[32, 32], help="block grid for --kind blocks")
+    q.add_argument("--out", required=True)
+    q.set_defaults(func=cmd_labels_from_masks)
     return parser
 
 
@@ -126,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, BundleError, CheckpointError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, BundleError, CheckpointError, FileNotFoundError, ValueError) as exc:  # LabelError too
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

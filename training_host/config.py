@@ -91,6 +91,24 @@ class SwinConfig(_Section):
         return v
 
 
+class WeakConfig(_Section):
+    """ResMixMatch on weak labels (paper Algorithm 1), fine-tuning the unsupervised model."""
+
+    steps: int = Field(default=600, ge=0)
+    lr: float = Field(default=2e-4, gt=0.0)
+    augmentations: int = Field(default=2, ge=1, description="A: augmented copies for label guessing")
+    temperature: float = Field(default=0.5, gt=0.0, description="T: sharpening")
+    mixup_alpha: float = Field(default=0.75, gt=0.0)
+    alpha_x: float = Field(default=0.25, gt=0.0, lt=1.0)
+    alpha_u: float = Field(default=0.75, gt=0.0, lt=1.0)
+    gamma_x: float = Field(default=4.0, ge=0.0)
+    gamma_u: float = Field(default=4.0, ge=0.0)
+    lambda_u: float = Field(default=5.0, ge=0.0)
+    rampup_steps: int = Field(default=400, ge=0)
+    box_overlap: float = Field(default=0.5, gt=0.0, le=1.0,
+                               description="a block overlapping boxes by more than this is unknown, else normal")
+
+
 class LabelConfig(_Section):
     """Block labels from pixel masks (paper Eq. 15)."""
 
@@ -154,6 +172,7 @@ class ProductConfig(_Section):
     threshold: ThresholdConfig = ThresholdConfig()
     swin: SwinConfig = SwinConfig()
     labels: LabelConfig = LabelConfig()
+    weak: WeakConfig = WeakConfig()
     synthetic: SyntheticSection = SyntheticSection()
     foreground: ForegroundConfig = ForegroundConfig()
     latency_budget_ms: float = Field(default=50.0, gt=0.0)

@@ -35,10 +35,13 @@ from .residual_data import (
     pick_defects,
     read_resized,
     synthetic_fields,
+    weak_fields,
 )
+from .resmixmatch import ResMixMatch, ResMixMatchConfig
 from .swin import ResidualSwin, SwinShape
 from .synthetic import AnomalySynthesizer, SyntheticConfig, save_sample_grid
 from .train_swin import SwinTrainer
+from .weak_labels import LabelSet, load_labels
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +50,10 @@ log = logging.getLogger(__name__)
 class TrainingOptions:
     """How the anomaly map is learned (``weakrest-train fit --mode ...``)."""
 
-    mode: Literal["unsupervised", "supervised"] = "unsupervised"
+    mode: Literal["unsupervised", "supervised", "weak"] = "unsupervised"
     supervised_from: Path | None = None  # dataset whose test split gives the real defects
+    labels: Path | None = None  # weak mode: label file (boxes, rotated boxes, tags, blocks)
+    labels_root: Path | None = None  # the label file's image keys are relative to this (default: the data)
     n_defects: int = 10
     defect_seed: int = 0
     checkpoint_dir: Path | None = None  # default: <out>.ckpt beside the bundle
@@ -119,8 +124,8 @@ class _TrainedSwin:
 
 
 def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatureExtractor, fitted: FittedPosFAR,
-                bank_paths: list[Path], defects: list[LabelledDefect], out: Path, tmp: Path, skipped: list[str],
-                progress: bool) -> _TrainedSwin:
+                bank_paths: list[Path], defects: list[LabelledDefect], weak: LabelSet | None, weak_root: Path,
+                out: Path, tmp: Path, skipped: list[str], progress: bool) -> _TrainedSwin:
     """Residual fields (good, synthetic, real defects) -> trained, exported, checked ``swin.onnx``."""
     t0 = time.perf_counter()
     sc = cfg.swin
@@ -171,14 +176,33 @@ def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatu
                                         progress=progress).to_json())
         steps += sc.finetune_steps
         labelled = [B.LabelledImage(name=d.name, sha256=d.sha256, defect_type=d.sample.defect_type) for d in defects]
+    if opts.mode == "weak" and weak is not None:
+        wc = cfg.weak
+        weak_set, used, errors = weak_fields(maker, weak, weak_root, wc.box_overlap)
+        skipped.extend(errors)
+        if not len(weak_set):
+            raise ValueError(f"{opts.labels}: none of the {len(weak.images)} labelled images is readable")
+        trainer.model.load_state_dict(trainer.ema.state_dict())  # start from the unsupervised (EMA) model
+        objective = ResMixMatch(ResMixMatchConfig(
+            augmentations=wc.augmentations, temperature=wc.temperature, mixup_alpha=wc.mixup_alpha,
+            alpha_x=wc.alpha_x, alpha_u=wc.alpha_u, gamma_x=wc.gamma_x, gamma_u=wc.gamma_u, lambda_u=wc.lambda_u,
+            rampup_steps=wc.rampup_steps, mask_ratio=sc.mask_ratio, jitter=sc.jitter))
+        phases.append(trainer.run_phase("weak", data, wc.steps, wc.lr, defects=weak_set, progress=progress,
+                                        objective=objective).to_json())
+        steps += wc.steps
+        labelled = [B.LabelledImage(name=d.name, sha256=d.sha256, defect_type=d.sample.defect_type) for d in used]
     final = trainer.ema.eval()
     onnx_path = tmp / B.SWIN
     check = good.fields[:2].float().reshape(min(2, len(good)), -1, extractor.d_f).numpy()
     if synthetic.count("synthetic"):
         check = np.concatenate([check, synthetic.fields[:2].float().reshape(-1, *check.shape[1:]).numpy()])
     diff = export_swin(final, extractor.grid, onnx_path, check)
-    supervision = ("good images + synthetic anomalies" if opts.mode == "unsupervised"
-                   else f"good images + synthetic anomalies + {len(labelled)} defective images with pixel masks")
+    supervision = "good images + synthetic anomalies"
+    if opts.mode == "supervised":
+        supervision += f" + {len(labelled)} defective images with pixel masks"
+    elif opts.mode == "weak" and weak is not None:
+        kinds = ", ".join(f"{n} {k}" for k, n in weak.counts().items() if k != "total" and n)
+        supervision += f" + {len(labelled)} weakly labelled defective images ({kinds}; ResMixMatch)"
     info = B.TrainingInfo(mode=opts.mode, supervision=supervision, steps=steps, good_fields=good.count("good"),
                           synthetic_fields=synthetic.count("synthetic"), defect_images=labelled,
                           seconds=round(time.perf_counter() - t0, 2))
@@ -193,10 +217,18 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
         raise ValueError(f"--mode {opts.mode} trains the Swin, but the config has swin.enabled: false")
     out = Path(out)
     defects: list[LabelledDefect] = []
+    weak: LabelSet | None = None
+    weak_root = Path(opts.labels_root or data_root)
     if opts.mode == "supervised":  # checked before any work starts
         if opts.supervised_from is None:
             raise ValueError("--mode supervised needs --supervised-from DATASET (its test split gives the defects)")
         defects = pick_defects(opts.supervised_from, opts.n_defects, opts.defect_seed)
+    if opts.mode == "weak":  # the whole label file is validated before any work starts
+        if opts.labels is None:
+            raise ValueError("--mode weak needs --labels FILE (boxes, rotated boxes, tags or blocks)")
+        weak = load_labels(opts.labels, root=weak_root)
+        for warning in weak.warnings:
+            log.warning("%s", warning)
     torch.manual_seed(cfg.seed)
     dataset = scan_dataset(data_root)
     bank_paths, holdout_paths = split_holdout(dataset.train, cfg.threshold.holdout_fraction, cfg.seed)
@@ -221,7 +253,8 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
         classifier = None
         if cfg.swin.enabled:
             t_swin = time.perf_counter()
-            trained = _train_swin(cfg, opts, extractor, fitted, loaded, defects, out, tmp, skipped, progress)
+            trained = _train_swin(cfg, opts, extractor, fitted, loaded, defects, weak, weak_root, out, tmp, skipped,
+                                  progress)
             classifier = SwinClassifier(OnnxRuntimeEngine(trained.onnx_path))
             seconds["swin"] = time.perf_counter() - t_swin
 

@@ -26,6 +26,7 @@ from edge_runtime.core.preprocess import ImageReadError, read_image, resize_rgb,
 from .data import TestSample, load_mask, scan_dataset
 from .features import PatchFeatureExtractor, extract
 from .synthetic import AnomalySynthesizer, block_labels
+from .weak_labels import LabelSet, block_labels_from_weak
 
 log = logging.getLogger(__name__)
 
@@ -158,3 +159,25 @@ def defect_fields(maker: ResidualFieldMaker, defects: list[LabelledDefect]) -> t
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def weak_fields(maker: ResidualFieldMaker, labels: LabelSet, root: Path, box_overlap: float
+                ) -> tuple[ResidualSet, list[LabelledDefect], list[str]]:
+    """Residual fields of weakly labelled images with their block labels (0 normal, -1 unknown, 1 anomalous
+    only from explicit blocks), as the paper's §III-D1 conversion gives them.  Unreadable images are
+    reported and skipped."""
+    images, block_maps, used, errors = [], [], [], []
+    for key, label in sorted(labels.images.items()):
+        path = root / key
+        try:
+            image = read_image(path)
+        except ImageReadError as exc:
+            errors.append(str(exc))
+            continue
+        block_maps.append(block_labels_from_weak(label, image.shape[:2], maker.grid, box_overlap))
+        images.append(resize_rgb(image, maker.input_hw))
+        used.append(LabelledDefect(TestSample(path, path.parent.name, None), key, _sha256(path)))
+    data = maker.make(images, [None] * len(images), [None] * len(images), "weak")
+    if len(data):
+        data.labels = torch.from_numpy(np.stack(block_maps).astype(np.int8))
+    return data, used, errors

@@ -1,0 +1,67 @@
+"""Weak mode end to end on the demo product: labels derived from masks, ResMixMatch fit, evaluation, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edge_runtime.core.bundle import load_bundle
+from training_host import cli as train_cli
+from training_host.evaluate import evaluate_bundle
+
+SMALL = ["--set", "input_size=[128,128]", "--set", "posfar.d_l=16", "--set", "posfar.k_references=8",
+         "--set", "threshold.holdout_fraction=0.2", "--set", "swin.steps=40", "--set", "swin.synthetic_per_image=1",
+         "--set", "swin.batch_size=8", "--set", "weak.steps=30", "--set", "weak.rampup_steps=10"]
+
+
+@pytest.fixture(scope="module")
+def box_labels(demo_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("labels") / "boxes.json"
+    assert train_cli.main(["labels", "from-masks", "--data", str(demo_data), "--kind", "boxes", "--n-defects", "4",
+                           "--seed", "2", "--jitter", "3", "--out", str(out)]) == 0
+    return out
+
+
+def test_labels_stats_and_derivation(demo_data, box_labels, tmp_path, capsys):
+    capsys.readouterr()
+    assert train_cli.main(["labels", "stats", str(box_labels), "--root", str(demo_data), "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["counts"]["boxes"] == 4 and stats["counts"]["total"] == 4
+    for kind in ("rotated_boxes", "tag", "blocks"):
+        out = tmp_path / f"{kind}.json"
+        assert train_cli.main(["labels", "from-masks", "--data", str(demo_data), "--kind", kind,
+                               "--n-defects", "4", "--seed", "2", "--grid", "16", "16", "--out", str(out)]) == 0
+        assert train_cli.main(["labels", "stats", str(out), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out.splitlines()[-1])["counts"][kind] == 4
+
+
+def test_weak_fit_learns_from_boxes_and_evaluation_leaves_them_out(demo_data, box_labels, tmp_path, capsys):
+    out = tmp_path / "weak"
+    assert train_cli.main(["fit", "--data", str(demo_data), "--out", str(out), "--mode", "weak",
+                           "--labels", str(box_labels), "--json", *SMALL]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [p["phase"] for p in summary["swin"]["phases"]] == ["unsupervised", "weak"]
+    m = load_bundle(out).manifest
+    assert m.training.mode == "weak" and len(m.training.defect_images) == 4
+    assert "4 weakly labelled defective images (4 boxes; ResMixMatch)" in m.training.supervision
+    metrics = evaluate_bundle(out, demo_data, tmp_path / "eval", progress=False)
+    assert len(metrics["excluded_training_defects"]) == 4 and metrics["supervision"] == m.training.supervision
+
+
+def test_bad_label_file_is_refused_before_any_work(demo_data, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"version": 1, "images": {
+        "test/scratch/000.png": {"boxes": [[10, 10, -3, 5]]},
+        "test/nowhere/001.png": {"tag": "bad"},
+        "test/stain/000.png": {"tag": 123},
+    }}))
+    capsys.readouterr()
+    assert train_cli.main(["fit", "--data", str(demo_data), "--out", str(tmp_path / "b"), "--mode", "weak",
+                           "--labels", str(bad), *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "test/scratch/000.png" in err and "width" in err
+    assert "test/nowhere/001.png" in err and "test/stain/000.png" in err
+    assert not (tmp_path / "b").exists() and not (tmp_path / "b.ckpt").exists()
+    assert train_cli.main(["fit", "--data", str(demo_data), "--out", str(tmp_path / "b"), "--mode", "weak"]) == 2
+    assert "--labels" in capsys.readouterr().err
