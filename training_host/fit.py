@@ -133,9 +133,8 @@ def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatu
                               cfg.scoring.blur_sigma, cfg.scoring.score_pool)
     maker = ResidualFieldMaker(extractor, nn_scorer, cfg.labels.eps_pos, cfg.labels.eps_neg, cfg.batch_size)
     images, ok, errors = read_resized(bank_paths, cfg.input_size)
-    skipped.extend(errors)
-    if len(ok) != len(bank_paths):  # the bank skipped the same files, so indices still line up
-        log.warning("%d bank images unreadable on the second pass", len(bank_paths) - len(ok))
+    if len(ok) != len(bank_paths):  # these all loaded for the bank: image j must stay bank image j
+        raise ValueError(f"bank images became unreadable during the fit: {'; '.join(errors)}")
     good = maker.make(images, [None] * len(images), list(range(len(images))), "good", progress)
     rng = np.random.default_rng(cfg.seed)
     donors = [images[i] for i in rng.permutation(len(images))[:32]]
