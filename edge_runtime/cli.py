@@ -12,18 +12,13 @@ from pathlib import Path
 import numpy as np
 
 from .core.bundle import BundleError
-from .core.pipeline import Inspector, open_inspector
+from .core.pipeline import open_inspector
 from .core.preprocess import ImageReadError, list_images, read_image
-
-
-def _inspector(bundle_path: Path, threads: int | None) -> Inspector:
-    """Load, verify and smoke-run a bundle: a bad bundle raises BundleError naming the file."""
-    return open_inspector(bundle_path, threads=threads)
 
 
 def cmd_check_bundle(args: argparse.Namespace) -> int:
     try:
-        inspector = _inspector(Path(args.bundle), args.threads)
+        inspector = open_inspector(Path(args.bundle), threads=args.threads)
     except BundleError as exc:
         report = {"valid": False, "file": exc.file, "problem": exc.problem}
         print(json.dumps(report) if args.json else f"INVALID bundle {args.bundle}: {exc}", file=sys.stdout)
@@ -52,7 +47,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .core.overlay import heatmap_overlay
 
     try:
-        inspector = _inspector(Path(args.bundle), args.threads)
+        inspector = open_inspector(Path(args.bundle), threads=args.threads)
     except BundleError as exc:
         print(f"error: bundle refused: {exc}", file=sys.stderr)
         return 2
@@ -103,7 +98,7 @@ def _bench_images(folder: str | None, size_hw: tuple[int, int], limit: int) -> l
 
 def cmd_bench(args: argparse.Namespace) -> int:
     try:
-        inspector = _inspector(Path(args.bundle), args.threads)
+        inspector = open_inspector(Path(args.bundle), threads=args.threads)
     except BundleError as exc:
         print(f"error: bundle refused: {exc}", file=sys.stderr)
         return 2

@@ -7,7 +7,6 @@ bundle's input-size maps.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from edge_runtime.core.bundle import load_bundle
+from edge_runtime.core.bundle import load_bundle, sha256_of
 from edge_runtime.core.overlay import heatmap_overlay
 from edge_runtime.core.pipeline import Inspector
 from edge_runtime.core.preprocess import ImageReadError, read_image
@@ -44,7 +43,7 @@ def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int
     if trained_on:
         kept = []
         for sample in dataset.test:
-            if sample.is_defective and hashlib.sha256(sample.path.read_bytes()).hexdigest() in trained_on:
+            if sample.is_defective and sha256_of(sample.path) in trained_on:
                 excluded.append(str(sample.path.relative_to(dataset.root)))
             else:
                 kept.append(sample)

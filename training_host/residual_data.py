@@ -11,7 +11,6 @@ Three kinds of field, all (h_f, w_f, d_f) float16 with int8 block labels (1 anom
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from edge_runtime.core.bundle import sha256_of
 from edge_runtime.core.pipeline import PosFARScorer
 from edge_runtime.core.preprocess import ImageReadError, read_image, resize_rgb, to_input_tensor
 
@@ -142,7 +142,7 @@ def pick_defects(source: Path, n: int, seed: int) -> list[LabelledDefect]:
         raise ValueError(f"{source}: asked for {n} defective images with masks, found {len(candidates)}")
     order = np.random.default_rng(seed).permutation(len(candidates))[:n]
     picked = [candidates[i] for i in sorted(order)]
-    return [LabelledDefect(s, str(s.path.relative_to(dataset.root)), _sha256(s.path)) for s in picked]
+    return [LabelledDefect(s, str(s.path.relative_to(dataset.root)), sha256_of(s.path)) for s in picked]
 
 
 def defect_fields(maker: ResidualFieldMaker, defects: list[LabelledDefect]) -> tuple[ResidualSet, list[str]]:
@@ -157,8 +157,6 @@ def defect_fields(maker: ResidualFieldMaker, defects: list[LabelledDefect]) -> t
     return maker.make(images, masks, [None] * len(images), "defect"), errors
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def weak_fields(maker: ResidualFieldMaker, labels: LabelSet, root: Path, box_overlap: float
@@ -176,7 +174,7 @@ def weak_fields(maker: ResidualFieldMaker, labels: LabelSet, root: Path, box_ove
             continue
         block_maps.append(block_labels_from_weak(label, image.shape[:2], maker.grid, box_overlap))
         images.append(resize_rgb(image, maker.input_hw))
-        used.append(LabelledDefect(TestSample(path, path.parent.name, None), key, _sha256(path)))
+        used.append(LabelledDefect(TestSample(path, path.parent.name, None), key, sha256_of(path)))
     data = maker.make(images, [None] * len(images), [None] * len(images), "weak")
     if len(data):
         data.labels = torch.from_numpy(np.stack(block_maps).astype(np.int8))

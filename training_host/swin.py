@@ -12,6 +12,7 @@ are averaged (:meth:`ResidualSwin.forward`), so the paper profile (64 x 64 grid)
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -55,8 +56,11 @@ def _relative_index(window: int) -> torch.Tensor:
     return rel[..., 0] * (2 * window - 1) + rel[..., 1]  # (window^2, window^2)
 
 
+@functools.lru_cache(maxsize=16)
 def _shift_mask(h: int, w: int, window: int, shift: int) -> torch.Tensor:
-    """Attention mask (nW, N, N) that keeps tokens of different regions apart after the cyclic shift."""
+    """Attention mask (nW, N, N) that keeps tokens of different regions apart after the cyclic shift.
+
+    Cached: it depends only on the shapes, and training would otherwise rebuild it in every block and step."""
     region = torch.zeros(1, h, w, 1)
     label = 0
     for hs in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
