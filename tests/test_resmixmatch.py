@@ -6,7 +6,7 @@ import torch
 
 from training_host.config import SwinConfig
 from training_host.residual_data import ResidualSet
-from training_host.resmixmatch import ResMixMatch, ResMixMatchConfig, _beta, sharpen
+from training_host.resmixmatch import UNKNOWN, ResMixMatch, ResMixMatchConfig, _beta, region_peak_anomalous, sharpen
 from training_host.swin import ResidualSwin, SwinShape
 from training_host.train_swin import SwinTrainer
 
@@ -31,7 +31,7 @@ def test_lambda_u_ramps_linearly():
 
 def _weak_set(n: int, seed: int) -> tuple[ResidualSet, torch.Tensor]:
     """Fields with a blob of large residuals; labels as a box would give: blocks in a 6x6 box around the blob
-    unknown (-1), all others normal (0).  Returns the set and the true blob mask."""
+    unknown (UNKNOWN), all others normal (0).  Returns the set and the true blob mask."""
     g = torch.Generator().manual_seed(seed)
     fields = torch.rand(n, 16, 16, 12, generator=g) * 0.5
     labels = torch.zeros(n, 16, 16, dtype=torch.int8)
@@ -40,7 +40,7 @@ def _weak_set(n: int, seed: int) -> tuple[ResidualSet, torch.Tensor]:
         r, c = (int(v) for v in torch.randint(2, 11, (2,), generator=g))
         fields[i, r : r + 2, c : c + 2] += 2.0
         truth[i, r : r + 2, c : c + 2] = True
-        labels[i, r - 2 : r + 4, c - 2 : c + 4] = -1
+        labels[i, r - 2 : r + 4, c - 2 : c + 4] = UNKNOWN
     return ResidualSet(fields.half(), labels, ["weak"] * n), truth
 
 
@@ -72,7 +72,7 @@ def test_learns_where_inside_the_boxes_the_anomaly_is():
     test, truth = _weak_set(16, 1)
     with torch.no_grad():
         prob = trainer.ema(test.fields.float())
-    inside = test.labels == -1  # the boxes: the question is whether the blob is found within them
+    inside = test.labels == UNKNOWN  # the boxes: the question is whether the blob is found within them
     assert roc_auc(truth[inside].numpy(), prob[inside].numpy()) > 0.9
     # the guessing lifted the blobs well above the rest of their boxes (before this phase: 0.17 vs 0.16)
     assert float(prob[truth].mean()) > 2 * float(prob[inside & ~truth].mean())
@@ -93,3 +93,53 @@ def test_soft_focal_loss_is_the_focal_loss_on_hard_targets_and_minimal_at_the_ta
         losses = [float(soft_focal_loss(torch.stack([torch.zeros(1), lg[None]], -1), torch.tensor([0.3]),
                                         torch.ones(1), alpha, gamma)) for lg in logit]
         assert abs(float(ps[int(torch.tensor(losses).argmin())]) - 0.3) < 0.02
+
+
+def test_region_prior_lifts_the_peak_of_each_region():
+    """Two boxes in one field and a tagged field: the most anomalous-looking block of each connected unknown
+    region is guessed anomalous; everything else keeps its guess."""
+    probs = torch.full((3, 6, 6), 0.1)
+    unknown = torch.zeros(3, 6, 6, dtype=torch.bool)
+    unknown[0, 0:2, 0:2] = True
+    probs[0, 0, 1] = 0.4
+    unknown[0, 4:6, 3:6] = True
+    probs[0, 5, 5] = 0.2
+    unknown[1] = True  # a tag: the whole field
+    probs[1, 3, 3] = 0.5
+    probs[2, 1, 1] = 0.9  # known blocks only: untouched
+    guessed = sharpen(probs, 0.5)
+    out = region_peak_anomalous(probs, guessed, unknown)
+    lifted = torch.zeros(3, 6, 6, dtype=torch.bool)
+    lifted[0, 0, 1] = lifted[0, 5, 5] = lifted[1, 3, 3] = True
+    assert torch.all(out[lifted] == 1.0)
+    assert torch.equal(out[~lifted], guessed[~lifted])
+
+
+def test_ignored_blocks_are_neither_known_nor_guessed():
+    """-1 (the band around a synthetic mask) enters neither loss: the loss does not depend on the fields
+    there, while the same blocks labelled anomalous do count."""
+    torch.manual_seed(0)
+    model = ResidualSwin(SwinShape(in_dim=4, embed_dim=8, depth=2, heads=2, train_window=8, window=4))
+    x = torch.rand(2, 8, 8, 4)
+    y = torch.zeros(2, 8, 8, dtype=torch.int8)
+    y[0, 2:4, 2:4] = UNKNOWN
+    y[1, 5:7, 5:7] = -1
+    obj = ResMixMatch(ResMixMatchConfig(mixup_alpha=0.0, rampup_steps=0, mask_ratio=0.0, jitter=0.0))
+    # the window attention mixes tokens, so check the gradient of the loss w.r.t. the logits instead:
+    logits_seen = {}
+    original = model.logits
+
+    def spy(field, offset):
+        out = original(field, offset)
+        if torch.is_grad_enabled():
+            out.retain_grad()
+            logits_seen["logits"] = out
+        return out
+
+    model.logits = spy
+    loss = obj(model, x, y, (0, 0), 10, torch.Generator().manual_seed(1))
+    loss.backward()
+    grad = logits_seen["logits"].grad
+    assert float(grad[1, 5:7, 5:7].abs().sum()) == 0.0  # ignored blocks: no gradient
+    assert float(grad[0, 2:4, 2:4].abs().sum()) > 0.0  # unknown blocks: guessed targets count
+    assert float(grad[1, 0:2, 0:2].abs().sum()) > 0.0  # known normal blocks count

@@ -25,6 +25,7 @@ from edge_runtime.core.preprocess import ImageReadError, read_image, resize_rgb,
 
 from .data import TestSample, load_mask, scan_dataset
 from .features import PatchFeatureExtractor, extract
+from .resmixmatch import UNKNOWN
 from .synthetic import AnomalySynthesizer, block_labels
 from .weak_labels import LabelSet, block_labels_from_weak
 
@@ -161,7 +162,7 @@ def defect_fields(maker: ResidualFieldMaker, defects: list[LabelledDefect]) -> t
 
 def weak_fields(maker: ResidualFieldMaker, labels: LabelSet, root: Path, box_overlap: float
                 ) -> tuple[ResidualSet, list[LabelledDefect], list[str]]:
-    """Residual fields of weakly labelled images with their block labels (0 normal, -1 unknown, 1 anomalous
+    """Residual fields of weakly labelled images with their block labels (0 normal, UNKNOWN, 1 anomalous
     only from explicit blocks), as the paper's §III-D1 conversion gives them.  Unreadable images are
     reported and skipped."""
     images, block_maps, used, errors = [], [], [], []
@@ -176,6 +177,7 @@ def weak_fields(maker: ResidualFieldMaker, labels: LabelSet, root: Path, box_ove
         images.append(resize_rgb(image, maker.input_hw))
         used.append(LabelledDefect(TestSample(path, path.parent.name, None), key, sha256_of(path)))
     data = maker.make(images, [None] * len(images), [None] * len(images), "weak")
-    if len(data):
-        data.labels = torch.from_numpy(np.stack(block_maps).astype(np.int8))
+    if len(data):  # -1 (unknown in a label file) becomes UNKNOWN: -1 means "ignored" in training labels
+        maps = np.stack(block_maps).astype(np.int8)
+        data.labels = torch.from_numpy(np.where(maps == -1, UNKNOWN, maps).astype(np.int8))
     return data, used, errors
