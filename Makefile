@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 TORCH_PIN := torch==2.13.0
 DEMO_DIR ?= demo_out
 
-.PHONY: demo test install lint bench-mtd clean
+.PHONY: demo test install lint bench-mtd bench-weak bench-service clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,14 @@ lint: install
 # Fit, evaluate and benchmark on ../shared/data/mtd (figures for the README / issue notes)
 bench-mtd: install
 	$(PY) tools/bench_mtd.py --out runs/mtd
+
+# Weak labels on MTD: the same 10 defects as masks, blocks, rotated boxes, boxes, tags (reuses runs/mtd)
+bench-weak: install
+	$(PY) tools/bench_weak.py --base runs/mtd --out runs/weak
+
+# The running edge service on CPU: frames/s and grab-to-delivery latency through a real broker
+bench-service: install
+	$(PY) tools/bench_service.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) runs *.egg-info

@@ -1,9 +1,10 @@
-"""``weakrest-edge``: inspect images with a bundle, check a bundle, benchmark the inference path."""
+"""``weakrest-edge``: run the edge service, inspect images with a bundle, check a bundle, benchmark inference."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -135,9 +136,45 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """The edge service (systemd ``Type=notify``): exit 2 on a bad config or no bundle to serve."""
+    import logging
+
+    from .service.config import EdgeConfigError, load_edge_config
+    from .service.runner import EdgeService, ServiceError
+
+    logging.basicConfig(level=getattr(logging, args.log_level),
+                        format="%(levelname)s %(name)s: %(message)s" if args.journal else
+                        "%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_edge_config(args.config)
+    except EdgeConfigError as exc:
+        print(f"error: bad config: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"OK config {args.config}: product {cfg.bundles.product} from {cfg.bundles.store}, camera "
+              f"{cfg.camera.name} ({cfg.camera.source}), broker {cfg.mqtt.host}:{cfg.mqtt.port}, "
+              f"topics {cfg.mqtt.topic_prefix}/...")
+        return 0
+    try:
+        service = EdgeService(cfg)
+    except ServiceError as exc:
+        print(f"error: cannot start: {exc}", file=sys.stderr)
+        return 2
+    return service.run_forever()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="weakrest-edge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the edge service: camera -> inspection -> MQTT (systemd Type=notify)")
+    p.add_argument("--config", required=True, help="edge runtime config (configs/edge.yaml)")
+    p.add_argument("--check", action="store_true", help="validate the config and exit")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--journal", action="store_true", default=bool(os.environ.get("JOURNAL_STREAM")),
+                   help="log without timestamps (the journal adds them); the default under systemd")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("inspect", help="inspect a folder of images, write results.jsonl and heatmap overlays")
     p.add_argument("--bundle", required=True, help="bundle folder or .tar")

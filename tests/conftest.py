@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.mqtt_fixtures"]  # broker, make_broker, subscriber: a real Mosquitto per test
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 MTD = SHARED_DATA / "mtd"

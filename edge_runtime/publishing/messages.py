@@ -1,0 +1,320 @@
+"""MQTT message formats of the edge service: this module is the documented schema.
+
+All topics start with ``<prefix>`` = ``mqtt.topic_prefix`` (``<site>/<line>/<station>``).
+
+``<prefix>/result`` - JSON, QoS 1, not retained, one per inspected frame (:class:`ResultMessage`)::
+
+    {"schema": "weakrest.result/1", "seq": 1042, "frame_id": 88211, "camera": "cam0",
+     "product": "bracket", "bundle_version": "2024-05-02T10-11-00", "verdict": "fail",
+     "score": 0.913, "threshold": 0.62,
+     "regions": [{"x": 40, "y": 12, "w": 18, "h": 9, "area_px": 131, "peak": 0.97}],
+     "timings_ms": {"preprocess": 1.2, "backbone": 21.7, "total": 30.4},
+     "over_budget": false, "budget_ms": 50.0,
+     "captured_at": 1714644000.123, "published_at": 1714644000.161,
+     "dropped_frames": 0, "error": null}
+
+  ``seq`` increases by one per result and survives restarts (the service assigns it); results go through a
+  durable queue and are delivered *at least once, in order*: after a reconnect the unacknowledged tail is
+  sent again, so a consumer de-duplicates on ``seq`` (keep the first copy; a repeated or lower ``seq`` is a
+  duplicate).  ``published_at`` is stamped when the message is (re)sent, so it can be much later than
+  ``captured_at`` after an outage.  ``verdict`` "error" means the frame could not be inspected (``error``
+  says why; ``score``/``threshold`` are then null).  Region boxes are in heatmap pixels.
+  :func:`result_json_schema` gives the JSON Schema.
+
+``<prefix>/status`` - JSON, QoS 1, retained::
+
+    {"state": "online", "product": "bracket", "bundle_version": "...", "camera_state": "streaming",
+     "since": 1714643000.0, "pid": 4242, "version": "0.1.0"}
+
+  ``state`` is "online" (published on every connect) or "offline" (published on a clean shutdown, with
+  ``"reason": "shutdown"``).  The broker publishes the last will ``{"state": "offline", "reason":
+  "connection lost"}`` when the service vanishes without disconnecting.  ``since``: epoch seconds at which
+  this state began.  The service may add keys.
+
+``<prefix>/heatmap`` - QoS 0, not retained, not queued (best effort): a PNG or JPEG image of the anomaly
+map.  MQTT 5: the payload is the image; the ``ContentType`` property is ``image/png`` or ``image/jpeg`` and
+the user properties ``frame_id``, ``seq`` and ``content_type`` tie it to its result.  MQTT 3.1.1 has no
+properties, so the payload is framed (:func:`encode_heatmap_header` / :func:`decode_heatmap`)::
+
+    b"WRHM" | uint32 big-endian header length | UTF-8 JSON {"frame_id", "seq", "format"} | image bytes
+
+``<prefix>/cmd`` - JSON commands (:data:`Command`), at most 64 KiB, retained commands are refused::
+
+    {"command": "reload", "id": "c-17"}                 re-read the current bundle of the product
+    {"command": "switch_product", "product": "bracket", "id": "c-18"}
+    {"command": "snapshot", "id": "c-19"}               save the last frame and its heatmap overlay on the
+                                                        edge box (state dir); the reply lists the files
+    {"command": "status", "id": "c-20"}                 republish the status
+
+  ``id`` (optional, string) is echoed in the reply.  Unknown keys are refused.
+
+``<prefix>/cmd/reply`` - JSON, QoS 1, one per command received::
+
+    {"id": "c-18", "command": "switch_product", "ok": true, "detail": "now serving bracket 2024-05-02"}
+    {"id": "c-21", "command": null, "ok": false, "error": "unknown command 'rebot' (expected one of ...)"}
+
+  Handlers may add keys to a successful reply.  With MQTT 5 the request's ``CorrelationData`` is copied.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+
+if TYPE_CHECKING:
+    import numpy as np
+
+RESULT_SCHEMA = "weakrest.result/1"
+MAX_COMMAND_BYTES = 64 * 1024
+HEATMAP_MAGIC = b"WRHM"
+HEATMAP_CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg"}
+WILL_PAYLOAD = b'{"state":"offline","reason":"connection lost"}'
+
+
+def encode_json(obj: Any) -> bytes:
+    """Compact UTF-8 JSON, the encoding of every JSON message."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+
+class Region(BaseModel):
+    """A defect region in heatmap pixels."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    x: int = Field(ge=0)
+    y: int = Field(ge=0)
+    w: int = Field(ge=0)
+    h: int = Field(ge=0)
+    area_px: int = Field(ge=0)
+    peak: float
+
+    @classmethod
+    def from_region(cls, region: Any) -> Region:
+        """From ``edge_runtime.core.scoring.Region`` (``box``, ``area``, ``peak``), without importing it."""
+        x, y, w, h = (int(v) for v in region.box)
+        return cls(x=x, y=y, w=w, h=h, area_px=int(region.area), peak=round(float(region.peak), 6))
+
+
+class ResultMessage(BaseModel):
+    """One inspected frame, as published on ``<prefix>/result`` (schema ``weakrest.result/1``)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    schema_: Literal["weakrest.result/1"] = Field(default=RESULT_SCHEMA, alias="schema")
+    seq: int = Field(ge=0, description="per-service result counter, +1 per result, survives restarts")
+    frame_id: int = Field(ge=0, description="camera frame number")
+    camera: str
+    product: str
+    bundle_version: str
+    verdict: Literal["pass", "fail", "error"]
+    score: float | None = None
+    threshold: float | None = None
+    regions: list[Region] = Field(default_factory=list)
+    timings_ms: dict[str, float] = Field(default_factory=dict, description="stage -> milliseconds")
+    over_budget: bool = False
+    budget_ms: float | None = None
+    captured_at: float = Field(description="epoch seconds when the frame was captured")
+    published_at: float | None = Field(default=None, description="epoch seconds when sent; set by the sender")
+    dropped_frames: int = Field(default=0, ge=0, description="frames dropped unprocessed so far")
+    error: str | None = None
+
+    @model_validator(mode="after")
+    def _error_iff_error_verdict(self) -> ResultMessage:
+        if self.verdict == "error" and not self.error:
+            raise ValueError("verdict 'error' needs an error message")
+        if self.verdict != "error" and self.score is None:
+            raise ValueError(f"verdict {self.verdict!r} needs a score")
+        return self
+
+
+def result_json_schema() -> dict:
+    """JSON Schema of the result message (field names as on the wire)."""
+    return ResultMessage.model_json_schema(by_alias=True)
+
+
+def encode_result(message: ResultMessage) -> bytes:
+    return message.model_dump_json(by_alias=True).encode("utf-8")
+
+
+def decode_result(payload: bytes) -> ResultMessage:
+    return ResultMessage.model_validate_json(payload)
+
+
+def stamp_published_at(payload: bytes, when: float) -> bytes:
+    """Set ``published_at`` in an encoded result (done by the sender at every (re)send)."""
+    obj = json.loads(payload)
+    obj["published_at"] = round(when, 6)
+    return encode_json(obj)
+
+
+# ---------------------------------------------------------------------------------------------- status
+
+
+def status_payload(state: Literal["online", "offline"], info: dict[str, Any], since: float, pid: int,
+                   version: str, reason: str | None = None) -> dict[str, Any]:
+    """Status message: the fixed keys first, then whatever else ``info`` (the service) provides."""
+    out: dict[str, Any] = {"state": state, "product": None, "bundle_version": None, "camera_state": None}
+    out.update({k: v for k, v in info.items() if k not in ("state", "since", "pid", "version", "reason")})
+    out.update({"since": round(since, 3), "pid": pid, "version": version})
+    if reason is not None:
+        out["reason"] = reason
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- heatmaps
+
+
+def encode_heatmap_header(meta: dict[str, Any], image_bytes: bytes) -> bytes:
+    """MQTT 3.1.1 heatmap payload: magic, header length, JSON header ({frame_id, seq, format}), image."""
+    header = encode_json(meta)
+    return HEATMAP_MAGIC + struct.pack(">I", len(header)) + header + bytes(image_bytes)
+
+
+def decode_heatmap(payload: bytes) -> tuple[dict[str, Any], bytes]:
+    """Inverse of :func:`encode_heatmap_header`; ``ValueError`` when the payload is not framed so."""
+    if len(payload) < 8 or payload[:4] != HEATMAP_MAGIC:
+        raise ValueError("not a framed heatmap (missing WRHM magic)")
+    (n,) = struct.unpack_from(">I", payload, 4)
+    if 8 + n > len(payload):
+        raise ValueError(f"heatmap header length {n} runs past the {len(payload)}-byte payload")
+    try:
+        meta = json.loads(payload[8:8 + n])
+    except ValueError as exc:
+        raise ValueError(f"heatmap header is not JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise ValueError("heatmap header is not a JSON object")
+    return meta, bytes(payload[8 + n:])
+
+
+def encode_heatmap_image(heatmap: np.ndarray, fmt: Literal["png", "jpeg"] = "png",
+                         vmax: float | None = None, quality: int = 90) -> bytes:
+    """8-bit grey image of an anomaly map scaled to [0, vmax] (default: its maximum), PNG or JPEG."""
+    import cv2
+    import numpy as np
+
+    heat = np.nan_to_num(np.asarray(heatmap, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    top = float(vmax) if vmax else float(heat.max(initial=0.0))
+    scaled = heat * (255.0 / top) if top > 0 else np.zeros_like(heat)
+    img = np.clip(scaled, 0, 255).astype(np.uint8)
+    if fmt == "png":
+        ok, buf = cv2.imencode(".png", img)
+    elif fmt == "jpeg":
+        ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    else:
+        raise ValueError(f"unknown heatmap format {fmt!r} (expected png or jpeg)")
+    if not ok:
+        raise ValueError(f"could not encode a {img.shape} heatmap as {fmt}")
+    return buf.tobytes()
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+class CommandError(ValueError):
+    """A command payload was refused; ``command_id``/``command`` are set when they could be read."""
+
+    def __init__(self, message: str, command_id: str | None = None, command: str | None = None) -> None:
+        super().__init__(message)
+        self.command_id = command_id
+        self.command = command
+
+
+class _Cmd(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str | None = Field(default=None, max_length=256, description="echoed in the reply")
+
+
+class ReloadCommand(_Cmd):
+    """Re-read the product's current bundle (e.g. after a new one was installed)."""
+
+    command: Literal["reload"]
+
+
+class SwitchProductCommand(_Cmd):
+    """Serve another product's current bundle."""
+
+    command: Literal["switch_product"]
+    product: str = Field(min_length=1, max_length=128)
+
+    @field_validator("product")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
+            raise ValueError("expected a plain name (letters, digits, '.', '_', '-')")
+        return v
+
+
+class SnapshotCommand(_Cmd):
+    """Publish the evidence (heatmap) of the next frame whatever its verdict."""
+
+    command: Literal["snapshot"]
+
+
+class StatusCommand(_Cmd):
+    """Republish the status and reply with it."""
+
+    command: Literal["status"]
+
+
+Command = Annotated[
+    ReloadCommand | SwitchProductCommand | SnapshotCommand | StatusCommand, Field(discriminator="command")
+]
+COMMAND_NAMES = ("reload", "switch_product", "snapshot", "status")
+_COMMAND_ADAPTER: TypeAdapter[Command] = TypeAdapter(Command)
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = [str(p) for p in err["loc"]]
+    if loc and loc[0] in COMMAND_NAMES:  # the union tag prefixes every location
+        loc = loc[1:]
+    field = ".".join(loc) or "(payload)"
+    if err["type"] == "missing":
+        return f"missing field '{field}'"
+    if err["type"] == "extra_forbidden":
+        return f"unexpected field '{field}'"
+    return f"field '{field}': {err['msg']}"
+
+
+def parse_command(payload: bytes) -> Command:
+    """Validate a command payload; :class:`CommandError` says exactly what is wrong."""
+    if len(payload) > MAX_COMMAND_BYTES:
+        raise CommandError(f"payload too large ({len(payload)} bytes, at most {MAX_COMMAND_BYTES})")
+    if not payload:
+        raise CommandError("empty payload (expected a JSON object with a 'command' field)")
+    try:
+        obj = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CommandError(f"payload is not JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise CommandError(f"expected a JSON object, got {type(obj).__name__}")
+    cid = obj.get("id") if isinstance(obj.get("id"), str) else None
+    name = obj.get("command")
+    if name is None:
+        raise CommandError(f"missing field 'command' (one of {', '.join(COMMAND_NAMES)})", cid)
+    if name not in COMMAND_NAMES:
+        raise CommandError(f"unknown command {name!r} (expected one of {', '.join(COMMAND_NAMES)})", cid)
+    try:
+        return _COMMAND_ADAPTER.validate_python(obj)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(e) for e in exc.errors())
+        raise CommandError(f"{name}: {problems}", cid, name) from None
+
+
+def command_reply(command_id: str | None, command: str | None, ok: bool, *, detail: str | None = None,
+                  error: str | None = None, **extra: Any) -> dict[str, Any]:
+    """Reply body for ``<prefix>/cmd/reply``."""
+    out: dict[str, Any] = {"id": command_id, "command": command, "ok": ok}
+    if ok:
+        out["detail"] = detail or ""
+    else:
+        out["error"] = error or "failed"
+    out.update({k: v for k, v in extra.items() if k not in out})
+    return out

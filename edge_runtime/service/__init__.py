@@ -1,0 +1,1 @@
+"""The edge service: configuration, the inference loop, systemd integration, health and metrics."""

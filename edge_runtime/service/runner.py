@@ -1,0 +1,372 @@
+"""The edge service loop: camera -> newest-frame slot -> inspector -> durable MQTT results.
+
+Threads and why:
+
+- the acquisition worker grabs frames and drops them into a one-frame slot (newest wins), so a slow
+  inference never queues frames without bound and the camera's buffers never run dry;
+- the inference thread takes one frame at a time, inspects it and hands the result to the publisher, which
+  writes it to the on-disk queue (fsync) before sending it: a verdict survives a broker outage or a kill;
+- bundle switches (SIGHUP, the ``reload``/``switch_product`` commands) load and validate the new bundle
+  off the inference thread, then swap it in between two frames: the camera keeps running and no frame is
+  inspected by half a bundle.  A bundle that fails validation is refused and the old one keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .. import __version__
+from ..acquisition import AcquisitionWorker, Frame, FrameSource, open_source
+from ..core.bundle import BundleError
+from ..core.overlay import heatmap_overlay
+from ..core.pipeline import Inspector, open_inspector
+from ..publishing import Command, DiskQueue, MqttPublisher, QueueLockedError, Region, ResultMessage
+from ..store import BundleStore, StoreError
+from .config import EdgeConfig
+from .health import HealthServer
+from .metrics import ServiceMetrics
+from .notify import SystemdNotifier, WatchdogPolicy, WatchdogThread
+
+log = logging.getLogger(__name__)
+
+
+class FrameSlot:
+    """Holds at most one frame: a new frame replaces an unconsumed one, which is counted as dropped."""
+
+    def __init__(self) -> None:
+        self._frame: Frame | None = None
+        self._cond = threading.Condition()
+        self.dropped = 0
+
+    def put(self, frame: Frame) -> None:
+        with self._cond:
+            if self._frame is not None:
+                self.dropped += 1
+            self._frame = frame
+            self._cond.notify()
+
+    def take(self, timeout_s: float) -> Frame | None:
+        with self._cond:
+            if self._frame is None:
+                self._cond.wait(timeout_s)
+            frame, self._frame = self._frame, None
+            return frame
+
+
+@dataclass
+class Served:
+    """The bundle being served, swapped as a whole."""
+
+    product: str
+    version: str
+    path: Path
+    inspector: Inspector
+
+
+class ServiceError(RuntimeError):
+    """The service cannot start (no bundle to serve, unusable queue directory, ...)."""
+
+
+class EdgeService:
+    def __init__(self, cfg: EdgeConfig, source_factory: Callable[[], FrameSource] | None = None,
+                 notifier: SystemdNotifier | None = None) -> None:
+        self.cfg = cfg
+        self.store = BundleStore(cfg.bundles.store)
+        self.source_factory = source_factory or (lambda: open_source(cfg.camera))
+        self.notifier = notifier or SystemdNotifier()
+        self.metrics = ServiceMetrics()
+        self.slot = FrameSlot()
+        self._stop = threading.Event()
+        self._reload_requested = threading.Event()
+        self._swap_lock = threading.Lock()
+        self._pending: Served | None = None
+        self.heartbeat = time.monotonic()
+        self.camera_state = "starting"
+        self.camera_detail = ""
+        self.triggered = False
+        self.last_frame: tuple[Frame, np.ndarray | None, float] | None = None  # frame, heatmap, threshold
+        self.results = 0
+        self.served = self._load(cfg.bundles.product)
+        self.metrics.bundle_info(self.served.product, self.served.version)
+        try:
+            cfg.queue.dir.mkdir(parents=True, exist_ok=True)
+            self.queue = DiskQueue(cfg.queue.dir, int(cfg.queue.max_mb * 1024 * 1024))
+        except OSError as exc:
+            raise ServiceError(f"queue.dir {cfg.queue.dir}: cannot use it ({exc.strerror or exc})") from None
+        except QueueLockedError as exc:
+            raise ServiceError(f"queue.dir {cfg.queue.dir}: {exc}") from None
+        self.publisher = MqttPublisher(cfg.mqtt, self.queue, on_command=self._on_command,
+                                       on_connection=self._on_connection, status_provider=self._status)
+        self.worker = AcquisitionWorker(self._make_source, on_frame=self.slot.put, on_state=self._on_camera_state,
+                                        fetch_timeout_s=cfg.camera.genicam.fetch_timeout_ms / 1000.0,
+                                        reconnect_initial_s=cfg.camera.reconnect_initial_s,
+                                        reconnect_max_s=cfg.camera.reconnect_max_s)
+        self.health: HealthServer | None = None
+        if cfg.health.port:
+            self.health = HealthServer(cfg.health.host, cfg.health.port, health=self.health_report,
+                                       metrics=self.render_metrics)
+        self.watchdog: WatchdogThread | None = None
+        interval = self.notifier.watchdog_interval_s()
+        if interval:
+            self.watchdog = WatchdogThread(self.notifier, WatchdogPolicy(cfg.watchdog_idle_s), self._watchdog_probe)
+        self._inference = threading.Thread(target=self._inference_loop, name="inference", daemon=True)
+
+    # ---- bundles -------------------------------------------------------------------------------------
+    def _load(self, product: str) -> Served:
+        """Resolve the product's current bundle and load it fully (hashes, arrays, a smoke run of each graph)."""
+        try:
+            path = self.store.current_path(product)
+            inspector = open_inspector(path, threads=self.cfg.threads)
+        except StoreError as exc:
+            raise ServiceError(str(exc)) from None
+        except BundleError as exc:
+            raise ServiceError(f"bundle refused: {exc}") from None
+        if self.cfg.latency_budget_ms is not None:
+            inspector.budget_ms = self.cfg.latency_budget_ms
+        m = inspector.bundle.manifest
+        if m.product != product:
+            log.warning("store product %r serves a bundle made for %r", product, m.product)
+        return Served(product=product, version=path.name, path=path, inspector=inspector)
+
+    def switch(self, product: str | None = None) -> Served:
+        """Load and validate a bundle off the inference thread; it is swapped in before the next frame.
+
+        Raises :class:`ServiceError` (the old bundle keeps serving)."""
+        served = self._load(product or self.served.product)
+        with self._swap_lock:
+            self._pending = served
+        deadline = time.monotonic() + 30.0
+        while self._inference.is_alive() and time.monotonic() < deadline:
+            with self._swap_lock:
+                if self._pending is None:
+                    break
+            time.sleep(0.005)
+        if not self._inference.is_alive():
+            self._swap_in()
+        return served
+
+    def _swap_in(self) -> None:
+        with self._swap_lock:
+            pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        old = self.served
+        self.served = pending
+        self.metrics.bundle_info(pending.product, pending.version)
+        log.info("now serving %s@%s (was %s@%s)", pending.product, pending.version, old.product, old.version)
+        self.publisher.publish_status({})
+
+    def _reload_from_signal(self) -> None:
+        try:
+            served = self.switch()
+            self.metrics.reloads_total.inc(result="ok")
+            log.info("SIGHUP: reloaded %s@%s", served.product, served.version)
+        except ServiceError as exc:
+            self.metrics.reloads_total.inc(result="failed")
+            log.error("SIGHUP: reload refused, still serving %s@%s: %s", self.served.product, self.served.version,
+                      exc)
+
+    # ---- callbacks -----------------------------------------------------------------------------------
+    def _make_source(self) -> FrameSource:
+        source = self.source_factory()
+        self.triggered = bool(getattr(source, "triggered", False))
+        return source
+
+    def _on_camera_state(self, state: str, detail: str) -> None:
+        self.camera_state, self.camera_detail = state, detail
+        self.metrics.camera_state(state)
+        log.log(logging.WARNING if state == "lost" else logging.INFO, "camera %s: %s %s", self.cfg.camera.name,
+                state, detail)
+        self.publisher.publish_status({})
+
+    def _on_connection(self, connected: bool) -> None:
+        self.metrics.mqtt_connected.set(1.0 if connected else 0.0)
+
+    def _status(self) -> dict:
+        return {"product": self.served.product, "bundle_version": self.served.version,
+                "camera_state": self.camera_state, "camera_detail": self.camera_detail, "pid": os.getpid(),
+                "version": __version__}
+
+    def _on_command(self, cmd: Command) -> dict:
+        if cmd.command == "reload":
+            return self._command_switch(None)
+        if cmd.command == "switch_product":
+            return self._command_switch(cmd.product)
+        if cmd.command == "snapshot":
+            return self._snapshot()
+        if cmd.command == "status":
+            return {"ok": True, **self._status(), "results": self.results, "dropped_frames": self.slot.dropped,
+                    "queue_depth": self.queue.depth}
+        return {"ok": False, "error": f"command {cmd.command!r} is not handled"}
+
+    def _command_switch(self, product: str | None) -> dict:
+        try:
+            served = self.switch(product)
+        except ServiceError as exc:
+            self.metrics.reloads_total.inc(result="failed")
+            return {"ok": False, "error": str(exc), "product": self.served.product,
+                    "bundle_version": self.served.version}
+        self.metrics.reloads_total.inc(result="ok")
+        return {"ok": True, "product": served.product, "bundle_version": served.version}
+
+    def _snapshot(self) -> dict:
+        last = self.last_frame
+        if last is None:
+            return {"ok": False, "error": "no frame inspected yet"}
+        frame, heatmap, threshold = last
+        folder = self.cfg.queue.dir.parent / "snapshots"
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-frame{frame.frame_id}"
+        cv2.imwrite(f"{stem}.png", cv2.cvtColor(frame.image, cv2.COLOR_RGB2BGR))
+        files = [f"{stem}.png"]
+        if heatmap is not None:
+            cv2.imwrite(f"{stem}-heatmap.png", heatmap_overlay(frame.image, heatmap, threshold))
+            files.append(f"{stem}-heatmap.png")
+        return {"ok": True, "frame_id": frame.frame_id, "files": files}
+
+    # ---- inference -----------------------------------------------------------------------------------
+    def _inference_loop(self) -> None:
+        while not self._stop.is_set():
+            self.heartbeat = time.monotonic()
+            self._swap_in()
+            frame = self.slot.take(0.2)
+            if frame is None:
+                continue
+            try:
+                self._inspect_and_publish(frame)
+            except Exception:  # never let one frame end the loop
+                log.exception("frame %s: publishing failed", frame.frame_id)
+
+    def _inspect_and_publish(self, frame: Frame) -> None:
+        served = self.served
+        inspector = served.inspector
+        heatmap = None
+        t0 = time.monotonic()
+        try:
+            result = inspector.inspect(frame.image)
+        except Exception as exc:  # an engine failure is reported as an error verdict, never as pass/fail
+            log.exception("frame %s: inspection failed", frame.frame_id)
+            fields = {"verdict": "error", "score": None, "threshold": inspector.threshold, "regions": [],
+                      "timings_ms": {"total": (time.monotonic() - t0) * 1e3}, "over_budget": False,
+                      "error": f"{type(exc).__name__}: {exc}"}
+        else:
+            heatmap = result.heatmap
+            fields = {"verdict": result.verdict, "score": result.score, "threshold": result.threshold,
+                      "regions": [Region.from_region(r) for r in result.regions], "timings_ms": result.timings_ms,
+                      "over_budget": result.over_budget, "error": None}
+        message = ResultMessage(seq=self.queue.next_index, frame_id=frame.frame_id, camera=self.cfg.camera.name,
+                                product=served.product, bundle_version=served.version,
+                                budget_ms=inspector.budget_ms, captured_at=frame.captured_at,
+                                dropped_frames=self.slot.dropped, **fields)
+        self.publisher.submit_result(message)
+        self.results += 1
+        self.last_frame = (frame, heatmap, inspector.threshold)
+        self._count(message, frame)
+        policy = self.cfg.mqtt.heatmap
+        if heatmap is not None and (policy == "all" or (policy == "fail" and message.verdict == "fail")):
+            self._publish_heatmap(frame, heatmap, inspector.threshold, message.seq)
+
+    def _publish_heatmap(self, frame: Frame, heatmap: np.ndarray, threshold: float, seq: int) -> None:
+        fmt = self.cfg.mqtt.heatmap_format
+        picture = heatmap_overlay(frame.image, heatmap, threshold)
+        ok, data = cv2.imencode(".png" if fmt == "png" else ".jpg", picture)
+        if ok:
+            self.publisher.publish_heatmap(frame_id=frame.frame_id, seq=seq, image=data.tobytes(), fmt=fmt)
+
+    def _count(self, message: ResultMessage, frame: Frame) -> None:
+        m = self.metrics
+        m.frames_total.inc()
+        m.verdicts_total.inc(verdict=message.verdict)
+        for stage, ms in message.timings_ms.items():
+            m.stage_latency_ms.observe(ms, stage=stage)
+        m.end_to_end_latency_ms.observe((time.monotonic() - frame.captured_mono) * 1e3)
+        if message.over_budget:
+            m.over_budget_total.inc()
+
+    # ---- health --------------------------------------------------------------------------------------
+    def _watchdog_probe(self) -> dict:
+        return {"last_frame_mono": self.worker.last_frame_mono, "camera_state": self.camera_state,
+                "triggered": self.triggered, "inference_alive": self._inference_alive()}
+
+    def _inference_alive(self) -> bool:
+        return self._inference.is_alive() and time.monotonic() - self.heartbeat < 30.0
+
+    def health_report(self) -> dict:
+        stats = self.worker.stats
+        ok = self._inference_alive() and self.camera_state not in ("lost",)
+        return {"ok": ok, **self._status(), "mqtt_connected": bool(self.publisher.connected),
+                "latency_ms": self.metrics.latency_summary(),
+                "results": self.results, "dropped_frames": self.slot.dropped, "queue_depth": self.queue.depth,
+                "queue_dropped": self.queue.dropped, "frames": stats.frames, "incomplete_frames": stats.incomplete,
+                "fetch_timeouts": stats.timeouts, "camera_reconnects": stats.reconnects}
+
+    def render_metrics(self) -> str:
+        m = self.metrics
+        stats = self.worker.stats
+        m.dropped_frames_total.set_total(self.slot.dropped)
+        m.incomplete_frames_total.set_total(stats.incomplete)
+        m.fetch_timeouts_total.set_total(stats.timeouts)
+        m.camera_reconnects_total.set_total(stats.reconnects)
+        m.queue_depth.set(self.queue.depth)
+        m.queue_dropped_total.set_total(self.queue.dropped)
+        return m.render()
+
+    # ---- lifecycle -----------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.publisher.start()
+        if self.health is not None:
+            self.health.start()
+        self._inference.start()
+        self.worker.start()
+        if self.watchdog is not None:
+            self.watchdog.start()
+        self.notifier.ready(f"serving {self.served.product}@{self.served.version}")
+        log.info("serving %s@%s from camera %s (%s)", self.served.product, self.served.version,
+                 self.cfg.camera.name, self.cfg.camera.source)
+
+    def request_reload(self) -> None:
+        self._reload_requested.set()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def run_forever(self) -> int:
+        """Serve until SIGTERM/SIGINT; SIGHUP reloads the bundle.  Returns the process exit code."""
+        signal.signal(signal.SIGTERM, lambda *_: self.request_stop())
+        signal.signal(signal.SIGINT, lambda *_: self.request_stop())
+        signal.signal(signal.SIGHUP, lambda *_: self.request_reload())
+        self.start()
+        while not self._stop.wait(0.2):
+            if self._reload_requested.is_set():
+                self._reload_requested.clear()
+                self.notifier.reloading()
+                self._reload_from_signal()
+                self.notifier.ready(f"serving {self.served.product}@{self.served.version}")
+        self.stop()
+        return 0
+
+    def stop(self, flush_timeout_s: float = 10.0) -> None:
+        """Stop the camera, finish the frame in flight, flush the result queue, publish offline."""
+        self.notifier.stopping()
+        self._stop.set()
+        self.worker.stop()
+        if self._inference.is_alive():
+            self._inference.join(timeout=30.0)
+        if self.watchdog is not None:
+            self.watchdog.stop()
+        delivered = self.publisher.close(flush_timeout_s)
+        if self.health is not None:
+            self.health.stop()
+        log.info("stopped after %d results; %d still queued on disk%s", self.results, self.queue.depth,
+                 "" if delivered else " (broker unreachable: they are sent after the next start)")
+
