@@ -21,10 +21,10 @@ import yaml
 from edge_runtime.acquisition import CameraLost, ReplaySource
 from edge_runtime.publishing.broker import free_port
 from edge_runtime.publishing.messages import decode_heatmap, decode_result
+from edge_runtime.publishing.subscriber import Subscriber
 from edge_runtime.service.config import parse_edge_config
 from edge_runtime.service.runner import EdgeService, ServiceError
 from edge_runtime.store import BundleStore
-from tests.mqtt_fixtures import Subscriber
 
 PREFIX = "plant/line/st1"
 REPO = Path(__file__).resolve().parents[1]

@@ -6,6 +6,9 @@
 3. check the bundle and inspect the test images with the edge runtime (results.jsonl + heatmaps)
 4. evaluate: image AUROC, pixel AUROC, PRO, pixel AP, overall and per defect type
 5. benchmark the edge inference path
+6. run the edge service end to end: the bundle in an edge bundle store, ``weakrest-edge run`` with a
+   replay camera over the test images, a broker on loopback (Mosquitto when installed, otherwise the
+   embedded amqtt), and a subscriber standing in for the MES that prints the verdicts it receives
 """
 
 from __future__ import annotations
@@ -24,12 +27,71 @@ def _in_fresh_process(edge_args: list[str]) -> int:
     return subprocess.run([sys.executable, "-m", "edge_runtime.cli", *edge_args], check=False).returncode
 
 
+def run_service(bundle: Path, images: Path, out: Path, seconds: float, broker_impl: str) -> int:
+    """Step 6: the service as the line runs it, for ``seconds``, then SIGTERM (queue flushed, offline)."""
+    import json
+    import signal
+
+    import yaml
+
+    from edge_runtime.core.bundle import load_bundle
+    from edge_runtime.publishing.broker import LocalBroker, free_port
+    from edge_runtime.publishing.subscriber import Subscriber
+    from edge_runtime.store import BundleStore
+
+    product = load_bundle(bundle).manifest.product
+    edge = out / "edge"
+    store = BundleStore(edge / "store")
+    version = store.current(product)
+    if version is None or not (store.product_dir(product) / version).is_dir():
+        store.activate(product, store.add(product, bundle, version=time.strftime("%Y%m%d-%H%M%S")))
+    prefix = "demo/line1/station1"
+    with LocalBroker(impl=broker_impl, workdir=edge / "broker") as broker:
+        broker.start()
+        print(f"      broker: {broker.impl} on 127.0.0.1:{broker.port}", flush=True)
+        counts = {"pass": 0, "fail": 0, "error": 0}
+
+        def show(client, userdata, msg) -> None:
+            body = json.loads(msg.payload)
+            if msg.topic.endswith("/status"):
+                print(f"      status: {body.get('state')} {body.get('product', '')}@{body.get('bundle_version', '')} "
+                      f"camera {body.get('camera_state', '-')}", flush=True)
+                return
+            counts[body["verdict"]] += 1
+            print(f"      result seq {body['seq']:>3} frame {body['frame_id']:>3}: {body['verdict']:<5} score "
+                  f"{body['score'] if body['score'] is None else round(body['score'], 4)} (threshold "
+                  f"{body['threshold']:.4f}), {len(body['regions'])} region(s), "
+                  f"{body['timings_ms'].get('total', 0):.1f} ms", flush=True)
+
+        sub = Subscriber(broker.port, [f"{prefix}/result", f"{prefix}/status"],
+                         protocol="5" if "5" in broker.protocols else "3.1.1")
+        sub.client.on_message = show
+        config = {"bundles": {"store": str(store.root.resolve()), "product": product},
+                  "camera": {"source": "replay", "name": "replay0", "replay": {"path": str(images.resolve()),
+                                                                                "fps": 4}},
+                  "mqtt": {"port": broker.port, "topic_prefix": prefix, "heatmap": "fail"},
+                  "queue": {"dir": str((edge / "queue").resolve())}, "health": {"port": free_port()}}
+        (edge / "edge.yaml").write_text(yaml.safe_dump(config))
+        proc = subprocess.Popen([sys.executable, "-m", "edge_runtime.cli", "run", "--config", str(edge / "edge.yaml"),
+                                 "--log-level", "WARNING"])
+        time.sleep(seconds)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+        time.sleep(0.5)
+        sub.close()
+    print(f"      service stopped (exit {code}): {sum(counts.values())} results received, {counts['pass']} pass, "
+          f"{counts['fail']} fail, {counts['error']} error; config {edge / 'edge.yaml'}", flush=True)
+    return code if sum(counts.values()) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_out", help="working folder")
     parser.add_argument("--product", choices=["texture", "object"], default="texture")
     parser.add_argument("--config", default=str(ROOT / "configs" / "products" / "fast.yaml"))
     parser.add_argument("--swin-steps", type=int, default=500, help="Swin training steps (the profile has 1500)")
+    parser.add_argument("--service-seconds", type=float, default=15.0, help="how long the edge service runs")
+    parser.add_argument("--broker", choices=["auto", "mosquitto", "amqtt"], default="auto")
     args = parser.parse_args(argv)
 
     from edge_runtime import cli as edge_cli
@@ -88,8 +150,12 @@ def main(argv: list[str] | None = None) -> int:
             ["bench", "--bundle", str(bundle), "--images", str(data / "test"), "--frames", "100"],
         ),
     ]
+    steps.append((
+        "[6/6] running the edge service: replay camera -> inspection -> MQTT -> a subscriber (the MES stand-in)",
+        lambda _: run_service(bundle, data / "test", out, args.service_seconds, args.broker), [],
+    ))
     for title, func, cmd in steps:
-        print(title, flush=True)
+        print(title.replace("/5]", "/6]"), flush=True)
         code = func(cmd)
         if code not in (0,):
             print(f"demo step failed ({title}): exit {code}", file=sys.stderr)

@@ -89,7 +89,9 @@ class LocalBroker:
             log.warning("amqtt has no persistence: sessions are lost on restart")
         self.persistence = persistence
         self._own_workdir = workdir is None
-        self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="weakrest-broker-"))
+        # absolute: the broker is handed paths inside it and may run from another directory
+        workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="weakrest-broker-"))
+        self.workdir = workdir.resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.workdir / "broker.log"
         self._fixed_port = port is not None
