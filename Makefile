@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 TORCH_PIN := torch==2.13.0
 DEMO_DIR ?= demo_out
 
-.PHONY: demo test install lint bench-mtd bench-weak bench-service clean
+.PHONY: demo test install lint bench-mtd bench-weak bench-service bench-calibration clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ bench-weak: install
 # The running edge service on CPU: frames/s and grab-to-delivery latency through a real broker
 bench-service: install
 	$(PY) tools/bench_service.py
+
+# Field calibration on MTD: 50 good frames on top of the demo product's bundle (needs make demo first)
+bench-calibration: install
+	$(PY) tools/bench_calibration.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) runs *.egg-info

@@ -1,9 +1,15 @@
-"""``weakrest-calibrate``: adapt a bundle to a new product or a moved camera from good frames only.
+"""``weakrest-calibrate``: adapt a bundle to a new product or a moved camera on site, from good frames only.
 
-``fit`` reuses the base bundle's backbone and residual Swin graphs (ONNX Runtime, no torch, no GPU) and
-refits the coreset bank, the PCA, the reference index, the foreground maps (when the base has them) and
-the image threshold from a folder of good images, writing a new bundle version whose manifest names its
-parent.  The Swin carries over because it classifies residuals, not appearance.
+  capture   grab good frames from the configured camera into a folder (PNG + capture.json)
+  fit       refit bank, PCA, references, foreground maps and threshold on top of a base bundle; the
+            backbone and the residual Swin carry over (the Swin classifies residuals, not appearance)
+  verify    false-reject rate on good frames, detection rate on defective ones, heatmap contact sheet
+  list      versions in the edge bundle store, with current/previous marks
+  activate  switch the store's current link to a validated version, then tell the service to reload
+  rollback  switch back to the previous version, then tell the service to reload
+
+Torch-free: runs on the edge box (ONNX Runtime).  Bad input is refused with "error: ..." and exit code 2;
+the store's active bundle is never modified.
 """
 
 from __future__ import annotations
@@ -11,129 +17,185 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
-from tqdm import tqdm
+from edge_runtime.core.bundle import BundleError
+from edge_runtime.service.config import EdgeConfigError, load_edge_config
 
-from edge_runtime.core import bundle as B
-from edge_runtime.core.fitting import BankBuilder, split_holdout
-from edge_runtime.core.foreground import ForegroundBuilder
-from edge_runtime.core.pipeline import Inspector
-from edge_runtime.core.preprocess import ImageReadError, list_images, read_image
-from edge_runtime.core.scoring import choose_threshold
+from .errors import CalibrationError
 
-MIN_IMAGES = 10
+#: exit codes: 0 done (and confirmed where a service was told), 1 done but a check failed, 2 refused
+EXIT_OK, EXIT_CHECK, EXIT_REFUSED = 0, 1, 2
 
 
-def _features(inspector: Inspector, paths: list[Path], desc: str, skipped: list[str], quiet: bool):
-    for path in tqdm(paths, desc=desc, unit="img", disable=quiet):
-        try:
-            yield inspector.features(read_image(path))
-        except ImageReadError as exc:
-            skipped.append(str(exc))
+def _print_json(obj: object) -> None:
+    print(json.dumps(obj, indent=2, default=str))
 
 
-def calibrate(
-    base: Path, images: Path, out: Path, holdout: float, target_false_reject: float, seed: int = 0, quiet: bool = False
-) -> dict:
-    t0 = time.perf_counter()
-    bundle = B.load_bundle(base)
-    m = bundle.manifest
-    inspector = Inspector(bundle)
-    paths = list_images(images)
-    if len(paths) < MIN_IMAGES:
-        raise ValueError(f"{images}: {len(paths)} images, calibration needs at least {MIN_IMAGES} good frames")
-    bank_paths, holdout_paths = split_holdout(paths, holdout, seed)
-    skipped: list[str] = []
-    foreground = ForegroundBuilder(tuple(m.backbone.grid), seed=seed) if m.foreground is not None else None
-    builder = BankBuilder(m.posfar.coreset_ratio, seed=seed, foreground=foreground)
-    for pcf, desc in _features(inspector, bank_paths, "bank frames", skipped, quiet):
-        builder.add(pcf[None], desc[None])
-    fitted = builder.build(m.posfar.d_l)
-    fg = m.foreground
-    scorer = fitted.scorer(m.posfar.k_references, tuple(m.backbone.grid), tuple(m.preprocessing.input_size),
-                           m.posfar.retrieval_trim, m.scoring.blur_sigma, m.scoring.score_pool,
-                           classifier=inspector.scorer.classifier, foreground_power=fg.power if fg else 0.0,
-                           foreground_pool=fg.pool if fg else 3)
-    scores = [
-        scorer.score(p, d).score for p, d in _features(inspector, holdout_paths, "hold-out frames", skipped, quiet)
-    ]
-    choice = choose_threshold(np.array(scores), target_false_reject, m.thresholds.margin)
-    manifest = m.model_copy(
-        update={
-            "bundle_version": time.strftime("%Y%m%d-%H%M%S") + "-cal",
-            "created_at": B.now_iso(),
-            "parent": f"{m.product}@{m.bundle_version}",
-            "posfar": m.posfar.model_copy(
-                update={"n_reference_images": builder.n_images, "n_bank": int(fitted.bank.shape[0])}
-            ),
-            "thresholds": B.Thresholds(
-                image=choice.threshold,
-                pixel=choice.threshold,
-                n_holdout_images=choice.n_images,
-                target_false_reject=target_false_reject,
-                margin=m.thresholds.margin,
-            ),
-            "foreground": (fg.model_copy(update={"n_fit_images": min(foreground.fit_images, builder.n_images)})
-                           if fg is not None else None),
-            "files": {},
-        }
-    )
-    files = {B.BACKBONE: bundle.backbone_path}
-    if bundle.swin_path is not None:
-        files[B.SWIN] = bundle.swin_path
-    B.write_bundle(out, manifest, files, fitted.arrays())
-    B.load_bundle(out)  # never hand out a bundle that does not verify
-    return {
-        "bundle": str(out),
-        "parent": manifest.parent,
-        "n_bank_images": builder.n_images,
-        "n_holdout": choice.n_images,
-        "threshold": choice.threshold,
-        "skipped": skipped,
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
+def cmd_capture(args: argparse.Namespace) -> int:
+    from .capture import capture
+
+    try:
+        cfg = load_edge_config(args.config)
+    except EdgeConfigError as exc:
+        raise CalibrationError(str(exc)) from None
+    report = capture(cfg.camera, args.count, Path(args.out), append=args.append, timeout_s=args.timeout,
+                     quiet=args.json)
+    if args.json:
+        _print_json(report.to_json())
+    else:
+        print(f"captured {report.written} frames into {report.out} in {report.seconds:.1f} s "
+              f"({report.duplicates} duplicates and {report.incomplete} incomplete buffers skipped); "
+              f"log: {Path(report.out) / 'capture.json'}")
+    return EXIT_OK
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    report = calibrate(
-        Path(args.base),
-        Path(args.images),
-        Path(args.out),
-        args.holdout,
-        args.target_false_reject,
-        args.seed,
-        quiet=args.json,
-    )
+    from .fit import calibrate, describe
+
+    if (args.store is None) != (args.product is None):
+        raise CalibrationError("--store and --product go together")
+    report = calibrate(Path(args.base), Path(args.images), Path(args.out) if args.out else None,
+                       holdout=args.holdout, target_false_reject=args.target_false_reject, seed=args.seed,
+                       quiet=args.json, mixed_sizes=args.mixed_sizes, version=args.version,
+                       product=args.name or args.product, store=Path(args.store) if args.store else None,
+                       overwrite=args.overwrite)
     if args.json:
-        print(json.dumps(report))
+        _print_json(report.to_json())
     else:
-        print(
-            f"bundle {report['bundle']} (parent {report['parent']}): {report['n_bank_images']} bank frames, "
-            f"threshold {report['threshold']:.4g} from {report['n_holdout']} held-out frames, "
-            f"{report['seconds']:.1f} s"
-        )
-        for line in report["skipped"]:
-            print(f"skipped: {line}")
-    return 0
+        for line in describe(report):
+            print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout)
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import describe, verify
+
+    report = verify(Path(args.bundle), Path(args.good), Path(args.bad) if args.bad else None,
+                    Path(args.out) if args.out else None, max_tiles=args.max_tiles, quiet=args.json)
+    if args.json:
+        _print_json(report.to_json())
+    else:
+        print("\n".join(describe(report)))
+    if args.max_false_reject is not None and report.false_reject_rate > args.max_false_reject:
+        print(f"error: false-reject rate {report.false_reject_rate:.2%} is above --max-false-reject "
+              f"{args.max_false_reject:.2%}", file=sys.stderr)
+        return EXIT_CHECK
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .deploy import format_listing, list_versions, resolve_target
+
+    target = resolve_target(args.store, args.product, args.config, need_product=False)
+    listing = list_versions(target, all_products=not target.product)
+    if args.json:
+        _print_json({p: [v.to_json() for v in infos] for p, infos in listing.items()})
+    else:
+        print("\n".join(format_listing(listing)) or f"{target.store.root}: no products")
+    return EXIT_OK
+
+
+def _switch(args: argparse.Namespace, version: str | None) -> int:
+    from .deploy import resolve_target, switch, tell_service
+
+    target = resolve_target(args.store, args.product, args.config)
+    before, now = switch(target, version)
+    outcome = tell_service(target, now, args.pid, args.timeout)
+    action = "rolled back" if version is None else "activated"
+    if args.json:
+        _print_json({"product": target.product, "previous": before, "current": now, "action": action,
+                     "service": outcome.to_json() if outcome else None})
+    else:
+        print(f"{action} {target.product}: current {before or 'unset'} -> {now}")
+        if outcome is None:
+            print("service not told (give --config or --pid to reload a running service)")
+        elif outcome.confirmed:
+            print(f"confirmed: {outcome.detail}")
+        else:
+            print(f"warning: not confirmed: {outcome.detail}; the switch stays done (a restarted service "
+                  f"serves {now})", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_activate(args: argparse.Namespace) -> int:
+    return _switch(args, args.version)
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    return _switch(args, None)
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text}")
+    return value
+
+
+def _store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", help="bundle store folder (default: bundles.store of --config)")
+    p.add_argument("--product", help="product name (default: bundles.product of --config)")
+    p.add_argument("--config", help="edge.yaml of the running service: its store/product, and its broker to "
+                                    "send the reload command to")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="weakrest-calibrate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(prog="weakrest-calibrate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("fit", help="refit bank, PCA, references and threshold from good images")
-    p.add_argument("--base", required=True, help="base bundle (folder or .tar)")
+
+    p = sub.add_parser("capture", help="grab good frames from the configured camera")
+    p.add_argument("--config", required=True, help="edge.yaml (its camera section is used)")
+    p.add_argument("--count", type=int, required=True, help="number of (distinct) frames to write")
+    p.add_argument("--out", required=True, help="folder for the PNG frames and capture.json")
+    p.add_argument("--append", action="store_true", help="add to a non-empty folder")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds without a new frame before giving up")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_capture)
+
+    p = sub.add_parser("fit", help="refit bank, PCA, references, foreground and threshold from good frames")
+    p.add_argument("--base", required=True, help="base bundle (folder or .tar): its backbone and Swin are reused")
     p.add_argument("--images", required=True, help="folder of good frames")
-    p.add_argument("--out", required=True, help="new bundle folder")
-    p.add_argument("--holdout", type=float, default=0.2, help="fraction of frames held out for the threshold")
-    p.add_argument("--target-false-reject", type=float, default=0.005)
+    p.add_argument("--out", help="new bundle folder (must not exist unless --overwrite)")
+    p.add_argument("--store", help="also add the new bundle to this store (not activated)")
+    p.add_argument("--product", help="store product to add it under (also its manifest product)")
+    p.add_argument("--name", help="product name in the new manifest (default: --product, else the base's)")
+    p.add_argument("--version", help="bundle version (default: <date>-<time>-cal)")
+    p.add_argument("--holdout", type=_fraction, default=0.2, help="fraction of frames held out for the threshold")
+    p.add_argument("--target-false-reject", type=_fraction, default=None,
+                   help="target false-reject rate on good frames (default: the base bundle's, 0.005)")
+    p.add_argument("--mixed-sizes", action="store_true",
+                   help="accept frames of different sizes (a dataset of crops, not one camera)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("verify", help="false-reject / detection rates and a heatmap contact sheet")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--good", required=True, help="folder of good frames (searched recursively)")
+    p.add_argument("--bad", help="folder of defective frames (searched recursively)")
+    p.add_argument("--out", help="folder for contact_sheet.png and verify.json")
+    p.add_argument("--max-tiles", type=int, default=48, help="frames on the contact sheet")
+    p.add_argument("--max-false-reject", type=float, help="exit 1 when the false-reject rate is above this")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("list", help="versions in the bundle store")
+    _store_args(p)
+    p.set_defaults(func=cmd_list)
+
+    for name, func, what in (("activate", cmd_activate, "make VERSION current"),
+                             ("rollback", cmd_rollback, "go back to the previous version")):
+        p = sub.add_parser(name, help=f"{what}, then tell the service to reload")
+        if name == "activate":
+            p.add_argument("version", help="a version in the store (see 'list')")
+        _store_args(p)
+        p.add_argument("--pid", type=int, help="send SIGHUP to this service process instead of the MQTT command")
+        p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the service to confirm")
+        p.set_defaults(func=func)
     return parser
 
 
@@ -141,9 +203,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (B.BundleError, ValueError, FileNotFoundError) as exc:
+    except (CalibrationError, BundleError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
+    except OSError as exc:  # anything not caught closer to the file (a full disk, a vanished folder)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

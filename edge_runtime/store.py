@@ -8,18 +8,24 @@ Layout::
 
 Why links: replacing a symlink with ``os.replace`` is atomic, so a service reading ``current`` at any
 moment sees either the old or the new version, never a half-written one.  Versions are only added
-whole (copied to a temporary name, then renamed).
+whole (copied to a temporary name, then renamed).  Writers (add, activate, rollback) take an exclusive
+``flock`` on ``<store>/<product>/.lock``, so two engineers switching at once cannot leave ``previous``
+equal to ``current``; readers (the service) never lock.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-from .core.bundle import BundleError, load_bundle
+from .core.bundle import MANIFEST, BundleError, load_bundle
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]*")
 CURRENT, PREVIOUS = "current", "previous"
@@ -35,8 +41,32 @@ def _check_name(kind: str, value: str) -> str:
     return value
 
 
+def check_version_name(version: str) -> str:
+    """A version name the store accepts (raises :class:`StoreError`), for tools that name one before adding."""
+    return _check_name("version", version)
+
+
 def _validate_by_loading(path: Path) -> None:
     load_bundle(path)
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One stored version as ``list`` shows it: read from its manifest only (no hashing, so it is fast)."""
+
+    version: str
+    current: bool
+    previous: bool
+    bundle_version: str | None = None
+    product: str | None = None
+    created_at: str | None = None
+    parent: str | None = None
+    threshold: float | None = None
+    n_reference_images: int | None = None
+    problem: str | None = None  # the manifest could not be read
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
 
 
 class BundleStore:
@@ -80,6 +110,40 @@ class BundleStore:
             raise StoreError(f"{self.product_dir(product) / CURRENT}: points at missing version {version!r}")
         return path
 
+    def describe(self, product: str) -> list[VersionInfo]:
+        """Every version of ``product`` with its current/previous marks and manifest facts, oldest name first."""
+        cur, prev = self.current(product), self.previous(product)
+        out = []
+        for version in self.versions(product):
+            path = self.product_dir(product) / version / MANIFEST
+            try:
+                raw = json.loads(path.read_text(encoding="utf-8"))
+                out.append(VersionInfo(
+                    version=version, current=version == cur, previous=version == prev,
+                    bundle_version=raw.get("bundle_version"), product=raw.get("product"),
+                    created_at=raw.get("created_at"), parent=raw.get("parent"),
+                    threshold=(raw.get("thresholds") or {}).get("image"),
+                    n_reference_images=(raw.get("posfar") or {}).get("n_reference_images")))
+            except (OSError, ValueError, AttributeError) as exc:
+                out.append(VersionInfo(version=version, current=version == cur, previous=version == prev,
+                                       problem=f"{MANIFEST}: not readable ({exc})"))
+        return out
+
+    @contextlib.contextmanager
+    def locked(self, product: str) -> Iterator[Path]:
+        """Exclusive writer lock on the product folder (created if missing); yields the folder."""
+        pdir = self.product_dir(product)
+        try:
+            pdir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(pdir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreError(f"{pdir}: cannot write to the store ({exc.strerror or exc})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield pdir
+        finally:
+            os.close(fd)  # closing releases the lock
+
     def add(self, product: str, bundle_dir: str | os.PathLike, version: str | None = None,
             validate: Callable[[Path], None] = _validate_by_loading) -> str:
         """Copy a bundle into the store under its manifest version (or ``version``); it is validated first."""
@@ -90,25 +154,31 @@ class BundleStore:
         except BundleError as exc:
             raise StoreError(f"refused {src}: {exc}") from None
         version = _check_name("version", version or bundle.manifest.bundle_version)
-        pdir = self.product_dir(product)
-        dest = pdir / version
-        if dest.exists():
-            raise StoreError(f"{dest}: version {version!r} is already in the store")
-        pdir.mkdir(parents=True, exist_ok=True)
-        staging = pdir / f".{version}.incoming"
-        shutil.rmtree(staging, ignore_errors=True)
-        try:
-            shutil.copytree(bundle.root, staging)
-            os.replace(staging, dest)
-        except OSError as exc:
+        with self.locked(product) as pdir:
+            dest = pdir / version
+            if dest.exists():
+                raise StoreError(f"{dest}: version {version!r} is already in the store")
+            staging = pdir / f".{version}.incoming"
             shutil.rmtree(staging, ignore_errors=True)
-            raise StoreError(f"cannot add {src} to {pdir}: {exc.strerror or exc}") from None
+            try:
+                shutil.copytree(bundle.root, staging)
+                os.replace(staging, dest)
+            except OSError as exc:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise StoreError(f"cannot add {src} to {pdir}: {exc.strerror or exc}") from None
         return version
 
     def activate(self, product: str, version: str,
                  validate: Callable[[Path], None] = _validate_by_loading) -> str | None:
         """Make ``version`` current (after validating it); returns the version it replaced."""
         _check_name("version", version)
+        if not (self.product_dir(product) / version).is_dir():
+            raise StoreError(f"{self.product_dir(product) / version}: no such version "
+                             f"(known: {', '.join(self.versions(product)) or 'none'})")
+        with self.locked(product):
+            return self._activate(product, version, validate)
+
+    def _activate(self, product: str, version: str, validate: Callable[[Path], None]) -> str | None:
         pdir = self.product_dir(product)
         target = pdir / version
         if not target.is_dir():
@@ -127,10 +197,13 @@ class BundleStore:
 
     def rollback(self, product: str, validate: Callable[[Path], None] = _validate_by_loading) -> str:
         """Swap back to the previous version; returns the version now current."""
-        prev = self.previous(product)
-        if prev is None:
+        if self.previous(product) is None:
             raise StoreError(f"{self.product_dir(product)}: no previous version to roll back to")
-        self.activate(product, prev, validate)
+        with self.locked(product):
+            prev = self.previous(product)  # read again under the lock
+            if prev is None:
+                raise StoreError(f"{self.product_dir(product)}: no previous version to roll back to")
+            self._activate(product, prev, validate)
         return prev
 
     @staticmethod

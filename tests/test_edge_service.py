@@ -331,6 +331,8 @@ def test_broker_restart_loses_no_result_and_sighup_reloads(tmp_path, store, make
     assert "RELOADING=1" in notes and "STOPPING=1" in notes
     statuses = _status(sub)
     assert statuses[-1]["state"] == "offline" and statuses[-1].get("reason") == "shutdown"
+    # online at start, online again once reconnected after the broker restart, online after the reload
+    assert sum(s["state"] == "online" and s.get("camera_state") == "streaming" for s in statuses) >= 3
     versions = [r.bundle_version for r in _results(sub)]
     assert versions.index("v2") > 0 and set(versions[versions.index("v2"):]) == {"v2"}
     print(f"delivered {distinct} distinct results, {dups} duplicates after the broker restart")

@@ -1,0 +1,273 @@
+"""``fit``: a new bundle version from a base bundle and a few dozen good frames, on the edge box.
+
+What carries over and what is refitted: the backbone and the residual Swin graphs are copied unchanged
+(the Swin classifies PosFAR residuals, not appearance, so it transfers between similar products); the
+coreset bank, the PCA, the reference descriptors, the foreground maps (when the base has them) and the
+image threshold are refitted from the frames.  The threshold is chosen on held-out frames that are not in
+the bank, scored by exactly the code and the fp16 arrays the edge will use.
+
+The new bundle records its parent in the manifest and the calibration data in a hash-checked sidecar
+``calibration.json`` (listed in the manifest's files); the manifest's free-form ``producer`` map carries
+the digest of the frames too, so ``check-bundle`` shows it without opening the sidecar.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from edge_runtime import __version__
+from edge_runtime.core import bundle as B
+from edge_runtime.core.fitting import BankBuilder, split_holdout
+from edge_runtime.core.foreground import ForegroundBuilder
+from edge_runtime.core.pipeline import Inspector, PosFARScorer, open_inspector
+from edge_runtime.store import BundleStore, StoreError, check_version_name
+
+from .errors import CalibrationError
+from .frames import FrameSet, LoadedFrame, load_frames
+
+MIN_FRAMES = 10
+SIDECAR = "calibration.json"
+SIDECAR_SCHEMA = "weakrest.calibration/1"
+
+
+@dataclass
+class ThresholdReport:
+    """What the threshold rests on, in numbers a field engineer can judge."""
+
+    threshold: float
+    n_holdout: int
+    target_false_reject: float
+    quantile_score: float  # the (1 - target) quantile of the held-out good scores
+    max_holdout_score: float
+    margin: float  # threshold - quantile_score (margin factor x spread)
+    margin_factor: float
+    min_frames_for_target: int  # 1 / target: below it the target rate cannot be resolved
+
+    @property
+    def enough_frames(self) -> bool:
+        return self.n_holdout >= self.min_frames_for_target
+
+
+@dataclass
+class FitReport:
+    bundle: str
+    version: str
+    product: str
+    parent: str
+    n_frames: int
+    n_bank_frames: int
+    threshold: ThresholdReport
+    data_digest: str
+    duplicates: list[str] = field(default_factory=list)
+    store_version: str | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["threshold"]["enough_frames"] = self.threshold.enough_frames
+        return out
+
+
+def _features(inspector: Inspector, frames: list[LoadedFrame], desc: str, quiet: bool
+              ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    for frame in tqdm(frames, desc=desc, unit="frame", disable=quiet):
+        yield inspector.features(frame.image)
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an out folder that is live in a store, or that exists (unless ``overwrite``); create its parent."""
+    resolved = out.resolve()
+    for link in ("current", "previous"):
+        sibling = out.parent / link
+        if sibling.is_symlink() and sibling.resolve() == resolved:
+            raise CalibrationError(f"{out}: is the store's {link!r} version; write the new bundle elsewhere "
+                                   "(or use --store/--product)")
+    if out.exists() and not overwrite:
+        raise CalibrationError(f"{out}: already exists (pass --overwrite to replace it)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CalibrationError(f"{out.parent}: cannot create the output folder ({exc.strerror or exc})") from None
+
+
+def _threshold(scores: np.ndarray, target: float, margin_factor: float) -> ThresholdReport:
+    from edge_runtime.core.scoring import choose_threshold
+
+    choice = choose_threshold(scores, target, margin_factor)
+    quantile = float(np.quantile(scores, 1.0 - target, method="higher"))
+    return ThresholdReport(threshold=choice.threshold, n_holdout=choice.n_images, target_false_reject=target,
+                           quantile_score=quantile, max_holdout_score=float(scores.max()),
+                           margin=choice.threshold - quantile, margin_factor=margin_factor,
+                           min_frames_for_target=math.ceil(1.0 / target))
+
+
+def _capture_log(images: Path) -> dict | None:
+    """The camera section of ``capture.json`` when the frames came from ``weakrest-calibrate capture``."""
+    path = images / "capture.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("camera")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def calibrate(base: Path, images: Path, out: Path | None, *, holdout: float = 0.2,
+              target_false_reject: float | None = None, seed: int = 0, quiet: bool = False,
+              mixed_sizes: bool = False, version: str | None = None, product: str | None = None,
+              store: Path | None = None, overwrite: bool = False, min_frames: int = MIN_FRAMES) -> FitReport:
+    """Refit ``base`` on the good frames in ``images``; write the bundle to ``out`` and/or add it to ``store``.
+
+    Raises :class:`CalibrationError` (base bundle refused, bad frames, unwritable output, store refusal);
+    the store's active bundle is never touched (a new version is only added, not activated).
+    """
+    t0 = time.perf_counter()
+    if not 0.0 < holdout < 1.0:
+        raise CalibrationError(f"--holdout must be between 0 and 1 (exclusive), got {holdout}")
+    if out is None and store is None:
+        raise CalibrationError("give --out or --store/--product (or both)")
+    if out is not None:
+        _check_out(out, overwrite)
+    try:
+        inspector = open_inspector(base)  # hashes, arrays and a smoke run of both graphs
+    except B.BundleError as exc:
+        raise CalibrationError(f"base bundle {base} refused: {exc}") from None
+    bundle = inspector.bundle
+    m = bundle.manifest
+    target = m.thresholds.target_false_reject if target_false_reject is None else target_false_reject
+    if not 0.0 < target < 1.0:
+        raise CalibrationError(f"--target-false-reject must be between 0 and 1 (exclusive), got {target}")
+    product = product or m.product
+    version = version or time.strftime("%Y%m%d-%H%M%S") + "-cal"
+    target_store = BundleStore(store) if store is not None else None
+    if target_store is not None:
+        try:
+            check_version_name(version)
+            if version in target_store.versions(product):
+                raise CalibrationError(f"{target_store.product_dir(product) / version}: version already in the store "
+                                       "(pass --version)")
+        except StoreError as exc:
+            raise CalibrationError(str(exc)) from None
+    frameset: FrameSet = load_frames(images, tuple(m.preprocessing.input_size), min_frames, mixed_sizes)
+    t_read = time.perf_counter()
+    try:
+        bank_idx, holdout_idx = split_holdout(list(range(len(frameset.frames))), holdout, seed)
+    except ValueError as exc:
+        raise CalibrationError(f"{images}: {exc}") from None
+    bank_frames = [frameset.frames[i] for i in bank_idx]
+    holdout_frames = [frameset.frames[i] for i in holdout_idx]
+
+    foreground = ForegroundBuilder(tuple(m.backbone.grid), seed=seed) if m.foreground is not None else None
+    builder = BankBuilder(m.posfar.coreset_ratio, seed=seed, foreground=foreground)
+    for pcf, desc in _features(inspector, bank_frames, "bank frames", quiet):
+        builder.add(pcf[None], desc[None])
+    fitted = builder.build(m.posfar.d_l)
+    t_bank = time.perf_counter()
+
+    fg = m.foreground
+    manifest = m.model_copy(update={
+        "product": product,
+        "bundle_version": version,
+        "created_at": B.now_iso(),
+        "parent": f"{m.product}@{m.bundle_version}",
+        "producer": {**m.producer, "weakrest-calibrate": __version__,
+                     "calibration_data": f"sha256:{frameset.digest} ({len(frameset.frames)} frames)"},
+        "posfar": m.posfar.model_copy(update={"n_reference_images": builder.n_images,
+                                              "n_bank": int(fitted.bank.shape[0])}),
+        "foreground": (fg.model_copy(update={"n_fit_images": min(foreground.fit_images, builder.n_images)})
+                       if fg is not None and foreground is not None else None),
+        "files": {},
+    })
+    arrays = fitted.arrays()
+    # score the hold-outs as the edge will: the bundle's own scorer over the fp16 arrays it will read
+    scorer = PosFARScorer.from_bundle(B.Bundle(root=bundle.root, manifest=manifest, arrays=arrays),
+                                      classifier=inspector.scorer.classifier)
+    scores = np.array([scorer.score(p, d).score
+                       for p, d in _features(inspector, holdout_frames, "hold-out frames", quiet)])
+    thr = _threshold(scores, target, m.thresholds.margin)
+    manifest = manifest.model_copy(update={"thresholds": B.Thresholds(
+        image=thr.threshold, pixel=thr.threshold, n_holdout_images=thr.n_holdout, target_false_reject=target,
+        margin=m.thresholds.margin)})
+    t_score = time.perf_counter()
+
+    sidecar = {
+        "schema": SIDECAR_SCHEMA,
+        "parent": manifest.parent,
+        "base_manifest_sha256": B.sha256_of(bundle.root / B.MANIFEST),
+        "tool": f"weakrest-calibrate {__version__}",
+        "frames": {"count": len(frameset.frames), "digest": frameset.digest,
+                   "digest_of": "sha256 of the sorted per-file sha256s, one per line",
+                   "folder": str(images.resolve()), "duplicates_dropped": frameset.duplicates,
+                   "bank": [{"file": f.path.name, "sha256": f.sha256} for f in bank_frames],
+                   "holdout": [{"file": f.path.name, "sha256": f.sha256, "score": round(float(s), 6)}
+                               for f, s in zip(holdout_frames, scores, strict=True)]},
+        "threshold": {**asdict(thr), "enough_frames": thr.enough_frames, "seed": seed, "holdout_fraction": holdout},
+        "camera": _capture_log(images),
+    }
+    files = {B.BACKBONE: bundle.backbone_path}
+    if bundle.swin_path is not None:
+        files[B.SWIN] = bundle.swin_path
+    with tempfile.TemporaryDirectory(prefix="weakrest-cal-") as tmp:
+        (Path(tmp) / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
+        files[SIDECAR] = Path(tmp) / SIDECAR
+        dest = out if out is not None else Path(tmp) / "bundle"
+        try:
+            B.write_bundle(dest, manifest, files, arrays)
+        except OSError as exc:
+            raise CalibrationError(f"{dest}: cannot write the new bundle ({exc.strerror or exc}); nothing was "
+                                   "written there") from None
+        try:
+            open_inspector(dest)  # never hand out a bundle that does not verify and run
+        except B.BundleError as exc:
+            raise CalibrationError(f"{dest}: the new bundle failed validation ({exc})") from None
+        store_version = None
+        if target_store is not None:
+            try:
+                store_version = target_store.add(product, dest, version=version, validate=open_inspector)
+            except StoreError as exc:
+                raise CalibrationError(str(exc)) from None
+    t_end = time.perf_counter()
+    if out is not None:
+        where = str(out)
+    else:
+        assert target_store is not None
+        where = str(target_store.product_dir(product) / version)
+    return FitReport(
+        bundle=where, version=version, product=product, parent=manifest.parent or "", n_frames=len(frameset.frames),
+        n_bank_frames=builder.n_images, threshold=thr, data_digest=frameset.digest, duplicates=frameset.duplicates,
+        store_version=store_version,
+        seconds={"read": round(t_read - t0, 2), "bank": round(t_bank - t_read, 2),
+                 "threshold": round(t_score - t_bank, 2), "write": round(t_end - t_score, 2),
+                 "total": round(t_end - t0, 2)},
+    )
+
+
+def describe(report: FitReport) -> list[str]:
+    """Human-readable lines for the terminal (what the threshold rests on, and when that is too little)."""
+    t = report.threshold
+    lines = [
+        f"bundle {report.bundle}: {report.product}@{report.version} (parent {report.parent}), "
+        f"{report.n_bank_frames} bank frames, {report.n_frames} frames in all, {report.seconds['total']:.1f} s",
+        f"threshold {t.threshold:.4g} = {t.quantile_score:.4g} ((1 - {t.target_false_reject:g}) quantile of "
+        f"{t.n_holdout} held-out good frames, highest {t.max_holdout_score:.4g}) + margin {t.margin:.4g} "
+        f"({t.margin_factor:g} x spread)",
+        f"calibration data: sha256:{report.data_digest} ({report.n_frames} frames)",
+    ]
+    if report.store_version:
+        lines.append(f"added to the store as {report.product}/{report.store_version} (not active: run "
+                     f"'weakrest-calibrate activate')")
+    for dup in report.duplicates:
+        lines.append(f"skipped duplicate: {dup}")
+    if not t.enough_frames:
+        lines.append(f"warning: the threshold rests on {t.n_holdout} held-out frames; a false-reject target of "
+                     f"{t.target_false_reject:.2%} needs at least {t.min_frames_for_target} to be measured, so it is "
+                     "the highest held-out score plus the margin: check it with 'weakrest-calibrate verify' on more "
+                     "good frames")
+    return lines
