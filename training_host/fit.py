@@ -130,7 +130,7 @@ def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatu
     t0 = time.perf_counter()
     sc = cfg.swin
     nn_scorer = fitted.scorer(cfg.posfar.k_references, extractor.grid, cfg.input_size, cfg.posfar.retrieval_trim,
-                              cfg.scoring.blur_sigma, cfg.scoring.score_pool)
+                              cfg.scoring.blur_sigma, cfg.scoring.score_pool, tuple(cfg.posfar.thetas))
     maker = ResidualFieldMaker(extractor, nn_scorer, cfg.labels.eps_pos, cfg.labels.eps_neg, cfg.batch_size)
     images, ok, errors = read_resized(bank_paths, cfg.input_size)
     if len(ok) != len(bank_paths):  # these all loaded for the bank: image j must stay bank image j
@@ -261,7 +261,8 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
         t1 = time.perf_counter()
         power = fg_cfg.power if fg_cfg.enabled else 0.0
         scorer = fitted.scorer(cfg.posfar.k_references, extractor.grid, cfg.input_size, cfg.posfar.retrieval_trim,
-                               cfg.scoring.blur_sigma, cfg.scoring.score_pool, classifier=classifier,
+                               cfg.scoring.blur_sigma, cfg.scoring.score_pool, tuple(cfg.posfar.thetas),
+                               classifier=classifier,
                                foreground_power=power, foreground_pool=fg_cfg.pool)
         holdout_scores = []
         for pcf, descriptor in _features(extractor, holdout_paths, cfg, "hold-out images", skipped, progress):

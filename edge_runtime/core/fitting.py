@@ -28,7 +28,7 @@ class FittedPosFAR:
     foreground_maps: np.ndarray | None = None  # (n_images, h_f, w_f) float32 in [0, 1], object products only
 
     def scorer(self, k: int, grid: tuple[int, int], input_hw: tuple[int, int], retrieval_trim: float,
-               blur_sigma: float, score_pool: int, classifier: Classifier | None = None,
+               blur_sigma: float, score_pool: int, thetas: tuple[float, ...], classifier: Classifier | None = None,
                foreground_power: float = 0.0, foreground_pool: int = 3) -> PosFARScorer:
         """Score held-out images against this state exactly as the edge will against the bundle."""
         foreground = None
@@ -38,7 +38,7 @@ class FittedPosFAR:
                                              foreground_pool)
         return PosFARScorer(MemoryBank(self.bank, self.bank_image, self.pca),
                             ReferenceIndex(self.descriptors, retrieval_trim), k, grid, input_hw, blur_sigma, score_pool,
-                            classifier=classifier, foreground=foreground)
+                            thetas=tuple(thetas), classifier=classifier, foreground=foreground)
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The bundle's arrays, in the dtypes of the bundle contract (fp16 bank and descriptors)."""
