@@ -28,7 +28,15 @@ from pathlib import Path
 from .core.bundle import MANIFEST, BundleError, load_bundle
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]*")
+_PRODUCT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 CURRENT, PREVIOUS = "current", "previous"
+
+
+def plain_product_name(value: str) -> str:
+    """The one rule for product names (config, MQTT commands, store): they become directory names."""
+    if not _PRODUCT.fullmatch(value):
+        raise ValueError("expected a plain name (letters, digits, '.', '_', '-')")
+    return value
 
 
 class StoreError(Exception):

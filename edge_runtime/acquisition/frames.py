@@ -7,6 +7,7 @@ and "the device went away, reconnect" (:class:`CameraLost`).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, fields
 from typing import Protocol, runtime_checkable
 
@@ -22,6 +23,18 @@ class Frame:
     captured_at: float  # time.time() (epoch s) at grab, for results
     captured_mono: float  # time.monotonic() at grab, for latency
     source: str  # e.g. "genicam:VikyTL_DEV_red" or "replay:/path"
+
+
+def wait_until_due(due_mono: float, timeout_s: float) -> bool:
+    """Pacing of file and stream sources: sleep until ``due_mono`` and return True, or, when it is further
+    away than ``timeout_s``, sleep the timeout and return False (the grab then returns None)."""
+    wait = due_mono - time.monotonic()
+    if wait > timeout_s:
+        time.sleep(max(timeout_s, 0.0))
+        return False
+    if wait > 0:
+        time.sleep(wait)
+    return True
 
 
 class SourceError(Exception):

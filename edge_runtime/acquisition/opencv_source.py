@@ -13,7 +13,7 @@ import time
 
 import cv2
 
-from .frames import CameraLost, Frame, SourceError, SourceStats
+from .frames import CameraLost, Frame, SourceError, SourceStats, wait_until_due
 from .replay import bgr_to_rgb
 
 log = logging.getLogger(__name__)
@@ -60,13 +60,8 @@ class OpenCVSource:
         cap = self._cap
         if cap is None:
             raise CameraLost(f"{self.name}: not open")
-        if self.fps is not None:
-            wait = self._next_due - time.monotonic()
-            if wait > timeout_s:
-                time.sleep(max(timeout_s, 0.0))
-                return None
-            if wait > 0:
-                time.sleep(wait)
+        if self.fps is not None and not wait_until_due(self._next_due, timeout_s):
+            return None
         try:
             ok, img = cap.read()
         except cv2.error as exc:

@@ -14,7 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .frames import CameraLost, Frame, SourceError, SourceExhausted, SourceStats
+from .frames import CameraLost, Frame, SourceError, SourceExhausted, SourceStats, wait_until_due
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +81,8 @@ class ReplaySource:
         """Next frame when it is due; None if it is not due within ``timeout_s`` (not counted as a timeout)."""
         if not self._open:
             raise CameraLost(f"{self.name}: not open")
-        wait = self._next_due - time.monotonic()
-        if wait > timeout_s:
-            time.sleep(max(timeout_s, 0.0))
+        if not wait_until_due(self._next_due, timeout_s):
             return None
-        if wait > 0:
-            time.sleep(wait)
         image = self._next_image()
         captured_at, captured_mono = time.time(), time.monotonic()
         # Paced on a fixed schedule; after a stall deliver one frame at once, not a burst to catch up.

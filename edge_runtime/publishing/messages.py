@@ -59,11 +59,12 @@ properties, so the payload is framed (:func:`encode_heatmap_header` / :func:`dec
 from __future__ import annotations
 
 import json
-import re
 import struct
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+
+from edge_runtime.store import plain_product_name
 
 if TYPE_CHECKING:
     import numpy as np
@@ -247,9 +248,7 @@ class SwitchProductCommand(_Cmd):
     @field_validator("product")
     @classmethod
     def _plain_name(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
-            raise ValueError("expected a plain name (letters, digits, '.', '_', '-')")
-        return v
+        return plain_product_name(v)
 
 
 class SnapshotCommand(_Cmd):

@@ -7,12 +7,13 @@ before the service touches the camera or the broker.  Every field has a default 
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..store import plain_product_name
 
 
 class EdgeConfigError(ValueError):
@@ -32,9 +33,7 @@ class BundleStoreConfig(_Section):
     @field_validator("product")
     @classmethod
     def _plain_name(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
-            raise ValueError("expected a plain name (letters, digits, '.', '_', '-')")
-        return v
+        return plain_product_name(v)
 
 
 class GenICamConfig(_Section):
