@@ -252,7 +252,7 @@ class SwitchProductCommand(_Cmd):
 
 
 class SnapshotCommand(_Cmd):
-    """Publish the evidence (heatmap) of the next frame whatever its verdict."""
+    """Save the last inspected frame and its heatmap overlay on the edge box; the reply lists the files."""
 
     command: Literal["snapshot"]
 
