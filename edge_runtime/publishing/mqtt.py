@@ -68,6 +68,22 @@ from edge_runtime.service.config import MQTTConfig
 
 log = logging.getLogger(__name__)
 
+
+class _NotConnectedNoise(logging.Filter):
+    """paho logs "Client is not connected" at ERROR on every reconnect attempt and once at a clean
+    shutdown; this module logs the connection state itself (lost / reconnecting / connected), so those
+    lines go to DEBUG instead of alarming whoever reads the journal."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and str(record.msg).startswith("Client is not connected"):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+_PAHO_LOG = logging.getLogger(f"{__name__}.paho")
+_PAHO_LOG.addFilter(_NotConnectedNoise())
+
 _UNSUPPORTED_PROTOCOL = (1, 0x84)  # 3.1.1 "unacceptable protocol version", MQTT 5 "unsupported protocol version"
 _PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
 
@@ -274,7 +290,7 @@ class MqttPublisher:
             kwargs["clean_session"] = False
         client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=self.client_id,
                              protocol=protocol, reconnect_on_failure=True, **kwargs)
-        client.enable_logger(logging.getLogger(f"{__name__}.paho"))
+        client.enable_logger(_PAHO_LOG)
         client.reconnect_delay_set(min_delay=0.5, max_delay=10)  # type: ignore[arg-type]  # floats work
         client.max_inflight_messages_set(self.window + 8)  # room for status/replies beside the window
         client.will_set(self.topics.status, WILL_PAYLOAD, qos=1, retain=True)
