@@ -67,6 +67,7 @@ def test_refused_bundle_gives_exit_2(tmp_path, capsys):
 
 
 def test_edge_runtime_never_imports_torch():
-    code = ("import sys, edge_runtime.cli, edge_runtime.core.pipeline, edge_runtime.core.fitting, calibration.cli;"
+    code = ("import sys, edge_runtime.cli, edge_runtime.core.pipeline, edge_runtime.core.fitting, calibration.cli,"
+            " edge_runtime.service.runner, edge_runtime.publishing.mqtt, edge_runtime.acquisition.genicam;"
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -113,8 +113,13 @@ class EdgeService:
                                         reconnect_max_s=cfg.camera.reconnect_max_s)
         self.health: HealthServer | None = None
         if cfg.health.port:
-            self.health = HealthServer(cfg.health.host, cfg.health.port, health=self.health_report,
-                                       metrics=self.render_metrics)
+            try:
+                self.health = HealthServer(cfg.health.host, cfg.health.port, health=self.health_report,
+                                           metrics=self.render_metrics)
+            except OSError as exc:
+                self.queue.close()
+                raise ServiceError(f"health.port {cfg.health.port} on {cfg.health.host}: cannot listen "
+                                   f"({exc.strerror or exc})") from None
         self.watchdog: WatchdogThread | None = None
         interval = self.notifier.watchdog_interval_s()
         if interval:
