@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 
 from .. import __version__
-from ..acquisition import AcquisitionWorker, Frame, FrameSource, open_source
+from ..acquisition import AcquisitionWorker, Frame, FrameSource, fetch_timeout_s, open_source
 from ..core.bundle import BundleError
 from ..core.overlay import heatmap_overlay
 from ..core.pipeline import Inspector, open_inspector
@@ -108,7 +108,7 @@ class EdgeService:
         self.publisher = MqttPublisher(cfg.mqtt, self.queue, on_command=self._on_command,
                                        on_connection=self._on_connection, status_provider=self._status)
         self.worker = AcquisitionWorker(self._make_source, on_frame=self.slot.put, on_state=self._on_camera_state,
-                                        fetch_timeout_s=cfg.camera.genicam.fetch_timeout_ms / 1000.0,
+                                        fetch_timeout_s=fetch_timeout_s(cfg.camera),
                                         reconnect_initial_s=cfg.camera.reconnect_initial_s,
                                         reconnect_max_s=cfg.camera.reconnect_max_s)
         self.health: HealthServer | None = None
