@@ -16,6 +16,7 @@ import getpass
 import importlib.util
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -47,8 +48,31 @@ def amqtt_available() -> bool:
     return importlib.util.find_spec("amqtt") is not None
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A port nobody listens on, for a server started a little later.
+
+    Taken outside the kernel's ephemeral range: a port from there (bind to 0, close) can be handed to any
+    outgoing connection (an MQTT client's socket) before our server binds it, and the server then fails."""
+    low, high = _ephemeral_range()
+    candidates = [p for p in range(10000, 65536) if not low <= p <= high]
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.choice(candidates)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # everything outside is taken: fall back
         s.bind((host, 0))
         return s.getsockname()[1]
 
