@@ -12,6 +12,7 @@ Register with ``pytest_plugins = ["tests.mqtt_fixtures"]`` (in ``tests/conftest.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -23,6 +24,15 @@ from edge_runtime.publishing.subscriber import Received, Subscriber  # noqa: F40
 
 def broker_available() -> bool:
     return find_mosquitto() is not None or amqtt_available()
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    """Poll ``predicate`` until it holds; an AssertionError naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
@@ -19,17 +18,12 @@ from edge_runtime.core.bundle import load_bundle
 from edge_runtime.publishing.messages import decode_result
 from edge_runtime.publishing.subscriber import Subscriber
 from edge_runtime.store import BundleStore
+from tests.mqtt_fixtures import wait_until as _wait
 
 PREFIX = "plant/line/cal"
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_capture_fit_activate_rollback_with_the_service_running(fitted, tmp_path, broker, capsys):

@@ -25,6 +25,7 @@ from edge_runtime.publishing.subscriber import Subscriber
 from edge_runtime.service.config import parse_edge_config
 from edge_runtime.service.runner import EdgeService, ServiceError
 from edge_runtime.store import BundleStore
+from tests.mqtt_fixtures import wait_until as _wait
 
 PREFIX = "plant/line/st1"
 REPO = Path(__file__).resolve().parents[1]
@@ -74,12 +75,6 @@ def _health(port: int) -> dict:
         return json.loads(exc.read())
 
 
-def _wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def _check_delivery(results: list, expected_first: int = 0) -> tuple[int, int]:
