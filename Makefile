@@ -3,25 +3,39 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-TORCH_PIN := torch==2.13.0
+# PyTorch, CPU build: asked from PyTorch's own CPU wheel index first, then as a plain pin (what a pip that sees
+# only a mirror or a local wheel folder can resolve).  For a CUDA build set TORCH_INDEX to a CUDA index
+# (e.g. make test TORCH_INDEX=https://download.pytorch.org/whl/cu126) or to nothing for PyPI's default.
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX   ?= https://download.pytorch.org/whl/cpu
+# SYSTEM_DEPS=no: do not install Mosquitto / systemd-analyze for the tests (those tests then skip)
+SYSTEM_DEPS   ?= yes
 DEMO_DIR ?= demo_out
 
-.PHONY: demo test install lint bench-mtd bench-weak bench-service bench-calibration clean
+.PHONY: demo test install system-deps torch-info lint bench-mtd bench-weak bench-service bench-calibration clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	# The pinned CPU build first: a looser requirement would pull a multi-GB CUDA build.
-	$(PIP) install --quiet $(TORCH_PIN)
+	# torch first, pinned: the project's own range would otherwise pull a multi-GB CUDA build
+	$(if $(TORCH_INDEX),$(PIP) install --quiet --timeout 20 --retries 1 --index-url $(TORCH_INDEX) \
+	    torch==$(TORCH_VERSION) || )$(PIP) install --quiet torch==$(TORCH_VERSION)
 	$(PIP) install --quiet -e ".[dev]"
 	touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed torch-info
+
+torch-info: $(VENV)/.installed
+	@$(PY) -c "import torch; print('torch', torch.__version__, '(CUDA ' + torch.version.cuda + ' build)' \
+	    if torch.version.cuda else '(CPU build)')"
+
+system-deps:
+	@$(if $(filter yes,$(SYSTEM_DEPS)),tools/system_deps.sh,echo "system-deps: skipped (SYSTEM_DEPS=$(SYSTEM_DEPS))")
 
 demo: install
 	$(PY) tools/demo.py --out $(DEMO_DIR)
 
-test: install
+test: install system-deps
 	$(PY) -m pytest -q
 
 lint: install

@@ -35,6 +35,12 @@ def wait_until(predicate, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def require_mosquitto(broker: LocalBroker, why: str) -> None:
+    """Skip a test that needs what only Mosquitto has (MQTT 5, persistence, TLS), naming what to install."""
+    if broker.impl != "mosquitto":
+        pytest.skip(f"needs Mosquitto ({why}; this run has {broker.impl}): apt-get install mosquitto")
+
+
 @pytest.fixture
 def make_broker(tmp_path) -> Iterator[Callable[..., LocalBroker]]:
     if not broker_available():
@@ -78,8 +84,8 @@ def subscriber(broker, make_subscriber) -> Callable[..., Subscriber]:
     """``subscriber(topics, protocol="5", persistent=False, client_id=None)`` on the ``broker`` fixture."""
 
     def make(topics: str | list[str], **kwargs: Any) -> Subscriber:
-        if kwargs.get("protocol", "5") not in broker.protocols:
-            kwargs["protocol"] = "3.1.1"
+        if kwargs.setdefault("protocol", broker.protocol) not in broker.protocols:
+            kwargs["protocol"] = broker.protocol
         return make_subscriber(broker.port, topics, **kwargs)
 
     return make

@@ -60,7 +60,7 @@ def test_capture_fit_activate_rollback_with_the_service_running(fitted, tmp_path
         == "genicam"
 
     # 3. the service serves v1 from the same camera
-    sub = Subscriber(broker.port, [f"{PREFIX}/result", f"{PREFIX}/status"])
+    sub = Subscriber(broker.port, [f"{PREFIX}/result", f"{PREFIX}/status"], protocol=broker.protocol)
     log_file = open(tmp_path / "service.log", "ab")
     service = subprocess.Popen([sys.executable, "-m", "edge_runtime.cli", "run", "--config", str(config)],
                                stdout=log_file, stderr=log_file, cwd=REPO,

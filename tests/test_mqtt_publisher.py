@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from edge_runtime.publishing.broker import LocalBroker, free_port
+from edge_runtime.publishing.broker import LocalBroker, find_mosquitto, free_port
 from edge_runtime.publishing.disk_queue import DiskQueue
 from edge_runtime.publishing.messages import ResultMessage, decode_heatmap, decode_result
 from edge_runtime.publishing.mqtt import MqttPublisher
 from edge_runtime.service.config import MQTTConfig, TLSConfig
+from tests.mqtt_fixtures import require_mosquitto
 
 REPO = Path(__file__).resolve().parents[1]
 PREFIX = "site/line/st1"
@@ -40,7 +41,7 @@ def config(target: LocalBroker | int, **kw) -> MQTTConfig:
 
 def needs_mqtt5(b: LocalBroker) -> None:
     if "5" not in b.protocols:
-        pytest.skip(f"{b.impl} has no MQTT 5")
+        require_mosquitto(b, "MQTT 5")
 
 
 def result(seq: int) -> ResultMessage:
@@ -131,6 +132,7 @@ from edge_runtime.publishing.disk_queue import DiskQueue
 from edge_runtime.publishing.messages import ResultMessage
 from edge_runtime.publishing.mqtt import MqttPublisher
 from edge_runtime.service.config import MQTTConfig, TLSConfig
+from tests.mqtt_fixtures import require_mosquitto
 
 port, qdir, n, mode = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
 pub = MqttPublisher(MQTTConfig(port=port, topic_prefix="site/line/st1", client_id="edge-child"),
@@ -234,8 +236,7 @@ def test_broker_outage_during_a_stream_of_300_results(make_broker, make_subscrib
     broker acknowledged is its responsibility, the publisher's part is to resend what it did not.
     """
     b = make_broker(persistence=True)
-    if b.impl != "mosquitto":
-        pytest.skip("needs Mosquitto (persistence)")
+    require_mosquitto(b, "persistent sessions across a broker restart")
     sub = make_subscriber(b.port, RESULT, client_id="outage-sub", persistent=True)
     pub = publishers(config(b), queue)
     assert wait_until(lambda: pub.connected)
@@ -315,10 +316,9 @@ def test_results_over_tls(make_broker, queue, publishers, tmp_path):
     if shutil.which("openssl") is None:
         pytest.skip("openssl not installed")
     ca, cert, key = make_certs(tmp_path / "certs")
-    try:
-        b = make_broker(impl="mosquitto", tls=(ca, cert, key))
-    except RuntimeError as exc:
-        pytest.skip(str(exc))
+    if find_mosquitto() is None:
+        pytest.skip("needs Mosquitto (TLS listener): apt-get install mosquitto")
+    b = make_broker(impl="mosquitto", tls=(ca, cert, key))
     pub = publishers(config(b, tls=TLSConfig(ca=ca)), queue)
     assert wait_until(lambda: pub.connected, 10), b.read_log()[-1000:]
     for i in range(3):

@@ -47,7 +47,7 @@ def _run(bundle_store: Path, product: str, images: Path, fps: float, seconds: fl
     with LocalBroker(workdir=work / f"broker-{fps:g}") as broker:
         broker.start()
         received: list[tuple[float, bytes]] = []
-        sub = Subscriber(broker.port, f"{prefix}/result", protocol="5" if "5" in broker.protocols else "3.1.1")
+        sub = Subscriber(broker.port, f"{prefix}/result", protocol=broker.protocol)
         sub.client.on_message = lambda c, u, m: received.append((time.time(), bytes(m.payload)))
         cfg = {"bundles": {"store": str(bundle_store), "product": product},
                "camera": {"source": "replay", "replay": {"path": str(images), "fps": fps}},

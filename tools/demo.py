@@ -64,7 +64,7 @@ def run_service(bundle: Path, images: Path, out: Path, seconds: float, broker_im
                   f"{body['timings_ms'].get('total', 0):.1f} ms", flush=True)
 
         sub = Subscriber(broker.port, [f"{prefix}/result", f"{prefix}/status"],
-                         protocol="5" if "5" in broker.protocols else "3.1.1")
+                         protocol=broker.protocol)
         sub.client.on_message = show
         config = {"bundles": {"store": str(store.root.resolve()), "product": product},
                   "camera": {"source": "replay", "name": "replay0", "replay": {"path": str(images.resolve()),

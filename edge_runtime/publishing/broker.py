@@ -131,6 +131,11 @@ class LocalBroker:
         return ("5", "3.1.1") if self.impl == "mosquitto" else ("3.1.1",)
 
     @property
+    def protocol(self) -> str:
+        """The newest MQTT protocol version the broker accepts (what a client should ask for)."""
+        return self.protocols[0]
+
+    @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 

@@ -24,12 +24,14 @@ All topics start with ``<prefix>`` = ``mqtt.topic_prefix`` (``<site>/<line>/<sta
 ``<prefix>/status`` - JSON, QoS 1, retained::
 
     {"state": "online", "product": "bracket", "bundle_version": "...", "camera_state": "streaming",
-     "since": 1714643000.0, "pid": 4242, "version": "0.1.0"}
+     "since": 1714643000.0, "at": 1714643012.5, "pid": 4242, "version": "0.1.0"}
 
-  ``state`` is "online" (published on every connect) or "offline" (published on a clean shutdown, with
-  ``"reason": "shutdown"``).  The broker publishes the last will ``{"state": "offline", "reason":
-  "connection lost"}`` when the service vanishes without disconnecting.  ``since``: epoch seconds at which
-  this state began.  The service may add keys.
+  ``state`` is "online" (published on every connect and on every change: camera state, bundle) or
+  "offline" (published on a clean shutdown, with ``"reason": "shutdown"``).  The broker publishes the last
+  will ``{"state": "offline", "reason": "connection lost"}`` when the service vanishes without
+  disconnecting.  ``since``: epoch seconds at which ``state`` began (online: the connect); ``at``: when
+  the message was composed.  A change while the broker is unreachable is held and published, in order, on the next
+  connect, so ``at`` can be earlier than the delivery.  The service may add keys.
 
 ``<prefix>/heatmap`` - QoS 0, not retained, not queued (best effort): a PNG or JPEG image of the anomaly
 map.  MQTT 5: the payload is the image; the ``ContentType`` property is ``image/png`` or ``image/jpeg`` and
@@ -60,6 +62,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
@@ -159,11 +162,12 @@ def stamp_published_at(payload: bytes, when: float) -> bytes:
 
 
 def status_payload(state: Literal["online", "offline"], info: dict[str, Any], since: float, pid: int,
-                   version: str, reason: str | None = None) -> dict[str, Any]:
+                   version: str, reason: str | None = None, at: float | None = None) -> dict[str, Any]:
     """Status message: the fixed keys first, then whatever else ``info`` (the service) provides."""
     out: dict[str, Any] = {"state": state, "product": None, "bundle_version": None, "camera_state": None}
-    out.update({k: v for k, v in info.items() if k not in ("state", "since", "pid", "version", "reason")})
-    out.update({"since": round(since, 3), "pid": pid, "version": version})
+    out.update({k: v for k, v in info.items() if k not in ("state", "since", "at", "pid", "version", "reason")})
+    out.update({"since": round(since, 3), "at": round(time.time() if at is None else at, 3), "pid": pid,
+                "version": version})
     if reason is not None:
         out["reason"] = reason
     return out

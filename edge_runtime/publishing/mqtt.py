@@ -21,8 +21,11 @@ Delivery of results is *at least once, in order*:
   counted in ``rejected`` and acknowledged, since resending cannot change the broker's decision and would
   block the queue for good.
 
-Status, command replies and heatmaps are not queued: status is republished on every connect, heatmaps
-are best effort (QoS 0, dropped while offline).
+Status messages are kept in memory, not on disk: one composed while the broker is unreachable (a camera
+state change, a reload) is held, and on the next connect the held ones go out first, in the order they
+happened, then the current status, so a subscriber sees every transition (at most ``MAX_HELD_STATUS`` are
+held; the oldest go first).  Command replies and heatmaps are not queued: heatmaps are best effort (QoS 0,
+dropped while offline).
 
 Sessions are persistent (MQTT 5: clean start off with a session expiry; 3.1.1: clean session off) so the
 command subscription and commands sent during a short outage survive.  ``protocol: auto`` tries MQTT 5
@@ -84,6 +87,7 @@ class _NotConnectedNoise(logging.Filter):
 _PAHO_LOG = logging.getLogger(f"{__name__}.paho")
 _PAHO_LOG.addFilter(_NotConnectedNoise())
 
+MAX_HELD_STATUS = 64  # status messages held while disconnected (transitions beyond that lose the oldest)
 _UNSUPPORTED_PROTOCOL = (1, 0x84)  # 3.1.1 "unacceptable protocol version", MQTT 5 "unsupported protocol version"
 _PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
 
@@ -131,6 +135,10 @@ class MqttPublisher:
         self._on_command = on_command
         self._on_connection = on_connection
         self._status_extra: dict[str, Any] = {}
+        # One lock orders every online status: composing it and handing it to paho (or holding it while
+        # disconnected) happen together, so a state change can never overtake an older one on the wire.
+        self._status_lock = threading.Lock()
+        self._held_status: deque[bytes] = deque(maxlen=MAX_HELD_STATUS)
         self._protocol = mqtt.MQTTv311 if config.protocol == "3.1.1" else mqtt.MQTTv5
         self._client: mqtt.Client | None = None
         # Connection state, written by the paho network thread only; _send_lock makes "check epoch and
@@ -272,14 +280,26 @@ class MqttPublisher:
         return ok
 
     def publish_status(self, extra: dict[str, Any] | None = None) -> bool:
-        """Publish the online status now (retained); ``extra`` keys are kept for later status messages too."""
-        if extra:
-            self._status_extra.update(extra)
-        client = self._client
-        if client is None or not self._connected:
-            return False  # published on the next connect anyway
-        info = client.publish(self.topics.status, encode_json(self._status("online")), qos=1, retain=True)
-        return info.rc == mqtt.MQTT_ERR_SUCCESS
+        """Publish the online status now (retained); ``extra`` keys are kept for later status messages too.
+
+        Returns False when not connected: the status is then held and published, in order, on the next
+        connect (see the module docstring)."""
+        with self._status_lock:
+            if extra:
+                self._status_extra.update(extra)
+            payload = encode_json(self._status("online"))
+            client = self._client
+            if client is not None and self._connected:
+                info = client.publish(self.topics.status, payload, qos=1, retain=True)
+                if info.rc == mqtt.MQTT_ERR_SUCCESS:
+                    return True
+            # Not connected (or the socket died before on_disconnect ran): paho's copy of a failed publish
+            # is dropped at the next connect, so hold our own.
+            if len(self._held_status) == self._held_status.maxlen:
+                log.warning("MQTT: %d status messages held while disconnected; dropping the oldest",
+                            len(self._held_status))
+            self._held_status.append(payload)
+            return False
 
     # ------------------------------------------------------------------ client setup
 
@@ -373,17 +393,21 @@ class MqttPublisher:
         if client.protocol == mqtt.MQTTv5:
             self._v5_confirmed = True
         receive_maximum = getattr(properties, "ReceiveMaximum", None) if properties is not None else None
-        with self._send_lock:
-            # paho would resend its unacknowledged copies right after this callback; the sender resends
-            # them from the queue instead, in order (see the module docstring).
-            stale = client.drop_out_messages()
-            self._receive_maximum = int(receive_maximum) if receive_maximum else 65535
-            self._epoch += 1
-            self._connected = True
-        self._since = time.time()
-        log.info("MQTT: connected to %s:%d (MQTT %s, session present: %s, %d unacknowledged to resend)",
-                 self.config.host, self.config.port, self.protocol, flags.session_present, len(stale))
-        client.publish(self.topics.status, encode_json(self._status("online")), qos=1, retain=True)
+        with self._status_lock:  # a status composed meanwhile waits: it must follow the held ones
+            with self._send_lock:
+                # paho would resend its unacknowledged copies right after this callback; the sender resends
+                # them from the queue instead, in order (see the module docstring).
+                stale = client.drop_out_messages()
+                self._receive_maximum = int(receive_maximum) if receive_maximum else 65535
+                self._epoch += 1
+                self._connected = True
+            self._since = time.time()
+            log.info("MQTT: connected to %s:%d (MQTT %s, session present: %s, %d unacknowledged to resend, "
+                     "%d status message(s) held)", self.config.host, self.config.port, self.protocol,
+                     flags.session_present, len(stale), len(self._held_status))
+            while self._held_status:
+                client.publish(self.topics.status, self._held_status.popleft(), qos=1, retain=True)
+            client.publish(self.topics.status, encode_json(self._status("online")), qos=1, retain=True)
         client.subscribe(self.topics.cmd, qos=1)
         self._notify()
         self._tell_connection(True)
