@@ -14,7 +14,6 @@ the digest of the frames too, so ``check-bundle`` shows it without opening the s
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 import time
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from edge_runtime.core import bundle as B
 from edge_runtime.core.fitting import BankBuilder, split_holdout
 from edge_runtime.core.foreground import ForegroundBuilder
 from edge_runtime.core.pipeline import Inspector, PosFARScorer, open_inspector
+from edge_runtime.core.thresholds import ThresholdEstimate, estimate_threshold
 from edge_runtime.store import BundleStore, StoreError, check_version_name
 
 from .errors import CalibrationError
@@ -40,24 +40,6 @@ SIDECAR_SCHEMA = "weakrest.calibration/1"
 
 
 @dataclass
-class ThresholdReport:
-    """What the threshold rests on, in numbers a field engineer can judge."""
-
-    threshold: float
-    n_holdout: int
-    target_false_reject: float
-    quantile_score: float  # the (1 - target) quantile of the held-out good scores
-    max_holdout_score: float
-    margin: float  # threshold - quantile_score (margin factor x spread)
-    margin_factor: float
-    min_frames_for_target: int  # 1 / target: below it the target rate cannot be resolved
-
-    @property
-    def enough_frames(self) -> bool:
-        return self.n_holdout >= self.min_frames_for_target
-
-
-@dataclass
 class FitReport:
     bundle: str
     version: str
@@ -65,7 +47,7 @@ class FitReport:
     parent: str
     n_frames: int
     n_bank_frames: int
-    threshold: ThresholdReport
+    threshold: ThresholdEstimate
     data_digest: str
     duplicates: list[str] = field(default_factory=list)
     store_version: str | None = None
@@ -73,7 +55,7 @@ class FitReport:
 
     def to_json(self) -> dict:
         out = asdict(self)
-        out["threshold"]["enough_frames"] = self.threshold.enough_frames
+        out["threshold"] = self.threshold.to_json()
         return out
 
 
@@ -97,17 +79,6 @@ def _check_out(out: Path, overwrite: bool) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CalibrationError(f"{out.parent}: cannot create the output folder ({exc.strerror or exc})") from None
-
-
-def _threshold(scores: np.ndarray, target: float, margin_factor: float) -> ThresholdReport:
-    from edge_runtime.core.scoring import choose_threshold
-
-    choice = choose_threshold(scores, target, margin_factor)
-    quantile = float(np.quantile(scores, 1.0 - target, method="higher"))
-    return ThresholdReport(threshold=choice.threshold, n_holdout=choice.n_images, target_false_reject=target,
-                           quantile_score=quantile, max_holdout_score=float(scores.max()),
-                           margin=choice.threshold - quantile, margin_factor=margin_factor,
-                           min_frames_for_target=math.ceil(1.0 / target))
 
 
 def _capture_log(images: Path) -> dict | None:
@@ -191,10 +162,8 @@ def calibrate(base: Path, images: Path, out: Path | None, *, holdout: float = 0.
                                       classifier=inspector.scorer.classifier)
     scores = np.array([scorer.score(p, d).score
                        for p, d in _features(inspector, holdout_frames, "hold-out frames", quiet)])
-    thr = _threshold(scores, target, m.thresholds.margin)
-    manifest = manifest.model_copy(update={"thresholds": B.Thresholds(
-        image=thr.threshold, pixel=thr.threshold, n_holdout_images=thr.n_holdout, target_false_reject=target,
-        margin=m.thresholds.margin)})
+    thr = estimate_threshold(scores, target, m.thresholds.margin)
+    manifest = manifest.model_copy(update={"thresholds": B.Thresholds.from_estimate(thr)})
     t_score = time.perf_counter()
 
     sidecar = {
@@ -208,7 +177,7 @@ def calibrate(base: Path, images: Path, out: Path | None, *, holdout: float = 0.
                    "bank": [{"file": f.path.name, "sha256": f.sha256} for f in bank_frames],
                    "holdout": [{"file": f.path.name, "sha256": f.sha256, "score": round(float(s), 6)}
                                for f, s in zip(holdout_frames, scores, strict=True)]},
-        "threshold": {**asdict(thr), "enough_frames": thr.enough_frames, "seed": seed, "holdout_fraction": holdout},
+        "threshold": {**thr.to_json(), "seed": seed, "holdout_fraction": holdout},
         "camera": _capture_log(images),
     }
     files = {B.BACKBONE: bundle.backbone_path}

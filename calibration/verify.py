@@ -2,8 +2,9 @@
 
 The false-reject rate on good frames is the number a line manager asks for; with few frames it is
 reported with a one-sided 95 % upper bound (Clopper-Pearson), because "0 of 40 rejected" does not show
-a 0.5 % target.  The contact sheet puts the frames that need a look first (see
-:mod:`calibration.contact_sheet`).
+a 0.5 % target.  With defective frames too, the detection rate is also given at the thresholds that would
+reject 0.5 %, 1 % and 2 % of the good frames (what the line would catch if run at that rate).  The contact
+sheet puts the frames that need a look first (see :mod:`calibration.contact_sheet`).
 """
 
 from __future__ import annotations
@@ -20,35 +21,10 @@ from tqdm import tqdm
 from edge_runtime.core.bundle import BundleError
 from edge_runtime.core.pipeline import Inspector, open_inspector
 from edge_runtime.core.preprocess import IMAGE_SUFFIXES, ImageReadError, read_image
+from edge_runtime.core.thresholds import detection_at_false_reject, rate_lower_bound, rate_upper_bound
 
 from .contact_sheet import SheetBuilder, write_sheet
 from .errors import CalibrationError
-
-
-def _binom_cdf(k: int, n: int, p: float) -> float:
-    if p <= 0.0:
-        return 1.0
-    if p >= 1.0:
-        return 1.0 if k >= n else 0.0
-    lp, lq = math.log(p), math.log1p(-p)
-    return min(1.0, sum(math.exp(math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp
-                                 + (n - i) * lq) for i in range(k + 1)))
-
-
-def upper_bound(k: int, n: int, confidence: float = 0.95) -> float:
-    """One-sided Clopper-Pearson upper bound of a rate seen as k of n."""
-    if n == 0:
-        return 1.0
-    if k >= n:
-        return 1.0
-    lo, hi = k / n, 1.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if _binom_cdf(k, n, mid) > 1.0 - confidence:
-            lo = mid
-        else:
-            hi = mid
-    return hi
 
 
 @dataclass
@@ -61,6 +37,7 @@ class Rate:
     upper95: float  # upper bound of the fail rate
     lower95: float  # lower bound of the fail rate
     listed: list[dict] = field(default_factory=list)  # the frames a person should look at
+    scores: list[float] = field(default_factory=list, repr=False)
 
 
 @dataclass
@@ -74,6 +51,7 @@ class VerifyReport:
     unreadable: list[str]
     contact_sheet: str | None
     seconds: float
+    detection_at_frr: list[dict] | None = None  # with defective frames: detection at FRR 0.5 / 1 / 2 %
 
     @property
     def false_reject_rate(self) -> float:
@@ -85,6 +63,9 @@ class VerifyReport:
 
     def to_json(self) -> dict:
         out = asdict(self)
+        for rate in (out["good"], out["bad"]):
+            if rate is not None:
+                rate.pop("scores")
         out["false_reject_rate"] = self.false_reject_rate
         out["detection_rate"] = self.detection_rate
         return out
@@ -118,8 +99,8 @@ def _run(inspector: Inspector, folder: Path, expected: str, sheet: SheetBuilder,
     k, n = len(fails), len(scored)
     wrong = fails if expected == "good" else [(nm, s) for nm, s in scored if s < inspector.threshold]
     wrong.sort(key=lambda t: -t[1] if expected == "good" else t[1])
-    return Rate(n=n, n_fail=k, rate=k / n, upper95=upper_bound(k, n), lower95=1.0 - upper_bound(n - k, n),
-                listed=[{"file": nm, "score": round(s, 6)} for nm, s in wrong])
+    return Rate(n=n, n_fail=k, rate=k / n, upper95=rate_upper_bound(k, n), lower95=rate_lower_bound(k, n),
+                listed=[{"file": nm, "score": round(s, 6)} for nm, s in wrong], scores=[s for _, s in scored])
 
 
 def verify(bundle: Path, good: Path, bad: Path | None = None, out: Path | None = None, max_tiles: int = 48,
@@ -146,7 +127,9 @@ def verify(bundle: Path, good: Path, bad: Path | None = None, out: Path | None =
     sheet_path = None
     report = VerifyReport(bundle=str(bundle), bundle_version=m.bundle_version, threshold=inspector.threshold,
                           target_false_reject=m.thresholds.target_false_reject, good=good_rate, bad=bad_rate,
-                          unreadable=unreadable, contact_sheet=None, seconds=0.0)
+                          unreadable=unreadable, contact_sheet=None, seconds=0.0,
+                          detection_at_frr=(detection_at_false_reject(good_rate.scores, bad_rate.scores)
+                                            if bad_rate is not None else None))
     if out is not None:
         try:
             sheet_path = write_sheet(sheet.ordered(), out / "contact_sheet.png")
@@ -174,6 +157,11 @@ def describe(report: VerifyReport) -> list[str]:
         b = report.bad
         lines.append(f"detection: {b.n_fail}/{b.n} defective frames = {b.rate:.2%} (95 % lower bound {b.lower95:.2%})")
         lines += [f"  missed defective frame: {x['file']} score {x['score']:.4g}" for x in b.listed[:10]]
+        for d in report.detection_at_frr or []:
+            shown = "" if d["resolved"] else f" (not resolved by {d['n_good']} good frames)"
+            lines.append(f"at a false-reject rate of {d['false_reject_rate']:.1%}{shown}: detection "
+                         f"{d['detected']}/{d['n_defective']} = {d['detection_rate']:.2%}, threshold "
+                         f"{d['threshold']:.4g}")
     lines += [f"unreadable: {u}" for u in report.unreadable]
     if report.contact_sheet:
         lines.append(f"contact sheet: {report.contact_sheet}")

@@ -21,7 +21,6 @@ import pytest
 import yaml
 
 from calibration.cli import main
-from calibration.verify import upper_bound
 from edge_runtime.core.bundle import load_bundle, sha256_of
 from edge_runtime.publishing.broker import free_port
 from edge_runtime.store import BundleStore
@@ -247,8 +246,12 @@ def test_verify_rates_and_contact_sheet(fitted, demo_data, tmp_path, capsys):
     rows = -(-n_tiles // 6)
     assert sheet.shape[:2] == (rows * (192 + 34), 6 * 192)
     assert json.loads((out / "verify.json").read_text())["good"]["n"] == 6
-    # a rate seen on few frames is reported with its bound
-    assert upper_bound(0, 6) == pytest.approx(1 - 0.05 ** (1 / 6), rel=1e-6)
+    # with defective frames, detection at the line's false-reject rates; 6 good frames resolve none of them
+    det = report["detection_at_frr"]
+    assert [d["false_reject_rate"] for d in det] == [0.005, 0.01, 0.02]
+    strictest = max(good_scores)
+    assert all(d["false_rejects"] == 0 and not d["resolved"] and d["threshold"] > strictest for d in det)
+    assert det[0]["detected"] == sum(s > strictest for s in bad_scores)
     assert main(["verify", "--bundle", str(tmp_path / "nope"), "--good", str(demo_data / "test" / "good")]) == 2
     assert "nope" in capsys.readouterr().err
 

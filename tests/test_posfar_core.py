@@ -10,7 +10,7 @@ from edge_runtime.core.matching import MemoryBank, posfar_residual
 from edge_runtime.core.pca import PCA, fit_pca
 from edge_runtime.core.position import position_code
 from edge_runtime.core.retrieval import ReferenceIndex
-from edge_runtime.core.scoring import choose_threshold, defect_regions, heatmap_from_blocks, image_score
+from edge_runtime.core.scoring import defect_regions, heatmap_from_blocks, image_score
 
 
 def _slow_kcenter(x: np.ndarray, n: int, start: int) -> list[int]:
@@ -114,7 +114,7 @@ def test_position_code_shape_range_and_uniqueness():
         position_code(4, 4, 6)
 
 
-def test_heatmap_score_regions_and_threshold():
+def test_heatmap_score_and_regions():
     block = np.zeros((8, 8), np.float32)
     block[2, 5] = 10.0
     heat = heatmap_from_blocks(block, (64, 64), sigma=2.0)
@@ -124,10 +124,6 @@ def test_heatmap_score_regions_and_threshold():
     assert image_score(heat, 4) <= heat.max()
     regions = defect_regions(heat, heat.max() / 2)
     assert len(regions) == 1 and regions[0].peak == pytest.approx(float(heat.max()))
-    choice = choose_threshold(np.arange(100.0), target_false_reject=0.01, margin=0.0)
-    assert choice.threshold == 99.0 and choice.n_images == 100
-    with pytest.raises(ValueError):
-        choose_threshold(np.array([]))
 
 
 def test_pca_transform_dtype():

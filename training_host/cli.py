@@ -43,6 +43,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
     s = summary
     print(f"bundle {s.bundle}: {s.n_train} bank images, {s.n_holdout} held out, {s.n_bank} bank entries, "
           f"d_f {s.d_f} -> d_l {s.d_l}, threshold {s.threshold:.4g}, {s.bundle_bytes / 1e6:.1f} MB")
+    t = s.threshold_estimate
+    print(f"threshold rests on {t['n_holdout']} held-out good images ({t['n_above']} at or above it): false-reject "
+          f"rate at most {t['frr_upper95']:.2%} with 95 % confidence (target {t['target_false_reject']:.2%}"
+          + ("" if t["enough_frames"] else f", which needs at least {t['min_frames_for_target']} held-out images")
+          + ")")
     print(f"time: {', '.join(f'{k} {v:.1f} s' for k, v in s.seconds.items())}; "
           f"backbone ONNX vs torch max abs diff {s.onnx_max_abs_diff:.2g}")
     if s.swin:
@@ -68,6 +73,16 @@ def print_metrics(metrics: dict) -> None:
     print(f"{'overall':<12}" + "".join(f"{_fmt(metrics[k]):>13}" for k in keys))
     for name, row in metrics.get("per_defect", {}).items():
         print(f"{name:<12}" + "".join(f"{_fmt(row[k]):>13}" for k in keys))
+    at = metrics.get("at_threshold")
+    if at and at["false_reject_rate"] is not None and at["detection_rate"] is not None:
+        print(f"bundle threshold {metrics['threshold']:.4g}: false rejects {at['false_reject_rate']:.2%} of "
+              f"{at['n_good']} good (95 % upper bound {at['false_reject_upper95']:.2%}), detection "
+              f"{at['detection_rate']:.2%} of {at['n_defective']} defective (95 % lower bound "
+              f"{at['detection_lower95']:.2%})")
+    for d in metrics.get("detection_at_frr") or []:
+        shown = "" if d["resolved"] else f" (not resolved by {d['n_good']} good images)"
+        print(f"at a false-reject rate of {d['false_reject_rate']:.1%}{shown}: detection {d['detection_rate']:.2%}"
+              f" ({d['detected']}/{d['n_defective']})")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

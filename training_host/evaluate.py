@@ -1,8 +1,9 @@
 """Evaluate a bundle on a dataset's test split through the edge runtime's own inference path.
 
 Writes ``metrics.json`` (image AUROC, pixel AUROC, PRO up to FPR 0.3, pixel AP, overall and per defect
-type), ``curves.png`` (ROC / PR / PRO) and, on request, heatmap overlays.  Metrics are computed on the
-bundle's input-size maps.
+type; the bundle threshold's false-reject and detection rates with their 95 % bounds, and the detection
+rate at the thresholds that reject 0.5 / 1 / 2 % of the good test images), ``curves.png`` (ROC / PR / PRO)
+and, on request, heatmap overlays.  Metrics are computed on the bundle's input-size maps.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from edge_runtime.core.bundle import load_bundle, sha256_of
 from edge_runtime.core.overlay import heatmap_overlay
 from edge_runtime.core.pipeline import Inspector
 from edge_runtime.core.preprocess import ImageReadError, read_image
+from edge_runtime.core.thresholds import detection_at_false_reject, rate_lower_bound, rate_upper_bound
 
 from .data import load_mask, scan_dataset
 from .metrics import evaluate_maps, save_curve_plot
@@ -80,11 +82,19 @@ def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int
     own_map = inspector.anomaly_map == m.scoring.anomaly_map and (use_foreground or m.foreground is None)
     predicted = scores_a >= inspector.threshold
     at_threshold = None
+    good, bad = ~labels_a, labels_a
     if own_map:
+        k_good, n_good = int(predicted[good].sum()), int(good.sum())
+        k_bad, n_bad = int(predicted[bad].sum()), int(bad.sum())
         at_threshold = {
-            "false_reject_rate": float(predicted[~labels_a].mean()) if (~labels_a).any() else None,
-            "detection_rate": float(predicted[labels_a].mean()) if labels_a.any() else None,
+            "false_reject_rate": k_good / n_good if n_good else None,
+            "false_reject_upper95": rate_upper_bound(k_good, n_good) if n_good else None,
+            "detection_rate": k_bad / n_bad if n_bad else None,
+            "detection_lower95": rate_lower_bound(k_bad, n_bad) if n_bad else None,
+            "n_good": n_good, "n_defective": n_bad,
         }
+    detection_at_frr = (detection_at_false_reject(scores_a[good], scores_a[bad])
+                        if good.any() and bad.any() else None)
     supervision = m.training.supervision if m.training else "none: nearest-normal distance from good images"
     if inspector.anomaly_map != m.scoring.anomaly_map:
         supervision = "none: nearest-normal distance from good images (bundle's Swin not used)"
@@ -95,6 +105,7 @@ def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int
         "excluded_training_defects": excluded,
         "threshold": inspector.threshold if own_map else None,
         "at_threshold": at_threshold,
+        "detection_at_frr": detection_at_frr,
         "latency_ms_p50": float(np.median(latencies)), "errors": errors,
         "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     })

@@ -21,7 +21,7 @@ from edge_runtime.core.engines import OnnxRuntimeEngine
 from edge_runtime.core.fitting import BankBuilder, FittedPosFAR, split_holdout
 from edge_runtime.core.foreground import ForegroundBuilder
 from edge_runtime.core.pipeline import SwinClassifier
-from edge_runtime.core.scoring import choose_threshold
+from edge_runtime.core.thresholds import estimate_threshold
 
 from .config import ProductConfig
 from .data import load_batch, scan_dataset
@@ -78,6 +78,7 @@ class FitSummary:
     foreground: bool = False
     seconds: dict[str, float] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    threshold_estimate: dict = field(default_factory=dict)  # ThresholdEstimate.to_json(): what it rests on
 
     def to_json(self) -> dict:
         out = {k: v for k, v in self.__dict__.items() if k != "bundle"}
@@ -267,7 +268,7 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
         holdout_scores = []
         for pcf, descriptor in _features(extractor, holdout_paths, cfg, "hold-out images", skipped, progress):
             holdout_scores.extend(scorer.score(p, d).score for p, d in zip(pcf, descriptor, strict=True))
-        choice = choose_threshold(np.array(holdout_scores), cfg.threshold.target_false_reject, cfg.threshold.margin)
+        choice = estimate_threshold(holdout_scores, cfg.threshold.target_false_reject, cfg.threshold.margin)
         seconds["threshold"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
@@ -302,8 +303,7 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
                                 n_bank=int(fitted.bank.shape[0])),
             scoring=B.ScoringInfo(anomaly_map="swin" if trained else "nn_distance",
                                   blur_sigma=cfg.scoring.blur_sigma, score_pool=cfg.scoring.score_pool),
-            thresholds=B.Thresholds(image=choice.threshold, pixel=choice.threshold, n_holdout_images=choice.n_images,
-                                    target_false_reject=choice.target_false_reject, margin=choice.margin),
+            thresholds=B.Thresholds.from_estimate(choice),
             latency_budget_ms=cfg.latency_budget_ms,
             swin=swin_info,
             foreground=(B.ForegroundInfo(power=fg_cfg.power, pool=fg_cfg.pool,
@@ -320,9 +320,10 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
         swin_summary = {"onnx_max_abs_diff": trained.onnx_diff, "phases": trained.phases,
                         **trained.info.model_dump(exclude={"defect_images"}),
                         "defect_images": [d.name for d in trained.info.defect_images]}
-    return FitSummary(bundle=out, n_train=builder.n_images, n_holdout=choice.n_images,
+    return FitSummary(bundle=out, n_train=builder.n_images, n_holdout=choice.n_holdout,
                       n_bank=int(fitted.bank.shape[0]), d_f=extractor.d_f, d_l=fitted.pca.dim,
                       threshold=choice.threshold, onnx_max_abs_diff=diff, bundle_bytes=size,
                       anomaly_map=manifest.scoring.anomaly_map, swin=swin_summary,
                       foreground=fitted.foreground_maps is not None,
-                      seconds={k: round(v, 2) for k, v in seconds.items()}, skipped=skipped)
+                      seconds={k: round(v, 2) for k, v in seconds.items()}, skipped=skipped,
+                      threshold_estimate=choice.to_json())

@@ -18,10 +18,13 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+if TYPE_CHECKING:
+    from edge_runtime.core.thresholds import ThresholdEstimate
 
 SCHEMA_VERSION = 2
 #: schema 1 is the distance-only slice (no swin, foreground or training sections); still served as it was
@@ -148,6 +151,14 @@ class Thresholds(_Strict):
     n_holdout_images: int
     target_false_reject: float
     margin: float
+    quantile_score: float | None = None  # the (1 - target) quantile of the held-out good scores
+    frr_upper95: float | None = None  # 95 % upper bound of the false-reject rate the held-out scores can show
+
+    @classmethod
+    def from_estimate(cls, est: ThresholdEstimate) -> Thresholds:
+        return cls(image=est.threshold, pixel=est.threshold, n_holdout_images=est.n_holdout,
+                   target_false_reject=est.target_false_reject, margin=est.margin_factor,
+                   quantile_score=est.quantile_score, frr_upper95=est.frr_upper95)
 
 
 class FileEntry(_Strict):

@@ -1,4 +1,5 @@
-"""From a block-level anomaly map to a heatmap, an image score, defect regions and a threshold (step 10)."""
+"""From a block-level anomaly map to a heatmap, an image score and defect regions (step 10; the threshold:
+:mod:`edge_runtime.core.thresholds`)."""
 
 from __future__ import annotations
 
@@ -48,44 +49,3 @@ def defect_regions(heatmap: np.ndarray, threshold: float, max_regions: int = 32)
         regions.append(Region(box=(x, y, w, h), area=area, peak=peak))
     regions.sort(key=lambda r: r.peak, reverse=True)
     return regions[:max_regions]
-
-
-@dataclass(frozen=True)
-class ThresholdChoice:
-    """The chosen image threshold and what it rests on."""
-
-    threshold: float
-    n_images: int
-    target_false_reject: float
-    margin: float
-
-    def to_json(self) -> dict:
-        return {
-            "threshold": self.threshold,
-            "n_images": self.n_images,
-            "target_false_reject": self.target_false_reject,
-            "margin": self.margin,
-        }
-
-
-def choose_threshold(
-    good_scores: np.ndarray, target_false_reject: float = 0.005, margin: float = 0.05
-) -> ThresholdChoice:
-    """Threshold from scores of good images that were *not* in the bank.
-
-    Takes the (1 - target) quantile of the held-out good scores (the highest score when there are too
-    few images to resolve the target rate) and adds ``margin`` times the spread (q99 - median) so that
-    the threshold is not pinned to a single frame.
-    """
-    scores = np.asarray(good_scores, dtype=np.float64)
-    scores = scores[np.isfinite(scores)]
-    if scores.size == 0:
-        raise ValueError("cannot choose a threshold without held-out good scores")
-    base = float(np.quantile(scores, 1.0 - target_false_reject, method="higher"))
-    spread = float(np.quantile(scores, 0.99) - np.median(scores))
-    return ThresholdChoice(
-        threshold=base + margin * spread,
-        n_images=int(scores.size),
-        target_false_reject=target_false_reject,
-        margin=margin,
-    )
