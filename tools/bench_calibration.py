@@ -32,22 +32,6 @@ MTD = ROOT.parent / "shared" / "data" / "mtd"
 KEYS = ("image_auroc", "pixel_auroc", "pro", "pixel_ap")
 
 
-def _subset(src: Path, dst: Path, n: int) -> Path:
-    """n evenly spaced images of ``src`` as symbolic links in ``dst`` (nothing is copied)."""
-    from edge_runtime.core.preprocess import list_images
-
-    images = list_images(src)
-    if len(images) < n:
-        raise SystemExit(f"{src}: {len(images)} images, fewer than --n {n}")
-    chosen = [images[int(i * len(images) / n)] for i in range(n)]
-    dst.mkdir(parents=True, exist_ok=True)
-    for old in dst.iterdir():
-        old.unlink()
-    for p in chosen:
-        (dst / p.name).symlink_to(p.resolve())
-    return dst
-
-
 def _defects(test: Path, dst: Path) -> Path:
     """The defective test images (every folder but good) as links to their folders."""
     dst.mkdir(parents=True, exist_ok=True)
@@ -86,9 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         if not needed.exists():
             raise SystemExit(f"not found: {needed}")
     from edge_runtime.core.bundle import load_bundle
+    from training_host.data import link_images
     from training_host.evaluate import evaluate_bundle
 
-    frames = _subset(data / "train" / "good", out / f"mtd{args.n}", args.n)
+    frames = link_images(data / "train" / "good", out / f"mtd{args.n}", args.n)
     bad = _defects(data / "test", out / "mtd_test_defects")
     bundle = out / "bundle"
     fit, fit_wall = _calibrate_cli("fit", "--base", args.base, "--images", str(frames), "--out", str(bundle),

@@ -27,20 +27,6 @@ MTD = ROOT.parent / "shared" / "data" / "mtd"
 KEYS = ("image_auroc", "pixel_auroc", "pro", "pixel_ap")
 
 
-def _subset(src: Path, dst: Path, n: int) -> Path:
-    """A dataset of n evenly spaced training images of src, as symbolic links (nothing is copied)."""
-    from edge_runtime.core.preprocess import list_images
-
-    good = dst / "train" / "good"
-    good.mkdir(parents=True, exist_ok=True)
-    images = list_images(src / "train" / "good")
-    for p in images[:: max(1, len(images) // n)][:n]:
-        link = good / p.name
-        if not link.exists():
-            link.symlink_to(p.resolve())
-    return dst
-
-
 def _bench(bundle: Path, images: Path, frames: int) -> dict:
     """``weakrest-edge bench`` in a fresh process: after training, this process's torch thread pool and its
     peak memory would distort both the latency and the RSS figures."""
@@ -99,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from edge_runtime.core.bundle import load_bundle
     from training_host.config import load_config
+    from training_host.data import subset_dataset
     from training_host.demo_data import make_demo_dataset
     from training_host.evaluate import evaluate_bundle
     from training_host.fit import TrainingOptions, fit_product
@@ -144,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
     test_images = data / "test"
     report["bench_unsupervised"] = _bench(unsup, test_images, args.frames)
-    subset = fit("subset100_nn", _subset(data, out / "subset100_data", 100), ["swin.enabled=false"])
+    subset = fit("subset100_nn", subset_dataset(data, out / "subset100_data", 100), ["swin.enabled=false"])
     full_nn = fit("all_nn", data, ["swin.enabled=false"])
     report["bench_all_nn"] = _bench(full_nn, test_images, args.frames)
     report["bench_subset100_nn"] = _bench(subset, test_images, args.frames)

@@ -56,6 +56,33 @@ def scan_dataset(root: str | Path) -> Dataset:
     return Dataset(root=root, train=train, test=test)
 
 
+def link_images(src: Path, dst: Path, n: int) -> Path:
+    """``n`` evenly spaced images of the folder ``src`` as symbolic links in ``dst`` (nothing is copied; links
+    left in ``dst`` by an earlier call are replaced).  Raises ValueError when ``src`` has fewer."""
+    images = list_images(src)
+    if len(images) < n:
+        raise ValueError(f"{src}: {len(images)} images, fewer than {n}")
+    dst.mkdir(parents=True, exist_ok=True)
+    for old in dst.iterdir():
+        if old.is_symlink():
+            old.unlink()
+    for i in range(n):
+        p = images[int(i * len(images) / n)]
+        (dst / p.name).symlink_to(p.resolve())
+    return dst
+
+
+def subset_dataset(src: Path, dst: Path, n_train: int) -> Path:
+    """A dataset in ``dst`` with ``n_train`` evenly spaced training images of ``src`` and the whole test split
+    (links): a quicker fit on the same test images."""
+    link_images(src / "train" / "good", dst / "train" / "good", n_train)
+    for split in ("test", "ground_truth"):
+        link = dst / split
+        if (src / split).is_dir() and not link.exists():
+            link.symlink_to((src / split).resolve())
+    return dst
+
+
 def load_batch(paths: list[Path], size_hw: tuple[int, int]) -> tuple[np.ndarray, list[int], list[str]]:
     """Decode and resize images to a float32 (B, 3, H, W) batch in [0, 1].
 
