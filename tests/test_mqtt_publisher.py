@@ -145,7 +145,8 @@ def test_status_changes_while_not_connected_arrive_in_order_on_connect(broker, s
     assert wait_until(lambda: pub.connected, 30)
     state["camera_state"] = "waiting_trigger"
     assert pub.publish_status({}) is True
-    assert sub.wait_for(lambda ms: json.loads(ms[-1].payload)["camera_state"] == "waiting_trigger", 10)
+    assert sub.wait_for(lambda ms: [s["camera_state"] for s in map(json.loads, (m.payload for m in ms))][-1:]
+                        == ["waiting_trigger"], 10)
     got = [s["camera_state"] for s in statuses(sub)]
     # the held ones, the status of the connect (current state), then the later change
     assert got == ["connecting", "streaming", "lost", "connecting", "streaming", "streaming", "waiting_trigger"]
