@@ -35,6 +35,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         synthetic_preview=Path(args.synthetic_preview) if args.synthetic_preview else None,
         labels=Path(args.labels) if args.labels else None,
         labels_root=Path(args.labels_root) if args.labels_root else None,
+        cache_dir=Path(args.cache) if args.cache else None,
     )
     summary = fit_product(cfg, Path(args.data), Path(args.out), progress=not args.json, options=options)
     if args.json:
@@ -168,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--defect-seed", type=int, default=None, help="seed of the defect draw (default: config seed)")
     p.add_argument("--checkpoints", default=None, help="checkpoint folder (default: OUT.ckpt)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints of an interrupted run")
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="reuse backbone features and residual fields of earlier fits with the same images and "
+                        "settings (experiments; keyed by every setting that produced them)")
     p.add_argument("--init", default=None, metavar="CHECKPOINT",
                    help="start from a checkpoint's EMA weights (e.g. OUT.ckpt/unsupervised.safetensors) "
                         "instead of training the unsupervised phase")

@@ -23,6 +23,7 @@ from edge_runtime.core.foreground import ForegroundBuilder
 from edge_runtime.core.pipeline import SwinClassifier
 from edge_runtime.core.thresholds import estimate_threshold
 
+from .cache import FitCache, features_key, residuals_key
 from .config import ProductConfig
 from .data import load_batch, scan_dataset
 from .export import export_backbone, export_swin
@@ -60,6 +61,7 @@ class TrainingOptions:
     resume: bool = False
     init: Path | None = None  # start from this checkpoint's EMA weights instead of training the first phase
     synthetic_preview: Path | None = None  # write a picture grid of synthetic anomalies here
+    cache_dir: Path | None = None  # reuse features and residual fields of earlier fits (experiments only)
 
 
 @dataclass
@@ -108,6 +110,39 @@ def _features(extractor: PatchFeatureExtractor, paths: list[Path], cfg: ProductC
     bar.close()
 
 
+def _cached_features(cache: FitCache | None, extractor: PatchFeatureExtractor, paths: list[Path],
+                     cfg: ProductConfig, desc: str, skipped: list[str], progress: bool,
+                     loaded: list[Path] | None = None):
+    """:func:`_features` through the fit cache: the same batches, from disk when these images' features at
+    these settings were computed before."""
+    if cache is None:
+        yield from _features(extractor, paths, cfg, desc, skipped, progress, loaded)
+        return
+    key = features_key(cfg, paths)
+    hit = cache.load("features", key)
+    if hit is not None:
+        arrays, meta = hit
+        skipped.extend(meta["skipped"])
+        if loaded is not None:
+            loaded.extend(paths[i] for i in meta["ok"])
+        pcf, descriptor = arrays["pcf"], arrays["descriptor"]
+        for lo in range(0, len(pcf), cfg.batch_size):
+            yield pcf[lo : lo + cfg.batch_size], descriptor[lo : lo + cfg.batch_size]
+        return
+    pcfs, descs, ok_paths, errors = [], [], [], []
+    for pcf, descriptor in _features(extractor, paths, cfg, desc, errors, progress, ok_paths):
+        pcfs.append(pcf)
+        descs.append(descriptor)
+        yield pcf, descriptor
+    skipped.extend(errors)
+    if loaded is not None:
+        loaded.extend(ok_paths)
+    if pcfs:
+        index = {p: i for i, p in enumerate(paths)}
+        cache.save("features", key, {"pcf": np.concatenate(pcfs), "descriptor": np.concatenate(descs)},
+                   {"ok": [index[p] for p in ok_paths], "skipped": errors})
+
+
 def producer_versions() -> dict[str, str]:
     import onnx
 
@@ -124,15 +159,22 @@ class _TrainedSwin:
     phases: list[dict]
 
 
-def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatureExtractor, fitted: FittedPosFAR,
-                bank_paths: list[Path], defects: list[LabelledDefect], weak: LabelSet | None, weak_root: Path,
-                out: Path, tmp: Path, skipped: list[str], progress: bool) -> _TrainedSwin:
-    """Residual fields (good, synthetic, real defects) -> trained, exported, checked ``swin.onnx``."""
-    t0 = time.perf_counter()
+def _training_fields(cfg: ProductConfig, maker: ResidualFieldMaker, fitted: FittedPosFAR,
+                     bank_paths: list[Path], cache: FitCache | None, progress: bool
+                     ) -> tuple[ResidualSet, ResidualSet, list[tuple[np.ndarray, np.ndarray]]]:
+    """Good and synthetic residual fields of the bank images (and a few synthetic samples for a preview),
+    through the fit cache when one is given."""
+    key = residuals_key(cfg, features_key(cfg, bank_paths)) if cache is not None else None
+    hit = cache.load("residuals", key) if cache is not None and key is not None else None
+    if hit is not None:
+        a, _ = hit
+        good = ResidualSet(torch.from_numpy(a["good_fields"]), torch.from_numpy(a["good_labels"]),
+                           ["good"] * len(a["good_fields"]))
+        synthetic = ResidualSet(torch.from_numpy(a["synthetic_fields"]), torch.from_numpy(a["synthetic_labels"]),
+                                ["synthetic"] * len(a["synthetic_fields"]))
+        preview = list(zip(a["preview_images"], a["preview_masks"], strict=True)) if "preview_images" in a else []
+        return good, synthetic, preview
     sc = cfg.swin
-    nn_scorer = fitted.scorer(cfg.posfar.k_references, extractor.grid, cfg.input_size, cfg.posfar.retrieval_trim,
-                              cfg.scoring.blur_sigma, cfg.scoring.score_pool, tuple(cfg.posfar.thetas))
-    maker = ResidualFieldMaker(extractor, nn_scorer, cfg.labels.eps_pos, cfg.labels.eps_neg, cfg.batch_size)
     images, ok, errors = read_resized(bank_paths, cfg.input_size)
     if len(ok) != len(bank_paths):  # these all loaded for the bank: image j must stay bank image j
         raise ValueError(f"bank images became unreadable during the fit: {'; '.join(errors)}")
@@ -147,9 +189,29 @@ def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatu
     synthesizer = AnomalySynthesizer(donors, synth_cfg, seed=cfg.seed)
     synthetic, preview = synthetic_fields(maker, images, sc.synthetic_per_image, synthesizer,
                                           fitted.foreground_maps, cfg.seed, progress)
+    if cache is not None and key is not None:
+        arrays = {"good_fields": good.fields.numpy(), "good_labels": good.labels.numpy(),
+                  "synthetic_fields": synthetic.fields.numpy(), "synthetic_labels": synthetic.labels.numpy()}
+        if preview:
+            arrays["preview_images"] = np.stack([p[0] for p in preview])
+            arrays["preview_masks"] = np.stack([p[1] for p in preview])
+        cache.save("residuals", key, arrays, {"good": len(good), "synthetic": len(synthetic)})
+    return good, synthetic, preview
+
+
+def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatureExtractor, fitted: FittedPosFAR,
+                bank_paths: list[Path], defects: list[LabelledDefect], weak: LabelSet | None, weak_root: Path,
+                out: Path, tmp: Path, skipped: list[str], progress: bool,
+                cache: FitCache | None = None) -> _TrainedSwin:
+    """Residual fields (good, synthetic, real defects) -> trained, exported, checked ``swin.onnx``."""
+    t0 = time.perf_counter()
+    sc = cfg.swin
+    nn_scorer = fitted.scorer(cfg.posfar.k_references, extractor.grid, cfg.input_size, cfg.posfar.retrieval_trim,
+                              cfg.scoring.blur_sigma, cfg.scoring.score_pool, tuple(cfg.posfar.thetas))
+    maker = ResidualFieldMaker(extractor, nn_scorer, cfg.labels.eps_pos, cfg.labels.eps_neg, cfg.batch_size)
+    good, synthetic, preview = _training_fields(cfg, maker, fitted, bank_paths, cache, progress)
     if opts.synthetic_preview is not None and preview:
         save_sample_grid(preview, opts.synthetic_preview)
-    del images
     data = ResidualSet.concat([good, synthetic])
     shape = SwinShape(in_dim=extractor.d_f, embed_dim=sc.embed_dim, depth=sc.depth, heads=sc.heads, window=sc.window,
                       mlp_ratio=sc.mlp_ratio, train_window=sc.train_window, window_stride=sc.window_stride,
@@ -243,7 +305,9 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
                                     seed=cfg.seed) if fg_cfg.enabled else None)
     builder = BankBuilder(cfg.posfar.coreset_ratio, cfg.posfar.projection_dim, cfg.seed, foreground=foreground)
     loaded: list[Path] = []
-    for pcf, descriptor in _features(extractor, bank_paths, cfg, "bank images", skipped, progress, loaded):
+    cache = FitCache(opts.cache_dir) if opts.cache_dir is not None else None
+    for pcf, descriptor in _cached_features(cache, extractor, bank_paths, cfg, "bank images", skipped, progress,
+                                            loaded):
         builder.add(pcf, descriptor)
     fitted: FittedPosFAR = builder.build(cfg.posfar.d_l, cfg.posfar.pca_variance)
     seconds["bank"] = time.perf_counter() - t0
@@ -255,7 +319,7 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
         if cfg.swin.enabled:
             t_swin = time.perf_counter()
             trained = _train_swin(cfg, opts, extractor, fitted, loaded, defects, weak, weak_root, out, tmp, skipped,
-                                  progress)
+                                  progress, cache)
             classifier = SwinClassifier(OnnxRuntimeEngine(trained.onnx_path))
             seconds["swin"] = time.perf_counter() - t_swin
 
@@ -266,7 +330,8 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
                                classifier=classifier,
                                foreground_power=power, foreground_pool=fg_cfg.pool)
         holdout_scores = []
-        for pcf, descriptor in _features(extractor, holdout_paths, cfg, "hold-out images", skipped, progress):
+        for pcf, descriptor in _cached_features(cache, extractor, holdout_paths, cfg, "hold-out images", skipped,
+                                                progress):
             holdout_scores.extend(scorer.score(p, d).score for p, d in zip(pcf, descriptor, strict=True))
         choice = estimate_threshold(holdout_scores, cfg.threshold.target_false_reject, cfg.threshold.margin)
         seconds["threshold"] = time.perf_counter() - t1
