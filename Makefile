@@ -12,7 +12,7 @@ TORCH_INDEX   ?= https://download.pytorch.org/whl/cpu
 SYSTEM_DEPS   ?= yes
 DEMO_DIR ?= demo_out
 
-.PHONY: demo test install system-deps torch-info lint bench-mtd bench-weak bench-service bench-calibration clean
+.PHONY: demo test install system-deps torch-info lint bench-mtd bench-weak bench-service bench-calibration sweep clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,11 @@ bench-weak: install
 # The running edge service on CPU: frames/s and grab-to-delivery latency through a real broker
 bench-service: install
 	$(PY) tools/bench_service.py
+
+# Accuracy levers on ../shared/data/mtd, one table (runs/sweep/table.md); GRID=... for another grid
+GRID ?= docs/sweeps/levers.yaml
+sweep: install
+	$(PY) tools/sweep.py --grid $(GRID) --out runs/sweep
 
 # Field calibration on MTD: 50 good frames on top of the demo product's bundle (needs make demo first)
 bench-calibration: install
