@@ -12,7 +12,7 @@ import torch
 from training_host import cli as train_cli
 from training_host.config import ConfigError, load_config
 from training_host.data import load_batch, scan_dataset
-from training_host.efficientnet_lite import load_efficientnet_lite0
+from training_host.efficientnet_lite import load_efficientnet_lite
 from training_host.features import PatchFeatureExtractor
 
 from .conftest import REPO
@@ -73,34 +73,46 @@ def test_test_only_dataset_is_accepted(demo_data, tmp_path):
 
 
 def test_efficientnet_weights_are_the_imagenet_ones():
-    trunk = load_efficientnet_lite0((2, 4, 10))
+    trunk = load_efficientnet_lite("efficientnet_lite0", (2, 4, 10))
     assert trunk.out_channels == (24, 40, 112) and trunk.out_strides == (4, 8, 16)
     # trained batch-norm statistics, not the initial zeros / ones
     assert float(trunk._bn0.running_var.std()) > 0.01
     with pytest.raises(ValueError, match="safetensors"):
-        load_efficientnet_lite0(weights=REPO / "weights.pth")
+        load_efficientnet_lite(weights=REPO / "weights.pth")
+    # the larger Lite variants' packages ship their own ImageNet weights; the same stride-8 / stride-16 blocks
+    for variant, channels in (("efficientnet_lite1", (40, 112)), ("efficientnet_lite2", (48, 120))):
+        trunk = load_efficientnet_lite(variant, (6, 14))
+        assert trunk.out_channels == channels and trunk.out_strides == (8, 16) and len(trunk._blocks) == 21
+        assert float(trunk._bn0.running_var.std()) > 0.01
+    with pytest.raises(ValueError, match="variant"):
+        load_efficientnet_lite("efficientnet_lite9")
 
 
 def test_efficientnet_matches_the_reference_implementation():
     lib = pytest.importorskip("efficientnet_lite_pytorch", reason="efficientnet-lite-pytorch not installed")
-    from training_host.efficientnet_lite import lite0_weights_path
+    from training_host.efficientnet_lite import lite_weights_path
 
-    ref = lib.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(lite0_weights_path())).eval()
-    ours = load_efficientnet_lite0((4, 10))
-    x = torch.randn(1, 3, 128, 128)
-    with torch.no_grad():
-        y = ref._swish(ref._bn0(ref._conv_stem(x)))
-        outs = []
-        for i, block in enumerate(ref._blocks[:11]):
-            y = block(y)
-            if i in (4, 10):
-                outs.append(y)
-        for a, b in zip(ours(x), outs, strict=True):
-            assert torch.allclose(a, b, atol=1e-5)
+    # at each variant's native size: the reference pads for that size once (static "same" padding), ours pads
+    # for the size it gets (TensorFlow's rule), and the two agree where the sizes match
+    for variant, blocks, size in (("efficientnet_lite0", (4, 10), 224), ("efficientnet_lite1", (6, 14), 240),
+                                  ("efficientnet_lite2", (6, 14), 260)):
+        ref = lib.EfficientNet.from_pretrained(variant.replace("_", "-"),
+                                               weights_path=str(lite_weights_path(variant))).eval()
+        ours = load_efficientnet_lite(variant, blocks)
+        x = torch.randn(1, 3, size, size)
+        with torch.no_grad():
+            y = ref._swish(ref._bn0(ref._conv_stem(x)))
+            outs = []
+            for i, block in enumerate(ref._blocks[: blocks[-1] + 1]):
+                y = block(y)
+                if i in blocks:
+                    outs.append(y)
+            for a, b in zip(ours(x), outs, strict=True):
+                assert torch.allclose(a, b, atol=1e-5), variant
 
 
 def test_extractor_shapes_and_position_code():
-    trunk = load_efficientnet_lite0((2, 4, 10))
+    trunk = load_efficientnet_lite("efficientnet_lite0", (2, 4, 10))
     ext = PatchFeatureExtractor(trunk, (128, 96), 176, 0.5, trunk.mean, trunk.std)
     image = torch.rand(2, 3, 128, 96)
     pcf, desc = ext(image)

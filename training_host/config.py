@@ -22,8 +22,10 @@ class _Section(BaseModel):
 
 
 class BackboneConfig(_Section):
-    name: Literal["efficientnet_lite0", "wide_resnet50_2"] = "efficientnet_lite0"
-    layers: list[int] = Field(default=[4, 10], description="trunk blocks/stages whose outputs are used")
+    name: Literal["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "wide_resnet50_2"] = \
+        "efficientnet_lite0"
+    layers: list[int] = Field(default=[4, 10], description="trunk blocks/stages whose outputs are used "
+                                                           "(Lite0 [4, 10] = Lite1/Lite2 [6, 14])")
     weights: str | None = Field(default=None, description=".safetensors file; None = offline default")
     d_f: int = Field(default=152, gt=0)
     descriptor_grid: tuple[int, int] = (8, 8)

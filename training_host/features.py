@@ -83,10 +83,10 @@ class PatchFeatureExtractor(nn.Module):
 
 def build_trunk(cfg: BackboneConfig) -> nn.Module:
     """The frozen ImageNet trunk named in the config (offline weights only)."""
-    if cfg.name == "efficientnet_lite0":
-        from .efficientnet_lite import load_efficientnet_lite0
+    if cfg.name.startswith("efficientnet_lite"):
+        from .efficientnet_lite import load_efficientnet_lite
 
-        return load_efficientnet_lite0(tuple(cfg.layers), Path(cfg.weights) if cfg.weights else None)
+        return load_efficientnet_lite(cfg.name, tuple(cfg.layers), Path(cfg.weights) if cfg.weights else None)
     if cfg.name == "wide_resnet50_2":
         if not cfg.weights:
             raise ValueError("backbone.weights: wide_resnet50_2 needs a torchvision weights file converted to "
@@ -95,7 +95,7 @@ def build_trunk(cfg: BackboneConfig) -> nn.Module:
 
         trunk = load_wide_resnet50_2(Path(cfg.weights))
         return trunk
-    raise ValueError(f"backbone.name: unknown backbone '{cfg.name}' (efficientnet_lite0, wide_resnet50_2)")
+    raise ValueError(f"backbone.name: unknown backbone '{cfg.name}' (efficientnet_lite0/1/2, wide_resnet50_2)")
 
 
 def build_extractor(cfg: BackboneConfig, input_hw: tuple[int, int], lambda_p: float) -> PatchFeatureExtractor:
