@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 from edge_runtime.core.bundle import sha256_of
 
@@ -93,10 +93,8 @@ class FitCache:
             self.misses += 1
             return None
         try:
-            arrays = load_file(str(path))
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="numpy") as f:
+            with safe_open(str(path), framework="numpy") as f:  # one read: tensors and metadata
+                arrays = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - not a dict
                 meta = json.loads((f.metadata() or {}).get("meta", "{}"))
         except (OSError, ValueError, SafetensorError) as exc:
             log.warning("cache entry %s unreadable (%s): recomputing", path, exc)
