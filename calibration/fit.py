@@ -27,7 +27,7 @@ from edge_runtime import __version__
 from edge_runtime.core import bundle as B
 from edge_runtime.core.fitting import BankBuilder, split_holdout
 from edge_runtime.core.foreground import ForegroundBuilder
-from edge_runtime.core.pipeline import Inspector, PosFARScorer, open_inspector
+from edge_runtime.core.pipeline import Inspector, MapFusion, PosFARScorer, open_inspector
 from edge_runtime.core.thresholds import ThresholdEstimate, estimate_threshold
 from edge_runtime.store import BundleStore, StoreError, check_version_name
 
@@ -158,10 +158,23 @@ def calibrate(base: Path, images: Path, out: Path | None, *, holdout: float = 0.
     })
     arrays = fitted.arrays()
     # score the hold-outs as the edge will: the bundle's own scorer over the fp16 arrays it will read
+    holdout_features = list(_features(inspector, holdout_frames, "hold-out frames", quiet))
+    classifier = inspector.scorer.classifier
+    fusion = None
+    if classifier is not None and m.scoring.fusion is not None:  # the new bank moves the distances: rescale
+        plain = PosFARScorer.from_bundle(B.Bundle(root=bundle.root, manifest=manifest, arrays=arrays),
+                                         classifier=classifier)
+        evidence = [plain.block_evidence(p, d) for p, d in holdout_features]
+        rescaled = MapFusion.calibrate(m.scoring.fusion.rule, np.stack([e[0] for e in evidence]),
+                                       np.stack([e[1] for e in evidence]))
+        manifest = manifest.model_copy(update={"scoring": m.scoring.model_copy(update={
+            "fusion": m.scoring.fusion.model_copy(update={"distance_scale": rescaled.distance_scale,
+                                                          "swin_scale": rescaled.swin_scale})})})
+        if m.scoring.anomaly_map == "fused":
+            fusion = rescaled
     scorer = PosFARScorer.from_bundle(B.Bundle(root=bundle.root, manifest=manifest, arrays=arrays),
-                                      classifier=inspector.scorer.classifier)
-    scores = np.array([scorer.score(p, d).score
-                       for p, d in _features(inspector, holdout_frames, "hold-out frames", quiet)])
+                                      classifier=classifier, fusion=fusion)
+    scores = np.array([scorer.score(p, d).score for p, d in holdout_features])
     thr = estimate_threshold(scores, target, m.thresholds.margin)
     manifest = manifest.model_copy(update={"thresholds": B.Thresholds.from_estimate(thr)})
     t_score = time.perf_counter()

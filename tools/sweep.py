@@ -7,6 +7,7 @@ A grid file (YAML)::
 
     config: configs/products/fast.yaml     # base profile (default: the fast profile)
     data: ../shared/data/mtd               # dataset (default: MTD beside the repository)
+    maps: [nn_distance, fused:geometric]   # optional: more maps evaluated from each variant's bundle
     variants:                              # name -> list of KEY=VALUE overrides
       baseline: []
       steps6000: [swin.steps=6000]
@@ -17,8 +18,10 @@ A grid file (YAML)::
 Each variant is fitted with the fit cache (``--cache``, default ``OUT/cache``: backbone features and residual
 fields are computed once for all variants that share them), evaluated on the test split (image AUROC, pixel
 AUROC, PRO, pixel AP overall and per defect type, detection at FRR 0.5 / 1 / 2 %), and benchmarked with
-``weakrest-edge bench`` in a fresh process (frame and backbone p50).  The nearest-normal distance of the
-first variant's bundle is one more row (``nn_distance``).  Results go to ``OUT/<variant>/result.json`` (a
+``weakrest-edge bench`` in a fresh process (frame and backbone p50).  Each map named in ``maps`` (or
+``--maps``) is one more row per variant with a Swin (``nn_distance``: the distance alone; ``swin``;
+``fused:RULE``: the two fused, with the scales stored at fit); without ``maps``, the first variant's distance
+is one more row.  Results go to ``OUT/<variant>/result.json`` (a
 variant whose result exists with the same overrides is not run again) and to ``OUT/table.csv`` and
 ``OUT/table.md``.
 """
@@ -130,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=None, help="fit cache folder (default OUT/cache)")
     parser.add_argument("--frames", type=int, default=100, help="bench frames per variant (0: no timing)")
     parser.add_argument("--no-baseline", action="store_true", help="no nearest-normal distance row")
+    parser.add_argument("--maps", default=None, help="comma-separated extra maps per variant (see above)")
     parser.add_argument("--force", action="store_true", help="rerun variants that already have a result")
     args = parser.parse_args(argv)
     grid, variants = load_grid(args.grid, args.variant)
@@ -145,13 +149,18 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     cache = args.cache or out / "cache"
+    maps = args.maps.split(",") if args.maps else list(grid.get("maps") or [])
+    for name in maps:
+        if name.partition(":")[0] not in ("nn_distance", "swin", "fused"):
+            raise SystemExit(f"maps: unknown map {name!r} (nn_distance, swin, fused:mean|geometric|max)")
     rows = []
     for i, (name, overrides) in enumerate(variants.items()):
         folder = out / name.replace("/", "_")
         result_path = folder / "result.json"
         if result_path.is_file() and not args.force:
             old = json.loads(result_path.read_text(encoding="utf-8"))
-            if old.get("overrides") == overrides and old.get("config") == str(config):
+            if (old.get("overrides") == overrides and old.get("config") == str(config)
+                    and old.get("maps", []) == maps):
                 print(f"[{i + 1}/{len(variants)}] {name}: kept from {result_path}", flush=True)
                 rows += old["rows"]
                 continue
@@ -162,11 +171,14 @@ def main(argv: list[str] | None = None) -> int:
         fit = {**summary.to_json(), "wall_s": round(time.perf_counter() - t0, 1)}
         metrics = evaluate_bundle(folder / "bundle", data, folder / "eval", progress=False)
         variant_rows = [row_of(name, overrides, metrics, fit, bench(folder / "bundle", data / "test", args.frames))]
-        if i == 0 and not args.no_baseline and summary.anomaly_map == "swin":
-            nn = evaluate_bundle(folder / "bundle", data, folder / "eval_nn", progress=False,
-                                 anomaly_map="nn_distance")
-            variant_rows.append(row_of(f"{name}: nn_distance", overrides, nn, None, None))
-        result_path.write_text(json.dumps({"config": str(config), "overrides": overrides, "fit": fit,
+        extra = maps if maps else (["nn_distance"] if i == 0 and not args.no_baseline else [])
+        if summary.anomaly_map != "nn_distance":
+            for map_name in extra:
+                kind, _, rule = map_name.partition(":")
+                m = evaluate_bundle(folder / "bundle", data, folder / f"eval_{map_name.replace(':', '_')}",
+                                    progress=False, anomaly_map=kind, fusion_rule=rule or None)
+                variant_rows.append(row_of(f"{name}: {map_name}", overrides, m, None, None))
+        result_path.write_text(json.dumps({"config": str(config), "overrides": overrides, "maps": maps, "fit": fit,
                                            "rows": variant_rows}, indent=2, default=str) + "\n", encoding="utf-8")
         rows += variant_rows
         write_tables(rows, out)

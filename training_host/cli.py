@@ -52,7 +52,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     print(f"time: {', '.join(f'{k} {v:.1f} s' for k, v in s.seconds.items())}; "
           f"backbone ONNX vs torch max abs diff {s.onnx_max_abs_diff:.2g}")
     if s.swin:
-        print(f"anomaly map: residual Swin ({s.swin['supervision']}; {s.swin['good_fields']} good and "
+        fused = " fused with the nearest-normal distance" if s.anomaly_map == "fused" else ""
+        print(f"anomaly map: residual Swin{fused} ({s.swin['supervision']}; {s.swin['good_fields']} good and "
               f"{s.swin['synthetic_fields']} synthetic fields, {s.swin['steps']} steps); swin.onnx vs torch max abs "
               f"diff {s.swin['onnx_max_abs_diff']:.2g}; foreground maps {'on' if s.foreground else 'off'}")
         for name in s.swin["defect_images"]:
@@ -91,7 +92,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     metrics = evaluate_bundle(Path(args.bundle), Path(args.data), Path(args.out), overlays=args.overlays,
                               progress=not args.json, anomaly_map=args.anomaly_map,
-                              use_foreground=not args.no_foreground)
+                              use_foreground=not args.no_foreground, fusion_rule=args.fusion_rule)
     if args.json:
         print(json.dumps(metrics))
         return 0
@@ -184,8 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--overlays", type=int, default=4, help="heatmap overlays to save per defect type")
-    p.add_argument("--anomaly-map", choices=["swin", "nn_distance"], default=None,
-                   help="score by this map instead of the bundle's (nn_distance: the distance baseline)")
+    p.add_argument("--anomaly-map", choices=["swin", "nn_distance", "fused"], default=None,
+                   help="score by this map instead of the bundle's (nn_distance: the distance baseline; fused: the "
+                        "Swin and the distance, with the scales stored at fit)")
+    p.add_argument("--fusion-rule", choices=["mean", "geometric", "max"], default=None,
+                   help="with a fused map: this rule instead of the bundle's")
     p.add_argument("--no-foreground", action="store_true", help="ignore the bundle's foreground maps (ablation)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)

@@ -29,6 +29,10 @@ class BackboneConfig(_Section):
     weights: str | None = Field(default=None, description=".safetensors file; None = offline default")
     d_f: int = Field(default=152, gt=0)
     descriptor_grid: tuple[int, int] = (8, 8)
+    pool_padding: Literal["zeros", "excluded"] = Field(
+        default="zeros", description="3x3 local average at the map border: 'zeros' counts the zero padding "
+                                     "(as PatchCore does), so border patches do not dominate the distances; "
+                                     "'excluded' averages only the pixels inside the map")
 
     @field_validator("layers")
     @classmethod
@@ -52,6 +56,9 @@ class PosFARConfig(_Section):
 class ScoringConfig(_Section):
     blur_sigma: float = Field(default=4.0, ge=0.0)
     score_pool: int = Field(default=24, ge=1)
+    fusion: Literal["none", "mean", "geometric", "max"] = Field(
+        default="none", description="with a Swin: 'none' scores by its probability alone; otherwise the final "
+                                    "map fuses it with the nearest-normal distance by this rule")
 
 
 class SwinConfig(_Section):

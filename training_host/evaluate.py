@@ -28,7 +28,7 @@ from .metrics import evaluate_maps, save_curve_plot
 
 def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int = 0, progress: bool = True,
                     anomaly_map: str | None = None, use_foreground: bool = True,
-                    also_exclude: set[str] | frozenset[str] = frozenset()) -> dict:
+                    also_exclude: set[str] | frozenset[str] = frozenset(), fusion_rule: str | None = None) -> dict:
     """Run every test image through the bundle; return and write the metrics.
 
     Defective images the bundle was trained on (listed with their sha256 in its manifest) are left out,
@@ -36,7 +36,7 @@ def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int
     out more, so that models compared in one table are scored on the same images.
     """
     bundle = load_bundle(bundle_path)
-    inspector = Inspector(bundle, anomaly_map=anomaly_map, use_foreground=use_foreground)
+    inspector = Inspector(bundle, anomaly_map=anomaly_map, use_foreground=use_foreground, fusion_rule=fusion_rule)
     dataset = scan_dataset(data_root)
     m = bundle.manifest
     trained_on = {d.sha256 for d in m.training.defect_images} if m.training else set()
@@ -79,7 +79,9 @@ def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int
     labels_a, scores_a = np.array(labels), np.array(scores)
     metrics = evaluate_maps(labels_a, scores_a, masks_a, maps_a, types)
     # the bundle's threshold belongs to its own anomaly map; with another map there is no verdict to report
-    own_map = inspector.anomaly_map == m.scoring.anomaly_map and (use_foreground or m.foreground is None)
+    own_rule = inspector.fusion is None or m.scoring.fusion is None or inspector.fusion.rule == m.scoring.fusion.rule
+    own_map = (inspector.anomaly_map == m.scoring.anomaly_map and (use_foreground or m.foreground is None)
+               and own_rule)
     predicted = scores_a >= inspector.threshold
     at_threshold = None
     good, bad = ~labels_a, labels_a
@@ -96,11 +98,13 @@ def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int
     detection_at_frr = (detection_at_false_reject(scores_a[good], scores_a[bad])
                         if good.any() and bad.any() else None)
     supervision = m.training.supervision if m.training else "none: nearest-normal distance from good images"
-    if inspector.anomaly_map != m.scoring.anomaly_map:
+    if inspector.anomaly_map == "nn_distance" and m.scoring.anomaly_map != "nn_distance":
         supervision = "none: nearest-normal distance from good images (bundle's Swin not used)"
     metrics.update({
         "bundle": str(bundle_path), "product": m.product, "bundle_version": m.bundle_version,
-        "anomaly_map": inspector.anomaly_map, "foreground": bool(m.foreground is not None and use_foreground),
+        "anomaly_map": inspector.anomaly_map,
+        "fusion_rule": inspector.fusion.rule if inspector.fusion is not None else None,
+        "foreground": bool(m.foreground is not None and use_foreground),
         "supervision": supervision, "training_mode": m.training.mode if m.training else None,
         "excluded_training_defects": excluded,
         "threshold": inspector.threshold if own_map else None,

@@ -1,6 +1,7 @@
 """Patch features (paper steps 1-2) as one torch module that exports to ``backbone.onnx``.
 
-image in [0, 1] -> mean/std -> trunk stages -> 3x3 local average -> one stride-8 grid -> concat ->
+image in [0, 1] -> mean/std -> trunk stages -> 3x3 local average (zero padding counted by default: measured
+on MTD, excluding it let the border patches set the maps' scale) -> one stride-8 grid -> concat ->
 channel pooling to d_f -> + lambda_P * eta (position code) = PCFs, plus the retrieval descriptor
 (the earliest stage average-pooled to a small grid).
 """
@@ -24,7 +25,7 @@ class PatchFeatureExtractor(nn.Module):
 
     def __init__(self, trunk: nn.Module, input_hw: tuple[int, int], d_f: int, lambda_p: float,
                  mean: tuple[float, ...], std: tuple[float, ...], stride: int = 8,
-                 descriptor_grid: tuple[int, int] = (8, 8)) -> None:
+                 descriptor_grid: tuple[int, int] = (8, 8), pool_padding: str = "zeros") -> None:
         super().__init__()
         self.trunk = trunk.eval().requires_grad_(False)
         height, width = input_hw
@@ -38,6 +39,9 @@ class PatchFeatureExtractor(nn.Module):
         if self.d_f % 4:
             raise ValueError(f"d_f must be a multiple of 4 (position code), got {self.d_f}")
         self.lambda_p = lambda_p
+        if pool_padding not in ("zeros", "excluded"):
+            raise ValueError(f"pool_padding must be 'zeros' or 'excluded', got {pool_padding!r}")
+        self.count_include_pad = pool_padding == "zeros"
         first_stride = trunk.out_strides[0]
         gh, gw = descriptor_grid
         fh, fw = height // first_stride, width // first_stride
@@ -62,7 +66,7 @@ class PatchFeatureExtractor(nn.Module):
         stages = self.trunk(x)
         maps = []
         for feat in stages:
-            feat = F.avg_pool2d(feat, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+            feat = F.avg_pool2d(feat, kernel_size=3, stride=1, padding=1, count_include_pad=self.count_include_pad)
             if feat.shape[-2:] != self.grid:
                 feat = F.interpolate(feat, size=self.grid, mode="bilinear", align_corners=False)
             maps.append(feat)
@@ -102,7 +106,7 @@ def build_extractor(cfg: BackboneConfig, input_hw: tuple[int, int], lambda_p: fl
     trunk = build_trunk(cfg)
     mean, std = (trunk.mean, trunk.std) if hasattr(trunk, "mean") else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     return PatchFeatureExtractor(trunk, input_hw, cfg.d_f, lambda_p, mean, std,
-                                 descriptor_grid=tuple(cfg.descriptor_grid))
+                                 descriptor_grid=tuple(cfg.descriptor_grid), pool_padding=cfg.pool_padding)
 
 
 @torch.inference_mode()

@@ -20,7 +20,7 @@ from edge_runtime.core import bundle as B
 from edge_runtime.core.engines import OnnxRuntimeEngine
 from edge_runtime.core.fitting import BankBuilder, FittedPosFAR, split_holdout
 from edge_runtime.core.foreground import ForegroundBuilder
-from edge_runtime.core.pipeline import SwinClassifier
+from edge_runtime.core.pipeline import FUSION_QUANTILE, MapFusion, PosFARScorer, SwinClassifier
 from edge_runtime.core.thresholds import estimate_threshold
 
 from .cache import FitCache, features_key, residuals_key
@@ -325,14 +325,28 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
 
         t1 = time.perf_counter()
         power = fg_cfg.power if fg_cfg.enabled else 0.0
-        scorer = fitted.scorer(cfg.posfar.k_references, extractor.grid, cfg.input_size, cfg.posfar.retrieval_trim,
-                               cfg.scoring.blur_sigma, cfg.scoring.score_pool, tuple(cfg.posfar.thetas),
-                               classifier=classifier,
-                               foreground_power=power, foreground_pool=fg_cfg.pool)
-        holdout_scores = []
-        for pcf, descriptor in _cached_features(cache, extractor, holdout_paths, cfg, "hold-out images", skipped,
-                                                progress):
-            holdout_scores.extend(scorer.score(p, d).score for p, d in zip(pcf, descriptor, strict=True))
+
+        def holdout_scorer(fusion: MapFusion | None) -> PosFARScorer:
+            return fitted.scorer(cfg.posfar.k_references, extractor.grid, cfg.input_size, cfg.posfar.retrieval_trim,
+                                 cfg.scoring.blur_sigma, cfg.scoring.score_pool, tuple(cfg.posfar.thetas),
+                                 classifier=classifier, foreground_power=power, foreground_pool=fg_cfg.pool,
+                                 fusion=fusion)
+
+        holdout = [(p, d) for pcf, descriptor in _cached_features(cache, extractor, holdout_paths, cfg,
+                                                                  "hold-out images", skipped, progress)
+                   for p, d in zip(pcf, descriptor, strict=True)]
+        fusion = fusion_info = None
+        if classifier is not None:  # the scales are always stored, so every map can be evaluated
+            evidence = [holdout_scorer(None).block_evidence(p, d) for p, d in holdout]
+            rule = cfg.scoring.fusion if cfg.scoring.fusion != "none" else "geometric"
+            calibrated = MapFusion.calibrate(rule, np.stack([e[0] for e in evidence]),
+                                             np.stack([e[1] for e in evidence]))
+            fusion_info = B.FusionInfo(rule=rule, distance_scale=calibrated.distance_scale,
+                                       swin_scale=calibrated.swin_scale, quantile=FUSION_QUANTILE)
+            if cfg.scoring.fusion != "none":
+                fusion = calibrated
+        scorer = holdout_scorer(fusion)
+        holdout_scores = [scorer.score(p, d).score for p, d in holdout]
         choice = estimate_threshold(holdout_scores, cfg.threshold.target_false_reject, cfg.threshold.margin)
         seconds["threshold"] = time.perf_counter() - t1
 
@@ -366,8 +380,9 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
                                 coreset_ratio=cfg.posfar.coreset_ratio,
                                 n_reference_images=int(fitted.descriptors.shape[0]),
                                 n_bank=int(fitted.bank.shape[0])),
-            scoring=B.ScoringInfo(anomaly_map="swin" if trained else "nn_distance",
-                                  blur_sigma=cfg.scoring.blur_sigma, score_pool=cfg.scoring.score_pool),
+            scoring=B.ScoringInfo(anomaly_map=("fused" if fusion else "swin") if trained else "nn_distance",
+                                  blur_sigma=cfg.scoring.blur_sigma, score_pool=cfg.scoring.score_pool,
+                                  fusion=fusion_info),
             thresholds=B.Thresholds.from_estimate(choice),
             latency_budget_ms=cfg.latency_budget_ms,
             swin=swin_info,

@@ -139,10 +139,21 @@ class TrainingInfo(_Strict):
     seconds: float
 
 
+class FusionInfo(_Strict):
+    """How the Swin's probability and the nearest-normal distance are fused (``pipeline.MapFusion``): each is
+    divided by its scale (its ``quantile`` on held-out good blocks, measured at fit or calibration)."""
+
+    rule: Literal["mean", "geometric", "max"]
+    distance_scale: float = Field(gt=0)
+    swin_scale: float = Field(gt=0)
+    quantile: float = Field(gt=0, lt=1)
+
+
 class ScoringInfo(_Strict):
-    anomaly_map: Literal["nn_distance", "swin"] = "nn_distance"
+    anomaly_map: Literal["nn_distance", "swin", "fused"] = "nn_distance"
     blur_sigma: float
     score_pool: int
+    fusion: FusionInfo | None = None  # present whenever there is a Swin, so each map can be evaluated
 
 
 class Thresholds(_Strict):
@@ -232,9 +243,11 @@ def _read_manifest(root: Path) -> Manifest:
         first = exc.errors()[0]
         key = ".".join(str(p) for p in first["loc"])
         raise BundleError(MANIFEST, f"key '{key}': {first['msg']} (got {first.get('input')!r})") from exc
-    if (manifest.scoring.anomaly_map == "swin") != (manifest.swin is not None):
+    if (manifest.scoring.anomaly_map in ("swin", "fused")) != (manifest.swin is not None):
         raise BundleError(MANIFEST, f"scoring.anomaly_map is '{manifest.scoring.anomaly_map}' but the swin section "
                                     f"is {'present' if manifest.swin else 'absent'}")
+    if manifest.scoring.anomaly_map == "fused" and manifest.scoring.fusion is None:
+        raise BundleError(MANIFEST, "scoring.anomaly_map is 'fused' but scoring.fusion (rule and scales) is absent")
     return manifest
 
 

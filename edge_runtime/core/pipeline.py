@@ -2,8 +2,9 @@
 
 :class:`PosFARScorer` is the torch-free math from patch features to an anomaly map and score; the
 training host and the calibration tool use it to score held-out images exactly as the edge will.  The
-block map is either the nearest-normal distance (the slice's bundles) or the residual Swin's anomaly
-probability, optionally weighted by the retrieved references' foreground maps (object products).
+block map is the nearest-normal distance, the residual Swin's anomaly probability, or both fused (each divided
+by its high quantile on held-out good blocks, then combined), optionally weighted by the retrieved references'
+foreground maps (object products).
 :class:`Inspector` wraps it with the engines and stage timings for the runtime.
 """
 
@@ -64,6 +65,48 @@ class ForegroundWeighting:
         return reference_foreground(self.maps, references, self.power, self.pool)
 
 
+FUSION_QUANTILE = 0.999  # each map is divided by this quantile of its values on held-out good blocks
+
+
+@dataclass(frozen=True)
+class MapFusion:
+    """The final map from both pieces of evidence: the Swin's probability and the nearest-normal distance.
+
+    Measured on MTD, the Swin trained on synthetic anomalies removes false alarms of the distance but also
+    erases small defects that only the distance sees (blowholes); fused, each keeps what the other misses.
+    Both maps are first divided by their ``FUSION_QUANTILE`` on held-out good blocks, so 1.0 means "as high
+    as the most extreme normal blocks" in either, then combined by ``rule``.
+    """
+
+    rule: Literal["mean", "geometric", "max"]
+    distance_scale: float
+    swin_scale: float
+
+    def __post_init__(self) -> None:
+        if self.rule not in ("mean", "geometric", "max"):
+            raise ValueError(f"fusion rule must be mean, geometric or max, got {self.rule!r}")
+        if not (self.distance_scale > 0 and self.swin_scale > 0):
+            raise ValueError(f"fusion scales must be positive, got {self.distance_scale}, {self.swin_scale}")
+
+    @classmethod
+    def calibrate(cls, rule: Literal["mean", "geometric", "max"], distances: np.ndarray,
+                  probabilities: np.ndarray) -> MapFusion:
+        """Scales from the block values of held-out good images (any shape, pooled)."""
+        eps = 1e-6
+        d = float(np.quantile(np.asarray(distances, dtype=np.float64).ravel(), FUSION_QUANTILE))
+        p = float(np.quantile(np.asarray(probabilities, dtype=np.float64).ravel(), FUSION_QUANTILE))
+        return cls(rule=rule, distance_scale=max(d, eps), swin_scale=max(p, eps))
+
+    def __call__(self, probability: np.ndarray, distance: np.ndarray) -> np.ndarray:
+        p = np.asarray(probability, dtype=np.float32) / np.float32(self.swin_scale)
+        d = np.asarray(distance, dtype=np.float32) / np.float32(self.distance_scale)
+        if self.rule == "mean":
+            return 0.5 * (p + d)
+        if self.rule == "max":
+            return np.maximum(p, d)
+        return np.sqrt(np.maximum(p, 0.0) * np.maximum(d, 0.0))
+
+
 @dataclass(frozen=True)
 class Residual:
     """What matching produced for one image: the PosFAR residual field and where it came from."""
@@ -79,7 +122,9 @@ class PosFARScorer:
     def __init__(self, bank: MemoryBank, references: ReferenceIndex, k: int, grid: tuple[int, int],
                  input_hw: tuple[int, int], blur_sigma: float = 4.0, score_pool: int = 8,
                  thetas: tuple[float, ...] = (1.0, 2.0), classifier: Classifier | None = None,
-                 foreground: ForegroundWeighting | None = None) -> None:
+                 foreground: ForegroundWeighting | None = None, fusion: MapFusion | None = None) -> None:
+        if fusion is not None and classifier is None:
+            raise ValueError("a fused map needs the Swin classifier")
         self.bank = bank
         self.references = references
         self.k = k
@@ -90,11 +135,13 @@ class PosFARScorer:
         self.thetas = tuple(thetas)
         self.classifier = classifier
         self.foreground = foreground
+        self.fusion = fusion
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, classifier: Classifier | None = None,
-                    use_foreground: bool = True) -> PosFARScorer:
-        """The bundle's scorer; pass ``classifier`` (its Swin engine) to score with the residual Swin."""
+                    use_foreground: bool = True, fusion: MapFusion | None = None) -> PosFARScorer:
+        """The bundle's scorer; pass ``classifier`` (its Swin engine) to score with the residual Swin, and
+        ``fusion`` as well to fuse it with the distance."""
         m, a = bundle.manifest, bundle.arrays
         pca = PCA(components=a["pca_components"], mean=a["pca_mean"])
         bank = MemoryBank(a["bank"].astype(np.float32), a["bank_image"], pca)
@@ -104,7 +151,7 @@ class PosFARScorer:
             foreground = ForegroundWeighting(a["foreground_maps"], m.foreground.power, m.foreground.pool)
         return cls(bank, refs, m.posfar.k_references, tuple(m.backbone.grid), tuple(m.preprocessing.input_size),
                    m.scoring.blur_sigma, m.scoring.score_pool, thetas=tuple(m.posfar.thetas), classifier=classifier,
-                   foreground=foreground)
+                   foreground=foreground, fusion=fusion)
 
     def residual(self, pcf: np.ndarray, descriptor: np.ndarray, exclude: int | None = None) -> Residual:
         """Retrieval, matching and the PosFAR residual field of one image (no classifier)."""
@@ -112,6 +159,13 @@ class PosFARScorer:
         match = self.bank.match(pcf, refs)
         residual = posfar_residual(pcf, self.bank.features[match.bank_rows], self.thetas)
         return Residual(residual=residual, distance=match.distance, references=refs)
+
+    def block_evidence(self, pcf: np.ndarray, descriptor: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The raw block distances (M,) and the Swin's probabilities (M,) (None without a classifier), before
+        fusion and foreground weighting: what :meth:`MapFusion.calibrate` needs."""
+        res = self.residual(pcf, descriptor)
+        prob = None if self.classifier is None else np.asarray(self.classifier(res.residual), dtype=np.float32)
+        return res.distance, prob
 
     def score(self, pcf: np.ndarray, descriptor: np.ndarray, exclude: int | None = None) -> Scored:
         """pcf: (M, d_f) patch features; descriptor: (cells, C).  ``exclude`` leaves one image out."""
@@ -123,7 +177,10 @@ class PosFARScorer:
         timings = {"retrieval": (t1 - t0) * 1e3, "matching": (t2 - t1) * 1e3}
         if self.classifier is not None:
             residual = posfar_residual(pcf, self.bank.features[match.bank_rows], self.thetas)
-            block_map = np.asarray(self.classifier(residual), dtype=np.float32).reshape(self.grid)
+            block_map = np.asarray(self.classifier(residual), dtype=np.float32)
+            if self.fusion is not None:
+                block_map = self.fusion(block_map, match.distance)
+            block_map = block_map.reshape(self.grid)
             t_swin = time.perf_counter()
             timings["swin"] = (t_swin - t2) * 1e3
             t2 = t_swin
@@ -164,26 +221,35 @@ class InspectionResult:
 class Inspector:
     """Loads the engines of a verified bundle and inspects decoded RGB images.
 
-    ``anomaly_map="nn_distance"`` scores a Swin bundle by distance alone (the baseline, for evaluation);
-    its threshold is then meaningless and ``threshold`` must be read as unset.
+    ``anomaly_map`` other than the bundle's own (``nn_distance``: distance alone, the baseline; ``swin``; or
+    ``fused`` with ``fusion_rule``) is for evaluation: the bundle's threshold belongs to its own map and must
+    then be read as unset.
     """
 
     def __init__(self, bundle: Bundle, backbone: Engine | None = None, threads: int | None = None,
-                 swin: Engine | None = None, anomaly_map: Literal["swin", "nn_distance"] | None = None,
-                 use_foreground: bool = True) -> None:
+                 swin: Engine | None = None, anomaly_map: Literal["swin", "nn_distance", "fused"] | None = None,
+                 use_foreground: bool = True, fusion_rule: Literal["mean", "geometric", "max"] | None = None) -> None:
         self.bundle = bundle
         m = bundle.manifest
         self.input_hw = tuple(m.preprocessing.input_size)
         self.scale = m.preprocessing.scale
         self.backbone = backbone or OnnxRuntimeEngine(bundle.backbone_path, threads=threads)
         self.anomaly_map = anomaly_map or m.scoring.anomaly_map
-        if self.anomaly_map == "swin" and bundle.swin_path is None:
+        if self.anomaly_map in ("swin", "fused") and bundle.swin_path is None:
             raise ValueError(f"bundle {bundle.root} has no swin.onnx: it can only score by nn_distance")
+        fusion = None
+        if self.anomaly_map == "fused":
+            f = m.scoring.fusion
+            if f is None:
+                raise ValueError(f"bundle {bundle.root} has no fusion scales (fitted before fused maps existed)")
+            fusion = MapFusion(rule=fusion_rule or f.rule, distance_scale=f.distance_scale, swin_scale=f.swin_scale)
+        self.fusion = fusion
         self.swin = None
-        if self.anomaly_map == "swin":
+        if self.anomaly_map in ("swin", "fused"):
             self.swin = swin or OnnxRuntimeEngine(bundle.swin_path, threads=threads)
         classifier = SwinClassifier(self.swin) if self.swin is not None else None
-        self.scorer = PosFARScorer.from_bundle(bundle, classifier=classifier, use_foreground=use_foreground)
+        self.scorer = PosFARScorer.from_bundle(bundle, classifier=classifier, use_foreground=use_foreground,
+                                               fusion=fusion)
         self.threshold = m.thresholds.image
         self.pixel_threshold = m.thresholds.pixel
         self.budget_ms = m.latency_budget_ms
