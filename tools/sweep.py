@@ -66,10 +66,10 @@ def load_grid(path: Path | None, extra: list[str]) -> tuple[dict, dict[str, list
                                                                                              strict=True)]
             variants[",".join(overrides)] = overrides
     for spec in extra:
-        name, _, rest = spec.partition("=")
-        if not name or not rest:
-            raise SystemExit(f"--variant {spec!r}: expected NAME=KEY=VALUE[,KEY=VALUE...]")
-        variants[name] = rest.split(",")
+        name, sep, rest = spec.partition("=")
+        if not name or not sep:
+            raise SystemExit(f"--variant {spec!r}: expected NAME=KEY=VALUE[,KEY=VALUE...] (NAME= for the base profile)")
+        variants[name] = rest.split(",") if rest else []
     if not variants:
         raise SystemExit("nothing to run: give --grid with variants/axes, or --variant")
     return grid, variants
