@@ -4,7 +4,8 @@ What carries over and what is refitted: the backbone and the residual Swin graph
 (the Swin classifies PosFAR residuals, not appearance, so it transfers between similar products); the
 coreset bank, the PCA, the reference descriptors, the foreground maps (when the base has them) and the
 image threshold are refitted from the frames.  The threshold is chosen on held-out frames that are not in
-the bank, scored by exactly the code and the fp16 arrays the edge will use.
+the bank (plus, when the base bundle's threshold was estimated so, the bank frames each left out of its own
+retrieval), scored by exactly the code and the fp16 arrays the edge will use.
 
 The new bundle records its parent in the manifest and the calibration data in a hash-checked sidecar
 ``calibration.json`` (listed in the manifest's files); the manifest's free-form ``producer`` map carries
@@ -137,7 +138,8 @@ def calibrate(base: Path, images: Path, out: Path | None, *, holdout: float = 0.
 
     foreground = ForegroundBuilder(tuple(m.backbone.grid), seed=seed) if m.foreground is not None else None
     builder = BankBuilder(m.posfar.coreset_ratio, seed=seed, foreground=foreground)
-    for pcf, desc in _features(inspector, bank_frames, "bank frames", quiet):
+    bank_features = list(_features(inspector, bank_frames, "bank frames", quiet))
+    for pcf, desc in bank_features:
         builder.add(pcf[None], desc[None])
     fitted = builder.build(m.posfar.d_l)
     t_bank = time.perf_counter()
@@ -175,7 +177,10 @@ def calibrate(base: Path, images: Path, out: Path | None, *, holdout: float = 0.
     scorer = PosFARScorer.from_bundle(B.Bundle(root=bundle.root, manifest=manifest, arrays=arrays),
                                       classifier=classifier, fusion=fusion)
     scores = np.array([scorer.score(p, d).score for p, d in holdout_features])
-    thr = estimate_threshold(scores, target, m.thresholds.margin)
+    # as the base bundle's threshold was estimated: with leave-one-out scores of the bank frames when it was
+    loo = ([scorer.score(p, d, exclude=j).score for j, (p, d) in enumerate(bank_features)]
+           if m.thresholds.n_leave_one_out else [])
+    thr = estimate_threshold(np.concatenate([scores, loo]), target, m.thresholds.margin, n_leave_one_out=len(loo))
     manifest = manifest.model_copy(update={"thresholds": B.Thresholds.from_estimate(thr)})
     t_score = time.perf_counter()
 
@@ -238,7 +243,7 @@ def describe(report: FitReport) -> list[str]:
         f"bundle {report.bundle}: {report.product}@{report.version} (parent {report.parent}), "
         f"{report.n_bank_frames} bank frames, {report.n_frames} frames in all, {report.seconds['total']:.1f} s",
         f"threshold {t.threshold:.4g} = {t.quantile_score:.4g} ((1 - {t.target_false_reject:g}) quantile of "
-        f"{t.n_holdout} held-out good frames, highest {t.max_holdout_score:.4g}) + margin {t.margin:.4g} "
+        f"{_scores_of(t)}, highest {t.max_score:.4g}) + margin {t.margin:.4g} "
         f"({t.margin_factor:g} x spread)",
         f"calibration data: sha256:{report.data_digest} ({report.n_frames} frames)",
     ]
@@ -248,8 +253,15 @@ def describe(report: FitReport) -> list[str]:
     for dup in report.duplicates:
         lines.append(f"skipped duplicate: {dup}")
     if not t.enough_frames:
-        lines.append(f"warning: the threshold rests on {t.n_holdout} held-out frames; a false-reject target of "
+        lines.append(f"warning: the threshold rests on {_scores_of(t)}; a false-reject target of "
                      f"{t.target_false_reject:.2%} needs at least {t.min_frames_for_target} to be measured, so it is "
-                     "the highest held-out score plus the margin: check it with 'weakrest-calibrate verify' on more "
+                     "the highest of these scores plus the margin: check it with 'weakrest-calibrate verify' on more "
                      "good frames")
     return lines
+
+
+def _scores_of(t: ThresholdEstimate) -> str:
+    if not t.n_leave_one_out:
+        return f"{t.n_scores} held-out good frames"
+    return (f"{t.n_scores} good scores: {t.n_scores - t.n_leave_one_out} held-out frames + {t.n_leave_one_out} "
+            "bank frames each left out of its own retrieval")

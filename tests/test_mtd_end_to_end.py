@@ -42,7 +42,8 @@ def test_mtd_fit_is_complete_and_small(mtd_bundle):
     assert summary.bundle_bytes < 50e6
     assert summary.anomaly_map == "swin" and summary.swin["onnx_max_abs_diff"] < 1e-4
     est = summary.threshold_estimate
-    assert est["n_holdout"] == summary.n_holdout and 0 < est["frr_upper95"] < 1
+    assert est["n_scores"] == summary.n_holdout + summary.n_train == est["n_holdout_images"] + est["n_leave_one_out"]
+    assert 0 < est["frr_upper95"] < 1
 
 
 def test_mtd_metrics(mtd_bundle, tmp_path):

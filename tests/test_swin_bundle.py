@@ -206,3 +206,37 @@ def test_calibration_refits_foreground_maps_and_keeps_the_swin(object_bundle, ob
     assert maps[:, (radius > 3.5) & (radius < 5.5)].mean() > 0.7 and maps[:, radius > 9].mean() < 0.3
     result = open_inspector(out).inspect(read_image(list_images(object_data / "test" / "good")[0]))
     assert {"swin", "total"} <= set(result.timings_ms)
+
+
+def test_fused_map_uses_the_scales_stored_at_fit(fitted, demo_data):
+    """Every Swin bundle stores the fusion scales; the fused map is the rule applied to both block maps."""
+    from edge_runtime.core.pipeline import MapFusion
+
+    bundle = load_bundle(fitted[0])
+    f = bundle.manifest.scoring.fusion
+    assert f is not None and f.distance_scale > 0 and 0 < f.swin_scale <= 1 and f.quantile == 0.999
+    image = read_image(list_images(demo_data / "test" / "scratch")[0])
+    swin = Inspector(bundle, anomaly_map="swin")
+    pcf, desc = swin.features(image)
+    distance, probability = swin.scorer.block_evidence(pcf, desc)
+    for rule in ("mean", "geometric", "max"):
+        fused = Inspector(bundle, anomaly_map="fused", fusion_rule=rule)
+        expected = MapFusion(rule, f.distance_scale, f.swin_scale)(probability, distance)
+        got = fused.scorer.score(pcf, desc).block_map.ravel()
+        assert np.allclose(got, expected, atol=1e-5)
+    d, p = distance / f.distance_scale, probability / f.swin_scale
+    assert np.allclose(MapFusion("mean", f.distance_scale, f.swin_scale)(probability, distance), (d + p) / 2,
+                       atol=1e-5)
+    with pytest.raises(ValueError, match="fusion rule"):
+        MapFusion("median", 1.0, 1.0)
+
+
+def test_fused_manifest_without_scales_is_refused(fitted, tmp_path):
+    path = tmp_path / "b"
+    shutil.copytree(fitted[0], path)
+    _rewrite_manifest(path, lambda m: m["scoring"].update(anomaly_map="fused", fusion=None))
+    with pytest.raises(BundleError, match="fusion"):
+        load_bundle(path)
+    _rewrite_manifest(path, lambda m: m["scoring"].pop("fusion"))
+    with pytest.raises(BundleError, match="fusion"):
+        load_bundle(path)

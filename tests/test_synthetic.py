@@ -10,9 +10,11 @@ from training_host.synthetic import (
     AnomalySynthesizer,
     SyntheticConfig,
     block_labels,
+    crack_mask,
     packaged_textures,
     perlin_mask,
     perlin_noise,
+    pit_mask,
     save_sample_grid,
 )
 
@@ -180,6 +182,39 @@ def test_block_labels():
     assert np.array_equal(block_labels(mask.astype(bool), (4, 4)), labels)
     assert np.array_equal(block_labels(mask.astype(np.float32), (4, 4)), labels)
     assert block_labels(mask, (64, 64)).tolist() == np.where(mask > 0, 1, 0).tolist()
+    # min_positive_px: a block holding that many defective pixels is positive even when barely covered
+    thin = block_labels(mask, (4, 4), eps_pos=0.5, eps_neg=0.1, min_positive_px=64)
+    assert thin[2, 0] == 1 and thin[0, 0] == 1 and thin[3, 3] == 0  # 64 and 128 px; 12 px stays negative
+    assert np.array_equal(block_labels(mask, (4, 4), min_positive_px=0), labels)
+    with pytest.raises(ValueError, match="min_positive_px"):
+        block_labels(mask, (4, 4), min_positive_px=-1)
+
+
+def test_pit_and_crack_masks_are_small_or_thin():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        pits = pit_mask((256, 256), rng)
+        n, _, stats, _ = cv2.connectedComponentsWithStats(pits.astype(np.uint8))
+        assert 1 <= n - 1 <= 3 and stats[1:, cv2.CC_STAT_AREA].max() <= np.pi * 10.5 * 10.5 * 1.2
+        crack = crack_mask((256, 256), rng, width_px=(1, 2))
+        area = int(crack.sum())
+        assert area > 0 and set(np.unique(crack)) <= {0.0, 1.0}
+        # thin: one 3x3 erosion removes most of a line drawn at most 2 px wide (a blob would keep most)
+        eroded = cv2.erode(crack.astype(np.uint8), np.ones((3, 3), np.uint8))
+        assert eroded.sum() <= 0.35 * area
+
+
+@pytest.mark.parametrize("shapes", [(0.0, 1.0, 0.0), (0.0, 0.0, 1.0)])
+def test_pits_and_cracks_change_exactly_the_mask(shapes):
+    syn = AnomalySynthesizer([_texture(1)], SyntheticConfig(shape_weights=shapes), seed=2)
+    image = _texture(0)
+    for _ in range(5):
+        out, mask = syn.make(image)
+        changed = np.any(out != image, axis=2)
+        assert mask.any() and not changed[mask == 0].any()
+        assert changed[mask > 0].mean() > 0.9  # darkened or brightened, almost nowhere left equal
+    with pytest.raises(ValueError, match="shape_weights"):
+        AnomalySynthesizer([], SyntheticConfig(shape_weights=(0, 0, 0)))
 
 
 @pytest.mark.parametrize(

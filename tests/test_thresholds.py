@@ -29,7 +29,7 @@ def test_clopper_pearson_bounds():
 
 def test_estimate_threshold_quantile_margin_and_uncertainty():
     est = estimate_threshold(np.arange(100.0), target_false_reject=0.01, margin_factor=0.0)
-    assert est.threshold == est.quantile_score == 99.0 and est.n_holdout == 100 and est.max_holdout_score == 99.0
+    assert est.threshold == est.quantile_score == 99.0 and est.n_scores == 100 and est.max_score == 99.0
     assert est.n_above == 1 and est.frr_upper95 == pytest.approx(rate_upper_bound(1, 100))
     assert est.min_frames_for_target == 100 and est.enough_frames
     # the margin is a fraction of the spread (q99 - median), added on top of the quantile
@@ -41,7 +41,7 @@ def test_estimate_threshold_quantile_margin_and_uncertainty():
     # too few images to resolve the target: the highest score plus the margin, and it says so
     few = estimate_threshold([0.1, 0.2, 0.3], target_false_reject=0.005, margin_factor=0.0)
     assert few.threshold == 0.3 and not few.enough_frames and few.to_json()["enough_frames"] is False
-    assert estimate_threshold([0.1, np.nan, 0.2], 0.5, 0.0).n_holdout == 2  # NaN scores do not count
+    assert estimate_threshold([0.1, np.nan, 0.2], 0.5, 0.0).n_scores == 2  # NaN scores do not count
     with pytest.raises(ValueError, match="without held-out good scores"):
         estimate_threshold([])
     with pytest.raises(ValueError, match="target_false_reject"):

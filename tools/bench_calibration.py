@@ -118,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
-    print(f"\nMTD, {fit['n_frames']} good frames ({fit['n_bank_frames']} bank + {fit['threshold']['n_holdout']} held "
-          f"out) on top of {fit['parent']} (another product); same {rows['host-trained']['n_images']} test images each")
+    print(f"\nMTD, {fit['n_frames']} good frames ({fit['n_bank_frames']} bank + "
+          f"{fit['threshold']['n_scores'] - fit['threshold']['n_leave_one_out']} held out) on top of {fit['parent']} "
+          f"(another product); same {rows['host-trained']['n_images']} test images each")
     print(f"{'bundle':<26}{'image AUROC':>12}{'pixel AUROC':>12}{'PRO':>8}{'pixel AP':>10}{'threshold':>11}"
           f"{'FRR good':>10}{'detect':>8}")
     for name, r in rows.items():
@@ -133,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}); target under 120 s")
     print(f"false rejects on mtd/test/good at threshold {fit['threshold']['threshold']:.4f}: {g['n_fail']}/{g['n']} = "
           f"{g['rate']:.2%} (95 % upper bound {g['upper95']:.2%}) vs target {target:.2%}")
-    print(f"threshold rests on {fit['threshold']['n_holdout']} held-out frames, margin "
+    print(f"threshold rests on {fit['threshold']['n_scores']} good scores ({fit['threshold']['n_leave_one_out']} of "
+          f"them leave-one-out), margin "
           f"{fit['threshold']['margin']:.4f} over the (1 - target) quantile {fit['threshold']['quantile_score']:.4f}")
     if fit_all:
         print(f"calibration from all {fit_all['n_frames']} training frames: {fit_all['seconds']['total']:.1f} s")

@@ -45,10 +45,17 @@ def cmd_fit(args: argparse.Namespace) -> int:
     print(f"bundle {s.bundle}: {s.n_train} bank images, {s.n_holdout} held out, {s.n_bank} bank entries, "
           f"d_f {s.d_f} -> d_l {s.d_l}, threshold {s.threshold:.4g}, {s.bundle_bytes / 1e6:.1f} MB")
     t = s.threshold_estimate
-    print(f"threshold rests on {t['n_holdout']} held-out good images ({t['n_above']} at or above it): false-reject "
+    loo = t.get("n_leave_one_out", 0)
+    rests = (f"{t['n_scores']} good scores ({t['n_scores'] - loo} held-out images + {loo} bank images left out "
+             "of their own retrieval)" if loo else f"{t['n_scores']} held-out good images")
+    print(f"threshold rests on {rests} ({t['n_above']} at or above it): false-reject "
           f"rate at most {t['frr_upper95']:.2%} with 95 % confidence (target {t['target_false_reject']:.2%}"
-          + ("" if t["enough_frames"] else f", which needs at least {t['min_frames_for_target']} held-out images")
+          + ("" if t["enough_frames"] else f", which needs at least {t['min_frames_for_target']} good scores")
           + ")")
+    if loo:
+        print(f"check: {t['holdout_above_threshold']} of the {t['n_holdout_images']} held-out images score at or "
+              f"above it; (1 - target) quantile of the held-out scores {t['holdout_quantile']:.4g}, of the "
+              f"leave-one-out scores {t['loo_quantile']:.4g}")
     print(f"time: {', '.join(f'{k} {v:.1f} s' for k, v in s.seconds.items())}; "
           f"backbone ONNX vs torch max abs diff {s.onnx_max_abs_diff:.2g}")
     if s.swin:

@@ -185,7 +185,8 @@ def _training_fields(cfg: ProductConfig, maker: ResidualFieldMaker, fitted: Fitt
                                 source_weights=tuple(cfg.synthetic.source_weights), max_area=cfg.synthetic.max_area,
                                 small_fraction=cfg.synthetic.small_fraction,
                                 min_feature_px=cfg.synthetic.min_feature_px, min_area_px=cfg.synthetic.min_area_px,
-                                min_contrast=cfg.synthetic.min_contrast)
+                                min_contrast=cfg.synthetic.min_contrast,
+                                shape_weights=tuple(cfg.synthetic.shape_weights))
     synthesizer = AnomalySynthesizer(donors, synth_cfg, seed=cfg.seed)
     synthetic, preview = synthetic_fields(maker, images, sc.synthetic_per_image, synthesizer,
                                           fitted.foreground_maps, cfg.seed, progress)
@@ -208,7 +209,8 @@ def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatu
     sc = cfg.swin
     nn_scorer = fitted.scorer(cfg.posfar.k_references, extractor.grid, cfg.input_size, cfg.posfar.retrieval_trim,
                               cfg.scoring.blur_sigma, cfg.scoring.score_pool, tuple(cfg.posfar.thetas))
-    maker = ResidualFieldMaker(extractor, nn_scorer, cfg.labels.eps_pos, cfg.labels.eps_neg, cfg.batch_size)
+    maker = ResidualFieldMaker(extractor, nn_scorer, cfg.labels.eps_pos, cfg.labels.eps_neg, cfg.batch_size,
+                               cfg.labels.min_positive_px)
     good, synthetic, preview = _training_fields(cfg, maker, fitted, bank_paths, cache, progress)
     if opts.synthetic_preview is not None and preview:
         save_sample_grid(preview, opts.synthetic_preview)
@@ -347,7 +349,20 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
                 fusion = calibrated
         scorer = holdout_scorer(fusion)
         holdout_scores = [scorer.score(p, d).score for p, d in holdout]
-        choice = estimate_threshold(holdout_scores, cfg.threshold.target_false_reject, cfg.threshold.margin)
+        loo_scores: list[float] = []
+        if cfg.threshold.leave_one_out:  # bank image j, scored with itself left out of its retrieval
+            for pcf, descriptor in _cached_features(cache, extractor, loaded, cfg, "leave-one-out scores", [],
+                                                    progress):
+                loo_scores.extend(scorer.score(p, d, exclude=len(loo_scores)).score
+                                  for p, d in zip(pcf, descriptor, strict=True))
+        choice = estimate_threshold(holdout_scores + loo_scores, cfg.threshold.target_false_reject,
+                                    cfg.threshold.margin, n_leave_one_out=len(loo_scores))
+        holdout_check = {"n_holdout_images": len(holdout_scores),
+                         "holdout_above_threshold": int(sum(s >= choice.threshold for s in holdout_scores)),
+                         "holdout_quantile": float(np.quantile(holdout_scores, 1 - cfg.threshold.target_false_reject,
+                                                               method="higher")),
+                         "loo_quantile": (float(np.quantile(loo_scores, 1 - cfg.threshold.target_false_reject,
+                                                            method="higher")) if loo_scores else None)}
         seconds["threshold"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
@@ -400,10 +415,10 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
         swin_summary = {"onnx_max_abs_diff": trained.onnx_diff, "phases": trained.phases,
                         **trained.info.model_dump(exclude={"defect_images"}),
                         "defect_images": [d.name for d in trained.info.defect_images]}
-    return FitSummary(bundle=out, n_train=builder.n_images, n_holdout=choice.n_holdout,
+    return FitSummary(bundle=out, n_train=builder.n_images, n_holdout=len(holdout_scores),
                       n_bank=int(fitted.bank.shape[0]), d_f=extractor.d_f, d_l=fitted.pca.dim,
                       threshold=choice.threshold, onnx_max_abs_diff=diff, bundle_bytes=size,
                       anomaly_map=manifest.scoring.anomaly_map, swin=swin_summary,
                       foreground=fitted.foreground_maps is not None,
                       seconds={k: round(v, 2) for k, v in seconds.items()}, skipped=skipped,
-                      threshold_estimate=choice.to_json())
+                      threshold_estimate={**choice.to_json(), **holdout_check})

@@ -72,13 +72,14 @@ class ResidualFieldMaker:
     """Turns RGB images (+ masks) into residual fields with the fitted bank, in backbone-sized batches."""
 
     def __init__(self, extractor: PatchFeatureExtractor, scorer: PosFARScorer, eps_pos: float, eps_neg: float,
-                 batch_size: int = 16) -> None:
+                 batch_size: int = 16, min_positive_px: int = 0) -> None:
         self.extractor = extractor
         self.scorer = scorer
         self.grid = extractor.grid
         self.input_hw = extractor.input_hw
         self.eps_pos = eps_pos
         self.eps_neg = eps_neg
+        self.min_positive_px = min_positive_px
         self.batch_size = batch_size
 
     def make(self, images: list[np.ndarray], masks: list[np.ndarray | None], exclude: list[int | None],
@@ -97,7 +98,8 @@ class ResidualFieldMaker:
                 res = self.scorer.residual(pcf[i], desc[i], exclude=exclude[j])
                 fields[j] = torch.from_numpy(res.residual.reshape(h, w, -1))
                 if masks[j] is not None:
-                    labels[j] = torch.from_numpy(block_labels(masks[j], self.grid, self.eps_pos, self.eps_neg))
+                    labels[j] = torch.from_numpy(block_labels(masks[j], self.grid, self.eps_pos, self.eps_neg,
+                                                                        self.min_positive_px))
             bar.update(len(batch))
         bar.close()
         return ResidualSet(fields, labels, [kind] * n)

@@ -9,6 +9,9 @@ The texture is one of
     plausible surface, structurally wrong,
 (c) a texture bundled with scikit-image (``skimage.data``; the files ship inside the wheel, no download).
 
+Besides these Perlin blobs, ``shape_weights`` draws small pits (filled ellipses) and thin curved cracks, which
+darken or brighten the image itself: the shapes of the small defects that blobs cannot imitate.
+
 The returned mask is exactly the set of pixels that were changed; :func:`block_labels` turns it into block
 targets (paper Eq. 15).  Everything is numpy + OpenCV and deterministic under a seed / ``np.random.Generator``.
 """
@@ -232,6 +235,60 @@ def perlin_mask(
     return out
 
 
+def pit_mask(shape: tuple[int, int], rng: np.random.Generator, radius_px: tuple[float, float] = (2.5, 10.0)
+             ) -> np.ndarray:
+    """One to three small filled ellipses (pits, blowholes, inclusions): float32 {0, 1} (H, W).
+
+    Semi-axes in ``radius_px`` (pixels at the given shape), each ellipse randomly rotated; Perlin blobs of this
+    size would be cut to pieces by the noise, and real pits are compact."""
+    h, w = int(shape[0]), int(shape[1])
+    mask = np.zeros((h, w), np.uint8)
+    lo, hi = radius_px
+    for _ in range(int(rng.integers(1, 4))):
+        a, b = rng.uniform(lo, hi), rng.uniform(lo, hi)
+        b = min(b, a * 2.5) if b > a else max(b, a / 2.5)
+        centre = (int(rng.integers(0, w)), int(rng.integers(0, h)))
+        cv2.ellipse(mask, centre, (max(1, round(a)), max(1, round(b))), float(rng.uniform(0, 180)), 0, 360, 1, -1)
+    return mask.astype(np.float32)
+
+
+def crack_mask(shape: tuple[int, int], rng: np.random.Generator, length_px: tuple[float, float] = (24.0, 120.0),
+               width_px: tuple[int, int] = (1, 3)) -> np.ndarray:
+    """A thin curved line, sometimes branched (cracks, scratches, hairlines): float32 {0, 1} (H, W).
+
+    A random walk of 3 to 8 segments whose direction turns by up to 35 degrees at each joint; total length in
+    ``length_px`` and width in ``width_px`` pixels.  Perlin masks cannot make these: their finest features
+    are ``min_feature_px`` wide blobs."""
+    h, w = int(shape[0]), int(shape[1])
+    mask = np.zeros((h, w), np.uint8)
+    thickness = int(rng.integers(width_px[0], width_px[1] + 1))
+
+    def walk(start: np.ndarray, angle: float, length: float) -> np.ndarray:
+        n = int(rng.integers(3, 9))
+        points = [start]
+        for _ in range(n):
+            angle += math.radians(rng.uniform(-35.0, 35.0))
+            points.append(points[-1] + (length / n) * np.array([math.cos(angle), math.sin(angle)]))
+        pts = np.round(np.array(points)).astype(np.int32).reshape(-1, 1, 2)
+        cv2.polylines(mask, [pts], False, 1, thickness=thickness)
+        return np.array(points)
+
+    length = rng.uniform(*length_px)
+    trunk = walk(np.array([rng.uniform(0, w), rng.uniform(0, h)]), rng.uniform(0, 2 * math.pi), length)
+    if rng.random() < 0.3:  # a branch from a point along the crack
+        walk(trunk[int(rng.integers(1, len(trunk)))], rng.uniform(0, 2 * math.pi), length * rng.uniform(0.2, 0.5))
+    return mask.astype(np.float32)
+
+
+def _intensity_texture(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The image itself, darker (three times in four: pits and cracks are mostly shadowed) or brighter."""
+    gain = rng.uniform(0.15, 0.6) if rng.random() < 0.75 else rng.uniform(1.4, 2.2)
+    return np.clip(image.astype(np.float32) * gain + (0 if gain < 1 else 20), 0, 255).astype(np.uint8)
+
+
+SHAPES = ("blob", "pit", "crack")
+
+
 # ----------------------------------------------------------------------------------------------- synthesis
 @dataclass
 class SyntheticConfig:
@@ -246,6 +303,9 @@ class SyntheticConfig:
     min_contrast: float = 12.0  # mean |change| in grey levels inside the mask; fainter pastes are redrawn
     foreground_threshold: float = 0.5  # resized foreground map must be strictly above this
     tile_grid: int = 8  # tiles per axis for source (b)
+    # how often each mask shape is drawn: Perlin blob (foreign texture) / small pits / thin cracks (the last two
+    # darken or brighten the image itself, as real pits and cracks do)
+    shape_weights: tuple[float, float, float] = (1.0, 0.0, 0.0)
 
 
 def _validate(cfg: SyntheticConfig) -> None:
@@ -259,6 +319,9 @@ def _validate(cfg: SyntheticConfig) -> None:
         raise ValueError(f"max_area must be in (0, 1], got {cfg.max_area}")
     if cfg.tile_grid < 1:
         raise ValueError(f"tile_grid must be >= 1, got {cfg.tile_grid}")
+    if len(cfg.shape_weights) != 3 or min(cfg.shape_weights) < 0 or sum(cfg.shape_weights) <= 0:
+        raise ValueError(f"shape_weights (blob, pit, crack) must be three non-negative numbers with a positive sum, "
+                         f"got {cfg.shape_weights}")
 
 
 class AnomalySynthesizer:
@@ -276,6 +339,8 @@ class AnomalySynthesizer:
         if weights.sum() <= 0:
             weights = np.array([0.0, 1.0, 0.0])
         self._weights = weights / weights.sum()
+        shapes = np.asarray(self.config.shape_weights, np.float64)
+        self._shape_weights = shapes / shapes.sum()
         self._rng = np.random.default_rng(seed)
 
     # --------------------------------------------------------------------------------------- texture sources
@@ -345,9 +410,16 @@ class AnomalySynthesizer:
         mask = None
         min_px = int(min(self.config.min_area_px, max_px))
         max_exp = max(0, int(np.floor(np.log2(max(1.0, min(h, w) / max(1, self.config.min_feature_px))))))
+        shape = SHAPES[int(rng.choice(3, p=self._shape_weights))] if self._shape_weights[0] < 1 else "blob"
+        scale = min(h, w) / 256.0  # pit and crack sizes are given for a 256-px image
         for _ in range(_MAKE_TRIES):
-            m = perlin_mask((h, w), rng, max_scale_exp=max_exp, max_area=self.config.max_area, min_area_px=min_px,
-                            keep_components_prob=self.config.small_fraction)
+            if shape == "pit":
+                m = pit_mask((h, w), rng, (2.5 * scale, 10.0 * scale))
+            elif shape == "crack":
+                m = crack_mask((h, w), rng, (24.0 * scale, 120.0 * scale), (1, max(1, round(3 * scale))))
+            else:
+                m = perlin_mask((h, w), rng, max_scale_exp=max_exp, max_area=self.config.max_area,
+                                min_area_px=min_px, keep_components_prob=self.config.small_fraction)
             if fg is not None:
                 # Move the mask so that one of its pixels lands on a random foreground pixel, then confine it.
                 my, mx = np.nonzero(m)
@@ -364,8 +436,10 @@ class AnomalySynthesizer:
         sel = mask > 0
         best, best_change = None, -1.0
         for _ in range(_PASTE_TRIES):
-            source = int(rng.choice(3, p=self._weights))
-            if source == 0:
+            source = int(rng.choice(3, p=self._weights)) if shape == "blob" else -1
+            if source == -1:
+                tex = _intensity_texture(img, rng)
+            elif source == 0:
                 tex = self._donor_texture(h, w, rng)
             elif source == 1:
                 tex = self._tile_texture(img, rng)
@@ -383,13 +457,18 @@ class AnomalySynthesizer:
 
 
 # ----------------------------------------------------------------------------------------------- labels
-def block_labels(mask: np.ndarray, grid: tuple[int, int], eps_pos: float = 0.5, eps_neg: float = 0.1) -> np.ndarray:
+def block_labels(mask: np.ndarray, grid: tuple[int, int], eps_pos: float = 0.5, eps_neg: float = 0.1,
+                 min_positive_px: int = 0) -> np.ndarray:
     """Block targets of paper Eq. 15 from a pixel mask (nonzero = defect) of shape (H, W).
 
     ``grid`` = (h, w) blocks per axis (the output shape); H and W must be divisible by it.  With ``f`` the
     fraction of defective pixels in a block: 1 if ``f > eps_pos``, 0 if ``f < eps_neg``, else -1 (ignored in the
-    loss: a partly covered block is neither a clean negative nor a convincing positive).  Returns int8 (h, w).
+    loss: a partly covered block is neither a clean negative nor a convincing positive).  ``min_positive_px`` > 0
+    also makes a block positive when it holds at least that many defective pixels: a thin crack or a small pit
+    never covers half a block, and by Eq. 15 alone would never be a positive example.  Returns int8 (h, w).
     """
+    if min_positive_px < 0:
+        raise ValueError(f"min_positive_px must be >= 0, got {min_positive_px}")
     if not 0.0 <= eps_neg <= eps_pos <= 1.0:
         raise ValueError(f"need 0 <= eps_neg <= eps_pos <= 1, got eps_neg={eps_neg}, eps_pos={eps_pos}")
     m = np.asarray(mask)
@@ -403,6 +482,8 @@ def block_labels(mask: np.ndarray, grid: tuple[int, int], eps_pos: float = 0.5, 
     labels = np.full((gh, gw), -1, np.int8)
     labels[frac > eps_pos] = 1
     labels[frac < eps_neg] = 0
+    if min_positive_px > 0:
+        labels[frac * (hh // gh) * (ww // gw) >= min_positive_px] = 1
     return labels
 
 

@@ -164,12 +164,14 @@ class Thresholds(_Strict):
     margin: float
     quantile_score: float | None = None  # the (1 - target) quantile of the held-out good scores
     frr_upper95: float | None = None  # 95 % upper bound of the false-reject rate the held-out scores can show
+    n_leave_one_out: int | None = None  # of the n_holdout_images scores, leave-one-out scores of bank images
 
     @classmethod
     def from_estimate(cls, est: ThresholdEstimate) -> Thresholds:
-        return cls(image=est.threshold, pixel=est.threshold, n_holdout_images=est.n_holdout,
+        return cls(image=est.threshold, pixel=est.threshold, n_holdout_images=est.n_scores - est.n_leave_one_out,
                    target_false_reject=est.target_false_reject, margin=est.margin_factor,
-                   quantile_score=est.quantile_score, frr_upper95=est.frr_upper95)
+                   quantile_score=est.quantile_score, frr_upper95=est.frr_upper95,
+                   n_leave_one_out=est.n_leave_one_out)
 
 
 class FileEntry(_Strict):

@@ -51,26 +51,28 @@ class ThresholdEstimate:
     """The chosen image threshold and what it rests on, in numbers a field engineer can judge."""
 
     threshold: float
-    n_holdout: int  # good images scored by a bank that did not contain them
+    n_scores: int  # good images scored by a bank that did not contain them (held out, or left out of retrieval)
     target_false_reject: float
     quantile_score: float  # the (1 - target) quantile of their scores
-    max_holdout_score: float
+    max_score: float
     margin: float  # threshold - quantile_score (margin factor x spread)
     margin_factor: float
     n_above: int  # held-out good scores at or above the threshold (the false rejects it would have made)
     frr_upper95: float  # 95 % upper bound of the false-reject rate that these scores can show
     min_frames_for_target: int  # 1 / target: below it the target rate cannot be resolved
+    source: str = "holdout"  # "holdout", or "holdout+loo": also the bank images, each left out of its retrieval
+    n_leave_one_out: int = 0  # of the n_scores scores, how many are leave-one-out scores of bank images
 
     @property
     def enough_frames(self) -> bool:
-        return self.n_holdout >= self.min_frames_for_target
+        return self.n_scores >= self.min_frames_for_target
 
     def to_json(self) -> dict:
         return {**asdict(self), "enough_frames": self.enough_frames}
 
 
 def estimate_threshold(good_scores: Sequence[float] | np.ndarray, target_false_reject: float = 0.005,
-                       margin_factor: float = 0.05) -> ThresholdEstimate:
+                       margin_factor: float = 0.05, n_leave_one_out: int = 0) -> ThresholdEstimate:
     """Threshold from scores of good images that were *not* in the bank.
 
     Takes the (1 - target) quantile of the held-out good scores (the highest score when there are too few
@@ -78,6 +80,8 @@ def estimate_threshold(good_scores: Sequence[float] | np.ndarray, target_false_r
     the threshold is not pinned to a single frame.  ``frr_upper95`` says how far the false-reject rate at
     that threshold can be from what the held-out images show: with n images and none above it, the true
     rate is below 1 - 0.05^(1/n) with 95 % confidence (3.9 % for 76 images, 0.5 % needs 600).
+    ``n_leave_one_out`` says how many of the scores are leave-one-out scores of bank images (the rest are
+    held-out images), which is recorded with the estimate.
     """
     if not 0.0 < target_false_reject < 1.0:
         raise ValueError(f"target_false_reject must be between 0 and 1, got {target_false_reject}")
@@ -89,11 +93,13 @@ def estimate_threshold(good_scores: Sequence[float] | np.ndarray, target_false_r
     spread = float(np.quantile(scores, 0.99) - np.median(scores))
     threshold = quantile + margin_factor * spread
     n_above = int((scores >= threshold).sum())
-    return ThresholdEstimate(threshold=threshold, n_holdout=int(scores.size), target_false_reject=target_false_reject,
-                             quantile_score=quantile, max_holdout_score=float(scores.max()),
+    return ThresholdEstimate(threshold=threshold, n_scores=int(scores.size), target_false_reject=target_false_reject,
+                             quantile_score=quantile, max_score=float(scores.max()),
                              margin=threshold - quantile, margin_factor=margin_factor, n_above=n_above,
                              frr_upper95=rate_upper_bound(n_above, int(scores.size)),
-                             min_frames_for_target=math.ceil(1.0 / target_false_reject))
+                             min_frames_for_target=math.ceil(1.0 / target_false_reject),
+                             source="holdout+loo" if n_leave_one_out else "holdout",
+                             n_leave_one_out=int(n_leave_one_out))
 
 
 def detection_at_false_reject(good_scores: Sequence[float] | np.ndarray, bad_scores: Sequence[float] | np.ndarray,
