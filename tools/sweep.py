@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         if result_path.is_file() and not args.force:
             old = json.loads(result_path.read_text(encoding="utf-8"))
             if (old.get("overrides") == overrides and old.get("config") == str(config)
-                    and old.get("maps", []) == maps):
+                    and set(maps) <= set(old.get("maps", []))):
                 print(f"[{i + 1}/{len(variants)}] {name}: kept from {result_path}", flush=True)
                 rows += old["rows"]
                 continue
