@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="rerun variants that already have a result")
     args = parser.parse_args(argv)
     grid, variants = load_grid(args.grid, args.variant)
-    config = args.config or grid.get("config") or str(FAST)
+    config = str(Path(args.config or grid.get("config") or FAST).resolve())  # one spelling, for --force checks
     data = Path(args.data or grid.get("data") or MTD)
     if not (data / "train" / "good").is_dir():
         print(f"skipped: no dataset at {data} (../shared/data is absent in a fresh clone)")
