@@ -21,7 +21,7 @@ def require_mtd() -> Path:
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
-    from training_host.demo_data import make_demo_dataset
+    from training_host.data.demo_data import make_demo_dataset
 
     root = tmp_path_factory.mktemp("demo") / "data"
     return make_demo_dataset(root, product="texture", n_train=30, n_test_good=6, n_test_per_defect=3, seed=3)
@@ -42,7 +42,7 @@ def small_config():
 @pytest.fixture(scope="session")
 def fitted(tmp_path_factory, demo_data, small_config):
     """(bundle path, fit summary) for the small demo product, with the residual Swin (unsupervised)."""
-    from training_host.fit import fit_product
+    from training_host.training.fit import fit_product
 
     out = tmp_path_factory.mktemp("bundle") / "bundle"
     summary = fit_product(small_config, demo_data, out, progress=False)
@@ -52,7 +52,7 @@ def fitted(tmp_path_factory, demo_data, small_config):
 @pytest.fixture(scope="session")
 def fitted_slice(tmp_path_factory, demo_data, small_config):
     """(bundle path, fit summary) of a distance-only bundle (swin.enabled: false), as the slice made them."""
-    from training_host.fit import fit_product
+    from training_host.training.fit import fit_product
 
     cfg = small_config.model_copy(update={"swin": small_config.swin.model_copy(update={"enabled": False})})
     out = tmp_path_factory.mktemp("slice") / "bundle"

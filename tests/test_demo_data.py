@@ -1,4 +1,4 @@
-"""Tests for the offline demo dataset generator (training_host.demo_data)."""
+"""Tests for the offline demo dataset generator (training_host.data.demo_data)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from training_host import demo_data
-from training_host.demo_data import DEFECTS, PRODUCTS, main, make_demo_dataset, make_sample
+from training_host.data.demo_data import DEFECTS, PRODUCTS, main, make_demo_dataset, make_sample
 
 SIZE = 128
 COUNTS = {"n_train": 4, "n_test_good": 2, "n_test_per_defect": 3}

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from edge_runtime.core.bundle import load_bundle
-from training_host.cache import FitCache, features_key, residuals_key
 from training_host.config import ProductConfig
-from training_host.fit import TrainingOptions, fit_product
+from training_host.training.cache import FitCache, features_key, residuals_key
+from training_host.training.fit import TrainingOptions, fit_product
 
 
 @pytest.fixture(scope="module")

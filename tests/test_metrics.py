@@ -1,4 +1,4 @@
-"""Tests for training_host.metrics (AUROC, AP, PRO, evaluation summary and plots)."""
+"""Tests for training_host.evaluation.metrics (AUROC, AP, PRO, evaluation summary and plots)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from training_host.metrics import (
+from training_host.evaluation.metrics import (
     average_precision,
     evaluate_maps,
     pr_curve,

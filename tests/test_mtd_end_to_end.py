@@ -17,9 +17,9 @@ import pytest
 
 from edge_runtime import cli as edge_cli
 from training_host.config import load_config
-from training_host.data import subset_dataset
-from training_host.evaluate import evaluate_bundle
-from training_host.fit import fit_product
+from training_host.data.dataset import subset_dataset
+from training_host.evaluation.evaluate import evaluate_bundle
+from training_host.training.fit import fit_product
 
 from .conftest import REPO, require_mtd
 

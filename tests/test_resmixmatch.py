@@ -5,10 +5,17 @@ from __future__ import annotations
 import torch
 
 from training_host.config import SwinConfig
-from training_host.residual_data import ResidualSet
-from training_host.resmixmatch import UNKNOWN, ResMixMatch, ResMixMatchConfig, _beta, region_peak_anomalous, sharpen
-from training_host.swin import ResidualSwin, SwinShape
-from training_host.train_swin import SwinTrainer
+from training_host.models.swin import ResidualSwin, SwinShape
+from training_host.training.residual_data import ResidualSet
+from training_host.training.resmixmatch import (
+    UNKNOWN,
+    ResMixMatch,
+    ResMixMatchConfig,
+    _beta,
+    region_peak_anomalous,
+    sharpen,
+)
+from training_host.training.train_swin import SwinTrainer
 
 
 def test_sharpen_and_beta():
@@ -47,7 +54,7 @@ def _weak_set(n: int, seed: int) -> tuple[ResidualSet, torch.Tensor]:
 def test_learns_where_inside_the_boxes_the_anomaly_is():
     """No block is ever labelled anomalous: only the guessing inside the boxes can find the blobs, helped by
     a short start on fully labelled synthetic fields (as training starts from the unsupervised model)."""
-    from training_host.metrics import roc_auc
+    from training_host.evaluation.metrics import roc_auc
 
     weak, _ = _weak_set(32, 0)
     g = torch.Generator().manual_seed(5)
@@ -79,7 +86,7 @@ def test_learns_where_inside_the_boxes_the_anomaly_is():
 
 
 def test_soft_focal_loss_is_the_focal_loss_on_hard_targets_and_minimal_at_the_target():
-    from training_host.swin import focal_loss, soft_focal_loss
+    from training_host.models.swin import focal_loss, soft_focal_loss
 
     logits = torch.randn(200, 2)
     hard = torch.randint(0, 2, (200,))

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from training_host.config import SwinConfig
-from training_host.residual_data import ResidualSet
-from training_host.swin import (
+from training_host.models.swin import (
     ResidualSwin,
     SwinShape,
     _shift_mask,
@@ -17,7 +16,8 @@ from training_host.swin import (
     focal_loss,
     mask_and_jitter,
 )
-from training_host.train_swin import CheckpointError, SwinTrainer
+from training_host.training.residual_data import ResidualSet
+from training_host.training.train_swin import CheckpointError, SwinTrainer
 
 
 def _model(**kw) -> ResidualSwin:
@@ -142,7 +142,7 @@ def test_training_learns_to_find_large_residual_blobs():
     assert report.losses[-1][1] < report.losses[0][1]
     with torch.no_grad():
         prob = trainer.ema(test.fields.float())
-    from training_host.metrics import roc_auc
+    from training_host.evaluation.metrics import roc_auc
 
     labels = (test.labels == 1).reshape(-1).numpy()
     assert roc_auc(labels, prob.reshape(-1).numpy()) > 0.97  # blocks ranked right on unseen fields
@@ -209,7 +209,7 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
 def test_exported_swin_matches_torch_through_the_edge_classifier(tmp_path):
     from edge_runtime.core.engines import OnnxRuntimeEngine
     from edge_runtime.core.pipeline import SwinClassifier
-    from training_host.export import export_swin
+    from training_host.models.export import export_swin
 
     model = _model(train_window=16)
     fields = np.random.default_rng(0).random((3, 256, 12), dtype=np.float32)

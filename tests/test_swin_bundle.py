@@ -13,7 +13,7 @@ from edge_runtime.core.bundle import ARRAYS, MANIFEST, SWIN, BundleError, load_b
 from edge_runtime.core.pipeline import Inspector, open_inspector
 from edge_runtime.core.preprocess import list_images, read_image
 from training_host import cli as train_cli
-from training_host.evaluate import evaluate_bundle
+from training_host.evaluation.evaluate import evaluate_bundle
 
 
 def _rewrite_manifest(path, edit) -> None:
@@ -106,7 +106,7 @@ OBJECT_SETTINGS = [
 
 @pytest.fixture(scope="module")
 def object_data(tmp_path_factory):
-    from training_host.demo_data import make_demo_dataset
+    from training_host.data.demo_data import make_demo_dataset
 
     root = tmp_path_factory.mktemp("object") / "data"
     return make_demo_dataset(root, product="object", n_train=30, n_test_good=4, n_test_per_defect=3, seed=5)

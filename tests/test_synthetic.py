@@ -1,4 +1,4 @@
-"""Tests for the synthetic anomaly generator (training_host.synthetic)."""
+"""Tests for the synthetic anomaly generator (training_host.data.synthetic)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from training_host.synthetic import (
+from training_host.data.synthetic import (
     AnomalySynthesizer,
     SyntheticConfig,
     block_labels,

@@ -11,9 +11,9 @@ import torch
 
 from training_host import cli as train_cli
 from training_host.config import ConfigError, load_config
-from training_host.data import load_batch, scan_dataset
-from training_host.efficientnet_lite import load_efficientnet_lite
-from training_host.features import PatchFeatureExtractor
+from training_host.data.dataset import load_batch, scan_dataset
+from training_host.models.efficientnet_lite import load_efficientnet_lite
+from training_host.models.features import PatchFeatureExtractor
 
 from .conftest import REPO
 
@@ -90,7 +90,7 @@ def test_efficientnet_weights_are_the_imagenet_ones():
 
 def test_efficientnet_matches_the_reference_implementation():
     lib = pytest.importorskip("efficientnet_lite_pytorch", reason="efficientnet-lite-pytorch not installed")
-    from training_host.efficientnet_lite import lite_weights_path
+    from training_host.models.efficientnet_lite import lite_weights_path
 
     # at each variant's native size: the reference pads for that size once (static "same" padding), ours pads
     # for the size it gets (TensorFlow's rule), and the two agree where the sizes match
@@ -178,8 +178,8 @@ def test_wide_resnet_backbone_through_the_config(tmp_path):
     from safetensors.torch import save_file
 
     from training_host.config import BackboneConfig
-    from training_host.features import build_extractor
-    from training_host.wide_resnet import WideResNet50Trunk
+    from training_host.models.features import build_extractor
+    from training_host.models.wide_resnet import WideResNet50Trunk
 
     weights = tmp_path / "wrn.safetensors"
     save_file({k: v.contiguous() for k, v in WideResNet50Trunk().state_dict().items()}, str(weights))

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from training_host.weak_labels import (
+from training_host.labels.weak_labels import (
     LabelError,
     LabelSet,
     WeakLabel,

@@ -8,7 +8,7 @@ import pytest
 
 from edge_runtime.core.bundle import load_bundle
 from training_host import cli as train_cli
-from training_host.evaluate import evaluate_bundle
+from training_host.evaluation.evaluate import evaluate_bundle
 
 SMALL = ["--set", "input_size=[128,128]", "--set", "posfar.d_l=16", "--set", "posfar.k_references=8",
          "--set", "threshold.holdout_fraction=0.2", "--set", "swin.steps=40", "--set", "swin.synthetic_per_image=1",

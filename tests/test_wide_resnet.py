@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from training_host.wide_resnet import WideResNet50Trunk, load_wide_resnet50_2
+from training_host.models.wide_resnet import WideResNet50Trunk, load_wide_resnet50_2
 
 REPO = Path(__file__).resolve().parents[1]
 CONVERTER = REPO / "tools" / "convert_torch_weights.py"

@@ -8,7 +8,7 @@
    its upper bound) and the defective test images (detection rate), writing the contact sheet
 4. image AUROC, pixel AUROC, PRO and pixel AP of the calibrated bundle, of the host-trained bundle on all
    MTD training images (``--host``, default ``runs/mtd/unsupervised``) and of the base bundle as it is,
-   on the same test images (``training_host.evaluate.evaluate_bundle``); and, to tell the two causes of
+   on the same test images (``training_host.evaluation.evaluate.evaluate_bundle``); and, to tell the two causes of
    the gap apart (few frames vs a Swin trained on another product), the same calibration from all the
    training images (``--skip-all`` leaves that row out)
 
@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         if not needed.exists():
             raise SystemExit(f"not found: {needed}")
     from edge_runtime.core.bundle import load_bundle
-    from training_host.data import link_images
-    from training_host.evaluate import evaluate_bundle
+    from training_host.data.dataset import link_images
+    from training_host.evaluation.evaluate import evaluate_bundle
 
     frames = link_images(data / "train" / "good", out / f"mtd{args.n}", args.n)
     bad = _defects(data / "test", out / "mtd_test_defects")

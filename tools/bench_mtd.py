@@ -85,10 +85,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from edge_runtime.core.bundle import load_bundle
     from training_host.config import load_config
-    from training_host.data import subset_dataset
-    from training_host.demo_data import make_demo_dataset
-    from training_host.evaluate import evaluate_bundle
-    from training_host.fit import TrainingOptions, fit_product
+    from training_host.data.dataset import subset_dataset
+    from training_host.data.demo_data import make_demo_dataset
+    from training_host.evaluation.evaluate import evaluate_bundle
+    from training_host.training.fit import TrainingOptions, fit_product
 
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"fits": {}, "rows": [], "object_rows": []}

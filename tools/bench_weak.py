@@ -50,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     from edge_runtime.core.bundle import load_bundle
     from training_host import cli as train_cli
     from training_host.config import load_config
-    from training_host.evaluate import evaluate_bundle
-    from training_host.fit import TrainingOptions, fit_product
-    from training_host.weak_labels import load_labels
+    from training_host.evaluation.evaluate import evaluate_bundle
+    from training_host.labels.weak_labels import load_labels
+    from training_host.training.fit import TrainingOptions, fit_product
 
     out.mkdir(parents=True, exist_ok=True)
     report_path = out / "report.json"

@@ -6,7 +6,7 @@
 This is a ONE-TIME step, to be run on a checkpoint you trust (e.g. torchvision's published
 ``wide_resnet50_2-*.pth``).  The file is read with ``torch.load(..., weights_only=True)``, torch's
 restricted unpickler that only rebuilds tensors and plain containers, but it is still a pickle: the
-runtime itself (``training_host.wide_resnet.load_wide_resnet50_2``) only ever reads the safetensors
+runtime itself (``training_host.models.wide_resnet.load_wide_resnet50_2``) only ever reads the safetensors
 output.
 
 Nested checkpoints (``{"state_dict": {...}}`` or ``{"model": {...}}``, as written by training loops)

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from edge_runtime import cli as edge_cli
     from training_host import cli as train_cli
-    from training_host.demo_data import make_demo_dataset
+    from training_host.data.demo_data import make_demo_dataset
 
     out = Path(args.out)
     t0 = time.perf_counter()

@@ -143,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped: no dataset at {data} (../shared/data is absent in a fresh clone)")
         return 0
     from training_host.config import load_config
-    from training_host.evaluate import evaluate_bundle
-    from training_host.fit import TrainingOptions, fit_product
+    from training_host.evaluation.evaluate import evaluate_bundle
+    from training_host.training.fit import TrainingOptions, fit_product
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)

@@ -9,13 +9,12 @@ import sys
 from pathlib import Path
 
 from edge_runtime.core.bundle import BundleError
-
-from .config import ConfigError, load_config
-from .train_swin import CheckpointError
+from training_host.config import ConfigError, load_config
+from training_host.training.train_swin import CheckpointError
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from .fit import TrainingOptions, fit_product
+    from training_host.training.fit import TrainingOptions, fit_product
 
     overrides = list(args.set)
     if args.product:
@@ -95,7 +94,7 @@ def print_metrics(metrics: dict) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_bundle
+    from training_host.evaluation.evaluate import evaluate_bundle
 
     metrics = evaluate_bundle(Path(args.bundle), Path(args.data), Path(args.out), overlays=args.overlays,
                               progress=not args.json, anomaly_map=args.anomaly_map,
@@ -111,7 +110,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_labels_stats(args: argparse.Namespace) -> int:
-    from .weak_labels import load_labels
+    from training_host.labels.weak_labels import load_labels
 
     labels = load_labels(Path(args.file), root=Path(args.root) if args.root else None)
     counts = labels.counts()
@@ -132,9 +131,9 @@ def cmd_labels_from_masks(args: argparse.Namespace) -> int:
     import cv2
     import numpy as np
 
-    from .residual_data import pick_defects
-    from .synthetic import block_labels
-    from .weak_labels import LabelSet, WeakLabel, weak_from_mask
+    from training_host.data.synthetic import block_labels
+    from training_host.labels.weak_labels import LabelSet, WeakLabel, weak_from_mask
+    from training_host.training.residual_data import pick_defects
 
     rng = np.random.default_rng(args.seed)
     images = {}

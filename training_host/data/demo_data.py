@@ -24,7 +24,7 @@ in an irregular shape) and ``crack`` (jagged dark line with a side branch).  For
 on the part (foreground) only.  A mask marks exactly the pixels a defect altered: outside the mask the image
 is identical to the defect-free rendering of the same piece.
 
-Run ``python -m training_host.demo_data --out DIR`` (see ``--help``).
+Run ``python -m training_host.data.demo_data --out DIR`` (see ``--help``).
 """
 
 from __future__ import annotations
@@ -428,7 +428,7 @@ def summarize(root: str | Path) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m training_host.demo_data",
+        prog="python -m training_host.data.demo_data",
         description="Build an offline demo anomaly-detection dataset (MVTec AD layout) from scikit-image's "
         "bundled images with procedurally drawn defects and masks.",
     )

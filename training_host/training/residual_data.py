@@ -22,12 +22,11 @@ from tqdm import tqdm
 from edge_runtime.core.bundle import sha256_of
 from edge_runtime.core.pipeline import PosFARScorer
 from edge_runtime.core.preprocess import ImageReadError, read_image, resize_rgb, to_input_tensor
-
-from .data import TestSample, load_mask, scan_dataset
-from .features import PatchFeatureExtractor, extract
-from .resmixmatch import UNKNOWN
-from .synthetic import AnomalySynthesizer, block_labels
-from .weak_labels import LabelSet, block_labels_from_weak
+from training_host.data.dataset import TestSample, load_mask, scan_dataset
+from training_host.data.synthetic import AnomalySynthesizer, block_labels
+from training_host.labels.weak_labels import LabelSet, block_labels_from_weak
+from training_host.models.features import PatchFeatureExtractor, extract
+from training_host.training.resmixmatch import UNKNOWN
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from typing import Protocol
 import torch
 from tqdm import tqdm
 
-from .config import SwinConfig
-from .residual_data import ResidualSet
-from .swin import ResidualSwin, focal_loss, mask_and_jitter
+from training_host.config import SwinConfig
+from training_host.models.swin import ResidualSwin, focal_loss, mask_and_jitter
+from training_host.training.residual_data import ResidualSet
 
 log = logging.getLogger(__name__)
 

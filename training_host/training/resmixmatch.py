@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .swin import ResidualSwin, mask_and_jitter, soft_focal_loss
+from training_host.models.swin import ResidualSwin, mask_and_jitter, soft_focal_loss
 
 UNKNOWN = -2  # training label of a block a weak label leaves open (-1 stays "ignored", as in focal training)
 
@@ -59,7 +59,7 @@ def sharpen(p: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 class ResMixMatch:
-    """The weak-label objective for :class:`~training_host.train_swin.SwinTrainer`."""
+    """The weak-label objective for :class:`~training_host.training.train_swin.SwinTrainer`."""
 
     def __init__(self, cfg: ResMixMatchConfig) -> None:
         if cfg.augmentations < 1:

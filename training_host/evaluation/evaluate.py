@@ -21,9 +21,8 @@ from edge_runtime.core.overlay import heatmap_overlay
 from edge_runtime.core.pipeline import Inspector
 from edge_runtime.core.preprocess import ImageReadError, read_image
 from edge_runtime.core.thresholds import detection_at_false_reject, rate_lower_bound, rate_upper_bound
-
-from .data import load_mask, scan_dataset
-from .metrics import evaluate_maps, save_curve_plot
+from training_host.data.dataset import load_mask, scan_dataset
+from training_host.evaluation.metrics import evaluate_maps, save_curve_plot
 
 
 def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int = 0, progress: bool = True,

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .features import PatchFeatureExtractor
-from .swin import ResidualSwin, SwinForExport
+from training_host.models.features import PatchFeatureExtractor
+from training_host.models.swin import ResidualSwin, SwinForExport
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from edge_runtime.core.bundle import sha256_of
-
-from .config import ProductConfig
+from training_host.config import ProductConfig
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edge_runtime.core.position import position_code
-
-from .config import BackboneConfig
+from training_host.config import BackboneConfig
 
 
 class PatchFeatureExtractor(nn.Module):
@@ -88,14 +87,14 @@ class PatchFeatureExtractor(nn.Module):
 def build_trunk(cfg: BackboneConfig) -> nn.Module:
     """The frozen ImageNet trunk named in the config (offline weights only)."""
     if cfg.name.startswith("efficientnet_lite"):
-        from .efficientnet_lite import load_efficientnet_lite
+        from training_host.models.efficientnet_lite import load_efficientnet_lite
 
         return load_efficientnet_lite(cfg.name, tuple(cfg.layers), Path(cfg.weights) if cfg.weights else None)
     if cfg.name == "wide_resnet50_2":
         if not cfg.weights:
             raise ValueError("backbone.weights: wide_resnet50_2 needs a torchvision weights file converted to "
                              ".safetensors (tools/convert_torch_weights.py); nothing is downloaded")
-        from .wide_resnet import load_wide_resnet50_2
+        from training_host.models.wide_resnet import load_wide_resnet50_2
 
         trunk = load_wide_resnet50_2(Path(cfg.weights))
         return trunk

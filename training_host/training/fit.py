@@ -22,13 +22,15 @@ from edge_runtime.core.fitting import BankBuilder, FittedPosFAR, split_holdout
 from edge_runtime.core.foreground import ForegroundBuilder
 from edge_runtime.core.pipeline import FUSION_QUANTILE, MapFusion, PosFARScorer, SwinClassifier
 from edge_runtime.core.thresholds import estimate_threshold
-
-from .cache import FitCache, features_key, residuals_key
-from .config import ProductConfig
-from .data import load_batch, scan_dataset
-from .export import export_backbone, export_swin
-from .features import PatchFeatureExtractor, build_extractor, extract
-from .residual_data import (
+from training_host.config import ProductConfig
+from training_host.data.dataset import load_batch, scan_dataset
+from training_host.data.synthetic import AnomalySynthesizer, SyntheticConfig, save_sample_grid
+from training_host.labels.weak_labels import LabelSet, load_labels
+from training_host.models.export import export_backbone, export_swin
+from training_host.models.features import PatchFeatureExtractor, build_extractor, extract
+from training_host.models.swin import ResidualSwin, SwinShape
+from training_host.training.cache import FitCache, features_key, residuals_key
+from training_host.training.residual_data import (
     LabelledDefect,
     ResidualFieldMaker,
     ResidualSet,
@@ -38,11 +40,8 @@ from .residual_data import (
     synthetic_fields,
     weak_fields,
 )
-from .resmixmatch import ResMixMatch, ResMixMatchConfig
-from .swin import ResidualSwin, SwinShape
-from .synthetic import AnomalySynthesizer, SyntheticConfig, save_sample_grid
-from .train_swin import SwinTrainer
-from .weak_labels import LabelSet, load_labels
+from training_host.training.resmixmatch import ResMixMatch, ResMixMatchConfig
+from training_host.training.train_swin import SwinTrainer
 
 log = logging.getLogger(__name__)
 

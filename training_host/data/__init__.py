@@ -1,0 +1,2 @@
+"""Images in: dataset folders (MVTec layout), the built-in demo product, and synthetic anomalies made from good
+images."""
