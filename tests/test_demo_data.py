@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from training_host import demo_data
+from training_host.data import demo_data
 from training_host.data.demo_data import DEFECTS, PRODUCTS, main, make_demo_dataset, make_sample
 
 SIZE = 128
