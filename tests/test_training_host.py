@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from edge_runtime.core.bundle import load_bundle
 from training_host import cli as train_cli
 from training_host.config import ConfigError, load_config
 from training_host.data.dataset import load_batch, scan_dataset
@@ -131,6 +132,32 @@ def test_fit_summary(fitted):
     assert s.n_train == 24 and s.n_holdout == 6
     assert s.n_bank == 24 * round(0.1 * 256)
     assert s.onnx_max_abs_diff < 1e-3 and s.threshold > 0 and s.d_l == 16
+    # the threshold rests on the 6 held-out images and the 24 bank images, each left out of its own retrieval
+    t = s.threshold_estimate
+    assert t["n_scores"] == 30 and t["n_leave_one_out"] == 24 and t["n_holdout_images"] == 6
+    assert t["source"] == "holdout+loo" and t["holdout_above_threshold"] <= 6
+    assert t["threshold"] >= max(t["holdout_quantile"], t["loo_quantile"]) - 1e-9 or t["n_above"] > 0
+    m = load_bundle(fitted[0]).manifest.thresholds
+    assert m.n_holdout_images == 6 and m.n_leave_one_out == 24 and m.image == s.threshold
+
+
+def test_leave_one_out_scores_are_scored_without_their_own_patches(fitted):
+    """Scoring a bank image with itself excluded from retrieval never matches its own patches: its distance
+    map is far from zero, whereas with itself included it matches itself almost exactly."""
+    from edge_runtime.core.pipeline import PosFARScorer
+
+    bundle = load_bundle(fitted[0])
+    scorer = PosFARScorer.from_bundle(bundle)
+    image = int(bundle.arrays["bank_image"][0])
+    rows = bundle.arrays["bank_image"] == image
+    pcf = bundle.arrays["bank"][rows].astype(np.float32)  # this image's own coreset patches
+    desc = bundle.arrays["ref_descriptors"][image].astype(np.float32)
+    own = scorer.residual(np.pad(pcf, ((0, scorer.grid[0] * scorer.grid[1] - len(pcf)), (0, 0)), mode="edge"),
+                          desc)
+    left_out = scorer.residual(np.pad(pcf, ((0, scorer.grid[0] * scorer.grid[1] - len(pcf)), (0, 0)), mode="edge"),
+                               desc, exclude=image)
+    assert image in own.references and image not in left_out.references
+    assert own.distance[: len(pcf)].max() < 1e-2 < left_out.distance[: len(pcf)].mean()
 
 
 def test_eval_writes_metrics_and_curves(fitted, demo_data, tmp_path, capsys):
