@@ -74,6 +74,8 @@ class SwinConfig(_Section):
     window_stride: int = Field(default=16, gt=0)
     position_embedding: bool = Field(default=True, description="learned absolute position embedding of the grid")
     log_input: bool = Field(default=True, description="embed log(1 + residual / scale)")
+    magnitude_skip: bool = Field(default=False, description="the block's residual magnitude as an input and a "
+                                                            "direct term of the anomalous logit")
     steps: int = Field(default=3000, ge=0, description="unsupervised training steps")
     finetune_steps: int = Field(default=600, ge=0, description="supervised fine-tuning steps on real defects")
     batch_size: int = Field(default=16, gt=0)

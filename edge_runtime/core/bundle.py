@@ -106,6 +106,7 @@ class SwinInfo(_Strict):
     window_stride: int
     position_embedding: bool = False
     log_input: bool = False
+    magnitude_skip: bool = False
     inputs: list[str] = ["residual"]
     outputs: list[str] = ["probability"]
     onnx_max_abs_diff: float = Field(description="ONNX Runtime vs torch on real residual fields at export")

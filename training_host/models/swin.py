@@ -34,6 +34,7 @@ class SwinShape:
     window_stride: int = 16  # step of the inference sliding window when the grid is larger
     log_input: bool = True  # embed log(1 + r / scale): moderate residuals are not drowned by the largest
     grid: tuple[int, int] | None = None  # full residual grid; with it, a learned absolute position embedding
+    magnitude_skip: bool = False  # the block's residual magnitude as an input and a direct term of the logit
 
 
 def _window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
@@ -159,6 +160,16 @@ class ResidualSwin(nn.Module):
         self.head_norm = nn.LayerNorm(shape.embed_dim)
         self.head = nn.Linear(shape.embed_dim, 2)
         self.apply(self._init)
+        # Magnitude skip: m = log of the block's mean scaled residual, embedded with the channels and added to
+        # the anomalous logit as a * m + b.  The distance alone finds small pits the plain Swin learns to
+        # erase (measured on MTD); with the skip the classifier starts from that evidence and learns
+        # corrections to it, instead of having to rebuild it through the log-compressed channels.
+        self.magnitude_embed = self.skip = None
+        if shape.magnitude_skip:
+            self.magnitude_embed = nn.Linear(1, shape.embed_dim)
+            nn.init.zeros_(self.magnitude_embed.weight)
+            nn.init.zeros_(self.magnitude_embed.bias)
+            self.skip = nn.Parameter(torch.tensor([1.0, 0.0]))  # (a, b)
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -180,9 +191,14 @@ class ResidualSwin(nn.Module):
         if h % self.shape.window or w % self.shape.window:
             raise ValueError(f"residual grid {h}x{w} must be a multiple of the window {self.shape.window}")
         x = field / self.input_scale
+        magnitude = None
+        if self.skip is not None:
+            magnitude = torch.log(x.mean(-1, keepdim=True).clamp_min(1e-6))  # (B, h, w, 1)
         if self.shape.log_input:
             x = torch.log1p(x)
         x = self.embed(x)
+        if magnitude is not None:
+            x = x + self.magnitude_embed(magnitude)
         if self.pos_embed is not None:
             top, left = offset
             if top + h > self.pos_embed.shape[1] or left + w > self.pos_embed.shape[2]:
@@ -190,7 +206,11 @@ class ResidualSwin(nn.Module):
             x = x + self.pos_embed[:, top : top + h, left : left + w]
         for block in self.blocks:
             x = block(x)
-        return self.head(self.head_norm(x))
+        logits = self.head(self.head_norm(x))
+        if magnitude is not None:
+            skip = self.skip[0] * magnitude + self.skip[1]
+            logits = logits + torch.cat([torch.zeros_like(skip), skip], dim=-1)
+        return logits
 
     def _starts(self, size: int) -> list[int]:
         win, stride = self.shape.train_window, self.shape.window_stride

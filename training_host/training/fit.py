@@ -216,7 +216,8 @@ def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatu
     data = ResidualSet.concat([good, synthetic])
     shape = SwinShape(in_dim=extractor.d_f, embed_dim=sc.embed_dim, depth=sc.depth, heads=sc.heads, window=sc.window,
                       mlp_ratio=sc.mlp_ratio, train_window=sc.train_window, window_stride=sc.window_stride,
-                      log_input=sc.log_input, grid=extractor.grid if sc.position_embedding else None)
+                      log_input=sc.log_input, grid=extractor.grid if sc.position_embedding else None,
+                      magnitude_skip=sc.magnitude_skip)
     torch.manual_seed(cfg.seed)
     model = ResidualSwin(shape)
     model.set_input_scale(good.fields.float())
@@ -374,7 +375,8 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
             swin_info = B.SwinInfo(embed_dim=sc.embed_dim, depth=sc.depth, heads=sc.heads, window=sc.window,
                                    mlp_ratio=sc.mlp_ratio, train_window=sc.train_window,
                                    window_stride=sc.window_stride, position_embedding=sc.position_embedding,
-                                   log_input=sc.log_input, onnx_max_abs_diff=trained.onnx_diff)
+                                   log_input=sc.log_input, magnitude_skip=sc.magnitude_skip,
+                                   onnx_max_abs_diff=trained.onnx_diff)
             files[B.SWIN] = trained.onnx_path
         manifest = B.Manifest(
             schema_version=B.SCHEMA_VERSION,
