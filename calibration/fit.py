@@ -176,12 +176,18 @@ def calibrate(base: Path, images: Path, out: Path | None, *, holdout: float = 0.
             fusion = rescaled
     scorer = PosFARScorer.from_bundle(B.Bundle(root=bundle.root, manifest=manifest, arrays=arrays),
                                       classifier=classifier, fusion=fusion)
-    scores = np.array([scorer.score(p, d).score for p, d in holdout_features])
+    holdout_scored = [scorer.score(p, d) for p, d in holdout_features]
+    scores = np.array([s.score for s in holdout_scored])
     # as the base bundle's threshold was estimated: with leave-one-out scores of the bank frames when it was
-    loo = ([scorer.score(p, d, exclude=j).score for j, (p, d) in enumerate(bank_features)]
+    loo = ([scorer.score(p, d, exclude=j) for j, (p, d) in enumerate(bank_features)]
            if m.thresholds.n_leave_one_out else [])
-    thr = estimate_threshold(np.concatenate([scores, loo]), target, m.thresholds.margin, n_leave_one_out=len(loo))
-    manifest = manifest.model_copy(update={"thresholds": B.Thresholds.from_estimate(thr)})
+    thr = estimate_threshold(np.concatenate([scores, [s.score for s in loo]]), target, m.thresholds.margin,
+                             n_leave_one_out=len(loo))
+    pixel = None  # a verdict on the distance: the heatmap's regions keep a threshold of their own
+    if scorer.image_score == "distance" and classifier is not None:
+        pixel = estimate_threshold([s.map_score for s in holdout_scored + loo], target, m.thresholds.margin,
+                                   n_leave_one_out=len(loo))
+    manifest = manifest.model_copy(update={"thresholds": B.Thresholds.from_estimate(thr, pixel)})
     t_score = time.perf_counter()
 
     sidecar = {

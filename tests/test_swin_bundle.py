@@ -240,3 +240,39 @@ def test_fused_manifest_without_scales_is_refused(fitted, tmp_path):
     _rewrite_manifest(path, lambda m: m["scoring"].pop("fusion"))
     with pytest.raises(BundleError, match="fusion"):
         load_bundle(path)
+
+
+def test_verdict_on_the_distance_with_the_swin_heatmap(fitted, demo_data):
+    """image_score: distance takes the verdict's score from the distance map and keeps the Swin's heatmap."""
+    bundle = load_bundle(fitted[0])
+    image = read_image(list_images(demo_data / "test" / "scratch")[0])
+    swin = Inspector(bundle, anomaly_map="swin").inspect(image)
+    nn = Inspector(bundle, anomaly_map="nn_distance").inspect(image)
+    mixed = Inspector(bundle, anomaly_map="swin", image_score="distance").inspect(image)
+    assert mixed.score == pytest.approx(nn.score, rel=1e-6) and np.array_equal(mixed.heatmap, swin.heatmap)
+    with pytest.raises(ValueError, match="image_score"):
+        Inspector(bundle, image_score="median")
+
+
+def test_fused_bundle_with_the_verdict_on_the_distance(tmp_path, demo_data, small_config):
+    """The recommended way to fit: fused map, verdict on the distance; two thresholds, each on its own scale,
+    and field calibration keeps both."""
+    from calibration.fit import calibrate
+    from training_host.training.fit import fit_product
+
+    cfg = small_config.model_copy(update={"scoring": small_config.scoring.model_copy(
+        update={"fusion": "mean", "image_score": "distance"})})
+    out = tmp_path / "fused"
+    summary = fit_product(cfg, demo_data, out, progress=False)
+    m = load_bundle(out).manifest
+    assert summary.anomaly_map == "fused" and m.scoring.image_score == "distance" and m.scoring.fusion.rule == "mean"
+    assert 0 < m.thresholds.pixel < 5 < m.thresholds.image  # fused units (1 = most extreme normal); a distance
+    inspector = open_inspector(out)
+    result = inspector.inspect(read_image(list_images(demo_data / "test" / "scratch")[0]))
+    assert result.threshold == m.thresholds.image and "swin" in result.timings_ms
+    if result.verdict == "fail":
+        assert all(r.peak >= m.thresholds.pixel for r in result.regions)
+    report = calibrate(out, demo_data / "train" / "good", tmp_path / "cal", holdout=0.25, quiet=True)
+    cal = load_bundle(tmp_path / "cal").manifest
+    assert report.threshold.threshold == cal.thresholds.image and cal.thresholds.pixel != cal.thresholds.image
+    assert cal.scoring.image_score == "distance" and cal.scoring.fusion.distance_scale != m.scoring.fusion.distance_scale

@@ -20,10 +20,10 @@ fields are computed once for all variants that share them), evaluated on the tes
 AUROC, PRO, pixel AP overall and per defect type, detection at FRR 0.5 / 1 / 2 %), and benchmarked with
 ``weakrest-edge bench`` in a fresh process (frame and backbone p50).  Each map named in ``maps`` (or
 ``--maps``) is one more row per variant with a Swin (``nn_distance``: the distance alone; ``swin``;
-``fused:RULE``: the two fused, with the scales stored at fit); without ``maps``, the first variant's distance
-is one more row.  Results go to ``OUT/<variant>/result.json`` (a
-variant whose result exists with the same overrides is not run again) and to ``OUT/table.csv`` and
-``OUT/table.md``.
+``fused:RULE``: the two fused, with the scales stored at fit; ``...@distance``: with the image score taken from
+the distance map); without ``maps``, the first variant's distance is one more row.  Results go to
+``OUT/<variant>/result.json`` (a variant whose result exists with the same overrides is not run again) and to
+``OUT/table.csv`` and ``OUT/table.md``.
 """
 
 from __future__ import annotations
@@ -151,8 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     cache = args.cache or out / "cache"
     maps = args.maps.split(",") if args.maps else list(grid.get("maps") or [])
     for name in maps:
-        if name.partition(":")[0] not in ("nn_distance", "swin", "fused"):
-            raise SystemExit(f"maps: unknown map {name!r} (nn_distance, swin, fused:mean|geometric|max)")
+        spec, at, verdict = name.partition("@")
+        if spec.partition(":")[0] not in ("nn_distance", "swin", "fused") or (at and verdict not in ("map",
+                                                                                                       "distance")):
+            raise SystemExit(f"maps: unknown map {name!r} (nn_distance, swin, fused:mean|geometric|max, each "
+                             "optionally @distance or @map)")
     rows = []
     for i, (name, overrides) in enumerate(variants.items()):
         folder = out / name.replace("/", "_")
@@ -174,9 +177,12 @@ def main(argv: list[str] | None = None) -> int:
         extra = maps if maps else (["nn_distance"] if i == 0 and not args.no_baseline else [])
         if summary.anomaly_map != "nn_distance":
             for map_name in extra:
-                kind, _, rule = map_name.partition(":")
-                m = evaluate_bundle(folder / "bundle", data, folder / f"eval_{map_name.replace(':', '_')}",
-                                    progress=False, anomaly_map=kind, fusion_rule=rule or None)
+                spec, _, verdict = map_name.partition("@")
+                kind, _, rule = spec.partition(":")
+                m = evaluate_bundle(folder / "bundle", data,
+                                    folder / f"eval_{map_name.replace(':', '_').replace('@', '_at_')}",
+                                    progress=False, anomaly_map=kind, fusion_rule=rule or None,
+                                    image_score=verdict or None)
                 variant_rows.append(row_of(f"{name}: {map_name}", overrides, m, None, None))
         result_path.write_text(json.dumps({"config": str(config), "overrides": overrides, "maps": maps, "fit": fit,
                                            "rows": variant_rows}, indent=2, default=str) + "\n", encoding="utf-8")

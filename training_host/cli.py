@@ -98,7 +98,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     metrics = evaluate_bundle(Path(args.bundle), Path(args.data), Path(args.out), overlays=args.overlays,
                               progress=not args.json, anomaly_map=args.anomaly_map,
-                              use_foreground=not args.no_foreground, fusion_rule=args.fusion_rule)
+                              use_foreground=not args.no_foreground, fusion_rule=args.fusion_rule,
+                              image_score=args.image_score)
     if args.json:
         print(json.dumps(metrics))
         return 0
@@ -196,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "Swin and the distance, with the scales stored at fit)")
     p.add_argument("--fusion-rule", choices=["mean", "geometric", "max"], default=None,
                    help="with a fused map: this rule instead of the bundle's")
+    p.add_argument("--image-score", choices=["map", "distance"], default=None,
+                   help="take the image score from the heatmap or from the distance map instead of the bundle's way")
     p.add_argument("--no-foreground", action="store_true", help="ignore the bundle's foreground maps (ablation)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)

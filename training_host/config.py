@@ -59,6 +59,9 @@ class ScoringConfig(_Section):
     fusion: Literal["none", "mean", "geometric", "max"] = Field(
         default="none", description="with a Swin: 'none' scores by its probability alone; otherwise the final "
                                     "map fuses it with the nearest-normal distance by this rule")
+    image_score: Literal["map", "distance"] = Field(
+        default="map", description="with a Swin: the verdict on the heatmap's pooled max ('map') or on the "
+                                   "distance map's ('distance'; the heatmap still comes from the Swin)")
 
 
 class SwinConfig(_Section):

@@ -155,6 +155,9 @@ class ScoringInfo(_Strict):
     blur_sigma: float
     score_pool: int
     fusion: FusionInfo | None = None  # present whenever there is a Swin, so each map can be evaluated
+    # what the verdict is taken on: the heatmap's pooled max ("map"), or the distance map's ("distance"; the
+    # heatmap then still comes from the Swin, and thresholds.pixel is on the heatmap's scale)
+    image_score: Literal["map", "distance"] = "map"
 
 
 class Thresholds(_Strict):
@@ -168,8 +171,10 @@ class Thresholds(_Strict):
     n_leave_one_out: int | None = None  # of the n_holdout_images scores, leave-one-out scores of bank images
 
     @classmethod
-    def from_estimate(cls, est: ThresholdEstimate) -> Thresholds:
-        return cls(image=est.threshold, pixel=est.threshold, n_holdout_images=est.n_scores - est.n_leave_one_out,
+    def from_estimate(cls, est: ThresholdEstimate, pixel: ThresholdEstimate | None = None) -> Thresholds:
+        """``pixel``: the estimate on the heatmap's own scores when the image score is taken elsewhere."""
+        return cls(image=est.threshold, pixel=(pixel or est).threshold,
+                   n_holdout_images=est.n_scores - est.n_leave_one_out,
                    target_false_reject=est.target_false_reject, margin=est.margin_factor,
                    quantile_score=est.quantile_score, frr_upper95=est.frr_upper95,
                    n_leave_one_out=est.n_leave_one_out)

@@ -30,7 +30,7 @@ class FittedPosFAR:
     def scorer(self, k: int, grid: tuple[int, int], input_hw: tuple[int, int], retrieval_trim: float,
                blur_sigma: float, score_pool: int, thetas: tuple[float, ...], classifier: Classifier | None = None,
                foreground_power: float = 0.0, foreground_pool: int = 3,
-               fusion: MapFusion | None = None) -> PosFARScorer:
+               fusion: MapFusion | None = None, image_score: str = "map") -> PosFARScorer:
         """Score held-out images against this state exactly as the edge will against the bundle."""
         foreground = None
         if self.foreground_maps is not None and foreground_power > 0:
@@ -39,7 +39,8 @@ class FittedPosFAR:
                                              foreground_pool)
         return PosFARScorer(MemoryBank(self.bank, self.bank_image, self.pca),
                             ReferenceIndex(self.descriptors, retrieval_trim), k, grid, input_hw, blur_sigma, score_pool,
-                            thetas=tuple(thetas), classifier=classifier, foreground=foreground, fusion=fusion)
+                            thetas=tuple(thetas), classifier=classifier, foreground=foreground, fusion=fusion,
+                            image_score=image_score)
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The bundle's arrays, in the dtypes of the bundle contract (fp16 bank and descriptors)."""

@@ -33,9 +33,10 @@ class Scored:
 
     block_map: np.ndarray  # (h_f, w_f) float32
     heatmap: np.ndarray  # (H, W) float32
-    score: float
+    score: float  # the image score the verdict is taken on
     references: np.ndarray  # indices of the K retrieved training images
     timings_ms: dict[str, float] = field(default_factory=dict)
+    map_score: float | None = None  # the heatmap's own score (pooled max): the scale of the pixel threshold
 
 
 #: residual tokens (M, d_f) float32 -> anomaly probability per block (M,)
@@ -122,9 +123,13 @@ class PosFARScorer:
     def __init__(self, bank: MemoryBank, references: ReferenceIndex, k: int, grid: tuple[int, int],
                  input_hw: tuple[int, int], blur_sigma: float = 4.0, score_pool: int = 8,
                  thetas: tuple[float, ...] = (1.0, 2.0), classifier: Classifier | None = None,
-                 foreground: ForegroundWeighting | None = None, fusion: MapFusion | None = None) -> None:
+                 foreground: ForegroundWeighting | None = None, fusion: MapFusion | None = None,
+                 image_score: Literal["map", "distance"] = "map") -> None:
         if fusion is not None and classifier is None:
             raise ValueError("a fused map needs the Swin classifier")
+        if image_score not in ("map", "distance"):
+            raise ValueError(f"image_score must be 'map' or 'distance', got {image_score!r}")
+        self.image_score = image_score
         self.bank = bank
         self.references = references
         self.k = k
@@ -139,7 +144,8 @@ class PosFARScorer:
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, classifier: Classifier | None = None,
-                    use_foreground: bool = True, fusion: MapFusion | None = None) -> PosFARScorer:
+                    use_foreground: bool = True, fusion: MapFusion | None = None,
+                    image_score: Literal["map", "distance"] | None = None) -> PosFARScorer:
         """The bundle's scorer; pass ``classifier`` (its Swin engine) to score with the residual Swin, and
         ``fusion`` as well to fuse it with the distance."""
         m, a = bundle.manifest, bundle.arrays
@@ -151,7 +157,7 @@ class PosFARScorer:
             foreground = ForegroundWeighting(a["foreground_maps"], m.foreground.power, m.foreground.pool)
         return cls(bank, refs, m.posfar.k_references, tuple(m.backbone.grid), tuple(m.preprocessing.input_size),
                    m.scoring.blur_sigma, m.scoring.score_pool, thetas=tuple(m.posfar.thetas), classifier=classifier,
-                   foreground=foreground, fusion=fusion)
+                   foreground=foreground, fusion=fusion, image_score=image_score or m.scoring.image_score)
 
     def residual(self, pcf: np.ndarray, descriptor: np.ndarray, exclude: int | None = None) -> Residual:
         """Retrieval, matching and the PosFAR residual field of one image (no classifier)."""
@@ -186,13 +192,22 @@ class PosFARScorer:
             t2 = t_swin
         else:
             block_map = match.distance.reshape(self.grid)
-        if self.foreground is not None:
-            block_map = block_map * self.foreground.factor(refs)
+        factor = self.foreground.factor(refs) if self.foreground is not None else None
+        if factor is not None:
+            block_map = block_map * factor
         heatmap = heatmap_from_blocks(block_map, self.input_hw, self.blur_sigma)
-        score = image_score(heatmap, self.score_pool)
+        map_score = image_score(heatmap, self.score_pool)
+        score = map_score
+        if self.image_score == "distance" and self.classifier is not None:
+            # the verdict on the distance, the heatmap from the Swin (or both fused): measured on MTD, the
+            # distance separates good from defective images best at a line's false-reject rates, the
+            # Swin's maps localise better
+            distance_map = match.distance.reshape(self.grid) * (factor if factor is not None else 1.0)
+            score = image_score(heatmap_from_blocks(distance_map, self.input_hw, self.blur_sigma), self.score_pool)
         t3 = time.perf_counter()
         timings["postprocess"] = (t3 - t2) * 1e3
-        return Scored(block_map=block_map, heatmap=heatmap, score=score, references=refs, timings_ms=timings)
+        return Scored(block_map=block_map, heatmap=heatmap, score=score, references=refs, timings_ms=timings,
+                      map_score=map_score)
 
 
 @dataclass
@@ -222,13 +237,15 @@ class Inspector:
     """Loads the engines of a verified bundle and inspects decoded RGB images.
 
     ``anomaly_map`` other than the bundle's own (``nn_distance``: distance alone, the baseline; ``swin``; or
-    ``fused`` with ``fusion_rule``) is for evaluation: the bundle's threshold belongs to its own map and must
-    then be read as unset.
+    ``fused`` with ``fusion_rule``), or ``image_score`` other than its own (``map``: the heatmap's pooled max;
+    ``distance``: the distance map's, with the heatmap still from the Swin), is for evaluation: the bundle's
+    thresholds belong to its own scores and must then be read as unset.
     """
 
     def __init__(self, bundle: Bundle, backbone: Engine | None = None, threads: int | None = None,
                  swin: Engine | None = None, anomaly_map: Literal["swin", "nn_distance", "fused"] | None = None,
-                 use_foreground: bool = True, fusion_rule: Literal["mean", "geometric", "max"] | None = None) -> None:
+                 use_foreground: bool = True, fusion_rule: Literal["mean", "geometric", "max"] | None = None,
+                 image_score: Literal["map", "distance"] | None = None) -> None:
         self.bundle = bundle
         m = bundle.manifest
         self.input_hw = tuple(m.preprocessing.input_size)
@@ -248,8 +265,9 @@ class Inspector:
         if self.anomaly_map in ("swin", "fused"):
             self.swin = swin or OnnxRuntimeEngine(bundle.swin_path, threads=threads)
         classifier = SwinClassifier(self.swin) if self.swin is not None else None
+        self.image_score = image_score or m.scoring.image_score
         self.scorer = PosFARScorer.from_bundle(bundle, classifier=classifier, use_foreground=use_foreground,
-                                               fusion=fusion)
+                                               fusion=fusion, image_score=self.image_score)
         self.threshold = m.thresholds.image
         self.pixel_threshold = m.thresholds.pixel
         self.budget_ms = m.latency_budget_ms

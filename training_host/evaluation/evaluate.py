@@ -27,7 +27,8 @@ from training_host.evaluation.metrics import evaluate_maps, save_curve_plot
 
 def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int = 0, progress: bool = True,
                     anomaly_map: str | None = None, use_foreground: bool = True,
-                    also_exclude: set[str] | frozenset[str] = frozenset(), fusion_rule: str | None = None) -> dict:
+                    also_exclude: set[str] | frozenset[str] = frozenset(), fusion_rule: str | None = None,
+                    image_score: str | None = None) -> dict:
     """Run every test image through the bundle; return and write the metrics.
 
     Defective images the bundle was trained on (listed with their sha256 in its manifest) are left out,
@@ -35,7 +36,8 @@ def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int
     out more, so that models compared in one table are scored on the same images.
     """
     bundle = load_bundle(bundle_path)
-    inspector = Inspector(bundle, anomaly_map=anomaly_map, use_foreground=use_foreground, fusion_rule=fusion_rule)
+    inspector = Inspector(bundle, anomaly_map=anomaly_map, use_foreground=use_foreground, fusion_rule=fusion_rule,
+                          image_score=image_score)
     dataset = scan_dataset(data_root)
     m = bundle.manifest
     trained_on = {d.sha256 for d in m.training.defect_images} if m.training else set()
@@ -80,7 +82,7 @@ def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int
     # the bundle's threshold belongs to its own anomaly map; with another map there is no verdict to report
     own_rule = inspector.fusion is None or m.scoring.fusion is None or inspector.fusion.rule == m.scoring.fusion.rule
     own_map = (inspector.anomaly_map == m.scoring.anomaly_map and (use_foreground or m.foreground is None)
-               and own_rule)
+               and own_rule and inspector.image_score == m.scoring.image_score)
     predicted = scores_a >= inspector.threshold
     at_threshold = None
     good, bad = ~labels_a, labels_a
@@ -103,6 +105,7 @@ def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int
         "bundle": str(bundle_path), "product": m.product, "bundle_version": m.bundle_version,
         "anomaly_map": inspector.anomaly_map,
         "fusion_rule": inspector.fusion.rule if inspector.fusion is not None else None,
+        "image_score": inspector.image_score,
         "foreground": bool(m.foreground is not None and use_foreground),
         "supervision": supervision, "training_mode": m.training.mode if m.training else None,
         "excluded_training_defects": excluded,

@@ -332,7 +332,9 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
             return fitted.scorer(cfg.posfar.k_references, extractor.grid, cfg.input_size, cfg.posfar.retrieval_trim,
                                  cfg.scoring.blur_sigma, cfg.scoring.score_pool, tuple(cfg.posfar.thetas),
                                  classifier=classifier, foreground_power=power, foreground_pool=fg_cfg.pool,
-                                 fusion=fusion)
+                                 fusion=fusion, image_score=image_score)
+
+        image_score = cfg.scoring.image_score if classifier is not None else "map"
 
         holdout = [(p, d) for pcf, descriptor in _cached_features(cache, extractor, holdout_paths, cfg,
                                                                   "hold-out images", skipped, progress)
@@ -348,15 +350,22 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
             if cfg.scoring.fusion != "none":
                 fusion = calibrated
         scorer = holdout_scorer(fusion)
-        holdout_scores = [scorer.score(p, d).score for p, d in holdout]
-        loo_scores: list[float] = []
+        holdout_scored = [scorer.score(p, d) for p, d in holdout]
+        loo_scored = []
         if cfg.threshold.leave_one_out:  # bank image j, scored with itself left out of its retrieval
             for pcf, descriptor in _cached_features(cache, extractor, loaded, cfg, "leave-one-out scores", [],
                                                     progress):
-                loo_scores.extend(scorer.score(p, d, exclude=len(loo_scores)).score
+                loo_scored.extend(scorer.score(p, d, exclude=len(loo_scored))
                                   for p, d in zip(pcf, descriptor, strict=True))
+        holdout_scores = [s.score for s in holdout_scored]
+        loo_scores = [s.score for s in loo_scored]
         choice = estimate_threshold(holdout_scores + loo_scores, cfg.threshold.target_false_reject,
                                     cfg.threshold.margin, n_leave_one_out=len(loo_scores))
+        pixel_choice = None  # the verdict is on the distance: the heatmap's regions need their own scale
+        if image_score == "distance":
+            pixel_choice = estimate_threshold([s.map_score for s in holdout_scored + loo_scored],
+                                              cfg.threshold.target_false_reject, cfg.threshold.margin,
+                                              n_leave_one_out=len(loo_scored))
         holdout_check = {"n_holdout_images": len(holdout_scores),
                          "holdout_above_threshold": int(sum(s >= choice.threshold for s in holdout_scores)),
                          "holdout_quantile": float(np.quantile(holdout_scores, 1 - cfg.threshold.target_false_reject,
@@ -398,8 +407,8 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
                                 n_bank=int(fitted.bank.shape[0])),
             scoring=B.ScoringInfo(anomaly_map=("fused" if fusion else "swin") if trained else "nn_distance",
                                   blur_sigma=cfg.scoring.blur_sigma, score_pool=cfg.scoring.score_pool,
-                                  fusion=fusion_info),
-            thresholds=B.Thresholds.from_estimate(choice),
+                                  fusion=fusion_info, image_score=image_score),
+            thresholds=B.Thresholds.from_estimate(choice, pixel_choice),
             latency_budget_ms=cfg.latency_budget_ms,
             swin=swin_info,
             foreground=(B.ForegroundInfo(power=fg_cfg.power, pool=fg_cfg.pool,
