@@ -45,3 +45,12 @@ def test_sweep_runs_variants_writes_the_table_and_resumes(tmp_path, demo_data, c
     capsys.readouterr()
     assert sweep.main(["--grid", str(grid), "--out", str(out), "--frames", "3"]) == 0
     assert capsys.readouterr().out.count("kept from") == 2
+    # a map the kept variants lack is evaluated from their bundles, without fitting them again
+    assert sweep.main(["--grid", str(grid), "--out", str(out), "--frames", "3", "--maps", "fused:mean@distance"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("evaluating fused:mean@distance") == 2 and "swin.steps=6: swin.steps=6" not in printed
+    rows = list(csv.DictReader((out / "table.csv").open()))
+    assert "base: fused:mean@distance" in [r["variant"] for r in rows]
+    nn = next(r for r in rows if r["variant"] == "base: nn_distance")
+    mixed = next(r for r in rows if r["variant"] == "base: fused:mean@distance")
+    assert mixed["image_auroc"] == nn["image_auroc"]  # the verdict's score is the distance map's

@@ -275,4 +275,5 @@ def test_fused_bundle_with_the_verdict_on_the_distance(tmp_path, demo_data, smal
     report = calibrate(out, demo_data / "train" / "good", tmp_path / "cal", holdout=0.25, quiet=True)
     cal = load_bundle(tmp_path / "cal").manifest
     assert report.threshold.threshold == cal.thresholds.image and cal.thresholds.pixel != cal.thresholds.image
-    assert cal.scoring.image_score == "distance" and cal.scoring.fusion.distance_scale != m.scoring.fusion.distance_scale
+    assert cal.scoring.image_score == "distance"
+    assert cal.scoring.fusion.distance_scale != m.scoring.fusion.distance_scale  # rescaled on the new bank

@@ -22,8 +22,8 @@ AUROC, PRO, pixel AP overall and per defect type, detection at FRR 0.5 / 1 / 2 %
 ``--maps``) is one more row per variant with a Swin (``nn_distance``: the distance alone; ``swin``;
 ``fused:RULE``: the two fused, with the scales stored at fit; ``...@distance``: with the image score taken from
 the distance map); without ``maps``, the first variant's distance is one more row.  Results go to
-``OUT/<variant>/result.json`` (a variant whose result exists with the same overrides is not run again) and to
-``OUT/table.csv`` and ``OUT/table.md``.
+``OUT/<variant>/result.json`` (a variant whose result exists with the same overrides is not fitted again;
+maps it lacks are evaluated from its bundle) and to ``OUT/table.csv`` and ``OUT/table.md``.
 """
 
 from __future__ import annotations
@@ -86,6 +86,17 @@ def bench(bundle: Path, images: Path, frames: int) -> dict | None:
     total = stages["total"]["p50"]
     backbone = stages["backbone"]["p50"]
     return {"frame_ms_p50": total, "backbone_ms_p50": backbone, "frame_over_backbone": total / backbone}
+
+
+def evaluate_map(folder: Path, data: Path, map_name: str) -> dict:
+    """Metrics of a variant's bundle scored by another map: ``KIND[:RULE][@IMAGE_SCORE]`` (see above)."""
+    from training_host.evaluation.evaluate import evaluate_bundle
+
+    spec, _, verdict = map_name.partition("@")
+    kind, _, rule = spec.partition(":")
+    out = folder / f"eval_{map_name.replace(':', '_').replace('@', '_at_')}"
+    return evaluate_bundle(folder / "bundle", data, out, progress=False, anomaly_map=kind, fusion_rule=rule or None,
+                           image_score=verdict or None)
 
 
 def row_of(name: str, overrides: list[str], metrics: dict, fit: dict | None, speed: dict | None) -> dict:
@@ -160,13 +171,24 @@ def main(argv: list[str] | None = None) -> int:
     for i, (name, overrides) in enumerate(variants.items()):
         folder = out / name.replace("/", "_")
         result_path = folder / "result.json"
+        extra = maps if maps else (["nn_distance"] if i == 0 and not args.no_baseline else [])
         if result_path.is_file() and not args.force:
             old = json.loads(result_path.read_text(encoding="utf-8"))
-            if (old.get("overrides") == overrides and old.get("config") == str(config)
-                    and set(maps) <= set(old.get("maps", []))):
-                print(f"[{i + 1}/{len(variants)}] {name}: kept from {result_path}", flush=True)
-                rows += old["rows"]
-                continue
+            if old.get("overrides") == overrides and old.get("config") == str(config):
+                done = set(old.get("maps", []))
+                missing = [m for m in extra if m not in done]
+                if missing and old["fit"].get("anomaly_map") != "nn_distance" and (folder / "bundle").is_dir():
+                    print(f"[{i + 1}/{len(variants)}] {name}: kept, evaluating {', '.join(missing)}", flush=True)
+                    old["rows"] += [row_of(f"{name}: {m}", overrides, evaluate_map(folder, data, m), None, None)
+                                    for m in missing]
+                    old["maps"] = sorted(done | set(missing))
+                    result_path.write_text(json.dumps(old, indent=2, default=str) + "\n", encoding="utf-8")
+                    missing = []
+                if not missing or old["fit"].get("anomaly_map") == "nn_distance":
+                    print(f"[{i + 1}/{len(variants)}] {name}: kept from {result_path}", flush=True)
+                    rows += old["rows"]
+                    write_tables(rows, out)
+                    continue
         print(f"[{i + 1}/{len(variants)}] {name}: {' '.join(overrides) or '(base profile)'}", flush=True)
         cfg = load_config(config, overrides)
         t0 = time.perf_counter()
@@ -174,17 +196,10 @@ def main(argv: list[str] | None = None) -> int:
         fit = {**summary.to_json(), "wall_s": round(time.perf_counter() - t0, 1)}
         metrics = evaluate_bundle(folder / "bundle", data, folder / "eval", progress=False)
         variant_rows = [row_of(name, overrides, metrics, fit, bench(folder / "bundle", data / "test", args.frames))]
-        extra = maps if maps else (["nn_distance"] if i == 0 and not args.no_baseline else [])
         if summary.anomaly_map != "nn_distance":
-            for map_name in extra:
-                spec, _, verdict = map_name.partition("@")
-                kind, _, rule = spec.partition(":")
-                m = evaluate_bundle(folder / "bundle", data,
-                                    folder / f"eval_{map_name.replace(':', '_').replace('@', '_at_')}",
-                                    progress=False, anomaly_map=kind, fusion_rule=rule or None,
-                                    image_score=verdict or None)
-                variant_rows.append(row_of(f"{name}: {map_name}", overrides, m, None, None))
-        result_path.write_text(json.dumps({"config": str(config), "overrides": overrides, "maps": maps, "fit": fit,
+            variant_rows += [row_of(f"{name}: {m}", overrides, evaluate_map(folder, data, m), None, None)
+                             for m in extra]
+        result_path.write_text(json.dumps({"config": str(config), "overrides": overrides, "maps": extra, "fit": fit,
                                            "rows": variant_rows}, indent=2, default=str) + "\n", encoding="utf-8")
         rows += variant_rows
         write_tables(rows, out)
