@@ -272,7 +272,13 @@ def test_fused_bundle_with_the_verdict_on_the_distance(tmp_path, demo_data, smal
     assert result.threshold == m.thresholds.image and "swin" in result.timings_ms
     if result.verdict == "fail":
         assert all(r.peak >= m.thresholds.pixel for r in result.regions)
+    # the verdict does not rest on the Swin: the threshold also uses the 24 bank images' leave-one-out scores
+    t = summary.threshold_estimate
+    assert t["n_scores"] == 30 and t["n_leave_one_out"] == 24 and t["n_holdout_images"] == 6
+    assert t["source"] == "holdout+loo" and 0 <= t["holdout_above_threshold"] <= 6
+    assert m.thresholds.n_holdout_images == 6 and m.thresholds.n_leave_one_out == 24
     report = calibrate(out, demo_data / "train" / "good", tmp_path / "cal", holdout=0.25, quiet=True)
+    assert report.threshold.n_leave_one_out == 22 and report.threshold.n_scores == 30  # 8 held out + 22 bank frames
     cal = load_bundle(tmp_path / "cal").manifest
     assert report.threshold.threshold == cal.thresholds.image and cal.thresholds.pixel != cal.thresholds.image
     assert cal.scoring.image_score == "distance"

@@ -132,13 +132,12 @@ def test_fit_summary(fitted):
     assert s.n_train == 24 and s.n_holdout == 6
     assert s.n_bank == 24 * round(0.1 * 256)
     assert s.onnx_max_abs_diff < 1e-3 and s.threshold > 0 and s.d_l == 16
-    # the threshold rests on the 6 held-out images and the 24 bank images, each left out of its own retrieval
+    # the verdict rests on the Swin, which was trained on the bank images' fields: by default (auto) their
+    # leave-one-out scores are not used, the threshold rests on the 6 held-out images
     t = s.threshold_estimate
-    assert t["n_scores"] == 30 and t["n_leave_one_out"] == 24 and t["n_holdout_images"] == 6
-    assert t["source"] == "holdout+loo" and t["holdout_above_threshold"] <= 6
-    assert t["threshold"] >= max(t["holdout_quantile"], t["loo_quantile"]) - 1e-9 or t["n_above"] > 0
+    assert t["n_scores"] == 6 and t["n_leave_one_out"] == 0 and t["source"] == "holdout"
     m = load_bundle(fitted[0]).manifest.thresholds
-    assert m.n_holdout_images == 6 and m.n_leave_one_out == 24 and m.image == s.threshold
+    assert m.n_holdout_images == 6 and m.n_leave_one_out == 0 and m.image == s.threshold
 
 
 def test_leave_one_out_scores_are_scored_without_their_own_patches(fitted):

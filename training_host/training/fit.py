@@ -352,7 +352,10 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
         scorer = holdout_scorer(fusion)
         holdout_scored = [scorer.score(p, d) for p, d in holdout]
         loo_scored = []
-        if cfg.threshold.leave_one_out:  # bank image j, scored with itself left out of its retrieval
+        loo = cfg.threshold.leave_one_out
+        if loo == "auto":  # the Swin was trained on the bank images' fields: their scores by it run optimistic
+            loo = classifier is None or image_score == "distance"
+        if loo:  # bank image j, scored with itself left out of its retrieval
             for pcf, descriptor in _cached_features(cache, extractor, loaded, cfg, "leave-one-out scores", [],
                                                     progress):
                 loo_scored.extend(scorer.score(p, d, exclude=len(loo_scored))
