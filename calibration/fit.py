@@ -162,20 +162,15 @@ def calibrate(base: Path, images: Path, out: Path | None, *, holdout: float = 0.
     # score the hold-outs as the edge will: the bundle's own scorer over the fp16 arrays it will read
     holdout_features = list(_features(inspector, holdout_frames, "hold-out frames", quiet))
     classifier = inspector.scorer.classifier
-    fusion = None
+    scorer = PosFARScorer.from_bundle(B.Bundle(root=bundle.root, manifest=manifest, arrays=arrays),
+                                      classifier=classifier)
     if classifier is not None and m.scoring.fusion is not None:  # the new bank moves the distances: rescale
-        plain = PosFARScorer.from_bundle(B.Bundle(root=bundle.root, manifest=manifest, arrays=arrays),
-                                         classifier=classifier)
-        evidence = [plain.block_evidence(p, d) for p, d in holdout_features]
-        rescaled = MapFusion.calibrate(m.scoring.fusion.rule, np.stack([e[0] for e in evidence]),
-                                       np.stack([e[1] for e in evidence]))
+        rescaled = MapFusion.from_scorer(m.scoring.fusion.rule, scorer, holdout_features)
         manifest = manifest.model_copy(update={"scoring": m.scoring.model_copy(update={
             "fusion": m.scoring.fusion.model_copy(update={"distance_scale": rescaled.distance_scale,
                                                           "swin_scale": rescaled.swin_scale})})})
         if m.scoring.anomaly_map == "fused":
-            fusion = rescaled
-    scorer = PosFARScorer.from_bundle(B.Bundle(root=bundle.root, manifest=manifest, arrays=arrays),
-                                      classifier=classifier, fusion=fusion)
+            scorer = scorer.with_fusion(rescaled)
     holdout_scored = [scorer.score(p, d) for p, d in holdout_features]
     scores = np.array([s.score for s in holdout_scored])
     # as the base bundle's threshold was estimated: with leave-one-out scores of the bank frames when it was

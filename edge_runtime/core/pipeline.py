@@ -10,6 +10,7 @@ foreground maps (object products).
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -98,6 +99,13 @@ class MapFusion:
         p = float(np.quantile(np.asarray(probabilities, dtype=np.float64).ravel(), FUSION_QUANTILE))
         return cls(rule=rule, distance_scale=max(d, eps), swin_scale=max(p, eps))
 
+    @classmethod
+    def from_scorer(cls, rule: Literal["mean", "geometric", "max"], scorer: PosFARScorer,
+                    good_features: list[tuple[np.ndarray, np.ndarray]]) -> MapFusion:
+        """Scales from a Swin scorer's raw block evidence on held-out good images ((pcf, descriptor) pairs)."""
+        evidence = [scorer.block_evidence(pcf, descriptor) for pcf, descriptor in good_features]
+        return cls.calibrate(rule, np.stack([e[0] for e in evidence]), np.stack([e[1] for e in evidence]))
+
     def __call__(self, probability: np.ndarray, distance: np.ndarray) -> np.ndarray:
         p = np.asarray(probability, dtype=np.float32) / np.float32(self.swin_scale)
         d = np.asarray(distance, dtype=np.float32) / np.float32(self.distance_scale)
@@ -165,6 +173,14 @@ class PosFARScorer:
         match = self.bank.match(pcf, refs)
         residual = posfar_residual(pcf, self.bank.features[match.bank_rows], self.thetas)
         return Residual(residual=residual, distance=match.distance, references=refs)
+
+    def with_fusion(self, fusion: MapFusion | None) -> PosFARScorer:
+        """The same scorer (sharing its bank and references) with another fused map, or none."""
+        if fusion is not None and self.classifier is None:
+            raise ValueError("a fused map needs the Swin classifier")
+        other = copy.copy(self)
+        other.fusion = fusion
+        return other
 
     def block_evidence(self, pcf: np.ndarray, descriptor: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """The raw block distances (M,) and the Swin's probabilities (M,) (None without a classifier), before

@@ -20,7 +20,7 @@ from edge_runtime.core import bundle as B
 from edge_runtime.core.engines import OnnxRuntimeEngine
 from edge_runtime.core.fitting import BankBuilder, FittedPosFAR, split_holdout
 from edge_runtime.core.foreground import ForegroundBuilder
-from edge_runtime.core.pipeline import FUSION_QUANTILE, MapFusion, PosFARScorer, SwinClassifier
+from edge_runtime.core.pipeline import FUSION_QUANTILE, MapFusion, SwinClassifier
 from edge_runtime.core.thresholds import estimate_threshold
 from training_host.config import ProductConfig
 from training_host.data.dataset import load_batch, scan_dataset
@@ -328,28 +328,23 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
         t1 = time.perf_counter()
         power = fg_cfg.power if fg_cfg.enabled else 0.0
 
-        def holdout_scorer(fusion: MapFusion | None) -> PosFARScorer:
-            return fitted.scorer(cfg.posfar.k_references, extractor.grid, cfg.input_size, cfg.posfar.retrieval_trim,
-                                 cfg.scoring.blur_sigma, cfg.scoring.score_pool, tuple(cfg.posfar.thetas),
-                                 classifier=classifier, foreground_power=power, foreground_pool=fg_cfg.pool,
-                                 fusion=fusion, image_score=image_score)
-
         image_score = cfg.scoring.image_score if classifier is not None else "map"
-
+        scorer = fitted.scorer(cfg.posfar.k_references, extractor.grid, cfg.input_size, cfg.posfar.retrieval_trim,
+                               cfg.scoring.blur_sigma, cfg.scoring.score_pool, tuple(cfg.posfar.thetas),
+                               classifier=classifier, foreground_power=power, foreground_pool=fg_cfg.pool,
+                               image_score=image_score)
         holdout = [(p, d) for pcf, descriptor in _cached_features(cache, extractor, holdout_paths, cfg,
                                                                   "hold-out images", skipped, progress)
                    for p, d in zip(pcf, descriptor, strict=True)]
         fusion = fusion_info = None
         if classifier is not None:  # the scales are always stored, so every map can be evaluated
-            evidence = [holdout_scorer(None).block_evidence(p, d) for p, d in holdout]
             rule = cfg.scoring.fusion if cfg.scoring.fusion != "none" else "geometric"
-            calibrated = MapFusion.calibrate(rule, np.stack([e[0] for e in evidence]),
-                                             np.stack([e[1] for e in evidence]))
+            calibrated = MapFusion.from_scorer(rule, scorer, holdout)
             fusion_info = B.FusionInfo(rule=rule, distance_scale=calibrated.distance_scale,
                                        swin_scale=calibrated.swin_scale, quantile=FUSION_QUANTILE)
             if cfg.scoring.fusion != "none":
                 fusion = calibrated
-        scorer = holdout_scorer(fusion)
+                scorer = scorer.with_fusion(fusion)
         holdout_scored = [scorer.score(p, d) for p, d in holdout]
         loo_scored = []
         loo = cfg.threshold.leave_one_out
