@@ -45,9 +45,9 @@ lint: install
 bench-mtd: install
 	$(PY) tools/bench_mtd.py --out runs/mtd
 
-# Weak labels on MTD: the same 10 defects as masks, blocks, rotated boxes, boxes, tags (reuses runs/mtd)
+# Weak labels on MTD: 10 defects as masks, boxes and tags, 3 seeds (--init / --cache reuse a sweep's fit)
 bench-weak: install
-	$(PY) tools/bench_weak.py --base runs/mtd --out runs/weak
+	$(PY) tools/bench_weak.py --out runs/weak
 
 # The running edge service on CPU: frames/s and grab-to-delivery latency through a real broker
 bench-service: install

@@ -12,8 +12,9 @@ from training_host.training.resmixmatch import (
     ResMixMatch,
     ResMixMatchConfig,
     _beta,
-    region_peak_anomalous,
+    bag_peaks_anomalous,
     sharpen,
+    unknown_regions,
 )
 from training_host.training.train_swin import SwinTrainer
 
@@ -102,7 +103,7 @@ def test_soft_focal_loss_is_the_focal_loss_on_hard_targets_and_minimal_at_the_ta
         assert abs(float(ps[int(torch.tensor(losses).argmin())]) - 0.3) < 0.02
 
 
-def test_region_prior_lifts_the_peak_of_each_region():
+def test_without_bags_each_unknown_region_is_one_bag():
     """Two boxes in one field and a tagged field: the most anomalous-looking block of each connected unknown
     region is guessed anomalous; everything else keeps its guess."""
     probs = torch.full((3, 6, 6), 0.1)
@@ -115,11 +116,46 @@ def test_region_prior_lifts_the_peak_of_each_region():
     probs[1, 3, 3] = 0.5
     probs[2, 1, 1] = 0.9  # known blocks only: untouched
     guessed = sharpen(probs, 0.5)
-    out = region_peak_anomalous(probs, guessed, unknown)
+    bags = unknown_regions(unknown)
+    assert bags.shape == (3, 2, 6, 6) and int(bags[2].sum()) == 0
+    out = bag_peaks_anomalous(probs, guessed, bags)
     lifted = torch.zeros(3, 6, 6, dtype=torch.bool)
     lifted[0, 0, 1] = lifted[0, 5, 5] = lifted[1, 3, 3] = True
     assert torch.all(out[lifted] == 1.0)
     assert torch.equal(out[~lifted], guessed[~lifted])
+
+
+def test_bags_lift_their_top_k_and_may_rank_their_blocks_each_their_own_way():
+    probs = torch.zeros(1, 4, 4)
+    probs[0, 0] = torch.tensor([0.9, 0.8, 0.7, 0.1])
+    bags = torch.zeros(1, 3, 4, 4, dtype=torch.uint8)
+    bags[0, 0, 0] = 2  # row 0, top-2
+    bags[0, 1, :, 3] = 1  # column 3: its peak is (0, 3) at 0.1, the rest 0
+    bags[0, 2, 3, 0] = 5  # one block, k larger than the bag: only that block
+    out = bag_peaks_anomalous(probs, torch.zeros(1, 4, 4), bags)
+    assert {tuple(i) for i in torch.nonzero(out[0]).tolist()} == {(0, 0), (0, 1), (0, 3), (3, 0)}
+    per_bag = torch.zeros(1, 3, 4, 4)
+    per_bag[0, 0, 0, 2] = per_bag[0, 0, 0, 3] = 1.0  # row 0 ranked differently: (0, 2), (0, 3)
+    out = bag_peaks_anomalous(per_bag, torch.zeros(1, 4, 4), bags)
+    assert {tuple(i) for i in torch.nonzero(out[0]).tolist()} >= {(0, 2), (0, 3)}
+    assert float(out[0, 0, 0]) == 0.0
+
+
+def test_peak_from_model_plus_residual_picks_the_block_the_residual_points_at():
+    """A thin defect the model cannot see yet: with peak_from model+residual the bag's peak follows the residual."""
+    torch.manual_seed(0)
+    model = ResidualSwin(SwinShape(in_dim=4, embed_dim=8, depth=2, heads=2, train_window=8, window=4))
+    x = torch.full((1, 8, 8, 4), 0.1)
+    x[0, 3, 5] = 5.0
+    y = torch.zeros(1, 8, 8, dtype=torch.int8)
+    y[0, 2:5, 2:7] = UNKNOWN
+    bags = torch.zeros(1, 1, 8, 8, dtype=torch.uint8)
+    bags[0, 0, 3, 2:7] = 1
+    cfg = dict(mixup_alpha=0.0, mask_ratio=0.0, jitter=0.0)
+    _, guessed = ResMixMatch(ResMixMatchConfig(peak_from="model+residual", **cfg)).guess(
+        model, x, y, (0, 0), torch.Generator().manual_seed(0), bags)
+    assert float(guessed[0, 3, 5]) == 1.0
+    assert int((guessed[0, 3] == 1.0).sum()) == 1
 
 
 def test_ignored_blocks_are_neither_known_nor_guessed():
@@ -150,3 +186,37 @@ def test_ignored_blocks_are_neither_known_nor_guessed():
     assert float(grad[1, 5:7, 5:7].abs().sum()) == 0.0  # ignored blocks: no gradient
     assert float(grad[0, 2:4, 2:4].abs().sum()) > 0.0  # unknown blocks: guessed targets count
     assert float(grad[1, 0:2, 0:2].abs().sum()) > 0.0  # known normal blocks count
+
+
+def test_bags_travel_with_their_fields_through_batches_crops_and_flips():
+    """Each weak field's bags arrive in the batch on the same rows as the field and are cropped and flipped with
+    it; a bag a crop cuts is dropped (its defect may lie outside the window); good fields have none."""
+    n, grid = 4, 12
+    fields = torch.zeros(n, grid, grid, 3)
+    bags = torch.zeros(n, 2, grid, grid, dtype=torch.uint8)
+    for i in range(n):
+        fields[i, 2 * i, 4:8, 0] = 1.0  # field i is marked on row 2i, columns 4-7...
+        bags[i, 0, 2 * i, 4:8] = 1  # ...and so is its bag 0, inside every 8 x 8 crop of the 12 x 12 grid
+        bags[i, 1] = 1  # bag 1 covers the whole field: every crop cuts it
+    weak = ResidualSet(fields.half(), torch.full((n, grid, grid), UNKNOWN, dtype=torch.int8), ["weak"] * n, bags)
+    good = ResidualSet(torch.zeros(6, grid, grid, 3).half(), torch.zeros(6, grid, grid, dtype=torch.int8),
+                       ["good"] * 6)
+    model = ResidualSwin(SwinShape(in_dim=3, embed_dim=8, depth=2, heads=2, train_window=8, window=4))
+    trainer = SwinTrainer(model, SwinConfig.model_validate({"batch_size": 6, "defect_fraction": 0.5}), seed=0)
+    inside = outside = 0
+    for step in range(30):
+        x, _, b, _, _ = trainer._batch(good, weak, step)
+        assert b is not None and b.shape == (6, 2, 8, 8)
+        assert int(b[:3].sum()) == 0 and int(b[:, 1].sum()) == 0  # good rows: no bags; the whole-field bag: cut
+        for j in range(3, 6):
+            marked = x[j, ..., 0] > 0
+            if marked.any():
+                assert torch.equal(b[j, 0] > 0, marked)
+                inside += 1
+            else:  # the marked row lies outside the crop: its bag is dropped
+                assert int(b[j, 0].sum()) == 0
+                outside += 1
+    assert inside and outside
+    both = ResidualSet.concat([good, weak])
+    assert both.bags is not None and both.bags.shape == (10, 2, grid, grid) and int(both.bags[:6].sum()) == 0
+    assert torch.equal(both.select("weak").bags, bags)

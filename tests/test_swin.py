@@ -220,3 +220,16 @@ def test_exported_swin_matches_torch_through_the_edge_classifier(tmp_path):
         expect = model(torch.from_numpy(fields[1]).reshape(1, 16, 16, 12)).reshape(-1).numpy()
     got = classifier(fields[1])
     assert got.shape == (256,) and np.abs(got - expect).max() < 1e-5
+
+
+def test_a_model_exported_before_it_ever_ran_still_runs_eagerly(tmp_path):
+    """``fit --init`` exports a model straight from its checkpoint: the tracer must not leave its own tensors in
+    the shift-mask cache for later eager calls (they failed with 'numpy() is not supported for tensor subclasses')."""
+    from training_host.models import swin
+    from training_host.models.export import export_swin
+
+    swin._cached_shift_mask.cache_clear()
+    model = _model(train_window=16)
+    fields = np.random.default_rng(1).random((2, 256, 12), dtype=np.float32)
+    assert export_swin(model, (16, 16), tmp_path / "swin.onnx", fields) < 1e-5
+    assert type(swin._shift_mask(16, 16, model.shape.window, model.shape.window // 2)) is torch.Tensor

@@ -17,6 +17,7 @@ from training_host.labels.weak_labels import (
     import_coco,
     import_labelme,
     load_labels,
+    weak_bags,
     weak_from_mask,
 )
 
@@ -214,13 +215,16 @@ def test_blocks_rotated_45_degrees():
     # a diamond centred at (32, 32) with half-diagonal ~22.6 px covers the 4 central 16 px blocks well,
     # touches only the corners of the 12 outer ones
     lab = WeakLabel(rotated_boxes=((32, 32, 32, 32, 45),))
-    out = block_labels_from_weak(lab, (64, 64), (4, 4))
+    out = block_labels_from_weak(lab, (64, 64), (4, 4), overlap=0.5)
     expect = np.zeros((4, 4), np.int8)
     expect[1:3, 1:3] = -1
     np.testing.assert_array_equal(out, expect)
     # the same square unrotated covers exactly those blocks too; the diamond differs at lower overlap
     low = block_labels_from_weak(lab, (64, 64), (4, 4), overlap=0.05)
     assert low[0, 1] == -1 and low[0, 0] == 0
+    # by default every block the box touches is unknown, never normal: the defect may lie in a corner
+    touched = block_labels_from_weak(lab, (64, 64), (4, 4))
+    assert (touched[[0, 1, 2, 3], [1, 0, 3, 2]] == -1).all() and touched[0, 0] == 0 and touched[3, 3] == 0
 
 
 def test_blocks_tag_and_explicit():
@@ -241,6 +245,52 @@ def test_blocks_non_divisible_image():
     np.testing.assert_array_equal(out, expect)
     full = block_labels_from_weak(WeakLabel(boxes=((-10, -10, 100, 100),)), (50, 70), (3, 4))
     assert (full == -1).all()
+
+
+# ----------------------------------------------------------------------------------------------- bags
+def _bag_sets(bags: np.ndarray) -> set[tuple[int, frozenset]]:
+    return {(int(b.max()), frozenset(map(tuple, np.argwhere(b > 0).tolist()))) for b in bags}
+
+
+def test_bags_of_an_axis_box_are_its_block_rows_and_columns():
+    """A box over blocks rows 1-2, columns 2-4 of a 16 px grid: one bag per row and per column it crosses."""
+    lab = WeakLabel(boxes=((32, 16, 48, 32),))
+    bags = weak_bags(lab, (64, 128), (4, 8))
+    assert bags.dtype == np.uint8 and bags.shape[1:] == (4, 8)
+    rows = {(1, frozenset((r, c) for c in range(2, 5))) for r in (1, 2)}
+    cols = {(1, frozenset((r, c) for r in (1, 2))) for c in range(2, 5)}
+    assert _bag_sets(bags) == rows | cols
+    whole = weak_bags(lab, (64, 128), (4, 8), box_lines=False)
+    assert _bag_sets(whole) == {(1, frozenset((r, c) for r in (1, 2) for c in range(2, 5)))}
+
+
+def test_every_bag_of_a_tight_box_holds_a_block_of_its_defect():
+    """The box-tightness prior: for tight boxes (axis and rotated) around random thin curved defects, every line
+    bag crosses at least one block the defect touches."""
+    rng = np.random.default_rng(0)
+    H, W, grid = 96, 128, (12, 16)
+    for _ in range(20):
+        mask = np.zeros((H, W), np.uint8)
+        pts = np.cumsum(rng.normal(0, 4, (8, 2)), 0) + rng.uniform([30, 30], [W - 30, H - 30])
+        cv2.polylines(mask, [pts.astype(np.int32)], False, 1, thickness=2)
+        touched = cv2.resize(mask.astype(np.float32), (grid[1], grid[0]), interpolation=cv2.INTER_AREA) > 0
+        for kind in ("boxes", "rotated_boxes"):
+            label = weak_from_mask(mask, kind)
+            bags = weak_bags(label, (H, W), grid)
+            assert len(bags) >= 2
+            for bag in bags:
+                assert (touched & (bag > 0)).any(), kind
+
+
+def test_bags_of_a_tag_and_of_explicit_blocks():
+    tag = weak_bags(WeakLabel(tag="bad"), (30, 30), (3, 3), tag_top_k=2)
+    assert tag.shape == (1, 3, 3) and (tag == 2).all()
+    blocks = np.array([[-1, 0, 0], [0, 0, -1], [1, 0, -1]], np.int8)
+    out = weak_bags(WeakLabel(blocks=blocks), (30, 30), (3, 3))
+    assert _bag_sets(out) == {(1, frozenset({(0, 0)})), (1, frozenset({(1, 2), (2, 2)}))}
+    assert weak_bags(WeakLabel(blocks=np.zeros((3, 3), np.int8) + 1), (30, 30), (3, 3)).shape == (0, 3, 3)
+    with pytest.raises(ValueError, match="tag_top_k"):
+        weak_bags(WeakLabel(tag="bad"), (30, 30), (3, 3), tag_top_k=0)
 
 
 # ----------------------------------------------------------------------------------------------- from masks

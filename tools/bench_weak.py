@@ -1,48 +1,80 @@
-"""Weak-label figures on the real MTD data (``make bench-weak``): the paper's protocol, one table.
+"""Weak-label figures on the real MTD data (``make bench-weak``): the paper's protocol, one table per seed.
 
-The same 10 defective test images (seed 0, as ``make bench-mtd``'s supervised row) are labelled five ways:
-pixel masks (the supervised mode), block labels, rotated boxes, boxes and image tags, all derived from
-the masks (``weakrest-train labels from-masks``), plus boxes perturbed by +-3 and +-7 pixels.  Each
-variant fine-tunes the same unsupervised model (``--init``) and is scored on the same test images, the 10
-labelled ones left out of every row.
+For each seed, 10 defective test images are drawn (``pick_defects``, that seed) and labelled several ways,
+all derived from their masks (``weakrest-train labels from-masks``): pixel masks (the supervised mode), boxes,
+image tags, and on request block labels, rotated boxes and boxes perturbed by +-3 / +-7 pixels.  Every
+labelled row fine-tunes the same unsupervised model (``--init``) with that seed and is scored on the same
+test images as the unsupervised row, the seed's 10 labelled defects left out of all of them.  The last table
+gives each row's mean over the seeds and its difference from the unsupervised row, seed by seed.
 
-The unsupervised and supervised bundles of ``make bench-mtd`` (``--base runs/mtd``) are reused when they
-are there; otherwise they are fitted first.
+The unsupervised bundle is fitted once (``OUT/unsupervised``); with ``--init CKPT`` its Swin is taken from an
+earlier fit's checkpoint (e.g. a sweep's ``fast/bundle.ckpt/unsupervised.safetensors``) instead of being
+trained again.  ``--cache`` reuses a sweep's backbone features and residual fields.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mtd import KEYS, MTD, ROOT, _row, print_table  # noqa: E402
+from bench_mtd import KEYS, MTD, ROOT, _fmt, _row, print_table  # noqa: E402
 
-VARIANTS = (  # (row name, label kind, jitter px)
-    ("blocks", "blocks", 0),
-    ("rotated boxes", "rotated_boxes", 0),
-    ("boxes", "boxes", 0),
-    ("image tags", "tag", 0),
-    ("boxes +-3 px", "boxes", 3),
-    ("boxes +-7 px", "boxes", 7),
-)
+KINDS = {  # row name -> (label kind for `labels from-masks`, jitter px); "masks" is the supervised mode
+    "masks": ("masks", 0),
+    "boxes": ("boxes", 0),
+    "tags": ("tag", 0),
+    "blocks": ("blocks", 0),
+    "rotated boxes": ("rotated_boxes", 0),
+    "boxes +-3 px": ("boxes", 3),
+    "boxes +-7 px": ("boxes", 7),
+}
+
+
+def summary_table(report: dict, seeds: list[int], names: list[str]) -> list[str]:
+    """Markdown lines: each row's mean over the seeds, and its pixel-AP / PRO gain over unsupervised per seed."""
+    lines = ["| labels | seeds | image AUROC | pixel AUROC | PRO | pixel AP | AP gain per seed (pts) "
+             "| PRO gain per seed (pts) |", "|---|---|---|---|---|---|---|---|"]
+    for name in ["unsupervised", *names]:
+        rows = {s: report["rows"].get(f"{name} seed{s}") for s in seeds}
+        rows = {s: r for s, r in rows.items() if r}
+        if not rows:
+            continue
+        means = [statistics.fmean(r[k] for r in rows.values() if r[k] is not None) for k in KEYS]
+        gains = {}
+        for key in ("pixel_ap", "pro"):
+            gains[key] = ", ".join(
+                f"{100 * (r[key] - report['rows'][f'unsupervised seed{s}'][key]):+.1f}"
+                for s, r in rows.items() if f"unsupervised seed{s}" in report["rows"])
+        lines.append(f"| {name} | {len(rows)} | " + " | ".join(_fmt(m) for m in means)
+                     + f" | {gains['pixel_ap'] if name != 'unsupervised' else '-'}"
+                     + f" | {gains['pro'] if name != 'unsupervised' else '-'} |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(MTD))
     parser.add_argument("--config", default=str(ROOT / "configs" / "products" / "fast.yaml"))
-    parser.add_argument("--base", default="runs/mtd", help="where make bench-mtd left its bundles")
     parser.add_argument("--out", default="runs/weak")
+    parser.add_argument("--init", default=None, metavar="CKPT",
+                        help="unsupervised Swin checkpoint to start from (default: train it in OUT)")
+    parser.add_argument("--cache", default=None, metavar="DIR", help="fit cache folder (default OUT/cache)")
     parser.add_argument("--n-defects", type=int, default=10)
-    parser.add_argument("--only", nargs="*", default=None, help="row names to (re)run, e.g. boxes 'image tags'")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--kinds", nargs="+", default=["masks", "boxes", "tags"], choices=list(KINDS),
+                        help="label kinds to fit, each on every seed")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="row names to (re)fit even when the report has them, e.g. boxes tags")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override for the weak fits (repeatable)")
+                        help="config override for the labelled fits (repeatable)")
+    parser.add_argument("--tag", default="", help="suffix of the labelled rows' names, to compare method variants")
     args = parser.parse_args(argv)
-    data, base, out = Path(args.data), Path(args.base), Path(args.out)
+    data, out = Path(args.data), Path(args.out)
     if not (data / "train" / "good").is_dir():
         print(f"skipped: no MTD data at {data} (../shared/data is absent in a fresh clone)")
         return 0
@@ -53,64 +85,79 @@ def main(argv: list[str] | None = None) -> int:
     from training_host.evaluation.evaluate import evaluate_bundle
     from training_host.labels.weak_labels import load_labels
     from training_host.training.fit import TrainingOptions, fit_product
+    from training_host.training.residual_data import pick_defects
 
     out.mkdir(parents=True, exist_ok=True)
+    cache = Path(args.cache) if args.cache else out / "cache"
     report_path = out / "report.json"
     report: dict = json.loads(report_path.read_text()) if report_path.is_file() else {}
     report.setdefault("fits", {})
     report.setdefault("rows", {})
 
-    def fit(name: str, options: TrainingOptions, overrides: list[str], where: Path) -> Path:
+    def save() -> None:
+        report_path.write_text(json.dumps(report, indent=2) + "\n")
+
+    def fit(name: str, options: TrainingOptions, overrides: list[str]) -> Path:
         cfg = load_config(args.config, ["product=mtd", *overrides])
         t0 = time.perf_counter()
-        summary = fit_product(cfg, data, where / name, options=options)
+        summary = fit_product(cfg, data, out / name, options=options, progress=False)
         report["fits"][name] = {**summary.to_json(), "wall_s": round(time.perf_counter() - t0, 1)}
-        return where / name
+        save()
+        return out / name
 
-    init = base / "unsupervised.ckpt" / "unsupervised.safetensors"
-    unsup, sup = base / "unsupervised", base / "supervised"
-    if not (init.is_file() and (unsup / "manifest.json").is_file()):
-        unsup = fit("unsupervised", TrainingOptions(), [], base)
-    if not (sup / "manifest.json").is_file():
-        sup = fit("supervised", TrainingOptions(mode="supervised", supervised_from=data, n_defects=args.n_defects,
-                                                defect_seed=0, init=init), [], base)
-    held = {d.sha256 for d in load_bundle(sup).manifest.training.defect_images}
+    unsup = out / "unsupervised"
+    init = Path(args.init) if args.init else out / "unsupervised.ckpt" / "unsupervised.safetensors"
+    if not (unsup / "manifest.json").is_file():
+        fit("unsupervised", TrainingOptions(cache_dir=cache, init=Path(args.init) if args.init else None), [])
 
-    def score(name: str, bundle: Path, fit_name: str | None) -> None:
-        metrics = evaluate_bundle(bundle, data, out / f"eval_{bundle.name}", overlays=3, also_exclude=held)
-        row = _row(name, metrics, report["fits"].get(fit_name) if fit_name else None)
-        row["supervision"] = load_bundle(bundle).manifest.training.supervision
-        report["rows"][name] = row
-        report_path.write_text(json.dumps(report, indent=2) + "\n")
+    def score(row: str, bundle: Path, held: set[str], fit_name: str | None) -> None:
+        metrics = evaluate_bundle(bundle, data, out / f"eval_{row.replace(' ', '_')}", overlays=0,
+                                  also_exclude=held, progress=False)
+        report["rows"][row] = {**_row(row, metrics, report["fits"].get(fit_name) if fit_name else None),
+                               "supervision": load_bundle(bundle).manifest.training.supervision}
+        save()
 
-    for name, bundle in (("unsupervised", unsup), ("pixel masks (supervised)", sup)):
-        if name not in report["rows"] or (args.only is not None and name in args.only):
-            score(name, bundle, None)
-    for name, kind, jitter in VARIANTS:
-        if args.only is not None and name not in args.only:
-            continue
-        key = f"{kind}_j{jitter}"
-        labels = out / f"{key}.labels.json"
-        code = train_cli.main(["labels", "from-masks", "--data", str(data), "--kind", kind, "--n-defects",
-                               str(args.n_defects), "--seed", "0", "--jitter", str(jitter), "--out", str(labels)])
-        if code:
-            return code
-        counts = load_labels(labels, root=data).counts()
-        bundle = fit(key, TrainingOptions(mode="weak", labels=labels, init=init), args.overrides, out)
-        score(name, bundle, key)
-        report["rows"][name]["labels"] = counts
-        report_path.write_text(json.dumps(report, indent=2) + "\n")
+    names = [f"{k}{args.tag}" for k in args.kinds]
+    for seed in args.seeds:
+        held = {d.sha256 for d in pick_defects(data, args.n_defects, seed)}
+        if f"unsupervised seed{seed}" not in report["rows"]:
+            score(f"unsupervised seed{seed}", unsup, held, None)
+        for kind_name, name in zip(args.kinds, names, strict=True):
+            row = f"{name} seed{seed}"
+            if row in report["rows"] and (args.only is None or name not in args.only):
+                continue
+            kind, jitter = KINDS[kind_name]
+            key = row.replace(" ", "_").replace("+-", "pm")
+            overrides = [f"seed={seed}", *args.overrides]
+            if kind == "masks":
+                options = TrainingOptions(mode="supervised", supervised_from=data, n_defects=args.n_defects,
+                                          defect_seed=seed, init=init, cache_dir=cache)
+            else:
+                labels = out / f"{key}.labels.json"
+                code = train_cli.main(["labels", "from-masks", "--data", str(data), "--kind", kind, "--n-defects",
+                                       str(args.n_defects), "--seed", str(seed), "--jitter", str(jitter),
+                                       "--out", str(labels)])
+                if code:
+                    return code
+                options = TrainingOptions(mode="weak", labels=labels, init=init, cache_dir=cache)
+            bundle = fit(key, options, overrides)
+            trained = {d.sha256 for d in load_bundle(bundle).manifest.training.defect_images}
+            if trained != held:
+                raise RuntimeError(f"{row}: trained on other images than seed {seed}'s picked defects")
+            score(row, bundle, held, key)
+            if kind != "masks":
+                report["rows"][row]["labels"] = load_labels(labels, root=data).counts()
+            save()
 
-    order = ["unsupervised", "pixel masks (supervised)", *(v[0] for v in VARIANTS)]
-    rows = [report["rows"][n] for n in order if n in report["rows"]]
-    print(f"\nMTD, fast profile, the same {args.n_defects} defects labelled each way (left out of every row); "
-          f"{rows[0]['n_images']} test images")
-    print_table(rows)
-    ref = report["rows"].get("pixel masks (supervised)")
-    if ref:
-        print("\npixel AP against pixel-mask supervision: " + ", ".join(
-            f"{r['variant']} {100 * (r['pixel_ap'] - ref['pixel_ap']):+.1f} pts" for r in rows))
-    print(f"metrics {', '.join(KEYS)}; report in {report_path}")
+    for seed in args.seeds:
+        rows = [report["rows"][r] for r in [f"unsupervised seed{seed}", *(f"{n} seed{seed}" for n in names)]
+                if r in report["rows"]]
+        print(f"\nMTD, seed {seed}: the same {args.n_defects} defects labelled each way (left out of every row); "
+              f"{rows[0]['n_images']} test images")
+        print_table(rows)
+    print(f"\nover seeds {args.seeds} (gains against the unsupervised row of the same seed):\n")
+    print("\n".join(summary_table(report, args.seeds, names)))
+    print(f"\nmetrics {', '.join(KEYS)}; report in {report_path}")
     return 0
 
 

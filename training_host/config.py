@@ -120,9 +120,17 @@ class WeakConfig(_Section):
     gamma_u: float = Field(default=4.0, ge=0.0)
     lambda_u: float = Field(default=5.0, ge=0.0)
     rampup_steps: int = Field(default=400, ge=0)
-    region_prior: bool = Field(default=True, description="guesses in each box / tagged image divided by its maximum")
-    box_overlap: float = Field(default=0.5, gt=0.0, le=1.0,
-                               description="a block overlapping boxes by more than this is unknown, else normal")
+    region_prior: bool = Field(default=True, description="multiple-instance prior: the most anomalous-looking "
+                               "block of every bag (see box_lines, tag_top_k) is guessed anomalous")
+    box_lines: bool = Field(default=True, description="box-tightness prior: every line across a box parallel to its "
+                            "sides is a bag (else the whole box is one bag)")
+    tag_top_k: int = Field(default=1, ge=1, description="a tagged image's top-k blocks are guessed anomalous")
+    peak_from: Literal["model", "model+residual"] = Field(
+        default="model", description="what picks a bag's peak: the model's probability, or that plus the block's "
+                                     "residual magnitude (each relative to its maximum in the bag)")
+    box_overlap: float = Field(default=0.0, ge=0.0, lt=1.0,
+                               description="a block overlapping boxes by more than this is unknown, else normal "
+                                           "(0: every block a box touches is unknown)")
 
 
 class LabelConfig(_Section):

@@ -493,10 +493,12 @@ def _box_mask(label: WeakLabel, image_hw: tuple[int, int]) -> np.ndarray:
 
 
 def block_labels_from_weak(label: WeakLabel, image_hw: tuple[int, int], grid: tuple[int, int],
-                           overlap: float = 0.5) -> np.ndarray:
+                           overlap: float = 0.0) -> np.ndarray:
     """Block labels of paper Sec. III-D1, int8 (h, w): a block covered by the union of the boxes over more than
     ``overlap`` of its area is -1 (unknown: the defect is somewhere in the box, not necessarily in this block), every
     other block is 0 (normal).  A tag alone gives all -1; explicit blocks pass through (they must match ``grid``).
+    The default 0 leaves every block a box touches unknown: a block a box covers only partly may hold the defect
+    (a small one may lie entirely in such blocks), and labelling it normal taught the classifier to miss it.
 
     Boxes are in pixels of the original image of size ``image_hw`` = (H, W); the grid cuts it into h x w blocks
     with float edges, so H and W need not be divisible by the grid."""
@@ -521,6 +523,82 @@ def block_labels_from_weak(label: WeakLabel, image_hw: tuple[int, int], grid: tu
     covered = integral[r1, c1] - integral[r0, c1] - integral[r1, c0] + integral[r0, c0]
     frac = covered / ((r1 - r0) * (c1 - c0))
     return np.where(frac > overlap, -1, 0).astype(np.int8)
+
+
+def _to_block(points: np.ndarray, image_hw: tuple[int, int], grid: tuple[int, int]) -> np.ndarray:
+    """Flat block indices of (n, 2) pixel points (x, y), clipped to the grid."""
+    H, W = image_hw
+    gh, gw = grid
+    r = np.clip(np.floor(points[:, 1] * gh / H), 0, gh - 1).astype(int)
+    c = np.clip(np.floor(points[:, 0] * gw / W), 0, gw - 1).astype(int)
+    return r * gw + c
+
+
+def _box_lines(box: RotatedBox, image_hw: tuple[int, int], grid: tuple[int, int]) -> list[np.ndarray]:
+    """Flat block indices of each line across a rotated box, parallel to its sides, about one block apart.
+
+    A tight box's defect touches all four sides and is connected, so every such line crosses it (the box-tightness
+    prior of Hsu et al., NeurIPS 2019, at block resolution): each line is a bag with at least one defect block."""
+    cx, cy, w, h, angle = box
+    H, W = image_hw
+    step = min(H / grid[0], W / grid[1])
+    a = math.radians(angle)
+    u, v = np.array([math.cos(a), math.sin(a)]), np.array([-math.sin(a), math.cos(a)])
+    centre = np.array([cx, cy])
+    lines = []
+    for along, across, length, width in ((u, v, w, h), (v, u, h, w)):
+        n_lines = max(1, math.ceil(length / step))
+        offsets = -length / 2 + (np.arange(n_lines) + 0.5) * length / n_lines
+        reach = max(width / 2 - 0.5, 0.0)  # pixel centres inside the box
+        ts = np.linspace(-reach, reach, max(2, math.ceil(2 * reach / (step / 4)) + 1))
+        for o in offsets:
+            pts = centre + o * along + ts[:, None] * across
+            lines.append(np.unique(_to_block(pts, image_hw, grid)))
+    return lines
+
+
+def weak_bags(label: WeakLabel, image_hw: tuple[int, int], grid: tuple[int, int], box_lines: bool = True,
+              tag_top_k: int = 1) -> np.ndarray:
+    """The multiple-instance view of a weak label: uint8 (n, h, w), bag b holding k on its blocks and 0 elsewhere,
+    meaning "at least k of these blocks are anomalous".
+
+    - boxes and rotated boxes: with ``box_lines`` every line across the box parallel to its sides (k = 1, see
+      :func:`_box_lines`), else the box's blocks as one bag;
+    - a tag alone: the whole image, k = ``tag_top_k``;
+    - explicit blocks: each 8-connected unknown (-1) region, k = 1; known blocks need no bag.
+    Identical bags are kept once; an empty array (0, h, w) when there is none."""
+    gh, gw = int(grid[0]), int(grid[1])
+    if tag_top_k < 1:
+        raise ValueError(f"tag_top_k must be >= 1, got {tag_top_k}")
+    bags: list[np.ndarray] = []
+    if label.blocks is not None:
+        from scipy import ndimage
+
+        regions, n = ndimage.label(label.blocks == -1, structure=np.ones((3, 3), bool))
+        bags = [np.flatnonzero(regions == r) for r in range(1, n + 1)]
+        ks = [1] * len(bags)
+    elif label.boxes or label.rotated_boxes:
+        if box_lines:
+            rotated = [(x + w / 2, y + h / 2, w, h, 0.0) for x, y, w, h in label.boxes] + list(label.rotated_boxes)
+            for box in rotated:
+                bags.extend(_box_lines(box, image_hw, grid))
+        else:
+            singles = [WeakLabel(boxes=(b,)) for b in label.boxes]
+            singles += [WeakLabel(rotated_boxes=(b,)) for b in label.rotated_boxes]
+            for one in singles:
+                bags.append(np.flatnonzero(block_labels_from_weak(one, image_hw, grid, overlap=0.0) == -1))
+        ks = [1] * len(bags)
+    else:
+        bags, ks = [np.arange(gh * gw)], [min(tag_top_k, gh * gw)]
+    out, seen = [], set()
+    for members, k in zip(bags, ks, strict=True):
+        key = (k, members.tobytes())
+        if len(members) and key not in seen:
+            seen.add(key)
+            bag = np.zeros(gh * gw, np.uint8)
+            bag[members] = k
+            out.append(bag.reshape(gh, gw))
+    return np.stack(out) if out else np.zeros((0, gh, gw), np.uint8)
 
 
 def weak_from_mask(mask: np.ndarray, kind: str, rng: np.random.Generator | None = None,

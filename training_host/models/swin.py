@@ -57,11 +57,18 @@ def _relative_index(window: int) -> torch.Tensor:
     return rel[..., 0] * (2 * window - 1) + rel[..., 1]  # (window^2, window^2)
 
 
-@functools.lru_cache(maxsize=16)
 def _shift_mask(h: int, w: int, window: int, shift: int) -> torch.Tensor:
     """Attention mask (nW, N, N) that keeps tokens of different regions apart after the cyclic shift.
 
-    Cached: it depends only on the shapes, and training would otherwise rebuild it in every block and step."""
+    Cached: it depends only on the shapes, and training would otherwise rebuild it in every block and step.  Not
+    while the model is traced for export: the tracer's tensor would be cached and later handed to plain calls
+    (an exported model that had never run eagerly then failed its ONNX check)."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return _build_shift_mask(h, w, window, shift)
+    return _cached_shift_mask(h, w, window, shift)
+
+
+def _build_shift_mask(h: int, w: int, window: int, shift: int) -> torch.Tensor:
     region = torch.zeros(1, h, w, 1)
     label = 0
     for hs in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
@@ -71,6 +78,9 @@ def _shift_mask(h: int, w: int, window: int, shift: int) -> torch.Tensor:
     ids = _window_partition(region, window).squeeze(-1)  # (nW, N)
     differs = ids[:, :, None] != ids[:, None, :]
     return differs.float() * -100.0
+
+
+_cached_shift_mask = functools.lru_cache(maxsize=16)(_build_shift_mask)
 
 
 class WindowAttention(nn.Module):

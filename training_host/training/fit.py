@@ -242,7 +242,8 @@ def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatu
         labelled = [B.LabelledImage(name=d.name, sha256=d.sha256, defect_type=d.sample.defect_type) for d in defects]
     if opts.mode == "weak" and weak is not None:
         wc = cfg.weak
-        weak_set, used, errors = weak_fields(maker, weak, weak_root, wc.box_overlap)
+        weak_set, used, errors = weak_fields(maker, weak, weak_root, wc.box_overlap, wc.box_lines,
+                                               wc.tag_top_k)
         skipped.extend(errors)
         if not len(weak_set):
             raise ValueError(f"{opts.labels}: none of the {len(weak.images)} labelled images is readable")
@@ -251,7 +252,7 @@ def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatu
             augmentations=wc.augmentations, temperature=wc.temperature, mixup_alpha=wc.mixup_alpha,
             alpha_x=wc.alpha_x, alpha_u=wc.alpha_u, gamma_x=wc.gamma_x, gamma_u=wc.gamma_u, lambda_u=wc.lambda_u,
             rampup_steps=wc.rampup_steps, mask_ratio=sc.mask_ratio, jitter=sc.jitter,
-            region_prior=wc.region_prior))
+            region_prior=wc.region_prior, peak_from=wc.peak_from))
         phases.append(trainer.run_phase("weak", data, wc.steps, wc.lr, defects=weak_set, progress=progress,
                                         objective=objective).to_json())
         steps += wc.steps

@@ -24,7 +24,7 @@ from edge_runtime.core.pipeline import PosFARScorer
 from edge_runtime.core.preprocess import ImageReadError, read_image, resize_rgb, to_input_tensor
 from training_host.data.dataset import TestSample, load_mask, scan_dataset
 from training_host.data.synthetic import AnomalySynthesizer, block_labels
-from training_host.labels.weak_labels import LabelSet, block_labels_from_weak
+from training_host.labels.weak_labels import LabelSet, block_labels_from_weak, weak_bags
 from training_host.models.features import PatchFeatureExtractor, extract
 from training_host.training.resmixmatch import UNKNOWN
 
@@ -38,6 +38,8 @@ class ResidualSet:
     fields: torch.Tensor  # (N, h, w, d_f) float16
     labels: torch.Tensor  # (N, h, w) int8
     kinds: list[str] = field(default_factory=list)
+    # weak labels' bags (N, n_bags, h, w) uint8, k on a bag's blocks: "at least k of them are anomalous"
+    bags: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.fields.shape[0])
@@ -47,15 +49,25 @@ class ResidualSet:
 
     def select(self, kind: str) -> ResidualSet:
         idx = [i for i, k in enumerate(self.kinds) if k == kind]
-        return ResidualSet(self.fields[idx], self.labels[idx], [kind] * len(idx))
+        bags = self.bags[idx] if self.bags is not None else None
+        return ResidualSet(self.fields[idx], self.labels[idx], [kind] * len(idx), bags)
 
     @staticmethod
     def concat(sets: list[ResidualSet]) -> ResidualSet:
         sets = [s for s in sets if len(s)]
         if not sets:
             raise ValueError("no residual fields to train on")
+        bags = None
+        if any(s.bags is not None for s in sets):  # fields without bags get none (all-zero padding)
+            n_bags = max(s.bags.shape[1] for s in sets if s.bags is not None)
+            bags = torch.zeros((sum(len(s) for s in sets), n_bags, *sets[0].labels.shape[1:]), dtype=torch.uint8)
+            lo = 0
+            for s in sets:
+                if s.bags is not None:
+                    bags[lo : lo + len(s), : s.bags.shape[1]] = s.bags
+                lo += len(s)
         return ResidualSet(torch.cat([s.fields for s in sets]), torch.cat([s.labels for s in sets]),
-                           [k for s in sets for k in s.kinds])
+                           [k for s in sets for k in s.kinds], bags)
 
 
 @dataclass(frozen=True)
@@ -161,12 +173,12 @@ def defect_fields(maker: ResidualFieldMaker, defects: list[LabelledDefect]) -> t
 
 
 
-def weak_fields(maker: ResidualFieldMaker, labels: LabelSet, root: Path, box_overlap: float
-                ) -> tuple[ResidualSet, list[LabelledDefect], list[str]]:
+def weak_fields(maker: ResidualFieldMaker, labels: LabelSet, root: Path, box_overlap: float, box_lines: bool = True,
+                tag_top_k: int = 1) -> tuple[ResidualSet, list[LabelledDefect], list[str]]:
     """Residual fields of weakly labelled images with their block labels (0 normal, UNKNOWN, 1 anomalous
-    only from explicit blocks), as the paper's §III-D1 conversion gives them.  Unreadable images are
-    reported and skipped."""
-    images, block_maps, used, errors = [], [], [], []
+    only from explicit blocks), as the paper's §III-D1 conversion gives them, and their bags
+    (:func:`~training_host.labels.weak_labels.weak_bags`).  Unreadable images are reported and skipped."""
+    images, block_maps, bag_maps, used, errors = [], [], [], [], []
     for key, label in sorted(labels.images.items()):
         path = root / key
         try:
@@ -175,10 +187,15 @@ def weak_fields(maker: ResidualFieldMaker, labels: LabelSet, root: Path, box_ove
             errors.append(str(exc))
             continue
         block_maps.append(block_labels_from_weak(label, image.shape[:2], maker.grid, box_overlap))
+        bag_maps.append(weak_bags(label, image.shape[:2], maker.grid, box_lines, tag_top_k))
         images.append(resize_rgb(image, maker.input_hw))
         used.append(LabelledDefect(TestSample(path, path.parent.name, None), key, sha256_of(path)))
     data = maker.make(images, [None] * len(images), [None] * len(images), "weak")
     if len(data):  # -1 (unknown in a label file) becomes UNKNOWN: -1 means "ignored" in training labels
         maps = np.stack(block_maps).astype(np.int8)
         data.labels = torch.from_numpy(np.where(maps == -1, UNKNOWN, maps).astype(np.int8))
+        bags = np.zeros((len(bag_maps), max(1, max(len(b) for b in bag_maps)), *maker.grid), np.uint8)
+        for i, b in enumerate(bag_maps):
+            bags[i, : len(b)] = b
+        data.bags = torch.from_numpy(bags)
     return data, used, errors

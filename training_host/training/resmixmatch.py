@@ -7,8 +7,10 @@ nothing; unknown blocks get a guessed target:
 
 1. A augmented copies of the batch (token masking and jitter, Eq. 18) are classified; the anomaly
    probabilities of each unknown block are averaged over the copies and sharpened with temperature T; with
-   ``region_prior`` the most anomalous-looking block of each connected unknown region (a box, a tagged
-   image) is guessed anomalous outright, because the label says the region holds a defect;
+   ``region_prior`` the label's multiple-instance bags are enforced: the most anomalous-looking block of
+   every bag (each line across a tight box, the top-k blocks of a tagged image; see
+   :func:`~training_host.labels.weak_labels.weak_bags`) is guessed anomalous outright, because the label
+   says the bag holds a defect.  Without bags, each connected unknown region is one bag;
 2. the batch (one augmented copy) and its targets are mixed with a shuffled copy of itself (MixUp,
    lambda ~ Beta(a, a), kept >= 0.5 so each mixed field stays closest to its own labels);
 3. loss = [sum focal(known blocks; alpha_x, gamma_x) + lambda_u(step) * sum focal(unknown blocks; alpha_u,
@@ -49,6 +51,7 @@ class ResMixMatchConfig:
     mask_ratio: float = 0.1
     jitter: float = 0.1
     region_prior: bool = True
+    peak_from: str = "model"  # "model" | "model+residual": what picks the peak of a bag
 
 
 def sharpen(p: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -64,6 +67,8 @@ class ResMixMatch:
     def __init__(self, cfg: ResMixMatchConfig) -> None:
         if cfg.augmentations < 1:
             raise ValueError(f"augmentations must be >= 1, got {cfg.augmentations}")
+        if cfg.peak_from not in ("model", "model+residual"):
+            raise ValueError(f"peak_from must be 'model' or 'model+residual', got {cfg.peak_from!r}")
         self.cfg = cfg
 
     def lambda_u(self, step: int) -> float:
@@ -73,8 +78,9 @@ class ResMixMatch:
 
     @torch.no_grad()
     def guess(self, model: ResidualSwin, x: torch.Tensor, y: torch.Tensor, offset: tuple[int, int],
-              gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """One augmented copy of the batch and the sharpened average anomaly probability over A copies."""
+              gen: torch.Generator, bags: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One augmented copy of the batch and the sharpened average anomaly probability over A copies, with
+        the peak of every bag (B, n_bags, h, w) set to 1 under ``region_prior``."""
         cfg = self.cfg
         copies = [mask_and_jitter(x, cfg.mask_ratio, cfg.jitter, gen) for _ in range(cfg.augmentations)]
         was_training = model.training
@@ -83,13 +89,19 @@ class ResMixMatch:
         model.train(was_training)
         guessed = sharpen(probs, cfg.temperature)
         if cfg.region_prior:
-            guessed = region_peak_anomalous(probs, guessed, y == UNKNOWN)
+            if bags is None:
+                bags = unknown_regions(y == UNKNOWN)
+            peak = probs
+            if cfg.peak_from == "model+residual":  # each relative to its bag's maximum, so both weigh alike
+                magnitude = torch.linalg.vector_norm(x.float(), dim=-1)
+                peak = _relative_in_bags(probs, bags) + _relative_in_bags(magnitude, bags)
+            guessed = bag_peaks_anomalous(peak, guessed, bags)
         return copies[0], guessed
 
     def __call__(self, model: ResidualSwin, x: torch.Tensor, y: torch.Tensor, offset: tuple[int, int], step: int,
-                 gen: torch.Generator) -> torch.Tensor:
+                 gen: torch.Generator, bags: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.cfg
-        augmented, guessed = self.guess(model, x, y, offset, gen)
+        augmented, guessed = self.guess(model, x, y, offset, gen, bags)
         known, unknown = y >= 0, y == UNKNOWN
         targets = torch.where(known, y.clamp_min(0).to(guessed.dtype), guessed)
         mixed_x, mixed_t = augmented, targets
@@ -107,23 +119,49 @@ class ResMixMatch:
         return loss_x + self.lambda_u(step) * loss_u
 
 
-def region_peak_anomalous(probs: torch.Tensor, guessed: torch.Tensor, unknown: torch.Tensor) -> torch.Tensor:
-    """``guessed`` with the block of highest ``probs`` in each 8-connected unknown region of each field set to 1.
-
-    A box or a tag says "there is a defect in here" (the multiple-instance view of a weak label).  Without
-    this, a defect the starting model barely sees (MTD's large 'uneven' areas) is guessed normal, sharpened
-    further toward normal, and learned so.  Only the peak is lifted: scaling the whole region by its peak
-    labelled whole boxes anomalous while the model could not yet tell their blocks apart."""
-    out = guessed.clone()
+def unknown_regions(unknown: torch.Tensor) -> torch.Tensor:
+    """Bags (B, n, h, w) uint8 of 1s: each 8-connected unknown region of each field, the multiple-instance view of
+    a label without finer structure (a region holds at least one defect block)."""
     mask = unknown.cpu().numpy()
-    for i in np.flatnonzero(mask.reshape(len(mask), -1).any(1)):
-        regions, n = ndimage.label(mask[i], structure=np.ones((3, 3), bool))
-        flat = probs[i].reshape(-1)
-        labels = torch.from_numpy(regions.reshape(-1)).to(probs.device)
-        for r in range(1, n + 1):
-            members = torch.nonzero(labels == r).squeeze(1)
-            out[i].view(-1)[members[flat[members].argmax()]] = 1.0
-    return out
+    per_field = []
+    for field_mask in mask:
+        regions, n = ndimage.label(field_mask, structure=np.ones((3, 3), bool))
+        per_field.append([regions == r for r in range(1, n + 1)])
+    n_bags = max(1, max(len(b) for b in per_field))
+    bags = np.zeros((len(mask), n_bags, *mask.shape[1:]), np.uint8)
+    for i, field_bags in enumerate(per_field):
+        for b, region in enumerate(field_bags):
+            bags[i, b][region] = 1
+    return torch.from_numpy(bags).to(unknown.device)
+
+
+def _relative_in_bags(values: torch.Tensor, bags: torch.Tensor) -> torch.Tensor:
+    """(B, n, h, w): ``values`` (B, h, w) divided by their maximum over each bag's blocks."""
+    inside = bags > 0
+    v = values[:, None].expand(inside.shape)
+    top = torch.where(inside, v, torch.zeros_like(v)).amax((2, 3), keepdim=True)
+    return v / top.clamp_min(1e-12)
+
+
+def bag_peaks_anomalous(scores: torch.Tensor, guessed: torch.Tensor, bags: torch.Tensor) -> torch.Tensor:
+    """``guessed`` (B, h, w) with the k highest-scoring blocks of every bag set to 1.
+
+    ``bags`` (B, n, h, w) holds k on a bag's blocks ("at least k of them are anomalous"), 0 elsewhere; ``scores``
+    is (B, h, w), or (B, n, h, w) to rank each bag's blocks its own way.  Only the peaks are lifted: lifting a
+    whole box labelled its every block anomalous while the model could not yet tell them apart."""
+    flat_bags = bags.flatten(2).to(torch.int64)  # (B, n, hw)
+    k = flat_bags.amax(2)  # (B, n); 0 = no bag
+    if not bool((k > 0).any()):
+        return guessed
+    flat_scores = scores.flatten(2) if scores.dim() == 4 else scores.flatten(1)[:, None, :].expand(flat_bags.shape)
+    ranked = torch.where(flat_bags > 0, flat_scores, torch.full_like(flat_scores, -torch.inf))
+    k_max = int(k.max())
+    top = ranked.topk(k_max, dim=2)
+    keep = (torch.arange(k_max, device=k.device) < k[..., None]) & torch.isfinite(top.values)
+    out = guessed.clone().flatten(1)
+    rows = torch.arange(len(out), device=out.device)[:, None, None].expand_as(top.indices)
+    out[rows[keep], top.indices[keep]] = 1.0
+    return out.view_as(guessed)
 
 
 def _beta(alpha: float, gen: torch.Generator) -> float:

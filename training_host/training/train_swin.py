@@ -40,10 +40,11 @@ class PhaseReport:
 
 
 class Objective(Protocol):
-    """Loss of one training step: model, clean batch (B, h, w, d_f), labels (B, h, w), crop offset, step, rng."""
+    """Loss of one training step: model, clean batch (B, h, w, d_f), labels (B, h, w), crop offset, step, rng, and
+    the weak labels' bags (B, n_bags, h, w) when the batch holds weakly labelled fields."""
 
     def __call__(self, model: ResidualSwin, x: torch.Tensor, y: torch.Tensor, offset: tuple[int, int], step: int,
-                 gen: torch.Generator) -> torch.Tensor: ...
+                 gen: torch.Generator, bags: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 class FocalObjective:
@@ -53,7 +54,7 @@ class FocalObjective:
         self.cfg = cfg
 
     def __call__(self, model: ResidualSwin, x: torch.Tensor, y: torch.Tensor, offset: tuple[int, int], step: int,
-                 gen: torch.Generator) -> torch.Tensor:
+                 gen: torch.Generator, bags: torch.Tensor | None = None) -> torch.Tensor:
         x = mask_and_jitter(x, self.cfg.mask_ratio, self.cfg.jitter, gen)
         return focal_loss(model.logits(x, offset), y, self.cfg.focal_alpha, self.cfg.focal_gamma)
 
@@ -150,8 +151,9 @@ class SwinTrainer:
 
     # -- training ----------------------------------------------------------------------------------------
     def _batch(self, data: ResidualSet, defects: ResidualSet | None, step: int
-               ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], torch.Generator]:
-        """A clean batch (no masking/jitter yet) and the step's generator, which the objective goes on using."""
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[int, int], torch.Generator]:
+        """A clean batch (no masking/jitter yet), its bags (None without weak labels) and the step's generator,
+        which the objective goes on using."""
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         bs = self.cfg.batch_size
         n_def = 0
@@ -159,14 +161,18 @@ class SwinTrainer:
             n_def = min(bs - 1, max(1, round(bs * self.cfg.defect_fraction)))
         idx = torch.randint(len(data), (bs - n_def,), generator=gen)
         x, y = data.fields[idx].float(), data.labels[idx]
+        bags = None
         if n_def:
             didx = torch.randint(len(defects), (n_def,), generator=gen)
             x = torch.cat([x, defects.fields[didx].float()])
             y = torch.cat([y, defects.labels[didx]])
-        return (*self._crop_flip(x, y, gen), gen)
+            if defects.bags is not None:
+                bags = torch.zeros((bs, *defects.bags.shape[1:]), dtype=torch.uint8)
+                bags[bs - n_def :] = defects.bags[didx]
+        return (*self._crop_flip(x, y, bags, gen), gen)
 
-    def _crop_flip(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator
-                   ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    def _crop_flip(self, x: torch.Tensor, y: torch.Tensor, bags: torch.Tensor | None, gen: torch.Generator
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[int, int]]:
         """A random train_window crop (when the grid is larger), the same for the whole batch, and random flips
         unless the model has an absolute position embedding (a flipped border would sit at the wrong place)."""
         win = self.model.shape.train_window
@@ -176,13 +182,19 @@ class SwinTrainer:
             top = int(torch.randint(max(1, h - win + 1), (1,), generator=gen))
             left = int(torch.randint(max(1, w - win + 1), (1,), generator=gen))
             x, y = x[:, top : top + win, left : left + win], y[:, top : top + win, left : left + win]
+            if bags is not None:  # a bag the crop cuts may have lost its defect: it no longer holds
+                whole = (bags > 0).sum((2, 3))
+                bags = bags[:, :, top : top + win, left : left + win]
+                bags = bags * ((bags > 0).sum((2, 3)) == whole)[..., None, None].to(bags.dtype)
         flips = torch.rand(2, generator=gen)
         if self.model.pos_embed is None:
             if flips[0] < 0.5:
                 x, y = x.flip(1), y.flip(1)
+                bags = bags.flip(2) if bags is not None else None
             if flips[1] < 0.5:
                 x, y = x.flip(2), y.flip(2)
-        return x, y, (top, left)
+                bags = bags.flip(3) if bags is not None else None
+        return x, y, bags, (top, left)
 
     def run_phase(self, phase: str, data: ResidualSet, steps: int, lr: float, defects: ResidualSet | None = None,
                   progress: bool = True, objective: Objective | None = None) -> PhaseReport:
@@ -210,8 +222,8 @@ class SwinTrainer:
         for step in range(start, steps):
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(step, steps, lr, min(cfg.warmup_steps, steps // 5))
-            x, y, offset, gen = self._batch(data, defects, step)
-            loss = objective(self.model, x, y, offset, step, gen)
+            x, y, bags, offset, gen = self._batch(data, defects, step)
+            loss = objective(self.model, x, y, offset, step, gen, bags=bags)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
