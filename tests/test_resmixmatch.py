@@ -152,10 +152,11 @@ def test_peak_from_model_plus_residual_picks_the_block_the_residual_points_at():
     bags = torch.zeros(1, 1, 8, 8, dtype=torch.uint8)
     bags[0, 0, 3, 2:7] = 1
     cfg = dict(mixup_alpha=0.0, mask_ratio=0.0, jitter=0.0)
-    _, guessed = ResMixMatch(ResMixMatchConfig(peak_from="model+residual", **cfg)).guess(
+    _, guessed, peaks = ResMixMatch(ResMixMatchConfig(peak_from="model+residual", **cfg)).guess(
         model, x, y, (0, 0), torch.Generator().manual_seed(0), bags)
     assert float(guessed[0, 3, 5]) == 1.0
     assert int((guessed[0, 3] == 1.0).sum()) == 1
+    assert torch.equal(torch.nonzero(peaks), torch.tensor([[0, 3, 5]]))
 
 
 def test_ignored_blocks_are_neither_known_nor_guessed():
@@ -220,3 +221,27 @@ def test_bags_travel_with_their_fields_through_batches_crops_and_flips():
     both = ResidualSet.concat([good, weak])
     assert both.bags is not None and both.bags.shape == (10, 2, grid, grid) and int(both.bags[:6].sum()) == 0
     assert torch.equal(both.select("weak").bags, bags)
+
+
+def test_with_guess_rest_off_only_the_peaks_of_the_bags_are_learned():
+    torch.manual_seed(0)
+    model = ResidualSwin(SwinShape(in_dim=4, embed_dim=8, depth=2, heads=2, train_window=8, window=4))
+    x = torch.rand(1, 8, 8, 4)
+    y = torch.full((1, 8, 8), UNKNOWN, dtype=torch.int8)  # a tagged field: every block unknown
+    bags = torch.ones(1, 1, 8, 8, dtype=torch.uint8) * 2  # top-2
+    seen = {}
+    original = model.logits
+
+    def spy(field, offset):
+        out = original(field, offset)
+        if torch.is_grad_enabled():
+            out.retain_grad()
+            seen["logits"] = out
+        return out
+
+    model.logits = spy
+    for rest, n_learned in ((False, 2), (True, 64)):
+        obj = ResMixMatch(ResMixMatchConfig(mixup_alpha=0.0, rampup_steps=0, mask_ratio=0.0, jitter=0.0,
+                                            guess_rest=rest))
+        obj(model, x, y, (0, 0), 10, torch.Generator().manual_seed(1), bags=bags).backward()
+        assert int((seen["logits"].grad.abs().sum(-1) > 0).sum()) == n_learned

@@ -128,6 +128,8 @@ class WeakConfig(_Section):
     peak_from: Literal["model", "model+residual"] = Field(
         default="model", description="what picks a bag's peak: the model's probability, or that plus the block's "
                                      "residual magnitude (each relative to its maximum in the bag)")
+    guess_rest: bool = Field(default=True, description="unknown blocks that are no bag's peak learn their sharpened "
+                             "guess (paper); false: only the peaks are learned, the rest is left out")
     box_overlap: float = Field(default=0.0, ge=0.0, lt=1.0,
                                description="a block overlapping boxes by more than this is unknown, else normal "
                                            "(0: every block a box touches is unknown)")

@@ -252,7 +252,7 @@ def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatu
             augmentations=wc.augmentations, temperature=wc.temperature, mixup_alpha=wc.mixup_alpha,
             alpha_x=wc.alpha_x, alpha_u=wc.alpha_u, gamma_x=wc.gamma_x, gamma_u=wc.gamma_u, lambda_u=wc.lambda_u,
             rampup_steps=wc.rampup_steps, mask_ratio=sc.mask_ratio, jitter=sc.jitter,
-            region_prior=wc.region_prior, peak_from=wc.peak_from))
+            region_prior=wc.region_prior, peak_from=wc.peak_from, guess_rest=wc.guess_rest))
         phases.append(trainer.run_phase("weak", data, wc.steps, wc.lr, defects=weak_set, progress=progress,
                                         objective=objective).to_json())
         steps += wc.steps

@@ -52,6 +52,7 @@ class ResMixMatchConfig:
     jitter: float = 0.1
     region_prior: bool = True
     peak_from: str = "model"  # "model" | "model+residual": what picks the peak of a bag
+    guess_rest: bool = True  # False: unknown blocks that are no bag's peak are left out of the loss
 
 
 def sharpen(p: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -78,9 +79,10 @@ class ResMixMatch:
 
     @torch.no_grad()
     def guess(self, model: ResidualSwin, x: torch.Tensor, y: torch.Tensor, offset: tuple[int, int],
-              gen: torch.Generator, bags: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One augmented copy of the batch and the sharpened average anomaly probability over A copies, with
-        the peak of every bag (B, n_bags, h, w) set to 1 under ``region_prior``."""
+              gen: torch.Generator, bags: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One augmented copy of the batch, the sharpened average anomaly probability over A copies with the peak
+        of every bag (B, n_bags, h, w) set to 1 under ``region_prior``, and the mask of those peaks."""
         cfg = self.cfg
         copies = [mask_and_jitter(x, cfg.mask_ratio, cfg.jitter, gen) for _ in range(cfg.augmentations)]
         was_training = model.training
@@ -88,6 +90,7 @@ class ResMixMatch:
         probs = torch.stack([model.logits(c, offset).softmax(-1)[..., 1] for c in copies]).mean(0)
         model.train(was_training)
         guessed = sharpen(probs, cfg.temperature)
+        peaks = torch.zeros_like(guessed, dtype=torch.bool)
         if cfg.region_prior:
             if bags is None:
                 bags = unknown_regions(y == UNKNOWN)
@@ -95,14 +98,17 @@ class ResMixMatch:
             if cfg.peak_from == "model+residual":  # each relative to its bag's maximum, so both weigh alike
                 magnitude = torch.linalg.vector_norm(x.float(), dim=-1)
                 peak = _relative_in_bags(probs, bags) + _relative_in_bags(magnitude, bags)
-            guessed = bag_peaks_anomalous(peak, guessed, bags)
-        return copies[0], guessed
+            peaks = bag_peaks_anomalous(peak, torch.zeros_like(guessed), bags) > 0
+            guessed = torch.where(peaks, torch.ones_like(guessed), guessed)
+        return copies[0], guessed, peaks
 
     def __call__(self, model: ResidualSwin, x: torch.Tensor, y: torch.Tensor, offset: tuple[int, int], step: int,
                  gen: torch.Generator, bags: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.cfg
-        augmented, guessed = self.guess(model, x, y, offset, gen, bags)
+        augmented, guessed, peaks = self.guess(model, x, y, offset, gen, bags)
         known, unknown = y >= 0, y == UNKNOWN
+        if not cfg.guess_rest:
+            unknown = unknown & peaks
         targets = torch.where(known, y.clamp_min(0).to(guessed.dtype), guessed)
         mixed_x, mixed_t = augmented, targets
         if cfg.mixup_alpha > 0:
