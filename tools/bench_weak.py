@@ -56,6 +56,30 @@ def summary_table(report: dict, seeds: list[int], names: list[str]) -> list[str]
     return lines
 
 
+def write_markdown(report: dict, path: Path) -> None:
+    """Every row of the report, grouped by seed (overall, then pixel AP / PRO per defect type), and the
+    summary over seeds of every row name found on more than one seed."""
+    by_seed: dict[int, list[dict]] = {}
+    for name, row in report["rows"].items():
+        by_seed.setdefault(int(name.rsplit("seed", 1)[1]), []).append(row)
+    seeds = sorted(by_seed)
+    lines = ["| labels | seed | image AUROC | pixel AUROC | PRO | pixel AP | fit s | per type: pixel AP / PRO |",
+             "|---|---|---|---|---|---|---|---|"]
+    for seed in seeds:
+        for r in by_seed[seed]:
+            types = "; ".join(f"{t} {_fmt(d['pixel_ap'])} / {_fmt(d['pro'])}"
+                              for t, d in sorted(r["per_defect"].items()))
+            fit = f"{r['fit_s']:.0f}" if r.get("fit_s") else "-"
+            lines.append(f"| {r['variant'].rsplit(' seed', 1)[0]} | {seed} | "
+                         + " | ".join(_fmt(r[k]) for k in KEYS) + f" | {fit} | {types} |")
+    names = sorted({n.rsplit(" seed", 1)[0] for n in report["rows"]} - {"unsupervised"})
+    multi = [n for n in names if sum(f"{n} seed{s}" in report["rows"] for s in seeds) > 1]
+    lines += ["", f"Over seeds {seeds} (mean; gains against the unsupervised row of the same seed):", ""]
+    lines += summary_table(report, seeds, multi)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(MTD))
@@ -73,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for the labelled fits (repeatable)")
     parser.add_argument("--tag", default="", help="suffix of the labelled rows' names, to compare method variants")
+    parser.add_argument("--table", default=None, metavar="FILE",
+                        help="also write every row of the report (all variants, all seeds) as Markdown to FILE")
     args = parser.parse_args(argv)
     data, out = Path(args.data), Path(args.out)
     if not (data / "train" / "good").is_dir():
@@ -157,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         print_table(rows)
     print(f"\nover seeds {args.seeds} (gains against the unsupervised row of the same seed):\n")
     print("\n".join(summary_table(report, args.seeds, names)))
+    if args.table:
+        write_markdown(report, Path(args.table))
+        print(f"every row: {args.table}")
     print(f"\nmetrics {', '.join(KEYS)}; report in {report_path}")
     return 0
 
