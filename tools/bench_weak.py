@@ -3,8 +3,9 @@
 For each seed, 10 defective test images are drawn (``pick_defects``, that seed) and labelled several ways,
 all derived from their masks (``weakrest-train labels from-masks``): pixel masks (the supervised mode), boxes,
 image tags, and on request block labels, rotated boxes and boxes perturbed by +-3 / +-7 pixels.  Every
-labelled row fine-tunes the same unsupervised model (``--init``) with that seed and is scored on the same
-test images as the unsupervised row, the seed's 10 labelled defects left out of all of them.  The last table
+labelled row fine-tunes the same unsupervised model (``--init``) on the same bank (the config's own seed: the
+seed picks the defects only) and is scored on the same test images as the unsupervised row, the seed's 10
+labelled defects left out of all of them.  The last table
 gives each row's mean over the seeds and its difference from the unsupervised row, seed by seed.
 
 The unsupervised bundle is fitted once (``OUT/unsupervised``); with ``--init CKPT`` its Swin is taken from an
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             kind, jitter = KINDS[kind_name]
             key = row.replace(" ", "_").replace("+-", "pm")
-            overrides = [f"seed={seed}", *args.overrides]
+            overrides = list(args.overrides)  # the fit's own seed stays the unsupervised bundle's: same bank
             if kind == "masks":
                 options = TrainingOptions(mode="supervised", supervised_from=data, n_defects=args.n_defects,
                                           defect_seed=seed, init=init, cache_dir=cache)
