@@ -159,6 +159,23 @@ def test_peak_from_model_plus_residual_picks_the_block_the_residual_points_at():
     assert torch.equal(torch.nonzero(peaks), torch.tensor([[0, 3, 5]]))
 
 
+def _spy_on_logits(model: ResidualSwin) -> dict:
+    """Wrap ``model.logits`` so the last logits computed with gradients land in the returned dict (key "logits"),
+    keeping their gradient after ``backward()``."""
+    seen: dict = {}
+    original = model.logits
+
+    def spy(field, offset):
+        out = original(field, offset)
+        if torch.is_grad_enabled():
+            out.retain_grad()
+            seen["logits"] = out
+        return out
+
+    model.logits = spy
+    return seen
+
+
 def test_ignored_blocks_are_neither_known_nor_guessed():
     """-1 (the band around a synthetic mask) enters neither loss: the loss does not depend on the fields
     there, while the same blocks labelled anomalous do count."""
@@ -170,17 +187,7 @@ def test_ignored_blocks_are_neither_known_nor_guessed():
     y[1, 5:7, 5:7] = -1
     obj = ResMixMatch(ResMixMatchConfig(mixup_alpha=0.0, rampup_steps=0, mask_ratio=0.0, jitter=0.0))
     # the window attention mixes tokens, so check the gradient of the loss w.r.t. the logits instead:
-    logits_seen = {}
-    original = model.logits
-
-    def spy(field, offset):
-        out = original(field, offset)
-        if torch.is_grad_enabled():
-            out.retain_grad()
-            logits_seen["logits"] = out
-        return out
-
-    model.logits = spy
+    logits_seen = _spy_on_logits(model)
     loss = obj(model, x, y, (0, 0), 10, torch.Generator().manual_seed(1))
     loss.backward()
     grad = logits_seen["logits"].grad
@@ -229,17 +236,7 @@ def test_with_guess_rest_off_only_the_peaks_of_the_bags_are_learned():
     x = torch.rand(1, 8, 8, 4)
     y = torch.full((1, 8, 8), UNKNOWN, dtype=torch.int8)  # a tagged field: every block unknown
     bags = torch.ones(1, 1, 8, 8, dtype=torch.uint8) * 2  # top-2
-    seen = {}
-    original = model.logits
-
-    def spy(field, offset):
-        out = original(field, offset)
-        if torch.is_grad_enabled():
-            out.retain_grad()
-            seen["logits"] = out
-        return out
-
-    model.logits = spy
+    seen = _spy_on_logits(model)
     for rest, n_learned in ((False, 2), (True, 64)):
         obj = ResMixMatch(ResMixMatchConfig(mixup_alpha=0.0, rampup_steps=0, mask_ratio=0.0, jitter=0.0,
                                             guess_rest=rest))

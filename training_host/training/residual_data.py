@@ -59,15 +59,20 @@ class ResidualSet:
             raise ValueError("no residual fields to train on")
         bags = None
         if any(s.bags is not None for s in sets):  # fields without bags get none (all-zero padding)
-            n_bags = max(s.bags.shape[1] for s in sets if s.bags is not None)
-            bags = torch.zeros((sum(len(s) for s in sets), n_bags, *sets[0].labels.shape[1:]), dtype=torch.uint8)
-            lo = 0
-            for s in sets:
-                if s.bags is not None:
-                    bags[lo : lo + len(s), : s.bags.shape[1]] = s.bags
-                lo += len(s)
+            bags = stack_bags([b for s in sets for b in (s.bags if s.bags is not None else [None] * len(s))],
+                              tuple(sets[0].labels.shape[1:]))
         return ResidualSet(torch.cat([s.fields for s in sets]), torch.cat([s.labels for s in sets]),
                            [k for s in sets for k in s.kinds], bags)
+
+
+def stack_bags(per_field: list[np.ndarray | torch.Tensor | None], grid: tuple[int, int]) -> torch.Tensor:
+    """One (N, n_bags, h, w) uint8 tensor from each field's bags (n_i, h, w) or None, padded with empty bags."""
+    n_bags = max([1, *(len(b) for b in per_field if b is not None)])
+    out = torch.zeros((len(per_field), n_bags, *grid), dtype=torch.uint8)
+    for i, b in enumerate(per_field):
+        if b is not None and len(b):
+            out[i, : len(b)] = torch.as_tensor(b)
+    return out
 
 
 @dataclass(frozen=True)
@@ -194,8 +199,5 @@ def weak_fields(maker: ResidualFieldMaker, labels: LabelSet, root: Path, box_ove
     if len(data):  # -1 (unknown in a label file) becomes UNKNOWN: -1 means "ignored" in training labels
         maps = np.stack(block_maps).astype(np.int8)
         data.labels = torch.from_numpy(np.where(maps == -1, UNKNOWN, maps).astype(np.int8))
-        bags = np.zeros((len(bag_maps), max(1, max(len(b) for b in bag_maps)), *maker.grid), np.uint8)
-        for i, b in enumerate(bag_maps):
-            bags[i, : len(b)] = b
-        data.bags = torch.from_numpy(bags)
+        data.bags = stack_bags(bag_maps, maker.grid)
     return data, used, errors
