@@ -36,6 +36,7 @@ from .config import EdgeConfig
 from .health import HealthServer
 from .metrics import ServiceMetrics
 from .notify import SystemdNotifier, WatchdogPolicy, WatchdogThread
+from .outputs import build_sinks
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,11 @@ class EdgeService:
                                         fetch_timeout_s=fetch_timeout_s(cfg.camera),
                                         reconnect_initial_s=cfg.camera.reconnect_initial_s,
                                         reconnect_max_s=cfg.camera.reconnect_max_s)
+        try:
+            self.sinks = build_sinks(cfg, self._on_command)
+        except Exception:
+            self.queue.close()
+            raise
         self.health: HealthServer | None = None
         if cfg.health.port:
             try:
@@ -170,6 +176,7 @@ class EdgeService:
         self.metrics.bundle_info(pending.product, pending.version)
         log.info("now serving %s@%s (was %s@%s)", pending.product, pending.version, old.product, old.version)
         self.publisher.publish_status({})
+        self._sinks_status()
 
     def _reload_from_signal(self) -> None:
         try:
@@ -193,9 +200,22 @@ class EdgeService:
         log.log(logging.WARNING if state == "lost" else logging.INFO, "camera %s: %s %s", self.cfg.camera.name,
                 state, detail)
         self.publisher.publish_status({})
+        self._sinks_status()
 
     def _on_connection(self, connected: bool) -> None:
         self.metrics.mqtt_connected.set(1.0 if connected else 0.0)
+        self._sinks_status()
+
+    def _to_sinks(self, method: str, *args: object) -> None:
+        """Call ``method`` on every sink; a sink that raises is logged and never stops the others or the loop."""
+        for sink in getattr(self, "sinks", ()):
+            try:
+                getattr(sink, method)(*args)
+            except Exception:
+                log.exception("output %s: %s failed", sink.name, method)
+
+    def _sinks_status(self) -> None:
+        self._to_sinks("update_status", {**self._status(), "mqtt_connected": bool(self.publisher.connected)})
 
     def _status(self) -> dict:
         return {"product": self.served.product, "bundle_version": self.served.version,
@@ -274,6 +294,7 @@ class EdgeService:
                                 budget_ms=inspector.budget_ms, captured_at=frame.captured_at,
                                 dropped_frames=self.slot.dropped, **fields)
         self.publisher.submit_result(message)
+        self._to_sinks("submit_result", message)
         self.results += 1
         self.last_frame = (frame, heatmap, inspector.threshold)
         self._count(message, frame)
@@ -329,6 +350,8 @@ class EdgeService:
     # ---- lifecycle -----------------------------------------------------------------------------------
     def start(self) -> None:
         self.publisher.start()
+        self._to_sinks("start")
+        self._sinks_status()
         if self.health is not None:
             self.health.start()
         self._inference.start()
@@ -370,6 +393,7 @@ class EdgeService:
         if self.watchdog is not None:
             self.watchdog.stop()
         delivered = self.publisher.close(flush_timeout_s)
+        self._to_sinks("close", flush_timeout_s)
         if self.health is not None:
             self.health.stop()
         log.info("stopped after %d results; %d still queued on disk%s", self.results, self.queue.depth,
