@@ -12,7 +12,7 @@ TORCH_INDEX   ?= https://download.pytorch.org/whl/cpu
 SYSTEM_DEPS   ?= yes
 DEMO_DIR ?= demo_out
 
-.PHONY: demo test install system-deps torch-info lint bench-mtd bench-weak bench-service bench-calibration sweep clean
+.PHONY: demo test install system-deps torch-info lint proto bench-mtd bench-weak bench-service bench-calibration sweep clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ test: install system-deps
 
 lint: install
 	$(VENV)/bin/ruff check .
+
+# Sparkplug B payload classes from the specification's schema (commit both files)
+proto: install
+	cd edge_runtime/publishing/sparkplug && ../../../$(PY) -m grpc_tools.protoc -I. --python_out=. sparkplug_b.proto
 
 # Fit, evaluate and benchmark on ../shared/data/mtd (figures for the README / issue notes)
 bench-mtd: install

@@ -164,6 +164,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     return service.run_forever()
 
 
+def cmd_opcua_cert(args: argparse.Namespace) -> int:
+    """Self-signed OPC UA application certificate + key for the server (``opcua.certificate``/``private_key``)."""
+    from .publishing.opcua import make_certificate
+
+    try:
+        cert, key = make_certificate(args.out, args.hostname, application_uri=args.uri, client=args.client)
+    except (OSError, ValueError) as exc:
+        print(f"error: cannot write the certificate into {args.out}: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {cert} and {key} (mode 0600); set opcua.certificate and opcua.private_key to them"
+          if not args.client else f"wrote {cert} and {key} (mode 0600); copy {cert} into the server's "
+          "opcua.trusted_clients folder to trust this client")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="weakrest-edge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -199,6 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("opcua-cert", help="write a self-signed OPC UA application certificate and key (mode 0600)")
+    p.add_argument("--out", required=True, help="folder for server-cert.der and server-key.pem")
+    p.add_argument("--hostname", default=None, help="host name (or IP) clients connect to (default: this host's)")
+    p.add_argument("--uri", default=None, help="application URI (default: urn:<hostname>:weakrest:edge)")
+    p.add_argument("--client", action="store_true", help="a client certificate (client-cert.der) for a test client")
+    p.set_defaults(func=cmd_opcua_cert)
     return parser
 
 

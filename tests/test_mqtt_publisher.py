@@ -436,6 +436,61 @@ def test_commands_valid_malformed_and_failing(broker, subscriber, queue, publish
     assert results.wait_count(RESULT, 1) and pub.flush(5)
 
 
+def test_invalid_utf8_and_bad_json_commands_are_refused_in_plain_words(broker, subscriber, queue, publishers):
+    """Bytes that are not UTF-8 reach a running publisher through the broker: the reply names the byte, never a
+    codec that ``json.loads`` guessed (``b"{\\x00..."`` used to be read as UTF-16-LE)."""
+    calls = []
+    replies = subscriber(REPLY)
+    pub = publishers(config(broker), queue, on_command=lambda c: calls.append(c) or {"detail": "done"})
+    assert wait_until(lambda: pub.connected)
+
+    def ask(payload: bytes, n: int) -> dict:
+        replies.client.publish(CMD, payload, qos=1)
+        got = replies.wait_count(REPLY, n)
+        assert len(got) >= n, f"no reply to {payload!r}"
+        return json.loads(got[n - 1].payload)
+
+    r = ask(b'{"command": "\xff"}', 1)
+    assert r["ok"] is False and r["id"] is None
+    assert r["error"] == "payload is not UTF-8 text (byte 0xff at position 13)", r
+    r = ask(b"{\x00\x00\xd8\x00", 2)  # json.loads guessed UTF-16-LE for this one
+    assert r["error"] == "payload is not UTF-8 text (byte 0xd8 at position 3)", r
+    r = ask(b"\xff\xfe{\x00}\x00", 3)  # json.loads read this as the UTF-16 text "{}"
+    assert r["error"] == "payload is not UTF-8 text (byte 0xff at position 0)", r
+    assert not any("utf-16" in json.loads(m.payload)["error"].lower() for m in replies.on(REPLY))
+    r = ask(b'{"command": "reload",\n "id": }', 4)
+    assert r["error"] == "payload is not JSON: expecting value at line 2 column 8", r
+    assert ask('{"command": "reload", "id": "ü-1"}'.encode(), 5) == {"id": "ü-1", "command": "reload", "ok": True,
+                                                                     "detail": "done"}
+    assert len(calls) == 1  # only the valid one reached the handler
+
+
+@pytest.mark.parametrize(("payload", "expected"), [
+    (b"", "payload is empty: expected a JSON object such as {\"command\": \"status\"}"),
+    (b"x" * 70000, "payload is too large: 70000 bytes, at most 65536 are accepted"),
+    (b"[1, 2]", "payload is a JSON array: expected a JSON object such as {\"command\": \"status\"}"),
+    (b'"reload"', "payload is a JSON string: expected a JSON object such as {\"command\": \"status\"}"),
+    (b"null", "payload is JSON null: expected a JSON object such as {\"command\": \"status\"}"),
+    (b'{"id": "a"}', "missing field 'command': expected one of reload, switch_product, snapshot, status"),
+    (b'{"command": 3}', "field 'command' is the number 3: expected one of reload, switch_product, snapshot, status"),
+    (b'{"command": "rebot"}', "unknown command 'rebot': expected one of reload, switch_product, snapshot, status"),
+    (b'{"command": "switch_product"}', "command 'switch_product': missing field 'product'"),
+    (b'{"command": "status", "force": true}',
+     "command 'status': unexpected field 'force' (allowed: command, id)"),
+    (b'{"command": "switch_product", "product": ""}',
+     "command 'switch_product': field 'product': String should have at least 1 character (got '')"),
+    (b'{"command": "reload", "id": 7}', "command 'reload': field 'id': Input should be a valid string (got 7)"),
+    (b"\xef\xbb\xbf{}", "payload starts with a UTF-8 byte-order mark: send the JSON text without it"),
+    (b"{,", "payload is not JSON: expecting property name enclosed in double quotes at line 1 column 2"),
+])
+def test_command_errors_say_what_was_wrong_and_what_was_expected(payload, expected):
+    from edge_runtime.publishing.messages import CommandError, parse_command
+
+    with pytest.raises(CommandError) as info:
+        parse_command(payload)
+    assert str(info.value) == expected
+
+
 def test_retained_command_is_refused(broker, subscriber, queue, publishers):
     calls = []
     replies = subscriber(REPLY)

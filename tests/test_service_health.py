@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from edge_runtime.service.health import HealthServer
+from edge_runtime.service.health import HealthServer, assess
 from edge_runtime.service.metrics import (
     LATENCY_BUCKETS_MS,
     Counter,
@@ -230,6 +230,7 @@ EXPECTED = {
     "weakrest_over_budget_total": "counter", "weakrest_queue_depth": "gauge",
     "weakrest_queue_dropped_total": "counter", "weakrest_mqtt_connected": "gauge",
     "weakrest_camera_state": "gauge", "weakrest_bundle_info": "gauge", "weakrest_reloads_total": "counter",
+    "weakrest_health_state": "gauge",
 }
 
 
@@ -241,6 +242,10 @@ def test_service_metrics_families_and_updates():
     assert ("weakrest_reloads_total", {"result": "failed"}, 0.0) in samples
     assert ("weakrest_camera_state", {"state": "idle"}, 1.0) in samples
     assert not [s for s in samples if s[0] == "weakrest_bundle_info"]
+    m.health_state("degraded")  # the service sets it at every scrape
+    _, samples = parse_exposition(m.render())
+    assert {lab["state"]: v for n, lab, v in samples if n == "weakrest_health_state"} == {
+        "ok": 0, "degraded": 1, "failing": 0}
 
     m.record_result("pass", {"preprocess": 1.2, "backbone": 30.0}, end_to_end_ms=40.0)
     m.record_result("fail", {"preprocess": 1.1, "backbone": 80.0}, end_to_end_ms=90.0, over_budget=True)
@@ -385,3 +390,103 @@ def test_ipv6_loopback():
     with server:
         assert server.url.startswith("http://[::1]:")
         assert _get(server.url + "/health")[0] == 200
+
+
+# ---------------------------------------------------------------------------------------------------- states
+
+
+def test_assess_ok_degraded_failing_with_plain_reasons():
+    assert assess() == ("ok", [])
+    state, reasons = assess(mqtt_connected=False, broker="10.0.0.5:1883")
+    assert state == "degraded" and reasons == ["not connected to the MQTT broker 10.0.0.5:1883: results wait in "
+                                               "the on-disk queue, no verdict reaches the MES"]
+    # queued results degrade only once the oldest has waited longer than the configured age
+    assert assess(queue_depth=40, queue_age_s=9.0, queue_degraded_s=10) == ("ok", [])
+    state, reasons = assess(queue_depth=40, queue_age_s=12.4, queue_degraded_s=10)
+    assert state == "degraded" and reasons == ["40 result(s) queued, the oldest for 12 s (more than "
+                                               "health.queue_degraded_s = 10 s): verdicts reach the MES late"]
+    for camera_state, words in [("connecting", "camera cam0 connecting"), ("starting", "camera cam0 not started"),
+                                ("lost", "camera cam0 lost (cable unplugged), reconnecting"),
+                                ("finished", "camera cam0 finished")]:
+        state, reasons = assess(camera="cam0", camera_state=camera_state, camera_detail="cable unplugged"
+                                if camera_state == "lost" else "")
+        assert state == "degraded" and reasons[0].startswith(words), reasons
+    assert assess(camera_state="waiting_trigger") == ("ok", [])  # an idle line in trigger mode is fine
+    state, reasons = assess(sinks={"opcua": {"state": "ok"}, "sparkplug": {"state": "failing", "reason": "no cert"}})
+    assert state == "degraded" and reasons == ["output sparkplug is failing: no cert"]
+    state, reasons = assess(sinks={"sparkplug": {"state": "degraded", "reasons": ["host offline", "3 queued"]}})
+    assert reasons == ["output sparkplug is degraded: host offline; 3 queued"]
+    # a dead inference thread is failing, whatever else holds; every reason is listed
+    state, reasons = assess(inference_problem="the inference thread is not running", mqtt_connected=False)
+    assert state == "failing" and len(reasons) == 2 and reasons[0] == "the inference thread is not running"
+
+
+def test_health_and_live_status_codes_follow_the_state(served):
+    server, state, _ = served
+    table = {"ok": (200, 200), "degraded": (503, 200), "failing": (503, 503)}
+    for name, (health_code, live_code) in table.items():
+        state["health"] = {"ok": name == "ok", "state": name, "reasons": [] if name == "ok" else ["why"]}
+        code, _, body = _get(server.url + "/health")
+        assert code == health_code and json.loads(body)["state"] == name, name
+        code, _, body = _get(server.url + "/health/live")
+        assert code == live_code and json.loads(body)["state"] == name, name
+    state["health"] = {"ok": False}  # a report without a state: judged by "ok" alone
+    assert _get(server.url + "/health/live")[0] == 503
+    state["raise"] = True
+    assert _get(server.url + "/health/live")[0] == 500
+
+
+class _Sink:
+    def __init__(self, name, health):
+        self.name, self._health = name, health
+
+    def health(self):
+        if isinstance(self._health, Exception):
+            raise self._health
+        return self._health
+
+
+def test_service_health_reads_the_oldest_queued_result_and_the_sinks(tmp_path):
+    """The runner's own health code on a real on-disk queue; the rest of the service is stood in for."""
+    import time
+    from types import SimpleNamespace
+
+    from edge_runtime.publishing import DiskQueue
+    from edge_runtime.publishing.messages import ResultMessage, encode_result
+    from edge_runtime.service.config import EdgeConfig
+    from edge_runtime.service.runner import EdgeService
+
+    cfg = EdgeConfig.model_validate({"bundles": {"store": str(tmp_path), "product": "p"},
+                                     "health": {"queue_degraded_s": 5}})
+    metrics = ServiceMetrics()
+
+    class Fake:
+        _health_state = EdgeService._health_state
+        _oldest_queued_age_s = EdgeService._oldest_queued_age_s
+
+        def _inference_problem(self):
+            return None
+
+    with DiskQueue(tmp_path / "q", 1 << 20) as q:
+        svc = Fake()
+        svc.cfg, svc.queue, svc.metrics = cfg, q, metrics
+        svc.publisher = SimpleNamespace(connected=True)
+        svc.camera_state, svc.camera_detail = "streaming", ""
+        svc.sinks = [_Sink("opcua", {"state": "ok", "clients": 1})]
+        assert svc._health_state() == ("ok", [], {"mqtt_connected": True, "queue_depth": 0,
+                                                  "queue_oldest_age_s": None, "sinks": {"opcua": {"state": "ok",
+                                                                                                  "clients": 1}}})
+        for seq, age in ((0, 7.0), (1, 0.5)):
+            q.append(encode_result(ResultMessage(seq=seq, frame_id=seq, camera="cam0", product="p",
+                                                 bundle_version="v1", verdict="pass", score=0.1,
+                                                 captured_at=time.time() - age)))
+        state, reasons, details = svc._health_state()
+        assert state == "degraded" and details["queue_depth"] == 2 and 7.0 <= details["queue_oldest_age_s"] < 60
+        assert reasons[0].startswith("2 result(s) queued, the oldest for 7 s")
+        assert metrics.health_state.get("degraded") == 1 and metrics.health_state.get("ok") == 0
+        q.ack(0)  # the old one delivered: the one left is young
+        assert svc._health_state()[0] == "ok" and metrics.health_state.get("ok") == 1
+        svc.sinks.append(_Sink("sparkplug", RuntimeError("socket gone")))
+        state, reasons, details = svc._health_state()
+        assert state == "degraded" and details["sinks"]["sparkplug"]["state"] == "failing"
+        assert reasons == ["output sparkplug is failing: health() failed: RuntimeError: socket gone"]

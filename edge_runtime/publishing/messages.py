@@ -53,7 +53,7 @@ properties, so the payload is framed (:func:`encode_heatmap_header` / :func:`dec
 ``<prefix>/cmd/reply`` - JSON, QoS 1, one per command received::
 
     {"id": "c-18", "command": "switch_product", "ok": true, "detail": "now serving bracket 2024-05-02"}
-    {"id": "c-21", "command": null, "ok": false, "error": "unknown command 'rebot' (expected one of ...)"}
+    {"id": "c-21", "command": null, "ok": false, "error": "unknown command 'rebot': expected one of ..."}
 
   Handlers may add keys to a successful reply.  With MQTT 5 the request's ``CorrelationData`` is copied.
 """
@@ -61,6 +61,7 @@ properties, so the payload is framed (:func:`encode_heatmap_header` / :func:`dec
 from __future__ import annotations
 
 import json
+import math
 import struct
 import time
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -162,15 +163,27 @@ def stamp_published_at(payload: bytes, when: float) -> bytes:
 
 
 def status_payload(state: Literal["online", "offline"], info: dict[str, Any], since: float, pid: int,
-                   version: str, reason: str | None = None, at: float | None = None) -> dict[str, Any]:
-    """Status message: the fixed keys first, then whatever else ``info`` (the service) provides."""
+                   version: str, reason: str | None = None, at: float | None = None,
+                   interval_s: float | None = None) -> dict[str, Any]:
+    """Status message: the fixed keys first, then whatever else ``info`` (the service) provides.
+
+    An online status carries ``interval_s``, the refresh period: one whose ``at`` is older than
+    :func:`status_expiry_s` of it is stale (the service is gone without a last will reaching the broker)."""
     out: dict[str, Any] = {"state": state, "product": None, "bundle_version": None, "camera_state": None}
-    out.update({k: v for k, v in info.items() if k not in ("state", "since", "at", "pid", "version", "reason")})
+    fixed = ("state", "since", "at", "pid", "version", "reason", "interval_s")
+    out.update({k: v for k, v in info.items() if k not in fixed})
     out.update({"since": round(since, 3), "at": round(time.time() if at is None else at, 3), "pid": pid,
                 "version": version})
+    if state == "online" and interval_s is not None:
+        out["interval_s"] = interval_s
     if reason is not None:
         out["reason"] = reason
     return out
+
+
+def status_expiry_s(interval_s: float) -> int:
+    """Seconds after which an online status that was not refreshed is stale: three missed refreshes."""
+    return max(1, math.ceil(3 * interval_s))
 
 
 # ---------------------------------------------------------------------------------------------- heatmaps
@@ -274,7 +287,28 @@ COMMAND_NAMES = ("reload", "switch_product", "snapshot", "status")
 _COMMAND_ADAPTER: TypeAdapter[Command] = TypeAdapter(Command)
 
 
-def _describe(err: dict[str, Any]) -> str:
+_EXAMPLE = 'a JSON object such as {"command": "status"}'
+_EXPECTED_NAMES = f"expected one of {', '.join(COMMAND_NAMES)}"
+
+
+def _json_kind(value: Any) -> str:
+    """What a decoded JSON value is, in the words of JSON (``array``, ``null``), not of Python (``list``)."""
+    if value is None:
+        return "JSON null"
+    if isinstance(value, bool):
+        return f"JSON {str(value).lower()}"
+    if isinstance(value, (int, float)):
+        return f"the number {value}"
+    kinds = {str: "a JSON string", list: "a JSON array", dict: "a JSON object"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _describe(err: dict[str, Any], model: type[BaseModel] | None) -> str:
     loc = [str(p) for p in err["loc"]]
     if loc and loc[0] in COMMAND_NAMES:  # the union tag prefixes every location
         loc = loc[1:]
@@ -282,33 +316,61 @@ def _describe(err: dict[str, Any]) -> str:
     if err["type"] == "missing":
         return f"missing field '{field}'"
     if err["type"] == "extra_forbidden":
-        return f"unexpected field '{field}'"
-    return f"field '{field}': {err['msg']}"
+        allowed = f" (allowed: {', '.join(sorted(model.model_fields))})" if model is not None else ""
+        return f"unexpected field '{field}'{allowed}"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    value = err.get("input")
+    shown = "" if isinstance(value, (dict, list)) else f" (got {_shown(value)})"
+    return f"field '{field}': {msg}{shown}"
+
+
+_MODELS: dict[str, type[BaseModel]] = {
+    "reload": ReloadCommand, "switch_product": SwitchProductCommand, "snapshot": SnapshotCommand,
+    "status": StatusCommand,
+}
+
+
+def _decode(payload: bytes) -> Any:
+    """Strict UTF-8, then JSON: ``json.loads`` on bytes would guess UTF-16/32 and report a codec the sender never
+    used, or even read UTF-16 bytes as valid text."""
+    try:
+        text = bytes(payload).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CommandError(f"payload is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at position "
+                           f"{exc.start})") from None
+    if text.startswith("\ufeff"):
+        raise CommandError("payload starts with a UTF-8 byte-order mark: send the JSON text without it")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        what = exc.msg[:1].lower() + exc.msg[1:]
+        raise CommandError(f"payload is not JSON: {what} at line {exc.lineno} column {exc.colno}") from None
+    except ValueError as exc:  # e.g. an integer too long to convert
+        raise CommandError(f"payload is not usable JSON: {exc}") from None
 
 
 def parse_command(payload: bytes) -> Command:
-    """Validate a command payload; :class:`CommandError` says exactly what is wrong."""
+    """Validate a command payload; :class:`CommandError` says in plain words what was wrong and what was expected."""
     if len(payload) > MAX_COMMAND_BYTES:
-        raise CommandError(f"payload too large ({len(payload)} bytes, at most {MAX_COMMAND_BYTES})")
+        raise CommandError(f"payload is too large: {len(payload)} bytes, at most {MAX_COMMAND_BYTES} are accepted")
     if not payload:
-        raise CommandError("empty payload (expected a JSON object with a 'command' field)")
-    try:
-        obj = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CommandError(f"payload is not JSON ({exc})") from None
+        raise CommandError(f"payload is empty: expected {_EXAMPLE}")
+    obj = _decode(payload)
     if not isinstance(obj, dict):
-        raise CommandError(f"expected a JSON object, got {type(obj).__name__}")
+        raise CommandError(f"payload is {_json_kind(obj)}: expected {_EXAMPLE}")
     cid = obj.get("id") if isinstance(obj.get("id"), str) else None
     name = obj.get("command")
     if name is None:
-        raise CommandError(f"missing field 'command' (one of {', '.join(COMMAND_NAMES)})", cid)
+        raise CommandError(f"missing field 'command': {_EXPECTED_NAMES}", cid)
+    if not isinstance(name, str):
+        raise CommandError(f"field 'command' is {_json_kind(name)}: {_EXPECTED_NAMES}", cid)
     if name not in COMMAND_NAMES:
-        raise CommandError(f"unknown command {name!r} (expected one of {', '.join(COMMAND_NAMES)})", cid)
+        raise CommandError(f"unknown command {_shown(name)}: {_EXPECTED_NAMES}", cid)
     try:
         return _COMMAND_ADAPTER.validate_python(obj)
     except ValidationError as exc:
-        problems = "; ".join(_describe(e) for e in exc.errors())
-        raise CommandError(f"{name}: {problems}", cid, name) from None
+        problems = "; ".join(_describe(e, _MODELS.get(name)) for e in exc.errors())
+        raise CommandError(f"command '{name}': {problems}", cid, name) from None
 
 
 def command_reply(command_id: str | None, command: str | None, ok: bool, *, detail: str | None = None,

@@ -50,6 +50,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edge_runtime import __version__
 from edge_runtime.publishing.disk_queue import DiskQueue
@@ -65,6 +66,7 @@ from edge_runtime.publishing.messages import (
     encode_result,
     parse_command,
     stamp_published_at,
+    status_expiry_s,
     status_payload,
 )
 from edge_runtime.service.config import MQTTConfig
@@ -104,42 +106,37 @@ class Topics:
         self.reply = f"{prefix}/cmd/reply"
 
 
-class MqttPublisher:
-    """Publishes results (durably, in order), status, heatmaps; executes commands from ``<prefix>/cmd``.
+class DurableMqttClient:
+    """One MQTT connection (with the ``auto`` protocol fallback) and the durable, ordered sender of a queue.
 
-    ``status_provider()`` returns the service's part of the status (product, bundle_version, camera_state,
-    ...); ``on_command(cmd)`` runs in a worker thread and returns extra reply keys (``detail``...) or raises;
-    ``on_connection(connected)`` is told about every connect and disconnect.  Call :meth:`start`, then
-    :meth:`close` (or use it as a context manager).
+    Subclasses say what the connection carries: :meth:`_configure` (last will, ...), :meth:`_subscribe`,
+    :meth:`_session_started` (first messages of a session, run while a concurrent :meth:`_session_lock`
+    holder waits), :meth:`_may_send` (hold the queue, e.g. while no host application is online),
+    :meth:`_wire` (topic and bytes of one queued record, called in queue order), :meth:`_handle_message`.
     """
 
-    def __init__(self, config: MQTTConfig, queue: DiskQueue, *,
-                 status_provider: Callable[[], dict[str, Any]] | None = None,
-                 on_command: Callable[[Command], dict[str, Any] | None] | None = None,
-                 on_connection: Callable[[bool], None] | None = None,
-                 window: int = 32, session_expiry_s: int = 3600, connack_timeout_s: float = 5.0) -> None:
+    log_name = "MQTT"
+
+    def __init__(self, config: MQTTConfig, queue: DiskQueue, *, client_id: str,
+                 on_connection: Callable[[bool], None] | None = None, window: int = 32,
+                 session_expiry_s: int = 3600, connack_timeout_s: float = 5.0, persistent_session: bool = True,
+                 protocol: Literal["auto", "5", "3.1.1"] | None = None, result_qos: Literal[0, 1] = 1) -> None:
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
         self.config = config
         self.queue = queue
-        self.topics = Topics(config.topic_prefix)
-        self.client_id = config.client_id or f"weakrest-{config.topic_prefix.rsplit('/', 1)[-1]}"
+        self.client_id = client_id
         self.window = window
         self.session_expiry_s = session_expiry_s
         self.connack_timeout_s = connack_timeout_s
-        if config.qos != 1:
-            # QoS 0 confirms nothing; QoS 2 state in the broker's session would outlive the resends with new
-            # packet ids that follow a reconnect.  The queue plus ``seq`` give exactly-once downstream anyway.
-            log.warning("mqtt.qos is %d, but results are always published at QoS 1", config.qos)
-        self._status_provider = status_provider
-        self._on_command = on_command
+        self.persistent_session = persistent_session
+        self.result_qos = result_qos  # 0 confirms nothing: a record counts as delivered once handed to the socket
+        self._protocol_setting = protocol or config.protocol
         self._on_connection = on_connection
-        self._status_extra: dict[str, Any] = {}
-        # One lock orders every online status: composing it and handing it to paho (or holding it while
-        # disconnected) happen together, so a state change can never overtake an older one on the wire.
-        self._status_lock = threading.Lock()
-        self._held_status: deque[bytes] = deque(maxlen=MAX_HELD_STATUS)
-        self._protocol = mqtt.MQTTv311 if config.protocol == "3.1.1" else mqtt.MQTTv5
+        # Held by on_connect from "connected" to the end of the session's first messages, and by whoever
+        # publishes session-ordered messages (the JSON status), so none can overtake those first messages.
+        self._session_lock = threading.Lock()
+        self._protocol = mqtt.MQTTv311 if self._protocol_setting == "3.1.1" else mqtt.MQTTv5
         self._client: mqtt.Client | None = None
         # Connection state, written by the paho network thread only; _send_lock makes "check epoch and
         # publish" (sender) atomic against "drop paho's buffer and bump the epoch" (on_connect).
@@ -160,15 +157,12 @@ class MqttPublisher:
         self._rejected_mids: dict[int, str] = {}
         self._stop = threading.Event()
         self._sender: threading.Thread | None = None
-        self._commands: ThreadPoolExecutor | None = None
         self._started = False
         self._closed = False
         self.published = 0  # result PUBLISH packets issued, resends included
         self.acked = 0  # result PUBLISH packets PUBACKed (their records are then acknowledged in the queue)
         self.resent = 0  # result PUBLISH packets that repeat an earlier one (after a reconnect)
         self.rejected = 0  # results whose PUBACK carried a failure reason code
-        self.heatmaps = 0
-        self.commands = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -181,18 +175,18 @@ class MqttPublisher:
         """Protocol in use (after an ``auto`` fallback: "3.1.1")."""
         return "5" if self._protocol == mqtt.MQTTv5 else "3.1.1"
 
-    def start(self) -> MqttPublisher:
+    def start(self) -> DurableMqttClient:
         """Start connecting (in the background: a broker that is down does not block) and sending."""
         if self._started:
             return self
         self._started = True
-        self._commands = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mqtt-cmd")
-        self._sender = threading.Thread(target=self._sender_main, name="mqtt-sender", daemon=True)
+        self._sender = threading.Thread(target=self._sender_main, name=f"{self.log_name.lower()}-sender",
+                                        daemon=True)
         self._sender.start()
         self._connect(self._make_client(self._protocol))
         return self
 
-    def __enter__(self) -> MqttPublisher:
+    def __enter__(self) -> DurableMqttClient:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -208,7 +202,7 @@ class MqttPublisher:
         return True
 
     def close(self, timeout_s: float = 5.0) -> bool:
-        """Flush, publish the offline status, disconnect cleanly (no last will) and stop the threads.
+        """Flush, say goodbye (:meth:`_last_words`), disconnect cleanly (no last will) and stop the threads.
 
         Returns whether every queued result was delivered; what is left stays on disk for the next start.
         """
@@ -216,10 +210,10 @@ class MqttPublisher:
             self._closed = True
             return not self.queue.closed and self.queue.depth == 0
         self._closed = True
-        flushed = self.flush(timeout_s) if self._connected else self.queue.depth == 0
+        flushed = self.flush(timeout_s) if self._connected and self._may_send() else self.queue.depth == 0
         if not flushed:
-            log.warning("closing with %d result(s) still queued; they are sent after the next start",
-                        self.queue.depth)
+            log.warning("%s: closing with %d result(s) still queued; they are sent after the next start",
+                        self.log_name, self.queue.depth)
         self._stop.set()
         self._notify()
         if self._sender is not None:
@@ -229,16 +223,14 @@ class MqttPublisher:
         client = self._client
         if client is not None:
             if self._connected:
-                info = client.publish(self.topics.status, encode_json(self._status("offline", "shutdown")),
-                                      qos=1, retain=True)
-                try:
-                    info.wait_for_publish(timeout=min(2.0, timeout_s))
-                except (RuntimeError, ValueError) as exc:
-                    log.warning("offline status not confirmed: %s", exc)
+                for info in self._last_words(client):
+                    try:
+                        info.wait_for_publish(timeout=min(2.0, timeout_s))
+                    except (RuntimeError, ValueError) as exc:
+                        log.warning("%s: goodbye message not confirmed: %s", self.log_name, exc)
             client.disconnect()
             client.loop_stop()
-        if self._commands is not None:
-            self._commands.shutdown(wait=False, cancel_futures=True)
+        self._closed_hook()
         self._connected = False
         return flushed
 
@@ -246,8 +238,322 @@ class MqttPublisher:
         """Counters for metrics."""
         return {"connected": self._connected, "published": self.published, "acked": self.acked,
                 "resent": self.resent, "rejected": self.rejected, "queue_depth": self.queue.depth,
-                "queue_bytes": self.queue.bytes, "queue_dropped": self.queue.dropped,
-                "heatmaps": self.heatmaps, "commands": self.commands}
+                "queue_bytes": self.queue.bytes, "queue_dropped": self.queue.dropped}
+
+    # ------------------------------------------------------------------ what subclasses fill in
+
+    def _configure(self, client: mqtt.Client) -> None:
+        """Set up a new paho client (last will...) before its first connect."""
+
+    def _before_connect(self, client: mqtt.Client) -> None:
+        """Runs before every CONNECT, reconnects included (network thread)."""
+
+    def _subscribe(self, client: mqtt.Client) -> None:
+        """Subscribe after every successful connect."""
+
+    def _session_started(self, client: mqtt.Client, flags: mqtt.ConnectFlags) -> None:
+        """First messages of a session, published under :attr:`_session_lock` (network thread)."""
+
+    def _may_send(self) -> bool:
+        """False holds the queue (the sender waits for :meth:`_notify`)."""
+        return True
+
+    def _wire(self, index: int, payload: bytes) -> tuple[str, bytes]:
+        """Topic and bytes of queued record ``index``, called under the send lock in queue order."""
+        raise NotImplementedError
+
+    def _handle_message(self, client: mqtt.Client, msg: mqtt.MQTTMessage) -> None:
+        """An incoming message on a subscription (network thread: hand long work to another thread)."""
+
+    def _last_words(self, client: mqtt.Client) -> list[mqtt.MQTTMessageInfo]:
+        """Messages a clean shutdown publishes before DISCONNECT (a DISCONNECT suppresses the last will)."""
+        return []
+
+    def _closed_hook(self) -> None:
+        """After the client is disconnected at :meth:`close`."""
+
+    def _connection_changed(self, connected: bool) -> None:
+        """After every connect and disconnect (network thread)."""
+
+    # ------------------------------------------------------------------ client setup
+
+    def _make_client(self, protocol: int) -> mqtt.Client:
+        cfg = self.config
+        kwargs: dict[str, Any] = {}
+        if protocol != mqtt.MQTTv5:
+            kwargs["clean_session"] = not self.persistent_session
+        client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                             protocol=protocol, reconnect_on_failure=True, **kwargs)
+        client.enable_logger(_PAHO_LOG)
+        client.reconnect_delay_set(min_delay=0.5, max_delay=10)  # type: ignore[arg-type]  # floats work
+        client.max_inflight_messages_set(self.window + 8)  # room for status/replies beside the window
+        if cfg.tls is not None:
+            client.tls_set(ca_certs=str(cfg.tls.ca) if cfg.tls.ca else None,
+                           certfile=str(cfg.tls.cert) if cfg.tls.cert else None,
+                           keyfile=str(cfg.tls.key) if cfg.tls.key else None,
+                           cert_reqs=ssl.CERT_REQUIRED)
+            if cfg.tls.insecure:
+                client.tls_insecure_set(True)
+        if cfg.username is not None:
+            client.username_pw_set(cfg.username, cfg.resolved_password())
+        client.on_pre_connect = self._on_pre_connect
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        self._configure(client)
+        return client
+
+    def _connect(self, client: mqtt.Client) -> None:
+        with self._send_lock:
+            self._client = client
+            self._protocol = client.protocol
+        if client.protocol == mqtt.MQTTv5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self.session_expiry_s if self.persistent_session else 0
+            client.connect_async(self.config.host, self.config.port, self.config.keepalive_s,
+                                 clean_start=not self.persistent_session, properties=props)
+        else:
+            client.connect_async(self.config.host, self.config.port, self.config.keepalive_s)
+        client.loop_start()
+        log.info("%s: connecting to %s:%d as %s (MQTT %s)", self.log_name, self.config.host, self.config.port,
+                 self.client_id, self.protocol)
+
+    def _auto_v5_pending(self, client: mqtt.Client) -> bool:
+        return (self._protocol_setting == "auto" and client.protocol == mqtt.MQTTv5 and not self._v5_confirmed
+                and not self._falling_back)
+
+    def _start_fallback(self, client: mqtt.Client, why: str) -> None:
+        if self._falling_back or self._closed:
+            return
+        self._falling_back = True
+        log.warning("%s: broker at %s:%d does not take MQTT 5 (%s): falling back to 3.1.1", self.log_name,
+                    self.config.host,
+                    self.config.port, why)
+        self._fallback_thread = threading.Thread(target=self._fall_back_to_311, args=(client,),
+                                                 name="mqtt-fallback", daemon=True)
+        self._fallback_thread.start()
+
+    def _fall_back_to_311(self, old: mqtt.Client) -> None:
+        """Replace an MQTT 5 client the broker refused by a 3.1.1 one (own thread: loop_stop joins paho's)."""
+        old.disconnect()
+        old.loop_stop()
+        if not self._closed:
+            self._connect(self._make_client(mqtt.MQTTv311))
+        self._falling_back = False
+
+    def _check_connack_timeout(self) -> None:
+        """protocol auto: a broker that leaves an MQTT 5 CONNECT unanswered is taken as refusing MQTT 5."""
+        client, started = self._client, self._attempt_started
+        if (client is not None and started is not None and not self._connected and self._auto_v5_pending(client)
+                and client.socket() is not None and time.monotonic() - started > self.connack_timeout_s):
+            self._start_fallback(client, f"no CONNACK within {self.connack_timeout_s:g} s")
+
+    # ------------------------------------------------------------------ paho callbacks (network thread)
+
+    def _on_pre_connect(self, client: mqtt.Client, userdata: Any) -> None:
+        self._attempt_started = time.monotonic()
+        if client is self._client:
+            self._before_connect(client)
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: mqtt.ConnectFlags,
+                    reason_code: mqtt.ReasonCode, properties: Properties | None) -> None:
+        if client is not self._client:
+            return
+        self._attempt_started = None
+        if reason_code.is_failure:
+            if self._auto_v5_pending(client) and reason_code.value in _UNSUPPORTED_PROTOCOL:
+                self._start_fallback(client, str(reason_code))
+            else:
+                log.error("%s: connection refused by %s:%d: %s", self.log_name, self.config.host, self.config.port,
+                          reason_code)
+            return
+        if client.protocol == mqtt.MQTTv5:
+            self._v5_confirmed = True
+        receive_maximum = getattr(properties, "ReceiveMaximum", None) if properties is not None else None
+        with self._session_lock:  # a session-ordered message composed meanwhile waits for the first ones
+            with self._send_lock:
+                # paho would resend its unacknowledged copies right after this callback; the sender resends
+                # them from the queue instead, in order (see the module docstring).
+                stale = client.drop_out_messages()
+                self._receive_maximum = int(receive_maximum) if receive_maximum else 65535
+                self._epoch += 1
+                self._connected = True
+            self._since = time.time()
+            log.info("%s: connected to %s:%d (MQTT %s, session present: %s, %d unacknowledged to resend)",
+                     self.log_name, self.config.host, self.config.port, self.protocol, flags.session_present,
+                     len(stale))
+            self._subscribe(client)
+            self._session_started(client, flags)
+        self._notify()
+        self._tell_connection(True)
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: mqtt.DisconnectFlags,
+                       reason_code: mqtt.ReasonCode, properties: Properties | None) -> None:
+        if client is not self._client:
+            return
+        if not self._connected and self._attempt_started is not None and self._auto_v5_pending(client):
+            self._v5_failures += 1  # closed after CONNECT, before any CONNACK
+            if self._v5_failures >= 2:
+                self._start_fallback(client, "connection closed before CONNACK")
+        self._attempt_started = None
+        was = self._connected
+        self._connected = False
+        self._epoch += 1
+        self._notify()
+        if was:
+            if self._closed:
+                log.info("%s: disconnected", self.log_name)
+            else:
+                log.warning("%s: connection to %s:%d lost (%s); %d result(s) queued, reconnecting",
+                            self.log_name, self.config.host, self.config.port, reason_code, self.queue.depth)
+            self._tell_connection(False)
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: mqtt.ReasonCode,
+                    properties: Properties | None) -> None:
+        # Runs under paho's message lock: must not take _send_lock (the sender holds it while publishing).
+        if reason_code.is_failure:
+            self._rejected_mids[mid] = str(reason_code)
+        self._notify()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if client is self._client:
+            self._handle_message(client, msg)
+
+    def _tell_connection(self, connected: bool) -> None:
+        self._connection_changed(connected)
+        if self._on_connection is None:
+            return
+        try:
+            self._on_connection(connected)
+        except Exception:
+            log.exception("on_connection callback failed")
+
+    # ------------------------------------------------------------------ sender thread
+
+    def _notify(self) -> None:
+        with self._wake:
+            self._wake_pending = True
+            self._wake.notify()
+
+    def _tick(self) -> None:
+        """Runs on every pass of the sender (at least twice a second): periodic work of a subclass."""
+
+    def _sender_main(self) -> None:
+        while not self._stop.is_set() and not self.queue.closed:
+            try:
+                self._send_loop()
+            except Exception:
+                if self._stop.is_set() or self.queue.closed:
+                    break
+                # e.g. a disk error while reading the queue: results stay on disk, try again shortly
+                log.exception("%s sender failed; retrying in 1 s", self.log_name)
+                self._stop.wait(1.0)
+
+    def _send_loop(self) -> None:
+        inflight: deque[tuple[int, mqtt.MQTTMessageInfo]] = deque()
+        epoch = -1
+        last_sent: int | None = None  # highest index published in this epoch
+        max_sent = -1  # highest index ever published (to count resends)
+        blocked = False  # publish found no connection: wait for the epoch to change
+        while not self._stop.is_set():
+            with self._wake:
+                if not self._wake_pending:
+                    self._wake.wait(0.5)
+                self._wake_pending = False
+            self._check_connack_timeout()
+            # 1. Acknowledge the contiguous PUBACKed prefix of the window.
+            top = None
+            while inflight and _published(inflight[0][1]):
+                index, info = inflight.popleft()
+                reason = self._rejected_mids.pop(info.mid, None)
+                if reason is not None:
+                    self.rejected += 1
+                    log.error("%s: broker rejected result record %d (%s); it is not resent", self.log_name, index,
+                              reason)
+                self.acked += 1
+                top = index
+            if top is not None:
+                self.queue.ack(top)  # one fsync'd state write per batch of PUBACKs
+            # 2. A connect or disconnect since the last pass: forget the window, resend from the queue head.
+            if self._epoch != epoch:
+                epoch, last_sent, blocked = self._epoch, None, False
+                inflight.clear()
+                self._rejected_mids.clear()
+            self._tick()
+            if not self._connected or blocked or not self._may_send():
+                continue
+            # 3. Fill the window.
+            window = max(1, min(self.window, self._receive_maximum - 4))
+            room = window - len(inflight)
+            if room <= 0:
+                continue
+            records = self.queue.peek(room, after=last_sent)
+            if not records:
+                continue
+            with self._send_lock:
+                client = self._client
+                if self._epoch != epoch or not self._connected or client is None:
+                    self._notify()
+                    continue
+                for index, payload in records:
+                    topic, data = self._wire(index, payload)
+                    info = client.publish(topic, data, qos=self.result_qos)
+                    if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                        # Socket gone before on_disconnect ran; paho's copy is dropped at the next connect.
+                        blocked = True
+                        break
+                    inflight.append((index, info))
+                    last_sent = index
+                    self.published += 1
+                    if index <= max_sent:
+                        self.resent += 1
+                    max_sent = max(max_sent, index)
+
+
+class MqttPublisher(DurableMqttClient):
+    """Publishes results (durably, in order), status, heatmaps; executes commands from ``<prefix>/cmd``.
+
+    ``status_provider()`` returns the service's part of the status (product, bundle_version, camera_state,
+    ...); ``on_command(cmd)`` runs in a worker thread and returns extra reply keys (``detail``...) or raises;
+    ``on_connection(connected)`` is told about every connect and disconnect.  Call :meth:`start`, then
+    :meth:`close` (or use it as a context manager).
+    """
+
+    def __init__(self, config: MQTTConfig, queue: DiskQueue, *,
+                 status_provider: Callable[[], dict[str, Any]] | None = None,
+                 on_command: Callable[[Command], dict[str, Any] | None] | None = None,
+                 on_connection: Callable[[bool], None] | None = None,
+                 window: int = 32, session_expiry_s: int = 3600, connack_timeout_s: float = 5.0) -> None:
+        super().__init__(config, queue,
+                         client_id=config.client_id or f"weakrest-{config.topic_prefix.rsplit('/', 1)[-1]}",
+                         on_connection=on_connection, window=window, session_expiry_s=session_expiry_s,
+                         connack_timeout_s=connack_timeout_s)
+        self.topics = Topics(config.topic_prefix)
+        if config.qos != 1:
+            # QoS 0 confirms nothing; QoS 2 state in the broker's session would outlive the resends with new
+            # packet ids that follow a reconnect.  The queue plus ``seq`` give exactly-once downstream anyway.
+            log.warning("mqtt.qos is %d, but results are always published at QoS 1", config.qos)
+        self._status_provider = status_provider
+        self._on_command = on_command
+        self._status_extra: dict[str, Any] = {}
+        self._held_status: deque[bytes] = deque(maxlen=MAX_HELD_STATUS)
+        self._status_sent = time.monotonic()  # last online status handed to paho (for the refresh)
+        self._commands: ThreadPoolExecutor | None = None
+        self.heatmaps = 0
+        self.commands = 0
+
+    def start(self) -> MqttPublisher:
+        if not self._started:
+            self._commands = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mqtt-cmd")
+        super().start()
+        return self
+
+    def __enter__(self) -> MqttPublisher:
+        return self.start()
+
+    def stats(self) -> dict[str, Any]:
+        return {**super().stats(), "heatmaps": self.heatmaps, "commands": self.commands}
 
     # ------------------------------------------------------------------ publishing API
 
@@ -284,13 +590,13 @@ class MqttPublisher:
 
         Returns False when not connected: the status is then held and published, in order, on the next
         connect (see the module docstring)."""
-        with self._status_lock:
+        with self._session_lock:
             if extra:
                 self._status_extra.update(extra)
             payload = encode_json(self._status("online"))
             client = self._client
             if client is not None and self._connected:
-                info = client.publish(self.topics.status, payload, qos=1, retain=True)
+                info = self._publish_online(client, payload)
                 if info.rc == mqtt.MQTT_ERR_SUCCESS:
                     return True
             # Not connected (or the socket died before on_disconnect ran): paho's copy of a failed publish
@@ -301,147 +607,44 @@ class MqttPublisher:
             self._held_status.append(payload)
             return False
 
-    # ------------------------------------------------------------------ client setup
+    def _publish_online(self, client: mqtt.Client, payload: bytes) -> mqtt.MQTTMessageInfo:
+        """A retained online status; on MQTT 5 it expires by itself unless refreshed (see the module docstring)."""
+        props = None
+        if client.protocol == mqtt.MQTTv5:
+            props = Properties(PacketTypes.PUBLISH)
+            props.MessageExpiryInterval = status_expiry_s(self.config.status_interval_s)
+        self._status_sent = time.monotonic()
+        return client.publish(self.topics.status, payload, qos=1, retain=True, properties=props)
 
-    def _make_client(self, protocol: int) -> mqtt.Client:
-        cfg = self.config
-        kwargs: dict[str, Any] = {}
-        if protocol != mqtt.MQTTv5:
-            kwargs["clean_session"] = False
-        client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                             protocol=protocol, reconnect_on_failure=True, **kwargs)
-        client.enable_logger(_PAHO_LOG)
-        client.reconnect_delay_set(min_delay=0.5, max_delay=10)  # type: ignore[arg-type]  # floats work
-        client.max_inflight_messages_set(self.window + 8)  # room for status/replies beside the window
+    # ------------------------------------------------------------------ connection hooks
+
+    def _configure(self, client: mqtt.Client) -> None:
         client.will_set(self.topics.status, WILL_PAYLOAD, qos=1, retain=True)
-        if cfg.tls is not None:
-            client.tls_set(ca_certs=str(cfg.tls.ca) if cfg.tls.ca else None,
-                           certfile=str(cfg.tls.cert) if cfg.tls.cert else None,
-                           keyfile=str(cfg.tls.key) if cfg.tls.key else None,
-                           cert_reqs=ssl.CERT_REQUIRED)
-            if cfg.tls.insecure:
-                client.tls_insecure_set(True)
-        if cfg.username is not None:
-            client.username_pw_set(cfg.username, cfg.resolved_password())
-        client.on_pre_connect = self._on_pre_connect
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_publish = self._on_publish
-        client.on_message = self._on_message
-        return client
 
-    def _connect(self, client: mqtt.Client) -> None:
-        with self._send_lock:
-            self._client = client
-            self._protocol = client.protocol
+    def _subscribe(self, client: mqtt.Client) -> None:
         if client.protocol == mqtt.MQTTv5:
-            props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = self.session_expiry_s
-            client.connect_async(self.config.host, self.config.port, self.config.keepalive_s,
-                                 clean_start=False, properties=props)
+            # retain-as-published: a command published with the retain flag keeps it when it arrives live,
+            # so it is refused like one delivered from the broker's store at subscribe time
+            client.subscribe(self.topics.cmd, options=SubscribeOptions(qos=1, retainAsPublished=True))
         else:
-            client.connect_async(self.config.host, self.config.port, self.config.keepalive_s)
-        client.loop_start()
-        log.info("MQTT: connecting to %s:%d as %s (MQTT %s)", self.config.host, self.config.port, self.client_id,
-                 self.protocol)
+            client.subscribe(self.topics.cmd, qos=1)
 
-    def _auto_v5_pending(self, client: mqtt.Client) -> bool:
-        return (self.config.protocol == "auto" and client.protocol == mqtt.MQTTv5 and not self._v5_confirmed
-                and not self._falling_back)
+    def _session_started(self, client: mqtt.Client, flags: mqtt.ConnectFlags) -> None:
+        if self._held_status:
+            log.info("MQTT: publishing %d status message(s) held while disconnected", len(self._held_status))
+        while self._held_status:
+            client.publish(self.topics.status, self._held_status.popleft(), qos=1, retain=True)
+        self._publish_online(client, encode_json(self._status("online")))
 
-    def _start_fallback(self, client: mqtt.Client, why: str) -> None:
-        if self._falling_back or self._closed:
-            return
-        self._falling_back = True
-        log.warning("MQTT: broker at %s:%d does not take MQTT 5 (%s): falling back to 3.1.1", self.config.host,
-                    self.config.port, why)
-        self._fallback_thread = threading.Thread(target=self._fall_back_to_311, args=(client,),
-                                                 name="mqtt-fallback", daemon=True)
-        self._fallback_thread.start()
+    def _wire(self, index: int, payload: bytes) -> tuple[str, bytes]:
+        return self.topics.result, _stamp(payload)
 
-    def _fall_back_to_311(self, old: mqtt.Client) -> None:
-        """Replace an MQTT 5 client the broker refused by a 3.1.1 one (own thread: loop_stop joins paho's)."""
-        old.disconnect()
-        old.loop_stop()
-        if not self._closed:
-            self._connect(self._make_client(mqtt.MQTTv311))
-        self._falling_back = False
+    def _tick(self) -> None:
+        if self._connected and time.monotonic() - self._status_sent >= self.config.status_interval_s:
+            self.publish_status()  # refreshes ``at`` and, on MQTT 5, the expiry of the retained online status
 
-    def _check_connack_timeout(self) -> None:
-        """protocol auto: a broker that leaves an MQTT 5 CONNECT unanswered is taken as refusing MQTT 5."""
-        client, started = self._client, self._attempt_started
-        if (client is not None and started is not None and not self._connected and self._auto_v5_pending(client)
-                and client.socket() is not None and time.monotonic() - started > self.connack_timeout_s):
-            self._start_fallback(client, f"no CONNACK within {self.connack_timeout_s:g} s")
-
-    # ------------------------------------------------------------------ paho callbacks (network thread)
-
-    def _on_pre_connect(self, client: mqtt.Client, userdata: Any) -> None:
-        self._attempt_started = time.monotonic()
-
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: mqtt.ConnectFlags,
-                    reason_code: mqtt.ReasonCode, properties: Properties | None) -> None:
-        if client is not self._client:
-            return
-        self._attempt_started = None
-        if reason_code.is_failure:
-            if self._auto_v5_pending(client) and reason_code.value in _UNSUPPORTED_PROTOCOL:
-                self._start_fallback(client, str(reason_code))
-            else:
-                log.error("MQTT: connection refused by %s:%d: %s", self.config.host, self.config.port, reason_code)
-            return
-        if client.protocol == mqtt.MQTTv5:
-            self._v5_confirmed = True
-        receive_maximum = getattr(properties, "ReceiveMaximum", None) if properties is not None else None
-        with self._status_lock:  # a status composed meanwhile waits: it must follow the held ones
-            with self._send_lock:
-                # paho would resend its unacknowledged copies right after this callback; the sender resends
-                # them from the queue instead, in order (see the module docstring).
-                stale = client.drop_out_messages()
-                self._receive_maximum = int(receive_maximum) if receive_maximum else 65535
-                self._epoch += 1
-                self._connected = True
-            self._since = time.time()
-            log.info("MQTT: connected to %s:%d (MQTT %s, session present: %s, %d unacknowledged to resend, "
-                     "%d status message(s) held)", self.config.host, self.config.port, self.protocol,
-                     flags.session_present, len(stale), len(self._held_status))
-            while self._held_status:
-                client.publish(self.topics.status, self._held_status.popleft(), qos=1, retain=True)
-            client.publish(self.topics.status, encode_json(self._status("online")), qos=1, retain=True)
-        client.subscribe(self.topics.cmd, qos=1)
-        self._notify()
-        self._tell_connection(True)
-
-    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: mqtt.DisconnectFlags,
-                       reason_code: mqtt.ReasonCode, properties: Properties | None) -> None:
-        if client is not self._client:
-            return
-        if not self._connected and self._attempt_started is not None and self._auto_v5_pending(client):
-            self._v5_failures += 1  # closed after CONNECT, before any CONNACK
-            if self._v5_failures >= 2:
-                self._start_fallback(client, "connection closed before CONNACK")
-        self._attempt_started = None
-        was = self._connected
-        self._connected = False
-        self._epoch += 1
-        self._notify()
-        if was:
-            if self._closed:
-                log.info("MQTT: disconnected")
-            else:
-                log.warning("MQTT: connection to %s:%d lost (%s); %d result(s) queued, reconnecting",
-                            self.config.host, self.config.port, reason_code, self.queue.depth)
-            self._tell_connection(False)
-
-    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: mqtt.ReasonCode,
-                    properties: Properties | None) -> None:
-        # Runs under paho's message lock: must not take _send_lock (the sender holds it while publishing).
-        if reason_code.is_failure:
-            self._rejected_mids[mid] = str(reason_code)
-        self._notify()
-
-    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        if client is not self._client or self._commands is None:
+    def _handle_message(self, client: mqtt.Client, msg: mqtt.MQTTMessage) -> None:
+        if self._commands is None:
             return
         correlation = getattr(msg.properties, "CorrelationData", None) if msg.properties is not None else None
         try:
@@ -449,13 +652,13 @@ class MqttPublisher:
         except RuntimeError:  # executor shut down: closing
             pass
 
-    def _tell_connection(self, connected: bool) -> None:
-        if self._on_connection is None:
-            return
-        try:
-            self._on_connection(connected)
-        except Exception:
-            log.exception("on_connection callback failed")
+    def _last_words(self, client: mqtt.Client) -> list[mqtt.MQTTMessageInfo]:
+        return [client.publish(self.topics.status, encode_json(self._status("offline", "shutdown")), qos=1,
+                               retain=True)]
+
+    def _closed_hook(self) -> None:
+        if self._commands is not None:
+            self._commands.shutdown(wait=False, cancel_futures=True)
 
     def _status(self, state: Literal["online", "offline"], reason: str | None = None) -> dict[str, Any]:
         info: dict[str, Any] = {}
@@ -466,17 +669,19 @@ class MqttPublisher:
                 log.exception("status provider failed; publishing a status without its fields")
         info.update(self._status_extra)
         since = self._since if state == "online" else time.time()
-        return status_payload(state, info, since=since, pid=os.getpid(), version=__version__, reason=reason)
+        return status_payload(state, info, since=since, pid=os.getpid(), version=__version__, reason=reason,
+                              interval_s=self.config.status_interval_s)
 
     # ------------------------------------------------------------------ commands (worker thread)
 
     def _run_command(self, payload: bytes, retained: bool, correlation: bytes | None) -> None:
         self.commands += 1
         try:
-            if retained:
-                raise CommandError("retained commands are ignored (they would run again at every reconnect); "
-                                   "clear the retained message")
             cmd = parse_command(payload)
+            if retained:
+                raise CommandError("retained commands are refused (they would run again at every reconnect); "
+                                   "publish it without the retain flag, and clear the retained message",
+                                   cmd.id, cmd.command)
         except CommandError as exc:
             log.warning("MQTT: refused command on %s: %s", self.topics.cmd, exc)
             self._reply(command_reply(exc.command_id, exc.command, False, error=str(exc)), correlation)
@@ -512,81 +717,6 @@ class MqttPublisher:
             payload = encode_json(command_reply(reply.get("id"), reply.get("command"), False,
                                                 error="reply could not be encoded"))
         client.publish(self.topics.reply, payload, qos=1, properties=props)
-
-    # ------------------------------------------------------------------ sender thread
-
-    def _notify(self) -> None:
-        with self._wake:
-            self._wake_pending = True
-            self._wake.notify()
-
-    def _sender_main(self) -> None:
-        while not self._stop.is_set() and not self.queue.closed:
-            try:
-                self._send_loop()
-            except Exception:
-                if self._stop.is_set() or self.queue.closed:
-                    break
-                # e.g. a disk error while reading the queue: results stay on disk, try again shortly
-                log.exception("MQTT sender failed; retrying in 1 s")
-                self._stop.wait(1.0)
-
-    def _send_loop(self) -> None:
-        inflight: deque[tuple[int, mqtt.MQTTMessageInfo]] = deque()
-        epoch = -1
-        last_sent: int | None = None  # highest index published in this epoch
-        max_sent = -1  # highest index ever published (to count resends)
-        blocked = False  # publish found no connection: wait for the epoch to change
-        while not self._stop.is_set():
-            with self._wake:
-                if not self._wake_pending:
-                    self._wake.wait(0.5)
-                self._wake_pending = False
-            self._check_connack_timeout()
-            # 1. Acknowledge the contiguous PUBACKed prefix of the window.
-            top = None
-            while inflight and _published(inflight[0][1]):
-                index, info = inflight.popleft()
-                reason = self._rejected_mids.pop(info.mid, None)
-                if reason is not None:
-                    self.rejected += 1
-                    log.error("MQTT: broker rejected result record %d (%s); it is not resent", index, reason)
-                self.acked += 1
-                top = index
-            if top is not None:
-                self.queue.ack(top)  # one fsync'd state write per batch of PUBACKs
-            # 2. A connect or disconnect since the last pass: forget the window, resend from the queue head.
-            if self._epoch != epoch:
-                epoch, last_sent, blocked = self._epoch, None, False
-                inflight.clear()
-                self._rejected_mids.clear()
-            if not self._connected or blocked:
-                continue
-            # 3. Fill the window.
-            window = max(1, min(self.window, self._receive_maximum - 4))
-            room = window - len(inflight)
-            if room <= 0:
-                continue
-            records = self.queue.peek(room, after=last_sent)
-            if not records:
-                continue
-            with self._send_lock:
-                client = self._client
-                if self._epoch != epoch or not self._connected or client is None:
-                    self._notify()
-                    continue
-                for index, payload in records:
-                    info = client.publish(self.topics.result, _stamp(payload), qos=1)
-                    if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                        # Socket gone before on_disconnect ran; paho's copy is dropped at the next connect.
-                        blocked = True
-                        break
-                    inflight.append((index, info))
-                    last_sent = index
-                    self.published += 1
-                    if index <= max_sent:
-                        self.resent += 1
-                    max_sent = max(max_sent, index)
 
 
 def _published(info: mqtt.MQTTMessageInfo) -> bool:

@@ -31,5 +31,8 @@ class ResultSink(Protocol):
     def health(self) -> dict[str, Any]:
         """``{"state": "ok" | "degraded" | "failing", ...}`` with whatever explains a state other than ok."""
 
+    # Optional: ``catch_up(queue)`` - a sink with a durable queue of its own takes the results of the JSON
+    # topic's queue (index = seq) that a kill left between the two appends; called once before the start.
+
     def close(self, timeout_s: float = 5.0) -> None:
         """Deliver what can be delivered within ``timeout_s`` (keeping the rest durable) and stop."""

@@ -98,6 +98,8 @@ class MQTTConfig(_Section):
     topic_prefix: str = Field(default="site/line/station", description="<site>/<line>/<station>")
     protocol: Literal["auto", "5", "3.1.1"] = "auto"
     keepalive_s: int = Field(default=30, ge=5)
+    status_interval_s: float = Field(default=30.0, ge=0.2, description="online status refresh; MQTT 5: a retained "
+                                     "online status expires after 3 missed refreshes")
     qos: Literal[0, 1, 2] = 1
     tls: TLSConfig | None = None
     username: str | None = None
@@ -128,6 +130,32 @@ class MQTTConfig(_Section):
         return self.password
 
 
+class SparkplugConfig(_Section):
+    """Sparkplug B beside the JSON topics: the edge box is an edge node, the station one of its devices.
+
+    It uses the broker, TLS and credentials of the ``mqtt`` section over a connection of its own (its last
+    will is the NDEATH), and a durable queue of its own, so no result is lost while no host application is
+    online."""
+
+    enabled: bool = False
+    group_id: str = Field(default="weakrest", description="Sparkplug group id")
+    edge_node_id: str | None = Field(default=None, description="None: <site>-<line> of mqtt.topic_prefix")
+    device_id: str | None = Field(default=None, description="None: the station (last level of mqtt.topic_prefix)")
+    primary_host_id: str | None = Field(default=None, description="hold results while this host's STATE is "
+                                        "offline; None: send whenever connected")
+    client_id: str | None = Field(default=None, description="None: weakrest-spb-<edge_node_id>-<device_id>")
+    data_qos: Literal[0, 1] = Field(default=1, description="DDATA of results: 1 (no loss, what a line needs) or "
+                                    "0 (the specification's letter)")
+    queue_dir: Path | None = Field(default=None, description="None: <queue.dir>-sparkplug")
+
+    @field_validator("group_id", "edge_node_id", "device_id", "primary_host_id")
+    @classmethod
+    def _sparkplug_id(cls, v: str | None) -> str | None:
+        if v is not None and (not v or any(c in v for c in "/+#")):
+            raise ValueError("a Sparkplug id must be non-empty, without '/', '+' or '#'")
+        return v
+
+
 class QueueConfig(_Section):
     dir: Path = Field(default=Path("/var/lib/weakrest/queue"), description="on-disk result queue")
     max_mb: float = Field(default=256.0, gt=0)
@@ -136,6 +164,27 @@ class QueueConfig(_Section):
 class HealthConfig(_Section):
     host: str = Field(default="127.0.0.1", description="loopback only by default")
     port: int = Field(default=9108, ge=0, lt=65536, description="0: no health/metrics endpoint")
+    queue_degraded_s: float = Field(default=10.0, gt=0, description="/health is degraded while the oldest queued "
+                                    "result has waited longer than this (verdicts late at the MES)")
+
+
+class OpcUaConfig(_Section):
+    """Opt-in OPC UA server for PLCs/MES: Basic256Sha256 only, clients trusted by certificate (no anonymous)."""
+
+    enabled: bool = False
+    host: str = Field(default="127.0.0.1", description="listen address; 0.0.0.0 to serve the plant network")
+    port: int = Field(default=4840, gt=0, lt=65536)
+    namespace: str = Field(default="urn:weakrest:edge", min_length=1, description="namespace URI of the nodes")
+    station: str | None = Field(default=None, min_length=1, description="station object name; None: cfg.station")
+    certificate: Path = Field(default=Path("/var/lib/weakrest/opcua/server-cert.der"),
+                              description="server application certificate (DER or PEM): weakrest-edge opcua-cert")
+    private_key: Path = Field(default=Path("/var/lib/weakrest/opcua/server-key.pem"))
+    trusted_clients: Path = Field(default=Path("/var/lib/weakrest/opcua/trusted"),
+                                  description="folder of trusted client certificates (.der/.pem)")
+    security: list[Literal["Sign", "SignAndEncrypt"]] = Field(
+        default_factory=lambda: ["SignAndEncrypt"], min_length=1, description="Basic256Sha256 message modes")
+    allow_anonymous: bool = Field(default=False, description="also serve read-only sessions without a certificate "
+                                                             "(SecurityPolicy None): test benches only")
 
 
 class EdgeConfig(_Section):
@@ -144,6 +193,8 @@ class EdgeConfig(_Section):
     mqtt: MQTTConfig = MQTTConfig()
     queue: QueueConfig = QueueConfig()
     health: HealthConfig = HealthConfig()
+    sparkplug: SparkplugConfig = SparkplugConfig()
+    opcua: OpcUaConfig = OpcUaConfig()
     latency_budget_ms: float | None = Field(default=None, gt=0, description="None: the bundle's budget")
     threads: int | None = Field(default=None, ge=1, description="inference threads; None: all usable CPUs")
     watchdog_idle_s: float = Field(default=10.0, gt=0,
@@ -194,6 +245,11 @@ def _resolve_paths(cfg: EdgeConfig, base: Path) -> EdgeConfig:
         "bundles": cfg.bundles.model_copy(update={"store": rel(cfg.bundles.store) or cfg.bundles.store}),
         "queue": cfg.queue.model_copy(update={"dir": rel(cfg.queue.dir) or cfg.queue.dir}),
     }
+    updates["opcua"] = cfg.opcua.model_copy(update={k: rel(getattr(cfg.opcua, k)) or getattr(cfg.opcua, k)
+                                                    for k in ("certificate", "private_key", "trusted_clients")})
+    if cfg.sparkplug.queue_dir is not None:
+        updates["sparkplug"] = cfg.sparkplug.model_copy(update={"queue_dir": rel(cfg.sparkplug.queue_dir)
+                                                                or cfg.sparkplug.queue_dir})
     if cfg.camera.replay.path is not None:
         replay = cfg.camera.replay.model_copy(update={"path": rel(cfg.camera.replay.path) or cfg.camera.replay.path})
         updates["camera"] = cfg.camera.model_copy(update={"replay": replay})

@@ -1,4 +1,20 @@
-"""``/health`` (JSON) and ``/metrics`` (Prometheus text) over plain HTTP, in a daemon thread.
+"""``/health``, ``/health/live`` (JSON) and ``/metrics`` (Prometheus text) over plain HTTP, in a daemon thread.
+
+The health body says ``"state"``: ``ok``, ``degraded`` (the process works but verdicts may not reach the MES, or
+reach it late: broker unreachable, results waiting in the queue, camera not streaming, an output not ok) or
+``failing`` (the inference thread is dead or stalled: only a restart helps), with ``"reasons"`` in plain words
+and ``"ok"`` = (state == "ok").  HTTP status codes, one for each audience:
+
+=================  ====  ========  =======  ==========================================================
+path               ok    degraded  failing  for
+=================  ====  ========  =======  ==========================================================
+``/health``        200   503       503      a monitor: is every verdict reaching the MES?
+``/health/live``   200   200       503      a supervisor that restarts a dead process (not a broker outage)
+``/metrics``       200   200       200      Prometheus; ``weakrest_health_state{state=...}`` is 1 for the state
+=================  ====  ========  =======  ==========================================================
+
+Both health paths answer 500 when computing the report itself fails.  A ``health()`` callable that returns no
+``"state"`` is judged by its ``"ok"`` alone (true: ok, else failing).
 
 The standard library's :class:`~http.server.ThreadingHTTPServer` is enough for a scrape every few seconds and
 keeps the edge image free of a web framework.  The server binds whatever host the config names (default
@@ -17,15 +33,72 @@ import math
 import socket
 import socketserver
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
+
+from .metrics import HEALTH_STATES  # noqa: F401  (re-exported: the states, best first)
 
 log = logging.getLogger(__name__)
 
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 JSON_CONTENT_TYPE = "application/json"
+
+#: camera states in which frames can flow (the acquisition worker's, plus ``connected`` for simple sources);
+#: the same set as ``notify.CONNECTED_STATES``, not imported so this module stays free of the watchdog code
+CAMERA_UP_STATES = frozenset({"streaming", "waiting_trigger", "connected"})
+
+
+def assess(*, inference_problem: str | None = None, broker: str = "", mqtt_connected: bool = True,
+           queue_depth: int = 0, queue_age_s: float | None = None, queue_degraded_s: float = 10.0,
+           camera: str = "camera", camera_state: str = "streaming", camera_detail: str = "",
+           sinks: Mapping[str, Mapping[str, object]] | None = None) -> tuple[str, list[str]]:
+    """(state, reasons) from what the service knows; pure, so every rule is testable without threads.
+
+    ``inference_problem`` is None while the inference thread is alive, else why not (failing).  Everything else
+    only degrades: the process can recover on its own (broker back, camera reconnected, queue drained).
+    """
+    reasons: list[str] = []
+    if inference_problem:
+        reasons.append(inference_problem)
+    if not mqtt_connected:
+        where = f" {broker}" if broker else ""
+        reasons.append(f"not connected to the MQTT broker{where}: results wait in the on-disk queue, "
+                       "no verdict reaches the MES")
+    if queue_depth > 0 and queue_age_s is not None and queue_age_s > queue_degraded_s:
+        reasons.append(f"{queue_depth} result(s) queued, the oldest for {queue_age_s:.0f} s (more than "
+                       f"health.queue_degraded_s = {queue_degraded_s:g} s): verdicts reach the MES late")
+    if camera_state not in CAMERA_UP_STATES:
+        words = {"connecting": "connecting", "starting": "not started yet", "idle": "not started yet",
+                 "finished": "finished (no more frames)"}
+        detail = f" ({camera_detail})" if camera_detail else ""
+        after = ", reconnecting" if camera_state == "lost" else ""
+        reasons.append(f"camera {camera} {words.get(camera_state, camera_state)}{detail}{after}: "
+                       "no frames are inspected")
+    for name, health in (sinks or {}).items():
+        state = health.get("state")
+        if state != "ok":
+            many = health.get("reasons")
+            why = ("; ".join(map(str, many)) if isinstance(many, (list, tuple)) and many else None) \
+                or health.get("reason") or health.get("detail") or health.get("error")
+            reasons.append(f"output {name} is {state or 'in an unknown state'}" + (f": {why}" if why else ""))
+    state = "failing" if inference_problem else "degraded" if reasons else "ok"
+    return state, reasons
+
+
+def _state_of(body: Mapping[str, object]) -> str:
+    state = body.get("state")
+    if state in HEALTH_STATES:
+        return str(state)
+    return "ok" if body.get("ok") else "failing"
+
+
+#: HTTP status per state, per path (see the module docstring)
+STATUS_CODES: dict[str, dict[str, int]] = {
+    "/health": {"ok": 200, "degraded": 503, "failing": 503},
+    "/health/live": {"ok": 200, "degraded": 200, "failing": 503},
+}
 
 
 def _finite(obj: Any) -> Any:
@@ -71,10 +144,10 @@ class _Handler(BaseHTTPRequestHandler):
         path = urlsplit(self.path).path
         owner = self.server.owner
         try:
-            if path == "/health":
+            if path in STATUS_CODES:
                 try:
                     body = owner.health()
-                    status = 200 if body.get("ok") else 503
+                    status = STATUS_CODES[path][_state_of(body)]
                 except Exception as exc:
                     log.exception("health endpoint: health() failed")
                     body, status = {"ok": False, "error": f"health check failed: {exc!r}"}, 500
@@ -89,7 +162,7 @@ class _Handler(BaseHTTPRequestHandler):
                     return
                 self._send(200, METRICS_CONTENT_TYPE, text.encode())
             else:
-                self._send(404, "text/plain; charset=utf-8", b"not found: try /health or /metrics\n")
+                self._send(404, "text/plain; charset=utf-8", b"not found: try /health, /health/live or /metrics\n")
         except (BrokenPipeError, ConnectionResetError):
             log.debug("health endpoint: client went away")
 
@@ -106,7 +179,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class HealthServer:
-    """Serve ``health()`` at ``/health`` (200 when ``["ok"]`` is true, else 503) and ``metrics()`` at ``/metrics``.
+    """Serve ``health()`` at ``/health`` and ``/health/live`` (status codes: module docstring), ``metrics()`` at
+    ``/metrics``.
 
     The socket is bound in the constructor (a port in use fails early, before the service reports READY);
     :meth:`start` serves in a daemon thread, :meth:`stop` shuts down and closes.  Usable as a context manager.
@@ -139,7 +213,7 @@ class HealthServer:
             self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
                                             name="health-http", daemon=True)
             self._thread.start()
-            log.info("health/metrics endpoint on %s (/health, /metrics)", self.url)
+            log.info("health/metrics endpoint on %s (/health, /health/live, /metrics)", self.url)
         return self
 
     def stop(self, timeout: float | None = 5.0) -> None:

@@ -22,6 +22,8 @@ CAMERA_STATES: tuple[str, ...] = ("idle", "connecting", "streaming", "waiting_tr
 #: verdict and reload-result label values created (at 0) up front; other values still work
 VERDICTS: tuple[str, ...] = ("pass", "fail", "error")
 RELOAD_RESULTS: tuple[str, ...] = ("ok", "failed")
+#: the states of ``/health`` (``edge_runtime.service.health.HEALTH_STATES``), one series each
+HEALTH_STATES: tuple[str, ...] = ("ok", "degraded", "failing")
 
 _METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
@@ -401,8 +403,9 @@ class ServiceMetrics:
     """The edge service's metrics (``weakrest_*``) plus a bounded end-to-end latency window for ``/health``.
 
     Counters the service keeps elsewhere (acquisition stats, queue drops) can be mirrored at scrape time with
-    :meth:`Counter.set_total`.  ``camera_state("lost")`` and ``bundle_info(product, version)`` are callable
-    gauges (one-hot state set, info series).
+    :meth:`Counter.set_total`.  ``camera_state("lost")``, ``health_state("degraded")`` and
+    ``bundle_info(product, version)`` are callable gauges (one-hot state sets, info series); the service sets
+    the health state at every ``/health`` and ``/metrics`` request, so a scrape never shows a stale one.
     """
 
     def __init__(self, window: int = 1000, registry: Registry | None = None) -> None:
@@ -434,6 +437,10 @@ class ServiceMetrics:
                                      ["product", "version"])
         r.register(self.bundle_info)
         self.reloads_total = r.counter("weakrest_reloads_total", "Bundle reloads and switches", ["result"])
+        self.health_state = StateGauge("weakrest_health_state", "1 for the current /health state (ok; degraded: "
+                                       "verdicts may not reach the MES; failing: inference dead), 0 for the others",
+                                       "state", HEALTH_STATES)
+        r.register(self.health_state)
         for verdict in VERDICTS:  # the series exist at 0 from the start, so rate()/increase() see the first one
             self.verdicts_total.labels(verdict=verdict)
         for result in RELOAD_RESULTS:

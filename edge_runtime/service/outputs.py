@@ -17,4 +17,12 @@ from .config import EdgeConfig
 def build_sinks(cfg: EdgeConfig, on_command: Callable[[Command], dict[str, Any]]) -> list[ResultSink]:
     """The sinks enabled in ``cfg``; ``on_command`` runs an operator command exactly as MQTT's ``cmd`` does."""
     sinks: list[ResultSink] = []
+    if cfg.sparkplug.enabled:
+        from ..publishing.sparkplug.node import sparkplug_node
+
+        sinks.append(sparkplug_node(cfg))
+    if cfg.opcua.enabled:
+        from ..publishing.opcua import OpcUaServer
+
+        sinks.append(OpcUaServer(cfg.opcua, cfg.station, on_command))
     return sinks

@@ -13,6 +13,7 @@ Threads and why:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -33,7 +34,7 @@ from ..core.pipeline import Inspector, open_inspector
 from ..publishing import Command, DiskQueue, MqttPublisher, QueueLockedError, Region, ResultMessage
 from ..store import BundleStore, StoreError
 from .config import EdgeConfig
-from .health import HealthServer
+from .health import HealthServer, assess
 from .metrics import ServiceMetrics
 from .notify import SystemdNotifier, WatchdogPolicy, WatchdogThread
 from .outputs import build_sinks
@@ -114,9 +115,16 @@ class EdgeService:
                                         reconnect_max_s=cfg.camera.reconnect_max_s)
         try:
             self.sinks = build_sinks(cfg, self._on_command)
+        except (OSError, QueueLockedError, ValueError) as exc:
+            self.queue.close()
+            raise ServiceError(f"cannot start an output: {exc}") from None
         except Exception:
             self.queue.close()
             raise
+        for sink in self.sinks:  # a durable sink takes what a kill left on the JSON queue only
+            catch_up = getattr(sink, "catch_up", None)
+            if catch_up is not None:
+                catch_up(self.queue)
         self.health: HealthServer | None = None
         if cfg.health.port:
             try:
@@ -327,12 +335,55 @@ class EdgeService:
     def _inference_alive(self) -> bool:
         return self._inference.is_alive() and time.monotonic() - self.heartbeat < 30.0
 
+    def _inference_problem(self) -> str | None:
+        if self._inference_alive():
+            return None
+        if not self._inference.is_alive():
+            return "the inference thread is not running: no frame is inspected (restart the service)"
+        return (f"the inference thread is stalled: no heartbeat for {time.monotonic() - self.heartbeat:.0f} s "
+                "(restart the service)")
+
+    def _oldest_queued_age_s(self) -> float | None:
+        """Seconds since the oldest queued result was captured (its own ``captured_at``), None when none waits.
+
+        Read from the record rather than timed here, so the age is true however rarely ``/health`` is asked and
+        across a restart with results still queued."""
+        try:
+            oldest = self.queue.peek(1)
+            captured = float(json.loads(oldest[0][1])["captured_at"]) if oldest else None
+        except Exception:  # noqa: BLE001 - a closed queue (shutdown) or a record that is not a result
+            log.debug("health: cannot read the oldest queued result", exc_info=True)
+            captured = None
+        return None if captured is None else max(0.0, time.time() - captured)
+
+    def _health_state(self) -> tuple[str, list[str], dict]:
+        """(state, reasons, details) for ``/health``; also sets the ``weakrest_health_state`` gauge."""
+        sinks: dict[str, dict] = {}
+        for sink in getattr(self, "sinks", ()):
+            try:
+                sinks[sink.name] = dict(sink.health())
+            except Exception as exc:  # noqa: BLE001 - one broken output must not break /health
+                log.exception("output %s: health() failed", sink.name)
+                sinks[sink.name] = {"state": "failing", "error": f"health() failed: {type(exc).__name__}: {exc}"}
+        connected = bool(self.publisher.connected)
+        depth = self.queue.depth
+        age = self._oldest_queued_age_s() if depth else None
+        mqtt = self.cfg.mqtt
+        state, reasons = assess(inference_problem=self._inference_problem(), broker=f"{mqtt.host}:{mqtt.port}",
+                                mqtt_connected=connected, queue_depth=depth, queue_age_s=age,
+                                queue_degraded_s=self.cfg.health.queue_degraded_s, camera=self.cfg.camera.name,
+                                camera_state=self.camera_state, camera_detail=self.camera_detail, sinks=sinks)
+        self.metrics.health_state(state)
+        return state, reasons, {"mqtt_connected": connected, "queue_depth": depth, "queue_oldest_age_s": age,
+                                "sinks": sinks}
+
     def health_report(self) -> dict:
+        """The ``/health`` body: ``state`` ok/degraded/failing with plain-words ``reasons``, and the counters."""
         stats = self.worker.stats
-        ok = self._inference_alive() and self.camera_state not in ("lost",)
-        return {"ok": ok, **self._status(), "mqtt_connected": bool(self.publisher.connected),
-                "latency_ms": self.metrics.latency_summary(),
-                "results": self.results, "dropped_frames": self.slot.dropped, "queue_depth": self.queue.depth,
+        state, reasons, details = self._health_state()
+        return {**self._status(), **details, "ok": state == "ok", "state": state, "reasons": reasons,
+                "inference_alive": self._inference_alive(), "latency_ms": self.metrics.latency_summary(),
+                "results": self.results, "dropped_frames": self.slot.dropped,
                 "queue_dropped": self.queue.dropped, "frames": stats.frames, "incomplete_frames": stats.incomplete,
                 "fetch_timeouts": stats.timeouts, "camera_reconnects": stats.reconnects}
 
@@ -345,6 +396,7 @@ class EdgeService:
         m.camera_reconnects_total.set_total(stats.reconnects)
         m.queue_depth.set(self.queue.depth)
         m.queue_dropped_total.set_total(self.queue.dropped)
+        self._health_state()  # sets weakrest_health_state
         return m.render()
 
     # ---- lifecycle -----------------------------------------------------------------------------------
