@@ -285,6 +285,9 @@ class DurableMqttClient:
         client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=self.client_id,
                              protocol=protocol, reconnect_on_failure=True, **kwargs)
         client.enable_logger(_PAHO_LOG)
+        # an exception in one of our callbacks is logged by paho and the network thread goes on: a dead network
+        # thread would leave ``connected`` true while nothing moves
+        client.suppress_exceptions = True
         client.reconnect_delay_set(min_delay=0.5, max_delay=10)  # type: ignore[arg-type]  # floats work
         client.max_inflight_messages_set(self.window + 8)  # room for status/replies beside the window
         if cfg.tls is not None:

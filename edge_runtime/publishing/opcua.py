@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 OPCUA_CERT_HINT = "make one with: weakrest-edge opcua-cert --out DIR [--hostname H]"
 DEFAULT_CERT_NAME = "server-cert.der"
 DEFAULT_KEY_NAME = "server-key.pem"
+SHUTDOWN_GRACE_S = 0.3  # at close: subscribers' publishing cycles deliver the last values before the server stops
 
 
 class OpcUaError(RuntimeError):
@@ -271,7 +272,13 @@ class OpcUaServer:
         try:
             await self._stopping.wait()
         finally:
-            writer.cancel()
+            # the newest values still reach the variables, and subscribers get a moment to receive them
+            self._wake.set()
+            try:
+                await asyncio.wait_for(writer, 2.0)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                writer.cancel()
+            await asyncio.sleep(SHUTDOWN_GRACE_S)
             try:
                 await server.stop()
             except Exception:  # stopping must not hide the shutdown
@@ -440,6 +447,8 @@ class OpcUaServer:
             except Exception as exc:
                 self._state, self._reason = "degraded", f"cannot update the variables ({type(exc).__name__}: {exc})"
                 log.exception("OPC UA: cannot update the variables")
+            if self._stopping is not None and self._stopping.is_set():
+                return
 
     async def _write(self, server: Any, name: str, value: Any) -> None:
         from asyncua import ua

@@ -123,8 +123,11 @@ class EdgeService:
             raise
         for sink in self.sinks:  # a durable sink takes what a kill left on the JSON queue only
             catch_up = getattr(sink, "catch_up", None)
-            if catch_up is not None:
-                catch_up(self.queue)
+            try:
+                if catch_up is not None:
+                    catch_up(self.queue)
+            except Exception:
+                log.exception("output %s: catching up with the result queue failed", sink.name)
         self.health: HealthServer | None = None
         if cfg.health.port:
             try:
