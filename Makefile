@@ -12,7 +12,7 @@ TORCH_INDEX   ?= https://download.pytorch.org/whl/cpu
 SYSTEM_DEPS   ?= yes
 DEMO_DIR ?= demo_out
 
-.PHONY: demo test install system-deps torch-info lint proto bench-mtd bench-weak bench-service bench-calibration sweep clean
+.PHONY: demo test install system-deps torch-info lint proto screenshots bench-mtd bench-weak bench-service bench-calibration sweep clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ test: install system-deps
 
 lint: install
 	$(VENV)/bin/ruff check .
+
+# The pages' screenshots in docs/pages/ (the browser tests take them)
+screenshots: install system-deps
+	WEAKREST_SCREENSHOTS=docs/pages $(PY) -m pytest -q -m pages
 
 # Sparkplug B payload classes from the specification's schema (commit both files)
 proto: install

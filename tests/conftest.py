@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.mqtt_fixtures"]  # broker, make_broker, subscriber: a real Mosquitto per test
+pytest_plugins = ["tests.mqtt_fixtures",  # broker, make_broker, subscriber: a real Mosquitto per test
+                  "tests.browser_fixtures"]  # browser, screenshot: headless Chromium through Playwright
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# System programs the tests talk to for real: the Mosquitto broker, systemd-analyze (unit file check) and
-# /bin/kill (the unit's ExecReload=).  Installs the missing ones with apt-get when this user can (root, or
+# System programs the tests talk to for real: the Mosquitto broker, systemd-analyze (unit file check),
+# /bin/kill (the unit's ExecReload=) and Chromium (the pages, driven headless by Playwright).
+# Installs the missing ones with apt-get when this user can (root, or
 # sudo without a password); otherwise says in one line what to install and exits 0: the tests that need
 # them then skip, naming the package.  Never fails the caller.
 set -uo pipefail
@@ -9,6 +10,7 @@ need=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 [ -x /bin/kill ] || need+=(procps)
+command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || need+=(chromium)
 [ ${#need[@]} -eq 0 ] && exit 0
 
 if ! command -v apt-get >/dev/null 2>&1; then
