@@ -12,7 +12,7 @@ TORCH_INDEX   ?= https://download.pytorch.org/whl/cpu
 SYSTEM_DEPS   ?= yes
 DEMO_DIR ?= demo_out
 
-.PHONY: demo test install system-deps torch-info lint proto screenshots bench-mtd bench-weak bench-service bench-calibration sweep clean
+.PHONY: demo test install system-deps torch-info lint proto screenshots fuzz bench-mtd bench-weak bench-service bench-calibration sweep clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ test: install system-deps
 
 lint: install
 	$(VENV)/bin/ruff check .
+
+# Property-based fuzzing of every input, over 10,000 generated cases (make test runs a small sample)
+fuzz: install
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q -p no:cacheprovider -m fuzz --hypothesis-show-statistics tests/test_fuzz.py
 
 # The pages' screenshots in docs/pages/ (the browser tests take them)
 screenshots: install system-deps

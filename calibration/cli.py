@@ -59,7 +59,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
                        holdout=args.holdout, target_false_reject=args.target_false_reject, seed=args.seed,
                        quiet=args.json, mixed_sizes=args.mixed_sizes, version=args.version,
                        product=args.name or args.product, store=Path(args.store) if args.store else None,
-                       overwrite=args.overwrite)
+                       overwrite=args.overwrite, sign_key=Path(args.sign_key) if args.sign_key else None)
     if args.json:
         _print_json(report.to_json())
     else:
@@ -169,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed-sizes", action="store_true",
                    help="accept frames of different sizes (a dataset of crops, not one camera)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--sign-key", help="private key (weakrest-train keys new) to sign the new bundle with; a "
+                   "service with bundles.require_signature refuses an unsigned one")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_fit)
@@ -177,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", required=True)
     p.add_argument("--good", required=True, help="folder of good frames (searched recursively)")
     p.add_argument("--bad", help="folder of defective frames (searched recursively)")
-    p.add_argument("--out", help="folder for contact_sheet.png and verify.json")
+    p.add_argument("--out", help="folder for contact_sheet.png, verify.json and report.html")
     p.add_argument("--max-tiles", type=int, default=48, help="frames on the contact sheet")
     p.add_argument("--max-false-reject", type=float, help="exit 1 when the false-reject rate is above this")
     p.add_argument("--json", action="store_true")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from edge_runtime.core.bundle import BundleError
 from edge_runtime.core.pipeline import open_inspector
+from edge_runtime.publishing.command_auth import CommandAuth, read_secret
 from edge_runtime.service.config import EdgeConfig, EdgeConfigError, load_edge_config
 from edge_runtime.store import BundleStore, StoreError, VersionInfo
 
@@ -59,7 +60,7 @@ def resolve_target(store: str | None, product: str | None, config: str | None,
         raise CalibrationError("no product: give --product (or --config with bundles.product)")
     if not root.is_dir():
         raise CalibrationError(f"{root}: no such bundle store")
-    return Target(BundleStore(root), name or "", cfg)
+    return Target(BundleStore(root, trust=cfg.bundles.trust() if cfg is not None else None), name or "", cfg)
 
 
 def list_versions(target: Target, all_products: bool) -> dict[str, list[VersionInfo]]:
@@ -117,4 +118,10 @@ def tell_service(target: Target, version: str, pid: int | None, timeout_s: float
         return ReloadOutcome("mqtt", version, False, f"the configured service serves {cfg.bundles.product} from "
                                                      f"{cfg.bundles.store}, not {target.product} from "
                                                      f"{target.store.root}: not told to reload")
-    return reload_over_mqtt(cfg.mqtt, version, timeout_s)
+    auth = None
+    if cfg.commands.require_auth and cfg.commands.secret_file is not None:
+        try:
+            auth = CommandAuth(read_secret(cfg.commands.secret_file), cfg.commands.max_age_s)
+        except ValueError as exc:
+            return ReloadOutcome("mqtt", version, False, f"cannot sign the reload command: {exc}")
+    return reload_over_mqtt(cfg.mqtt, version, timeout_s, command_auth=auth)

@@ -29,6 +29,7 @@ from edge_runtime.core import bundle as B
 from edge_runtime.core.fitting import BankBuilder, split_holdout
 from edge_runtime.core.foreground import ForegroundBuilder
 from edge_runtime.core.pipeline import Inspector, MapFusion, PosFARScorer, open_inspector
+from edge_runtime.core.signing import sign_bundle
 from edge_runtime.core.thresholds import ThresholdEstimate, estimate_threshold
 from edge_runtime.store import BundleStore, StoreError, check_version_name
 
@@ -94,11 +95,13 @@ def _capture_log(images: Path) -> dict | None:
 def calibrate(base: Path, images: Path, out: Path | None, *, holdout: float = 0.2,
               target_false_reject: float | None = None, seed: int = 0, quiet: bool = False,
               mixed_sizes: bool = False, version: str | None = None, product: str | None = None,
-              store: Path | None = None, overwrite: bool = False, min_frames: int = MIN_FRAMES) -> FitReport:
+              store: Path | None = None, overwrite: bool = False, min_frames: int = MIN_FRAMES,
+              sign_key: Path | None = None) -> FitReport:
     """Refit ``base`` on the good frames in ``images``; write the bundle to ``out`` and/or add it to ``store``.
 
     Raises :class:`CalibrationError` (base bundle refused, bad frames, unwritable output, store refusal);
-    the store's active bundle is never touched (a new version is only added, not activated).
+    the store's active bundle is never touched (a new version is only added, not activated).  ``sign_key``
+    signs the new bundle (a store whose service requires signatures refuses it otherwise).
     """
     t0 = time.perf_counter()
     if not 0.0 < holdout < 1.0:
@@ -215,6 +218,11 @@ def calibrate(base: Path, images: Path, out: Path | None, *, holdout: float = 0.
             open_inspector(dest)  # never hand out a bundle that does not verify and run
         except B.BundleError as exc:
             raise CalibrationError(f"{dest}: the new bundle failed validation ({exc})") from None
+        if sign_key is not None:
+            try:
+                sign_bundle(dest, sign_key)
+            except B.BundleError as exc:
+                raise CalibrationError(f"cannot sign the new bundle: {exc}") from None
         store_version = None
         if target_store is not None:
             try:

@@ -14,10 +14,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 
-from edge_runtime.core.preprocess import ImageReadError, list_images, resize_rgb, to_rgb8
+from edge_runtime.core.preprocess import ImageReadError, decode_image, list_images, resize_rgb, to_rgb8
 
 from .errors import CalibrationError
 
@@ -69,9 +68,7 @@ def _decode(path: Path) -> tuple[str, np.ndarray]:
         data = path.read_bytes()
     except OSError as exc:
         raise ImageReadError(f"{path.name}: cannot read ({exc.strerror or exc})") from None
-    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED) if data else None
-    if image is None:
-        raise ImageReadError(f"{path.name}: not a readable image")
+    image = decode_image(data, path.name)
     if image.dtype not in (np.uint8, np.uint16):
         raise ImageReadError(f"{path.name}: unsupported pixel type {image.dtype}")
     return hashlib.sha256(data).hexdigest(), image

@@ -22,6 +22,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edge_runtime.publishing.command_auth import CommandAuth
 from edge_runtime.service.config import MQTTConfig
 
 _UNSUPPORTED_PROTOCOL = (1, 0x84)  # 3.1.1 "unacceptable protocol version", MQTT 5 "unsupported protocol version"
@@ -146,9 +147,10 @@ def _status_text(status: dict | None) -> str:
 
 
 def reload_over_mqtt(cfg: MQTTConfig, expected: str, timeout_s: float = 30.0,
-                     send_command: bool = True) -> ReloadOutcome:
+                     send_command: bool = True, command_auth: CommandAuth | None = None) -> ReloadOutcome:
     """Send ``reload`` (unless ``send_command`` is False: SIGHUP was sent) and wait for the status to show
-    ``expected``; never raises for an unreachable broker or a silent service."""
+    ``expected``; never raises for an unreachable broker or a silent service.  ``command_auth`` signs the
+    command (a service with ``commands.require_auth`` refuses an unsigned one)."""
     method = "mqtt" if send_command else "sighup"
     where = f"{cfg.host}:{cfg.port} {cfg.topic_prefix}"
     try:
@@ -158,7 +160,8 @@ def reload_over_mqtt(cfg: MQTTConfig, expected: str, timeout_s: float = 30.0,
     try:
         command_id = f"calibrate-{uuid.uuid4().hex[:8]}"
         if send_command:
-            payload = json.dumps({"command": "reload", "id": command_id})
+            command = {"command": "reload", "id": command_id}
+            payload = json.dumps(command_auth.sign(command) if command_auth is not None else command)
             watch.client.publish(f"{cfg.topic_prefix}/cmd", payload, qos=1)
 
         def reply() -> dict | None:

@@ -4,7 +4,9 @@ The false-reject rate on good frames is the number a line manager asks for; with
 reported with a one-sided 95 % upper bound (Clopper-Pearson), because "0 of 40 rejected" does not show
 a 0.5 % target.  With defective frames too, the detection rate is also given at the thresholds that would
 reject 0.5 %, 1 % and 2 % of the good frames (what the line would catch if run at that rate).  The contact
-sheet puts the frames that need a look first (see :mod:`calibration.contact_sheet`).
+sheet puts the frames that need a look first (see :mod:`calibration.contact_sheet`); ``report.html`` puts
+the rates, a histogram of the scores with the threshold and the worst frames on one self-contained page
+(the writer ``weakrest-train eval`` uses too: :mod:`edge_runtime.reporting.report_html`).
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ from edge_runtime.core.bundle import BundleError
 from edge_runtime.core.pipeline import Inspector, open_inspector
 from edge_runtime.core.preprocess import IMAGE_SUFFIXES, ImageReadError, read_image
 from edge_runtime.core.thresholds import detection_at_false_reject, rate_lower_bound, rate_upper_bound
+from edge_runtime.reporting.report_html import WorstFrames, render_verify_report, write_html
 
 from .contact_sheet import SheetBuilder, write_sheet
 from .errors import CalibrationError
+
+REPORT_GALLERY = 6  # worst false alarms and worst misses shown in report.html
 
 
 @dataclass
@@ -52,6 +57,7 @@ class VerifyReport:
     contact_sheet: str | None
     seconds: float
     detection_at_frr: list[dict] | None = None  # with defective frames: detection at FRR 0.5 / 1 / 2 %
+    report_html: str | None = None  # the one-page report, with --out
 
     @property
     def false_reject_rate(self) -> float:
@@ -80,7 +86,7 @@ def _images(folder: Path) -> list[Path]:
 
 
 def _run(inspector: Inspector, folder: Path, expected: str, sheet: SheetBuilder, unreadable: list[str],
-         quiet: bool) -> Rate:
+         quiet: bool, worst: WorstFrames | None = None) -> Rate:
     paths = _images(folder)
     scored: list[tuple[str, float]] = []
     for path in tqdm(paths, desc=f"{expected} frames", unit="frame", disable=quiet):
@@ -93,6 +99,9 @@ def _run(inspector: Inspector, folder: Path, expected: str, sheet: SheetBuilder,
         result = inspector.inspect(image)
         scored.append((name, result.score))
         sheet.add(name, expected, image, result.heatmap, result.score, result.threshold, result.regions)
+        if worst is not None:
+            worst.offer(name, expected, expected == "bad", result.score, image, result.heatmap, result.threshold,
+                        result.threshold, regions=result.regions)
     if not scored:
         raise CalibrationError(f"{folder}: no readable image to verify on")
     fails = [(n, s) for n, s in scored if s >= inspector.threshold]
@@ -122,8 +131,9 @@ def verify(bundle: Path, good: Path, bad: Path | None = None, out: Path | None =
     m = inspector.bundle.manifest
     sheet = SheetBuilder(max_tiles if out is not None else 0)
     unreadable: list[str] = []
-    good_rate = _run(inspector, good, "good", sheet, unreadable, quiet)
-    bad_rate = _run(inspector, bad, "bad", sheet, unreadable, quiet) if bad is not None else None
+    worst = WorstFrames(REPORT_GALLERY) if out is not None else None
+    good_rate = _run(inspector, good, "good", sheet, unreadable, quiet, worst)
+    bad_rate = _run(inspector, bad, "bad", sheet, unreadable, quiet, worst) if bad is not None else None
     sheet_path = None
     report = VerifyReport(bundle=str(bundle), bundle_version=m.bundle_version, threshold=inspector.threshold,
                           target_false_reject=m.thresholds.target_false_reject, good=good_rate, bad=bad_rate,
@@ -134,7 +144,17 @@ def verify(bundle: Path, good: Path, bad: Path | None = None, out: Path | None =
         try:
             sheet_path = write_sheet(sheet.ordered(), out / "contact_sheet.png")
             report.contact_sheet = str(sheet_path)
+            report.report_html = str(out / "report.html")
             report.seconds = round(time.perf_counter() - t0, 2)
+            facts = [("bundle", str(bundle)), ("bundle version", m.bundle_version), ("product", m.product),
+                     ("good frames", str(good)), ("defective frames", str(bad) if bad is not None else "none given"),
+                     ("verified at", time.strftime("%Y-%m-%dT%H:%M:%S")),
+                     ("threshold", f"{inspector.threshold:.6g} (target false-reject rate "
+                                   f"{m.thresholds.target_false_reject:.2%})"),
+                     ("contact sheet", sheet_path.name)]
+            write_html(out / "report.html", render_verify_report(
+                report.to_json(), good_rate.scores, bad_rate.scores if bad_rate is not None else None,
+                worst.misses if worst else [], worst.false_alarms if worst else [], facts))
             (out / "verify.json").write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
         except OSError as exc:
             raise CalibrationError(f"{out}: cannot write the report ({exc.strerror or exc})") from None
@@ -165,4 +185,6 @@ def describe(report: VerifyReport) -> list[str]:
     lines += [f"unreadable: {u}" for u in report.unreadable]
     if report.contact_sheet:
         lines.append(f"contact sheet: {report.contact_sheet}")
+    if report.report_html:
+        lines.append(f"report: {report.report_html}")
     return lines

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .core.bundle import MANIFEST, BundleError, load_bundle
+from .core.signing import BundleTrust
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]*")
 _PRODUCT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -78,8 +79,12 @@ class VersionInfo:
 
 
 class BundleStore:
-    def __init__(self, root: str | os.PathLike) -> None:
+    """``trust``: the signature policy every ``add``, ``activate`` and ``rollback`` checks (see
+    :mod:`edge_runtime.core.signing`); the service checks it again at start and at every reload."""
+
+    def __init__(self, root: str | os.PathLike, trust: BundleTrust | None = None) -> None:
         self.root = Path(root)
+        self.trust = trust or BundleTrust()
 
     def product_dir(self, product: str) -> Path:
         return self.root / _check_name("product", product)
@@ -159,6 +164,7 @@ class BundleStore:
         try:
             validate(src)
             bundle = load_bundle(src)
+            self.trust.check(src)
         except BundleError as exc:
             raise StoreError(f"refused {src}: {exc}") from None
         version = _check_name("version", version or bundle.manifest.bundle_version)
@@ -193,6 +199,7 @@ class BundleStore:
             raise StoreError(f"{target}: no such version (known: {', '.join(self.versions(product)) or 'none'})")
         try:
             validate(target)
+            self.trust.check(target)
         except BundleError as exc:
             raise StoreError(f"refused to activate {product}@{version}: {exc}") from None
         old = self.current(product)

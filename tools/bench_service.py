@@ -11,16 +11,29 @@ stands in for the MES.  Two runs:
    acknowledges it, so this is grab -> PUBACK plus one loopback hop).
 
 Peak resident memory of the service process comes from /proc/<pid>/status (VmHWM).
+
+``--live-clients 0,1,4`` instead measures what the live operator page costs the service: one saturated service
+process, and phases of ``--live-seconds`` with 0, 1 and 4 live-page clients attached, alternating over
+``--live-rounds`` rounds (forward, then backward order) so a noisy machine hurts every count alike.  A client
+reads ``/events`` as a browser's EventSource does and fetches ``/frame.jpg?seq=N`` for every new frame an event
+names, one at a time, as the page does.  Reported per count: median frames/s over the phases, the median ratio to
+the first count's frames/s in the same round, median (p99) frame time (the result's ``timings_ms.total``) pooled
+over the phases, and the service process's CPU time per result (all its threads: HTTP, events, JPEG included).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +41,12 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _vm(pid: int, key: str) -> float:
@@ -90,6 +109,131 @@ def _run(bundle_store: Path, product: str, images: Path, fps: float, seconds: fl
     }
 
 
+class _LiveClient(threading.Thread):
+    """A live page without the browser: reads ``/events`` and fetches each new frame, one at a time."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.events = 0
+        self.frames = 0
+        self.frame_bytes = 0
+        self.status = 0
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        buf, shown = b"", None
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as s:
+            s.sendall(b"GET /events HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n\r\n")
+            s.settimeout(0.5)
+            while not self._halt.is_set():
+                try:
+                    chunk = s.recv(65536)
+                except TimeoutError:
+                    continue
+                if not chunk:
+                    return
+                buf += chunk
+                if not self.status and b"\r\n" in buf:
+                    self.status = int(buf.split(b" ", 2)[1])
+                *done, buf = buf.split(b"\n\n")
+                frame = None
+                for block in done:
+                    for line in block.split(b"\n"):
+                        if line.startswith(b"data:"):
+                            self.events += 1
+                            frame = json.loads(line[5:]).get("frame")
+                if frame is not None and frame != shown:
+                    try:
+                        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/frame.jpg?seq={frame}",
+                                                    timeout=10) as r:
+                            self.frame_bytes += len(r.read())
+                        self.frames += 1
+                        shown = frame
+                    except OSError:  # 404: that frame is gone already; the next event names a newer one
+                        pass
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(5)
+
+
+def _live_run(bundle_store: Path, product: str, images: Path, fps: float, counts: list[int], rounds: int,
+              seconds: float, work: Path, threads: int | None) -> dict:
+    """Frames/s and frame time of one saturated service with ``counts`` live clients, phases alternating."""
+    from edge_runtime.publishing.broker import LocalBroker, free_port
+    from edge_runtime.publishing.messages import decode_result
+    from edge_runtime.publishing.subscriber import Subscriber
+
+    prefix = "bench/line/station"
+    port = free_port()
+    phases: list[dict] = []
+    with LocalBroker(workdir=work / "broker-live") as broker:
+        broker.start()
+        received: list[tuple[float, bytes]] = []
+        sub = Subscriber(broker.port, f"{prefix}/result", protocol=broker.protocol)
+        sub.client.on_message = lambda c, u, m: received.append((time.time(), bytes(m.payload)))
+        cfg = {"bundles": {"store": str(bundle_store), "product": product},
+               "camera": {"source": "replay", "replay": {"path": str(images), "fps": fps}},
+               "mqtt": {"port": broker.port, "topic_prefix": prefix, "heatmap": "fail"},
+               "queue": {"dir": str(work / "queue-live")}, "health": {"port": port}, "threads": threads}
+        path = work / "edge-live.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        proc = subprocess.Popen([sys.executable, "-m", "edge_runtime.cli", "run", "--config", str(path),
+                                 "--log-level", "WARNING"], cwd=ROOT)
+        try:
+            deadline = time.monotonic() + 120
+            while not received and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if not received:
+                raise SystemExit("the service published nothing within 120 s")
+            time.sleep(2.0)  # warm-up
+            for r in range(rounds):
+                for n in counts if r % 2 == 0 else counts[::-1]:
+                    clients = [_LiveClient(port) for _ in range(n)]
+                    for c in clients:
+                        c.start()
+                    settle = time.monotonic() + 5
+                    while any(c.frames == 0 for c in clients) and time.monotonic() < settle:
+                        time.sleep(0.05)
+                    start, n0, cpu0 = time.time(), len(received), _cpu_s(proc.pid)
+                    events0 = sum(c.events for c in clients)
+                    frames0 = sum(c.frames for c in clients)
+                    time.sleep(seconds)
+                    cpu = _cpu_s(proc.pid) - cpu0
+                    events = sum(c.events for c in clients) - events0
+                    frames = sum(c.frames for c in clients) - frames0
+                    for c in clients:
+                        c.stop()
+                    results = [decode_result(p) for t, p in received[n0:] if t <= start + seconds]
+                    phases.append({"clients": n, "round": r, "fps": len(results) / seconds,
+                                   "cpu_ms_per_result": cpu * 1e3 / len(results) if results else float("nan"),
+                                   "frame_ms": [r.timings_ms["total"] for r in results if "total" in r.timings_ms],
+                                   "events_per_client_s": events / seconds / n if n else 0.0,
+                                   "frames_per_client_s": frames / seconds / n if n else 0.0,
+                                   "rejected_503": sum(c.status == 503 for c in clients)})
+        finally:
+            proc.terminate()
+            proc.wait(30)
+            sub.close()
+    table = {}
+    base = {p["round"]: p["fps"] for p in phases if p["clients"] == counts[0]}
+    for n in counts:
+        mine = [p for p in phases if p["clients"] == n]
+        ms = [v for p in mine for v in p["frame_ms"]]
+        table[n] = {"phases": len(mine), "fps_median": statistics.median(p["fps"] for p in mine),
+                    "fps_vs_first_count": statistics.median(p["fps"] / base[p["round"]] for p in mine
+                                                            if base.get(p["round"])),
+                    "cpu_ms_per_result": statistics.median(p["cpu_ms_per_result"] for p in mine),
+                    "fps_per_phase": [round(p["fps"], 2) for p in mine],
+                    "frame_ms_p50": float(np.percentile(ms, 50)) if ms else float("nan"),
+                    "frame_ms_p99": float(np.percentile(ms, 99)) if ms else float("nan"),
+                    "events_per_client_s": statistics.median(p["events_per_client_s"] for p in mine),
+                    "frames_per_client_s": statistics.median(p["frames_per_client_s"] for p in mine),
+                    "rejected_503": sum(p["rejected_503"] for p in mine)}
+    return {"offered_fps": fps, "seconds_per_phase": seconds, "rounds": rounds, "clients": table}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", default="demo_out/bundle", help="bundle to serve (make demo leaves one here)")
@@ -100,6 +244,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="offered rate of the saturated run: above capacity, but not so far above that decoding "
                              "replayed files (which a real camera does not cost) eats the CPU")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--live-clients", default=None, metavar="N,N,...",
+                        help="measure the live page's cost instead: phases with these numbers of live-page clients "
+                             "(e.g. 0,1,4) on one saturated service, alternating")
+    parser.add_argument("--live-rounds", type=int, default=4, help="rounds of phases (with --live-clients)")
+    parser.add_argument("--live-seconds", type=float, default=6.0, help="seconds per phase (with --live-clients)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     bundle, images = Path(args.bundle).resolve(), Path(args.images).resolve()
@@ -115,6 +264,22 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         store = BundleStore(work / "store")
         store.activate(product, store.add(product, bundle, version="bench"))
+        if args.live_clients is not None:
+            counts = [int(v) for v in args.live_clients.split(",") if v.strip()]
+            live = _live_run(store.root, product, images, args.saturate_fps, counts, args.live_rounds,
+                             args.live_seconds, work, args.threads)
+            if args.json:
+                print(json.dumps({"bundle": str(bundle), "product": product, "live": live}))
+                return 0
+            print(f"edge service, bundle {bundle} ({product}), replay of {images} offered at {args.saturate_fps:g} fps "
+                  f"(saturated); {args.live_rounds} rounds x {args.live_seconds:g} s per client count, alternating")
+            print(f"{'live clients':>12}{'results/s':>11}{'vs ' + str(counts[0]):>8}{'frame ms p50':>14}{'p99':>8}"
+                  f"{'CPU ms/result':>15}{'events/s/client':>17}{'frames/s/client':>17}  results/s per phase")
+            for n, row in live["clients"].items():
+                print(f"{n:>12}{row['fps_median']:>11.2f}{row['fps_vs_first_count']:>8.3f}{row['frame_ms_p50']:>14.2f}"
+                      f"{row['frame_ms_p99']:>8.2f}{row['cpu_ms_per_result']:>15.2f}{row['events_per_client_s']:>17.2f}"
+                      f"{row['frames_per_client_s']:>17.2f}  {row['fps_per_phase']}")
+            return 0
         report = {"bundle": str(bundle), "product": product,
                   "saturated": _run(store.root, product, images, args.saturate_fps, args.seconds, work,
                                     args.threads),

@@ -3,12 +3,15 @@
 1. build a small product dataset from images that scikit-image ships, with procedural defects and masks
 2. fit the fast profile: coreset bank, PCA, references, and the residual Swin trained on good images and
    synthetic anomalies (fewer steps than the profile's default, so the demo stays short); export a bundle
-3. check the bundle and inspect the test images with the edge runtime (results.jsonl + heatmaps)
-4. evaluate: image AUROC, pixel AUROC, PRO, pixel AP, overall and per defect type
-5. benchmark the edge inference path
-6. run the edge service end to end: the bundle in an edge bundle store, ``weakrest-edge run`` with a
+3. check the bundle
+4. inspect the test images with the edge runtime (results.jsonl + heatmaps)
+5. evaluate: image AUROC, pixel AUROC, PRO, pixel AP, detection at a false-reject rate, overall and per
+   defect type (metrics.json, curves.png and the one-page report.html)
+6. benchmark the edge inference path
+7. run the edge service end to end: the bundle in an edge bundle store, ``weakrest-edge run`` with a
    replay camera over the test images, a broker on loopback (Mosquitto when installed, otherwise the
-   embedded amqtt), and a subscriber standing in for the MES that prints the verdicts it receives
+   embedded amqtt), a subscriber standing in for the MES that prints the verdicts it receives, and the
+   live operator page on the health port
 """
 
 from __future__ import annotations
@@ -27,15 +30,15 @@ def _in_fresh_process(edge_args: list[str]) -> int:
     return subprocess.run([sys.executable, "-m", "edge_runtime.cli", *edge_args], check=False).returncode
 
 
-def run_service(bundle: Path, images: Path, out: Path, seconds: float, broker_impl: str) -> int:
-    """Step 6: the service as the line runs it, for ``seconds``, then SIGTERM (queue flushed, offline)."""
+def run_service(bundle: Path, images: Path, out: Path, seconds: float, broker_impl: str, health_port: int) -> int:
+    """The service as the line runs it, for ``seconds``, then SIGTERM (queue flushed, offline)."""
     import json
     import signal
 
     import yaml
 
     from edge_runtime.core.bundle import load_bundle
-    from edge_runtime.publishing.broker import LocalBroker, free_port
+    from edge_runtime.publishing.broker import LocalBroker
     from edge_runtime.publishing.subscriber import Subscriber
     from edge_runtime.store import BundleStore
 
@@ -70,10 +73,11 @@ def run_service(bundle: Path, images: Path, out: Path, seconds: float, broker_im
                   "camera": {"source": "replay", "name": "replay0", "replay": {"path": str(images.resolve()),
                                                                                 "fps": 4}},
                   "mqtt": {"port": broker.port, "topic_prefix": prefix, "heatmap": "fail"},
-                  "queue": {"dir": str((edge / "queue").resolve())}, "health": {"port": free_port()}}
+                  "queue": {"dir": str((edge / "queue").resolve())}, "health": {"port": health_port}}
         (edge / "edge.yaml").write_text(yaml.safe_dump(config))
         proc = subprocess.Popen([sys.executable, "-m", "edge_runtime.cli", "run", "--config", str(edge / "edge.yaml"),
                                  "--log-level", "WARNING"])
+        print(f"      live page: http://127.0.0.1:{health_port}/ (open it while the service runs)", flush=True)
         time.sleep(seconds)
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)
@@ -95,17 +99,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from edge_runtime import cli as edge_cli
+    from edge_runtime.publishing.broker import free_port
     from training_host import cli as train_cli
     from training_host.data.demo_data import make_demo_dataset
 
     out = Path(args.out)
     t0 = time.perf_counter()
-    print(f"[1/5] building the demo '{args.product}' dataset", flush=True)
-    data = make_demo_dataset(out / "data", product=args.product)
     bundle = out / "bundle"
+    health_port = free_port()
+    data = out / "data"
+
+    def build_data(_: list[str]) -> int:
+        make_demo_dataset(data, product=args.product)
+        return 0
+
     steps = [
+        (f"building the demo '{args.product}' dataset", build_data, []),
         (
-            "[2/5] fitting the fast profile (bank, PCA, references, residual Swin)",
+            "fitting the fast profile (bank, PCA, references, residual Swin)",
             train_cli.main,
             [
                 "fit",
@@ -123,9 +134,9 @@ def main(argv: list[str] | None = None) -> int:
                 str(out / "synthetic_anomalies.png"),
             ],
         ),
-        ("[3/5] checking the bundle", edge_cli.main, ["check-bundle", str(bundle)]),
+        ("checking the bundle", edge_cli.main, ["check-bundle", str(bundle)]),
         (
-            "[3/5] inspecting the test images on the edge runtime",
+            "inspecting the test images on the edge runtime",
             edge_cli.main,
             [
                 "inspect",
@@ -140,22 +151,22 @@ def main(argv: list[str] | None = None) -> int:
             ],
         ),
         (
-            "[4/5] evaluating",
+            "evaluating",
             train_cli.main,
             ["eval", "--bundle", str(bundle), "--data", str(data), "--out", str(out / "eval")],
         ),
         (
-            "[5/5] benchmarking batch-1 inference (a fresh process, as the edge runs it: no torch loaded)",
+            "benchmarking batch-1 inference (a fresh process, as the edge runs it: no torch loaded)",
             _in_fresh_process,
             ["bench", "--bundle", str(bundle), "--images", str(data / "test"), "--frames", "100"],
         ),
+        (
+            "running the edge service: replay camera -> inspection -> MQTT -> a subscriber (the MES stand-in)",
+            lambda _: run_service(bundle, data / "test", out, args.service_seconds, args.broker, health_port), [],
+        ),
     ]
-    steps.append((
-        "[6/6] running the edge service: replay camera -> inspection -> MQTT -> a subscriber (the MES stand-in)",
-        lambda _: run_service(bundle, data / "test", out, args.service_seconds, args.broker), [],
-    ))
-    for title, func, cmd in steps:
-        print(title.replace("/5]", "/6]"), flush=True)
+    for number, (title, func, cmd) in enumerate(steps, 1):
+        print(f"[{number}/{len(steps)}] {title}", flush=True)
         code = func(cmd)
         if code not in (0,):
             print(f"demo step failed ({title}): exit {code}", file=sys.stderr)
@@ -163,7 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"demo finished in {time.perf_counter() - t0:.0f} s: bundle {bundle}, heatmaps {out / 'inspect' / 'heatmaps'}, "
         f"metrics {out / 'eval' / 'metrics.json'}, curves {out / 'eval' / 'curves.png'}, "
-        f"synthetic anomalies {out / 'synthetic_anomalies.png'}"
+        f"synthetic anomalies {out / 'synthetic_anomalies.png'}\n"
+        f"evaluation report: {(out / 'eval' / 'report.html').resolve()} (open it in a browser)\n"
+        f"live page: http://127.0.0.1:{health_port}/ while the service runs "
+        f"(weakrest-edge run --config {out / 'edge' / 'edge.yaml'})"
     )
     return 0
 

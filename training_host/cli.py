@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from edge_runtime.core.bundle import BundleError
+from edge_runtime.core.signing import new_key_pair, sign_bundle
 from training_host.config import ConfigError, load_config
 from training_host.training.train_swin import CheckpointError
 
@@ -36,9 +37,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
         labels_root=Path(args.labels_root) if args.labels_root else None,
         cache_dir=Path(args.cache) if args.cache else None,
     )
+    if args.sign_key and not Path(args.sign_key).is_file():  # before hours of training, not after
+        raise FileNotFoundError(f"--sign-key {args.sign_key}: no such private key (weakrest-train keys new)")
     summary = fit_product(cfg, Path(args.data), Path(args.out), progress=not args.json, options=options)
+    signed = sign_bundle(Path(args.out), Path(args.sign_key)) if args.sign_key else None
     if args.json:
-        print(json.dumps(summary.to_json()))
+        print(json.dumps({**summary.to_json(), "signature": str(signed) if signed else None}))
         return 0
     s = summary
     print(f"bundle {s.bundle}: {s.n_train} bank images, {s.n_holdout} held out, {s.n_bank} bank entries, "
@@ -68,6 +72,22 @@ def cmd_fit(args: argparse.Namespace) -> int:
         print("anomaly map: nearest-normal distance (swin.enabled is false)")
     for line in s.skipped:
         print(f"skipped: {line}")
+    print(f"signed with {args.sign_key}: {signed}" if signed else
+          "not signed (a service with bundles.require_signature refuses it): weakrest-train sign --bundle "
+          f"{s.bundle} --key KEY")
+    return 0
+
+
+def cmd_keys_new(args: argparse.Namespace) -> int:
+    private, public = new_key_pair(Path(args.out), args.name)
+    print(f"private key {private} (mode 0600: keep it off the line and out of bundles)")
+    print(f"public key  {public} (copy it into the edge's bundles.trust_store)")
+    return 0
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    signature = sign_bundle(Path(args.bundle), Path(args.key))
+    print(f"{signature}: signed with {args.key}")
     return 0
 
 
@@ -106,7 +126,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print_metrics(metrics)
     for line in metrics["errors"]:
         print(f"skipped: {line}")
-    print(f"metrics in {Path(args.out) / 'metrics.json'}, curves in {Path(args.out) / 'curves.png'}")
+    print(f"metrics in {Path(args.out) / 'metrics.json'}, curves in {Path(args.out) / 'curves.png'}, "
+          f"one-page report in {Path(args.out) / 'report.html'}")
     return 0
 
 
@@ -154,6 +175,15 @@ def cmd_labels_from_masks(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_labels_annotate(args: argparse.Namespace) -> int:
+    """Serve the annotation page until Ctrl+C (training_host/labels/annotate.py)."""
+    from training_host.labels.annotate import serve
+
+    serve(args.images, args.out, root=args.root, bundle=args.bundle, host=args.host, port=args.port,
+          open_browser=not args.no_browser)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="weakrest-train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -185,9 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "instead of training the unsupervised phase")
     p.add_argument("--synthetic-preview", default=None, metavar="PNG",
                    help="write a picture grid of synthetic anomalies")
+    p.add_argument("--sign-key", default=None, metavar="KEY",
+                   help="sign the bundle with this private key (weakrest-train keys new)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON, no progress bars")
     p.set_defaults(func=cmd_fit)
-    p = sub.add_parser("eval", help="evaluate a bundle on DATA/test; writes OUT/metrics.json and curves.png")
+    p = sub.add_parser("eval", help="evaluate a bundle on DATA/test; writes OUT/metrics.json, curves.png and "
+                                    "report.html (one self-contained page)")
     p.add_argument("--bundle", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
@@ -202,7 +235,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-foreground", action="store_true", help="ignore the bundle's foreground maps (ablation)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
-    labels = sub.add_parser("labels", help="weak label files: statistics, derivation from masks")
+    keys = sub.add_parser("keys", help="signing keys for bundles")
+    ksub = keys.add_subparsers(dest="keys_command", required=True)
+    q = ksub.add_parser("new", help="make an ECDSA P-256 key pair: NAME.key (0600) and NAME.pub")
+    q.add_argument("--out", required=True, help="folder for the two files (never a bundle folder)")
+    q.add_argument("--name", required=True, help="key name, e.g. line3-2026 (rotation: a new name per key)")
+    q.set_defaults(func=cmd_keys_new)
+    p = sub.add_parser("sign", help="sign a bundle folder (writes BUNDLE/bundle.sig, a Sigstore bundle)")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--key", required=True, help="private key from 'keys new'")
+    p.set_defaults(func=cmd_sign)
+    labels = sub.add_parser("labels", help="weak label files: statistics, derivation from masks, annotation page")
     lsub = labels.add_subparsers(dest="labels_command", required=True)
     q = lsub.add_parser("stats", help="how many images carry each kind of label (validates the file)")
     q.add_argument("file")
@@ -218,6 +261,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--grid", type=int, nargs=2, default=[32, 32], help="block grid for --kind blocks")
     q.add_argument("--out", required=True)
     q.set_defaults(func=cmd_labels_from_masks)
+    q = lsub.add_parser("annotate", help="a local page to draw boxes / rotated boxes and tag images bad (saves the "
+                                         "label file fit --labels reads)")
+    q.add_argument("images", nargs="+", metavar="IMAGES", help="image folders (recursive) or image files")
+    q.add_argument("--out", required=True, help="label file to write (an existing one is opened and kept)")
+    q.add_argument("--root", default=None, help="folder the label keys are relative to (default: the dataset "
+                                                "root above IMAGES, i.e. the folder with train/good or test)")
+    q.add_argument("--bundle", default=None, help="show this bundle's heatmap as a hint (key h)")
+    q.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    q.add_argument("--port", type=int, default=0, help="port (default 0: any free port)")
+    q.add_argument("--no-browser", action="store_true", help="only print the URL")
+    q.set_defaults(func=cmd_labels_annotate)
     return parser
 
 
@@ -226,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, BundleError, CheckpointError, FileNotFoundError, ValueError) as exc:  # LabelError too
+    except (ConfigError, BundleError, CheckpointError, OSError, ValueError) as exc:  # LabelError too
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

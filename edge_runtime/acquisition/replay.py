@@ -14,6 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..core.preprocess import ImageReadError, decode_image
 from .frames import CameraLost, Frame, SourceError, SourceExhausted, SourceStats, wait_until_due
 
 log = logging.getLogger(__name__)
@@ -123,11 +124,15 @@ class ReplaySource:
             if self._pos >= len(self._files):
                 self._wrap()
             path = self._files[self._pos]
-            img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            try:
+                img = decode_image(path.read_bytes(), str(path), flags=cv2.IMREAD_COLOR)
+            except (OSError, ImageReadError) as exc:
+                img = None
+                why = str(exc)
             if img is None:
                 # Counted once: the file is dropped from the list so a loop does not count it again.
                 self.stats.converted_errors += 1
-                log.warning("%s: skipped unreadable image %s", self.name, path)
+                log.warning("%s: skipped unreadable image (%s)", self.name, why)
                 del self._files[self._pos]
                 continue
             self._pos += 1

@@ -90,7 +90,9 @@ class LocalBroker:
 
     ``impl``: "auto" (Mosquitto if installed, else amqtt), "mosquitto" or "amqtt".  ``persistence`` keeps
     sessions and queued messages across a *clean* :meth:`stop` / :meth:`restart` (Mosquitto only).
-    ``tls``: (CA, certificate, key) PEM files to serve MQTT over TLS instead of plain TCP (Mosquitto only).
+    ``tls``: (CA, certificate, key) PEM files to serve MQTT over TLS instead of plain TCP (Mosquitto only);
+    ``require_certificate`` refuses clients without a certificate from that CA and takes a certificate's CN as
+    the user name that ``acl_file`` (a Mosquitto ACL file) is written for.
     """
 
     host = "127.0.0.1"
@@ -98,6 +100,7 @@ class LocalBroker:
     def __init__(self, port: int | None = None, *, impl: Literal["auto", "mosquitto", "amqtt"] = "auto",
                  persistence: bool = False, workdir: str | os.PathLike | None = None,
                  tls: tuple[str | os.PathLike, str | os.PathLike, str | os.PathLike] | None = None,
+                 require_certificate: bool = False, acl_file: str | os.PathLike | None = None,
                  start_timeout_s: float = 10.0) -> None:
         mosquitto = find_mosquitto() if impl in ("auto", "mosquitto") else None
         if impl == "mosquitto" and mosquitto is None:
@@ -109,6 +112,10 @@ class LocalBroker:
         if tls is not None and self.impl != "mosquitto":
             raise RuntimeError("TLS needs mosquitto")
         self.tls = tuple(Path(p).resolve() for p in tls) if tls is not None else None
+        if (require_certificate or acl_file is not None) and self.tls is None:
+            raise RuntimeError("require_certificate and acl_file need tls (the identity is the certificate's CN)")
+        self.require_certificate = require_certificate
+        self.acl_file = Path(acl_file).resolve() if acl_file is not None else None
         if persistence and self.impl == "amqtt":
             log.warning("amqtt has no persistence: sessions are lost on restart")
         self.persistence = persistence
@@ -151,6 +158,12 @@ class LocalBroker:
         if self.tls is not None:
             ca, cert, key = self.tls
             lines[1:1] = [f"cafile {ca}", f"certfile {cert}", f"keyfile {key}"]
+        if self.require_certificate:
+            # a client without a certificate signed by the CA is refused; its CN is its user name for the ACL
+            i = lines.index("allow_anonymous true")
+            lines[i:i + 1] = ["allow_anonymous false", "require_certificate true", "use_identity_as_username true"]
+        if self.acl_file is not None:
+            lines.append(f"acl_file {self.acl_file}")
         if self.persistence:
             lines.append(f"persistence_location {self.workdir}/")
         if os.geteuid() == 0:

@@ -73,6 +73,8 @@ from edge_runtime.store import plain_product_name
 if TYPE_CHECKING:
     import numpy as np
 
+    from edge_runtime.publishing.command_auth import CommandAuth
+
 RESULT_SCHEMA = "weakrest.result/1"
 MAX_COMMAND_BYTES = 64 * 1024
 HEATMAP_MAGIC = b"WRHM"
@@ -349,8 +351,12 @@ def _decode(payload: bytes) -> Any:
         raise CommandError(f"payload is not usable JSON: {exc}") from None
 
 
-def parse_command(payload: bytes) -> Command:
-    """Validate a command payload; :class:`CommandError` says in plain words what was wrong and what was expected."""
+def parse_command(payload: bytes, auth: CommandAuth | None = None) -> Command:
+    """Validate a command payload; :class:`CommandError` says in plain words what was wrong and what was expected.
+
+    With ``auth`` (``commands.require_auth``) the command must carry a valid signature
+    (:mod:`edge_runtime.publishing.command_auth`), checked before anything else about it; without, a
+    signature that is present is ignored."""
     if len(payload) > MAX_COMMAND_BYTES:
         raise CommandError(f"payload is too large: {len(payload)} bytes, at most {MAX_COMMAND_BYTES} are accepted")
     if not payload:
@@ -358,6 +364,9 @@ def parse_command(payload: bytes) -> Command:
     obj = _decode(payload)
     if not isinstance(obj, dict):
         raise CommandError(f"payload is {_json_kind(obj)}: expected {_EXAMPLE}")
+    if auth is not None:
+        auth.verify(obj)
+    obj.pop("auth", None)
     cid = obj.get("id") if isinstance(obj.get("id"), str) else None
     name = obj.get("command")
     if name is None:

@@ -53,6 +53,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edge_runtime import __version__
+from edge_runtime.publishing.command_auth import CommandAuth
 from edge_runtime.publishing.disk_queue import DiskQueue
 from edge_runtime.publishing.messages import (
     HEATMAP_CONTENT_TYPES,
@@ -527,7 +528,8 @@ class MqttPublisher(DurableMqttClient):
                  status_provider: Callable[[], dict[str, Any]] | None = None,
                  on_command: Callable[[Command], dict[str, Any] | None] | None = None,
                  on_connection: Callable[[bool], None] | None = None,
-                 window: int = 32, session_expiry_s: int = 3600, connack_timeout_s: float = 5.0) -> None:
+                 window: int = 32, session_expiry_s: int = 3600, connack_timeout_s: float = 5.0,
+                 command_auth: CommandAuth | None = None) -> None:
         super().__init__(config, queue,
                          client_id=config.client_id or f"weakrest-{config.topic_prefix.rsplit('/', 1)[-1]}",
                          on_connection=on_connection, window=window, session_expiry_s=session_expiry_s,
@@ -539,6 +541,7 @@ class MqttPublisher(DurableMqttClient):
             log.warning("mqtt.qos is %d, but results are always published at QoS 1", config.qos)
         self._status_provider = status_provider
         self._on_command = on_command
+        self._command_auth = command_auth  # None: any well-formed command is taken (the broker's ACL decides)
         self._status_extra: dict[str, Any] = {}
         self._held_status: deque[bytes] = deque(maxlen=MAX_HELD_STATUS)
         self._status_sent = time.monotonic()  # last online status handed to paho (for the refresh)
@@ -680,7 +683,7 @@ class MqttPublisher(DurableMqttClient):
     def _run_command(self, payload: bytes, retained: bool, correlation: bytes | None) -> None:
         self.commands += 1
         try:
-            cmd = parse_command(payload)
+            cmd = parse_command(payload, self._command_auth)
             if retained:
                 raise CommandError("retained commands are refused (they would run again at every reconnect); "
                                    "publish it without the retain flag, and clear the retained message",

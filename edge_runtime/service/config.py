@@ -13,6 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..core.signing import BundleTrust
 from ..store import plain_product_name
 
 
@@ -29,11 +30,23 @@ class BundleStoreConfig(_Section):
 
     store: Path = Field(description="bundle store directory")
     product: str = Field(min_length=1, description="product whose current bundle is served")
+    require_signature: bool = Field(default=False, description="serve only bundles signed by a key in "
+                                    "trust_store (refused at add, activate, reload and start)")
+    trust_store: Path | None = Field(default=None, description="directory of trusted public keys (*.pub)")
 
     @field_validator("product")
     @classmethod
     def _plain_name(cls, v: str) -> str:
         return plain_product_name(v)
+
+    @model_validator(mode="after")
+    def _trust(self) -> BundleStoreConfig:
+        if self.require_signature and self.trust_store is None:
+            raise ValueError("bundles.require_signature needs bundles.trust_store (a directory of *.pub keys)")
+        return self
+
+    def trust(self) -> BundleTrust:
+        return BundleTrust(require=self.require_signature, store=self.trust_store)
 
 
 class GenICamConfig(_Section):
@@ -156,6 +169,20 @@ class SparkplugConfig(_Section):
         return v
 
 
+class CommandsConfig(_Section):
+    """Who may command the service over MQTT, beyond the broker's ACL (see ``publishing/command_auth.py``)."""
+
+    require_auth: bool = Field(default=False, description="take only commands signed with the shared secret")
+    secret_file: Path | None = Field(default=None, description="file holding the shared secret (>= 16 bytes)")
+    max_age_s: float = Field(default=60.0, gt=0, description="a signed command older or newer than this is refused")
+
+    @model_validator(mode="after")
+    def _secret(self) -> CommandsConfig:
+        if self.require_auth and self.secret_file is None:
+            raise ValueError("commands.require_auth needs commands.secret_file")
+        return self
+
+
 class QueueConfig(_Section):
     dir: Path = Field(default=Path("/var/lib/weakrest/queue"), description="on-disk result queue")
     max_mb: float = Field(default=256.0, gt=0)
@@ -192,6 +219,7 @@ class EdgeConfig(_Section):
     camera: CameraConfig = CameraConfig()
     mqtt: MQTTConfig = MQTTConfig()
     queue: QueueConfig = QueueConfig()
+    commands: CommandsConfig = CommandsConfig()
     health: HealthConfig = HealthConfig()
     sparkplug: SparkplugConfig = SparkplugConfig()
     opcua: OpcUaConfig = OpcUaConfig()
@@ -242,11 +270,16 @@ def _resolve_paths(cfg: EdgeConfig, base: Path) -> EdgeConfig:
         return None if p is None or p.is_absolute() else base / p
 
     updates = {
-        "bundles": cfg.bundles.model_copy(update={"store": rel(cfg.bundles.store) or cfg.bundles.store}),
+        "bundles": cfg.bundles.model_copy(update={"store": rel(cfg.bundles.store) or cfg.bundles.store,
+                                                  "trust_store": rel(cfg.bundles.trust_store)
+                                                  or cfg.bundles.trust_store}),
         "queue": cfg.queue.model_copy(update={"dir": rel(cfg.queue.dir) or cfg.queue.dir}),
     }
     updates["opcua"] = cfg.opcua.model_copy(update={k: rel(getattr(cfg.opcua, k)) or getattr(cfg.opcua, k)
                                                     for k in ("certificate", "private_key", "trusted_clients")})
+    if cfg.commands.secret_file is not None:
+        updates["commands"] = cfg.commands.model_copy(update={"secret_file": rel(cfg.commands.secret_file)
+                                                              or cfg.commands.secret_file})
     if cfg.sparkplug.queue_dir is not None:
         updates["sparkplug"] = cfg.sparkplug.model_copy(update={"queue_dir": rel(cfg.sparkplug.queue_dir)
                                                                 or cfg.sparkplug.queue_dir})

@@ -13,6 +13,11 @@ path               ok    degraded  failing  for
 ``/metrics``       200   200       200      Prometheus; ``weakrest_health_state{state=...}`` is 1 for the state
 =================  ====  ========  =======  ==========================================================
 
+With a ``live`` hub (:class:`~edge_runtime.service.live.LiveHub`, which the service always gives) the same server
+also serves the operator's live page: ``/`` and ``/live`` (HTML, with ``/live.js`` and ``/live.css``), ``/events``
+(server-sent events: one small JSON per result, throttled; 503 beyond the hub's client limit), ``/frame.jpg`` (the
+newest frame with heatmap and defect boxes, drawn only when asked) and ``/live.json`` (one event, for scripts).
+
 Both health paths answer 500 when computing the report itself fails.  A ``health()`` callable that returns no
 ``"state"`` is judged by its ``"ok"`` alone (true: ok, else failing).
 
@@ -30,14 +35,16 @@ from __future__ import annotations
 import json
 import logging
 import math
+import select
 import socket
 import socketserver
 import threading
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
+from .live import EVENT_CONTENT_TYPE, PAGE_HEADERS, LiveHub, static_file
 from .metrics import HEALTH_STATES  # noqa: F401  (re-exported: the states, best first)
 
 log = logging.getLogger(__name__)
@@ -161,16 +168,82 @@ class _Handler(BaseHTTPRequestHandler):
                     self._send(500, "text/plain; charset=utf-8", f"metrics failed: {exc!r}\n".encode())
                     return
                 self._send(200, METRICS_CONTENT_TYPE, text.encode())
+            elif owner.live is not None and self._live(path, owner.live):
+                pass
             else:
-                self._send(404, "text/plain; charset=utf-8", b"not found: try /health, /health/live or /metrics\n")
+                self._send(404, "text/plain; charset=utf-8",
+                           b"not found: try /health, /health/live, /metrics" +
+                           (b" or /live\n" if owner.live is not None else b"\n"))
         except (BrokenPipeError, ConnectionResetError):
             log.debug("health endpoint: client went away")
 
-    def _send(self, status: int, content_type: str, data: bytes) -> None:
+    def _live(self, path: str, live: LiveHub) -> bool:
+        """The live page's paths; False for any other path."""
+        if path == "/events":
+            self._events(live)
+        elif path == "/frame.jpg":
+            seq = parse_qs(urlsplit(self.path).query).get("seq", [""])[0]
+            got = live.frame_jpeg(int(seq) if seq.isdigit() else None)
+            if got is None:
+                self._send(404, "text/plain; charset=utf-8", b"no such frame (any more): ask for a newer seq\n",
+                           PAGE_HEADERS)
+            else:
+                self._send(200, "image/jpeg", got[1], {**PAGE_HEADERS, "X-Seq": str(got[0])})
+        elif path == "/live.json":
+            data = json.dumps(_finite(live.snapshot()), default=str, sort_keys=True).encode()
+            self._send(200, JSON_CONTENT_TYPE, data, PAGE_HEADERS)
+        else:
+            page = static_file(path)
+            if page is None:
+                return False
+            self._send(200, page[1], page[0], PAGE_HEADERS)
+        return True
+
+    def _events(self, live: LiveHub) -> None:
+        """Server-sent events until the client leaves, is dropped (does not read) or the server stops."""
+        client = live.connect(self.connection)
+        if client is None:
+            self._send(503, "text/plain; charset=utf-8",
+                       f"too many live pages open (at most {live.max_clients}): close one\n".encode(),
+                       {**PAGE_HEADERS, "Retry-After": "5"})
+            return
+        try:
+            # a small send buffer: a client that stops reading fills it in seconds and is dropped
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+            self.send_response(200)
+            self.send_header("Content-Type", EVENT_CONTENT_TYPE)
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Accel-Buffering", "no")
+            for name, value in PAGE_HEADERS.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(b"retry: 2000\n\n")
+            while not client.closed:
+                data = client.take(1.0)
+                if data:
+                    self.wfile.write(data)
+                elif self._peer_closed():
+                    break
+        except OSError:  # gone, reset, timed out, or shut down by the hub
+            log.debug("live page: event client %s ended", self.address_string())
+        finally:
+            live.disconnect(client)
+            self.close_connection = True
+
+    def _peer_closed(self) -> bool:
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    def _send(self, status: int, content_type: str, data: bytes, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Cache-Control", "no-store")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
 
@@ -180,16 +253,17 @@ class _Handler(BaseHTTPRequestHandler):
 
 class HealthServer:
     """Serve ``health()`` at ``/health`` and ``/health/live`` (status codes: module docstring), ``metrics()`` at
-    ``/metrics``.
+    ``/metrics``, and with ``live`` the live page (module docstring).
 
     The socket is bound in the constructor (a port in use fails early, before the service reports READY);
     :meth:`start` serves in a daemon thread, :meth:`stop` shuts down and closes.  Usable as a context manager.
     """
 
     def __init__(self, host: str, port: int, health: Callable[[], dict[str, Any]],
-                 metrics: Callable[[], str]) -> None:
+                 metrics: Callable[[], str], live: LiveHub | None = None) -> None:
         self.health = health
         self.metrics = metrics
+        self.live = live
         cls = _Server6 if ":" in host else _Server
         self._server = cls((host, port), self)
         self._thread: threading.Thread | None = None
@@ -213,10 +287,13 @@ class HealthServer:
             self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
                                             name="health-http", daemon=True)
             self._thread.start()
-            log.info("health/metrics endpoint on %s (/health, /health/live, /metrics)", self.url)
+            log.info("health/metrics endpoint on %s (/health, /health/live, /metrics%s)", self.url,
+                     ", live page /" if self.live is not None else "")
         return self
 
     def stop(self, timeout: float | None = 5.0) -> None:
+        if self.live is not None:
+            self.live.close()
         if self._thread is not None:
             self._server.shutdown()
             self._thread.join(timeout)

@@ -32,9 +32,11 @@ from ..core.bundle import BundleError
 from ..core.overlay import heatmap_overlay
 from ..core.pipeline import Inspector, open_inspector
 from ..publishing import Command, DiskQueue, MqttPublisher, QueueLockedError, Region, ResultMessage
+from ..publishing.command_auth import CommandAuth, read_secret
 from ..store import BundleStore, StoreError
 from .config import EdgeConfig
 from .health import HealthServer, assess
+from .live import LiveHub
 from .metrics import ServiceMetrics
 from .notify import SystemdNotifier, WatchdogPolicy, WatchdogThread
 from .outputs import build_sinks
@@ -83,7 +85,10 @@ class EdgeService:
     def __init__(self, cfg: EdgeConfig, source_factory: Callable[[], FrameSource] | None = None,
                  notifier: SystemdNotifier | None = None) -> None:
         self.cfg = cfg
-        self.store = BundleStore(cfg.bundles.store)
+        self.store = BundleStore(cfg.bundles.store, trust=cfg.bundles.trust())
+        if not cfg.bundles.require_signature:
+            log.warning("bundles.require_signature is off: any intact bundle in %s is served, whoever made it "
+                        "(set it with bundles.trust_store on a production line)", cfg.bundles.store)
         self.source_factory = source_factory or (lambda: open_source(cfg.camera))
         self.notifier = notifier or SystemdNotifier()
         self.metrics = ServiceMetrics()
@@ -107,8 +112,16 @@ class EdgeService:
             raise ServiceError(f"queue.dir {cfg.queue.dir}: cannot use it ({exc.strerror or exc})") from None
         except QueueLockedError as exc:
             raise ServiceError(f"queue.dir {cfg.queue.dir}: {exc}") from None
+        command_auth = None
+        if cfg.commands.require_auth:
+            try:
+                command_auth = CommandAuth(read_secret(cfg.commands.secret_file), cfg.commands.max_age_s)
+            except ValueError as exc:
+                self.queue.close()
+                raise ServiceError(str(exc)) from None
         self.publisher = MqttPublisher(cfg.mqtt, self.queue, on_command=self._on_command,
-                                       on_connection=self._on_connection, status_provider=self._status)
+                                       on_connection=self._on_connection, status_provider=self._status,
+                                       command_auth=command_auth)
         self.worker = AcquisitionWorker(self._make_source, on_frame=self.slot.put, on_state=self._on_camera_state,
                                         fetch_timeout_s=fetch_timeout_s(cfg.camera),
                                         reconnect_initial_s=cfg.camera.reconnect_initial_s,
@@ -129,10 +142,13 @@ class EdgeService:
             except Exception:
                 log.exception("output %s: catching up with the result queue failed", sink.name)
         self.health: HealthServer | None = None
+        self.live: LiveHub | None = None  # the operator's live page, on the health port (same opt-in)
         if cfg.health.port:
             try:
+                self.live = LiveHub(self.health_report, broker=f"{cfg.mqtt.host}:{cfg.mqtt.port}",
+                                    camera=cfg.camera.name)
                 self.health = HealthServer(cfg.health.host, cfg.health.port, health=self.health_report,
-                                           metrics=self.render_metrics)
+                                           metrics=self.render_metrics, live=self.live)
             except OSError as exc:
                 self.queue.close()
                 raise ServiceError(f"health.port {cfg.health.port} on {cfg.health.host}: cannot listen "
@@ -148,6 +164,7 @@ class EdgeService:
         """Resolve the product's current bundle and load it fully (hashes, arrays, a smoke run of each graph)."""
         try:
             path = self.store.current_path(product)
+            signer = self.store.trust.check(path)
             inspector = open_inspector(path, threads=self.cfg.threads)
         except StoreError as exc:
             raise ServiceError(str(exc)) from None
@@ -155,6 +172,8 @@ class EdgeService:
             raise ServiceError(f"bundle refused: {exc}") from None
         if self.cfg.latency_budget_ms is not None:
             inspector.budget_ms = self.cfg.latency_budget_ms
+        if signer is not None:
+            log.info("bundle %s@%s is signed by %s", product, path.name, signer)
         m = inspector.bundle.manifest
         if m.product != product:
             log.warning("store product %r serves a bundle made for %r", product, m.product)
@@ -308,6 +327,8 @@ class EdgeService:
         self._to_sinks("submit_result", message)
         self.results += 1
         self.last_frame = (frame, heatmap, inspector.threshold)
+        if getattr(self, "live", None) is not None:  # a reference store for the live page, no drawing here
+            self.live.publish(message, frame, heatmap)
         self._count(message, frame)
         policy = self.cfg.mqtt.heatmap
         if heatmap is not None and (policy == "all" or (policy == "fail" and message.verdict == "fail")):

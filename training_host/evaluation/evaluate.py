@@ -2,8 +2,10 @@
 
 Writes ``metrics.json`` (image AUROC, pixel AUROC, PRO up to FPR 0.3, pixel AP, overall and per defect
 type; the bundle threshold's false-reject and detection rates with their 95 % bounds, and the detection
-rate at the thresholds that reject 0.5 / 1 / 2 % of the good test images), ``curves.png`` (ROC / PR / PRO)
-and, on request, heatmap overlays.  Metrics are computed on the bundle's input-size maps.
+rate at the thresholds that reject 0.5 / 1 / 2 % of the good test images, overall and per defect type),
+``curves.png`` (ROC / PR / PRO), ``report.html`` (all of it on one self-contained page, with the worst misses
+and false alarms: :mod:`edge_runtime.reporting.report_html`) and, on request, heatmap overlays.  Metrics are
+computed on the bundle's input-size maps.
 """
 
 from __future__ import annotations
@@ -21,8 +23,49 @@ from edge_runtime.core.overlay import heatmap_overlay
 from edge_runtime.core.pipeline import Inspector
 from edge_runtime.core.preprocess import ImageReadError, read_image
 from edge_runtime.core.thresholds import detection_at_false_reject, rate_lower_bound, rate_upper_bound
+from edge_runtime.reporting.report_html import Curve, WorstFrames, render_evaluation_report, write_html
 from training_host.data.dataset import load_mask, scan_dataset
-from training_host.evaluation.metrics import evaluate_maps, save_curve_plot
+from training_host.evaluation.metrics import (
+    _MAX_PLOT_POINTS,
+    _curve_up_to,
+    _subsample,
+    evaluate_maps,
+    pr_curve,
+    pro_curve,
+    roc_curve,
+    save_curve_plot,
+)
+
+GALLERY_SIZE = 6  # worst misses and worst false alarms in report.html: enough to see a pattern, a few MB at most
+
+
+def curve_data(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray, metrics: dict,
+               max_fpr: float = 0.3) -> list[Curve]:
+    """The curves of ``curves.png`` (image ROC, pixel PR, PRO up to ``max_fpr``) as arrays for report.html,
+    from the same functions and subsampling; the areas written on them are ``metrics``' own numbers."""
+    def safe(func, *args):
+        try:
+            return func(*args)
+        except ValueError:  # undefined on this data (one class only, no defect pixel)
+            return np.empty(0), np.empty(0)
+
+    fpr, tpr = safe(roc_curve, labels, scores)
+    precision, recall = safe(pr_curve, masks, maps)
+    pro_fpr, pro = safe(pro_curve, masks, maps)
+    if pro_fpr.size:
+        pro_fpr, pro = _curve_up_to(pro_fpr, pro, max_fpr)
+        idx = _subsample(pro_fpr.size, _MAX_PLOT_POINTS)
+        pro_fpr, pro = pro_fpr[idx], pro[idx]
+
+    def note(name: str, key: str) -> str:
+        return f"{name} = {metrics[key]:.4f}" if metrics.get(key) is not None else f"{name} n/a"
+
+    return [Curve("Image ROC", fpr, tpr, "false-positive rate (good images)", "true-positive rate",
+                  note=note("AUROC", "image_auroc"), diagonal=True),
+            Curve("Pixel PR", recall, precision, "recall (defect pixels)", "precision", note=note("AP", "pixel_ap"),
+                  step=True),
+            Curve(f"PRO (FPR ≤ {max_fpr:g})", pro_fpr, pro, "false-positive rate (pixels)", "per-region overlap",
+                  xlim=(0.0, max_fpr), note=note("PRO-AUC", "pro"))]
 
 
 def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int = 0, progress: bool = True,
@@ -57,6 +100,7 @@ def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int
     hw = inspector.input_hw
     maps, masks, scores, labels, types, errors, latencies = [], [], [], [], [], [], []
     n_overlays: dict[str, int] = {}
+    worst = WorstFrames(GALLERY_SIZE)
     for sample in tqdm(dataset.test, desc="evaluating", unit="img", disable=not progress):
         try:
             image = read_image(sample.path)
@@ -71,6 +115,8 @@ def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int
         labels.append(sample.is_defective)
         types.append(sample.defect_type)
         latencies.append(result.timings_ms["total"])
+        worst.offer(str(sample.path.relative_to(dataset.root)), sample.defect_type, sample.is_defective, result.score,
+                    image, result.heatmap, inspector.threshold, inspector.threshold, mask=mask, regions=result.regions)
         if n_overlays.get(sample.defect_type, 0) < overlays:
             n_overlays[sample.defect_type] = n_overlays.get(sample.defect_type, 0) + 1
             pic = heatmap_overlay(image, result.heatmap, inspector.threshold, regions=result.regions)
@@ -98,11 +144,16 @@ def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int
         }
     detection_at_frr = (detection_at_false_reject(scores_a[good], scores_a[bad])
                         if good.any() and bad.any() else None)
+    types_a = np.array(types)
+    for name, row in metrics["per_defect"].items():  # the good images against this type's, as its other metrics
+        row["detection_at_frr"] = (detection_at_false_reject(scores_a[good], scores_a[types_a == name])
+                                   if good.any() else None)
     supervision = m.training.supervision if m.training else "none: nearest-normal distance from good images"
     if inspector.anomaly_map == "nn_distance" and m.scoring.anomaly_map != "nn_distance":
         supervision = "none: nearest-normal distance from good images (bundle's Swin not used)"
     metrics.update({
-        "bundle": str(bundle_path), "product": m.product, "bundle_version": m.bundle_version,
+        "bundle": str(bundle_path), "data": str(Path(data_root).resolve()), "product": m.product,
+        "bundle_version": m.bundle_version,
         "anomaly_map": inspector.anomaly_map,
         "fusion_rule": inspector.fusion.rule if inspector.fusion is not None else None,
         "image_score": inspector.image_score,
@@ -117,4 +168,21 @@ def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int
     })
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     save_curve_plot(labels_a, scores_a, masks_a, maps_a, out / "curves.png", title=f"{m.product} {m.bundle_version}")
+    h, w = hw
+    facts = [("product", m.product), ("bundle version", m.bundle_version), ("bundle", str(Path(bundle_path).resolve())),
+             ("bundle configuration", f"{m.backbone.name} layers {m.backbone.layers}, input {h}×{w}, "
+                                      + (f"residual Swin (depth {m.swin.depth})" if m.swin else "distance only")
+                                      + (f", trained {m.training.mode}" if m.training else "")),
+             ("map evaluated", f"{inspector.anomaly_map}, image score from {inspector.image_score}"
+                               + (f", fusion {metrics['fusion_rule']}" if metrics["fusion_rule"] else "")),
+             ("supervision", supervision), ("data", metrics["data"]), ("evaluated at", metrics["evaluated_at"]),
+             ("threshold", f"{inspector.threshold:.6g} (bundle, target false-reject rate "
+                           f"{m.thresholds.target_false_reject:.2%})" if own_map else "none for this map"),
+             ("test images", f"{len(scores)} ({int(bad.sum())} defective)"
+                             + (f", {len(excluded)} training defects left out" if excluded else "")
+                             + (f", {len(errors)} unreadable" if errors else "")),
+             ("latency p50", f"{metrics['latency_ms_p50']:.1f} ms per image")]
+    page = render_evaluation_report(metrics, curve_data(labels_a, scores_a, masks_a, maps_a, metrics),
+                                    scores_a[good], scores_a[bad], worst.misses, worst.false_alarms, facts)
+    write_html(out / "report.html", page)
     return metrics
