@@ -1,7 +1,7 @@
 """Pytest fixtures for the pages: headless Chromium (the system's, Debian's ``chromium`` package installed by
 ``tools/system_deps.sh``) driven by Playwright for Python.  Playwright never downloads a browser here.
 
-``browser``: a session-scoped Playwright Browser.  ``page``: a fresh page (closed at teardown) that fails the
+``browser``: a Playwright Browser for one test.  ``page``: a fresh page (closed at teardown) that fails the
 test on any JavaScript error or failed request to the page's own server.  ``screenshot(page, name)``: a PNG of
 the page, kept in ``$WEAKREST_SCREENSHOTS`` (``make screenshots`` sets it to ``docs/pages``) or in tmp.
 Tests skip, naming what to install, only where no browser or no Playwright can be found.
@@ -32,8 +32,10 @@ def find_chromium() -> str | None:
     return next((p for p in _CHROMIUM_PLACES if os.access(p, os.X_OK)), None)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def browser() -> Iterator[object]:
+    """Per test: Playwright's sync API keeps an asyncio loop running in the main thread while it is open, and
+    a later test's ``asyncio.run`` (the OPC UA tests) would fail inside it.  A launch takes about a second."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:

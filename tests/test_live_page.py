@@ -125,6 +125,36 @@ def _max_gap(times: list[float]) -> float:
 
 
 @pytest.mark.pages
+def test_live_page_shows_the_simulated_genicam_cameras_verdicts_within_2s(tmp_path, store, broker,  # noqa: F811
+                                                                          make_subscriber, page):
+    """The GenTL producer shipped in the ``genicam`` wheel (viky.cti) through harvesters, as on the line."""
+    from pathlib import Path
+
+    import genicam
+
+    cti = Path(genicam.__file__).parent / "viky.cti"
+    cfg = _config(tmp_path, store, broker.port, {"source": "genicam", "name": "viky", "genicam": {"cti": str(cti)}})
+    cfg["mqtt"]["heatmap"] = "none"
+    port = cfg["health"]["port"]
+    arrivals = _Arrivals(make_subscriber(broker.port, f"{PREFIX}/result", protocol=broker.protocol))
+    svc = _Service(tmp_path, cfg).start()
+    try:
+        _wait(lambda: _running(svc, tmp_path) and _live(port).get("seq") is not None, 120, "a first result")
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.wait_for_function("() => document.getElementById('verdict').dataset.seq !== ''", timeout=20_000)
+        for _ in range(5):
+            n = len(arrivals.all())
+            _wait(lambda n=n: len(arrivals.all()) > n, 10, "a new result at the subscriber")
+            arrived, result = arrivals.all()[-1]
+            left_ms = max(1, int((arrived + 2.0 - time.monotonic()) * 1000))
+            page.wait_for_function(f"() => Number(document.getElementById('verdict').dataset.seq) >= {result.seq}",
+                                   timeout=left_ms, polling=20)
+        assert page.text_content("#camera").startswith("viky")
+    finally:
+        svc.kill()
+
+
+@pytest.mark.pages
 def test_live_page_follows_results_broker_and_restarts(tmp_path, store, make_broker, make_subscriber,  # noqa: F811
                                                        replay_dir, page, screenshot):  # noqa: F811
     broker = make_broker()
