@@ -124,6 +124,24 @@ def _max_gap(times: list[float]) -> float:
     return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
 
 
+def _shows_new_results_within_2s(page, arrivals: _Arrivals, n: int = 5, check_verdict: bool = False) -> None:
+    """For ``n`` new results at the MES: within 2 s of its arrival the page shows its seq, or a later one (with
+    ``check_verdict``, the verdict of the seq it shows)."""
+    for _ in range(n):
+        count = len(arrivals.all())
+        _wait(lambda count=count: len(arrivals.all()) > count, 10, "a new result at the subscriber")
+        arrived, result = arrivals.all()[-1]
+        left_ms = max(1, int((arrived + 2.0 - time.monotonic()) * 1000))
+        page.wait_for_function(f"() => Number(document.getElementById('verdict').dataset.seq) >= {result.seq}",
+                               timeout=left_ms, polling=20)
+        if check_verdict:
+            shown = page.evaluate("[Number(document.getElementById('verdict').dataset.seq), "
+                                  "document.getElementById('verdict').textContent]")
+            verdicts = {r.seq: r.verdict for _, r in arrivals.all()}
+            if shown[0] in verdicts:
+                assert shown[1] == verdicts[shown[0]].upper(), (shown, verdicts[shown[0]])
+
+
 @pytest.mark.pages
 def test_live_page_shows_the_simulated_genicam_cameras_verdicts_within_2s(tmp_path, store, broker,  # noqa: F811
                                                                           make_subscriber, page):
@@ -142,13 +160,7 @@ def test_live_page_shows_the_simulated_genicam_cameras_verdicts_within_2s(tmp_pa
         _wait(lambda: _running(svc, tmp_path) and _live(port).get("seq") is not None, 120, "a first result")
         page.goto(f"http://127.0.0.1:{port}/")
         page.wait_for_function("() => document.getElementById('verdict').dataset.seq !== ''", timeout=20_000)
-        for _ in range(5):
-            n = len(arrivals.all())
-            _wait(lambda n=n: len(arrivals.all()) > n, 10, "a new result at the subscriber")
-            arrived, result = arrivals.all()[-1]
-            left_ms = max(1, int((arrived + 2.0 - time.monotonic()) * 1000))
-            page.wait_for_function(f"() => Number(document.getElementById('verdict').dataset.seq) >= {result.seq}",
-                                   timeout=left_ms, polling=20)
+        _shows_new_results_within_2s(page, arrivals)
         assert page.text_content("#camera").startswith("viky")
     finally:
         svc.kill()
@@ -175,19 +187,7 @@ def test_live_page_follows_results_broker_and_restarts(tmp_path, store, make_bro
         page.wait_for_function("() => document.getElementById('verdict').dataset.seq !== ''", timeout=20_000)
 
         # within 2 s of a result reaching the MES the page shows it (or a later one), with its verdict
-        verdicts = {}
-        for _ in range(5):
-            n = len(arrivals.all())
-            _wait(lambda n=n: len(arrivals.all()) > n, 10, "a new result at the subscriber")
-            arrived, result = arrivals.all()[-1]
-            left_ms = max(1, int((arrived + 2.0 - time.monotonic()) * 1000))
-            page.wait_for_function(f"() => Number(document.getElementById('verdict').dataset.seq) >= {result.seq}",
-                                   timeout=left_ms, polling=20)
-            shown = page.evaluate("[Number(document.getElementById('verdict').dataset.seq), "
-                                  "document.getElementById('verdict').textContent]")
-            verdicts = {r.seq: r.verdict for _, r in arrivals.all()}
-            if shown[0] in verdicts:
-                assert shown[1] == verdicts[shown[0]].upper(), (shown, verdicts[shown[0]])
+        _shows_new_results_within_2s(page, arrivals, check_verdict=True)
 
         # a FAIL on screen with its own heatmap picture: the screenshot for the docs
         deadline = time.monotonic() + 60

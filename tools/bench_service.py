@@ -24,6 +24,7 @@ over the phases, and the service process's CPU time per result (all its threads:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -34,6 +35,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -56,14 +58,16 @@ def _vm(pid: int, key: str) -> float:
     return float("nan")
 
 
-def _run(bundle_store: Path, product: str, images: Path, fps: float, seconds: float, work: Path, threads: int | None
-         ) -> dict:
-    from edge_runtime.publishing.broker import LocalBroker, free_port
-    from edge_runtime.publishing.messages import decode_result
+@contextlib.contextmanager
+def _serving(bundle_store: Path, product: str, images: Path, fps: float, work: Path, name: str,
+             threads: int | None, health_port: int) -> Iterator[tuple[subprocess.Popen, list[tuple[float, bytes]]]]:
+    """A broker, an MES stand-in recording (arrival time, payload) of each result, and ``weakrest-edge run`` in
+    its own process, warmed up (first result plus 2 s); everything stopped on exit."""
+    from edge_runtime.publishing.broker import LocalBroker
     from edge_runtime.publishing.subscriber import Subscriber
 
     prefix = "bench/line/station"
-    with LocalBroker(workdir=work / f"broker-{fps:g}") as broker:
+    with LocalBroker(workdir=work / f"broker-{name}") as broker:
         broker.start()
         received: list[tuple[float, bytes]] = []
         sub = Subscriber(broker.port, f"{prefix}/result", protocol=broker.protocol)
@@ -71,8 +75,8 @@ def _run(bundle_store: Path, product: str, images: Path, fps: float, seconds: fl
         cfg = {"bundles": {"store": str(bundle_store), "product": product},
                "camera": {"source": "replay", "replay": {"path": str(images), "fps": fps}},
                "mqtt": {"port": broker.port, "topic_prefix": prefix, "heatmap": "fail"},
-               "queue": {"dir": str(work / f"queue-{fps:g}")}, "health": {"port": free_port()}, "threads": threads}
-        path = work / f"edge-{fps:g}.yaml"
+               "queue": {"dir": str(work / f"queue-{name}")}, "health": {"port": health_port}, "threads": threads}
+        path = work / f"edge-{name}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         proc = subprocess.Popen([sys.executable, "-m", "edge_runtime.cli", "run", "--config", str(path),
                                  "--log-level", "WARNING"], cwd=ROOT)
@@ -83,15 +87,24 @@ def _run(bundle_store: Path, product: str, images: Path, fps: float, seconds: fl
             if not received:
                 raise SystemExit("the service published nothing within 120 s")
             time.sleep(2.0)  # warm-up
-            start, n0 = time.time(), len(received)
-            time.sleep(seconds)
-            window = [(t, decode_result(p)) for t, p in received[n0:] if t <= start + seconds]
-            peak_rss = _vm(proc.pid, "VmHWM")
-            rss = _vm(proc.pid, "VmRSS")
+            yield proc, received
         finally:
             proc.terminate()
             proc.wait(30)
             sub.close()
+
+
+def _run(bundle_store: Path, product: str, images: Path, fps: float, seconds: float, work: Path, threads: int | None
+         ) -> dict:
+    from edge_runtime.publishing.broker import free_port
+    from edge_runtime.publishing.messages import decode_result
+
+    with _serving(bundle_store, product, images, fps, work, f"{fps:g}", threads, free_port()) as (proc, received):
+        start, n0 = time.time(), len(received)
+        time.sleep(seconds)
+        window = [(t, decode_result(p)) for t, p in received[n0:] if t <= start + seconds]
+        peak_rss = _vm(proc.pid, "VmHWM")
+        rss = _vm(proc.pid, "VmRSS")
     results = [r for _, r in window]
     latency = [(t - r.captured_at) * 1e3 for t, r in window]
     stages = sorted({k for r in results for k in r.timings_ms})
@@ -161,61 +174,36 @@ class _LiveClient(threading.Thread):
 def _live_run(bundle_store: Path, product: str, images: Path, fps: float, counts: list[int], rounds: int,
               seconds: float, work: Path, threads: int | None) -> dict:
     """Frames/s and frame time of one saturated service with ``counts`` live clients, phases alternating."""
-    from edge_runtime.publishing.broker import LocalBroker, free_port
+    from edge_runtime.publishing.broker import free_port
     from edge_runtime.publishing.messages import decode_result
-    from edge_runtime.publishing.subscriber import Subscriber
 
-    prefix = "bench/line/station"
     port = free_port()
     phases: list[dict] = []
-    with LocalBroker(workdir=work / "broker-live") as broker:
-        broker.start()
-        received: list[tuple[float, bytes]] = []
-        sub = Subscriber(broker.port, f"{prefix}/result", protocol=broker.protocol)
-        sub.client.on_message = lambda c, u, m: received.append((time.time(), bytes(m.payload)))
-        cfg = {"bundles": {"store": str(bundle_store), "product": product},
-               "camera": {"source": "replay", "replay": {"path": str(images), "fps": fps}},
-               "mqtt": {"port": broker.port, "topic_prefix": prefix, "heatmap": "fail"},
-               "queue": {"dir": str(work / "queue-live")}, "health": {"port": port}, "threads": threads}
-        path = work / "edge-live.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        proc = subprocess.Popen([sys.executable, "-m", "edge_runtime.cli", "run", "--config", str(path),
-                                 "--log-level", "WARNING"], cwd=ROOT)
-        try:
-            deadline = time.monotonic() + 120
-            while not received and time.monotonic() < deadline:
-                time.sleep(0.1)
-            if not received:
-                raise SystemExit("the service published nothing within 120 s")
-            time.sleep(2.0)  # warm-up
-            for r in range(rounds):
-                for n in counts if r % 2 == 0 else counts[::-1]:
-                    clients = [_LiveClient(port) for _ in range(n)]
-                    for c in clients:
-                        c.start()
-                    settle = time.monotonic() + 5
-                    while any(c.frames == 0 for c in clients) and time.monotonic() < settle:
-                        time.sleep(0.05)
-                    start, n0, cpu0 = time.time(), len(received), _cpu_s(proc.pid)
-                    events0 = sum(c.events for c in clients)
-                    frames0 = sum(c.frames for c in clients)
-                    time.sleep(seconds)
-                    cpu = _cpu_s(proc.pid) - cpu0
-                    events = sum(c.events for c in clients) - events0
-                    frames = sum(c.frames for c in clients) - frames0
-                    for c in clients:
-                        c.stop()
-                    results = [decode_result(p) for t, p in received[n0:] if t <= start + seconds]
-                    phases.append({"clients": n, "round": r, "fps": len(results) / seconds,
-                                   "cpu_ms_per_result": cpu * 1e3 / len(results) if results else float("nan"),
-                                   "frame_ms": [r.timings_ms["total"] for r in results if "total" in r.timings_ms],
-                                   "events_per_client_s": events / seconds / n if n else 0.0,
-                                   "frames_per_client_s": frames / seconds / n if n else 0.0,
-                                   "rejected_503": sum(c.status == 503 for c in clients)})
-        finally:
-            proc.terminate()
-            proc.wait(30)
-            sub.close()
+    with _serving(bundle_store, product, images, fps, work, "live", threads, port) as (proc, received):
+        for r in range(rounds):
+            for n in counts if r % 2 == 0 else counts[::-1]:
+                clients = [_LiveClient(port) for _ in range(n)]
+                for c in clients:
+                    c.start()
+                settle = time.monotonic() + 5
+                while any(c.frames == 0 for c in clients) and time.monotonic() < settle:
+                    time.sleep(0.05)
+                start, n0, cpu0 = time.time(), len(received), _cpu_s(proc.pid)
+                events0 = sum(c.events for c in clients)
+                frames0 = sum(c.frames for c in clients)
+                time.sleep(seconds)
+                cpu = _cpu_s(proc.pid) - cpu0
+                events = sum(c.events for c in clients) - events0
+                frames = sum(c.frames for c in clients) - frames0
+                for c in clients:
+                    c.stop()
+                results = [decode_result(p) for t, p in received[n0:] if t <= start + seconds]
+                phases.append({"clients": n, "round": r, "fps": len(results) / seconds,
+                               "cpu_ms_per_result": cpu * 1e3 / len(results) if results else float("nan"),
+                               "frame_ms": [r.timings_ms["total"] for r in results if "total" in r.timings_ms],
+                               "events_per_client_s": events / seconds / n if n else 0.0,
+                               "frames_per_client_s": frames / seconds / n if n else 0.0,
+                               "rejected_503": sum(c.status == 503 for c in clients)})
     table = {}
     base = {p["round"]: p["fps"] for p in phases if p["clients"] == counts[0]}
     for n in counts:

@@ -41,6 +41,7 @@ import os
 import ssl
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -107,7 +108,7 @@ class Topics:
         self.reply = f"{prefix}/cmd/reply"
 
 
-class DurableMqttClient:
+class DurableMqttClient(ABC):
     """One MQTT connection (with the ``auto`` protocol fallback) and the durable, ordered sender of a queue.
 
     Subclasses say what the connection carries: :meth:`_configure` (last will, ...), :meth:`_subscribe`,
@@ -259,9 +260,9 @@ class DurableMqttClient:
         """False holds the queue (the sender waits for :meth:`_notify`)."""
         return True
 
+    @abstractmethod
     def _wire(self, index: int, payload: bytes) -> tuple[str, bytes]:
         """Topic and bytes of queued record ``index``, called under the send lock in queue order."""
-        raise NotImplementedError
 
     def _handle_message(self, client: mqtt.Client, msg: mqtt.MQTTMessage) -> None:
         """An incoming message on a subscription (network thread: hand long work to another thread)."""

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import select
 import socket
 import socketserver
@@ -44,7 +43,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from .live import EVENT_CONTENT_TYPE, PAGE_HEADERS, LiveHub, static_file
+from .live import EVENT_CONTENT_TYPE, PAGE_HEADERS, LiveHub, json_safe, static_file
 from .metrics import HEALTH_STATES  # noqa: F401  (re-exported: the states, best first)
 
 log = logging.getLogger(__name__)
@@ -108,17 +107,6 @@ STATUS_CODES: dict[str, dict[str, int]] = {
 }
 
 
-def _finite(obj: Any) -> Any:
-    """NaN/Inf become null: ``json.dumps`` would write bare ``NaN``, which strict JSON parsers reject."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True  # a restart by systemd must not fail on a TIME_WAIT socket
@@ -158,7 +146,7 @@ class _Handler(BaseHTTPRequestHandler):
                 except Exception as exc:
                     log.exception("health endpoint: health() failed")
                     body, status = {"ok": False, "error": f"health check failed: {exc!r}"}, 500
-                data = json.dumps(_finite(body), default=str, sort_keys=True).encode()
+                data = json.dumps(json_safe(body), default=str, sort_keys=True).encode()
                 self._send(status, JSON_CONTENT_TYPE, data)
             elif path == "/metrics":
                 try:
@@ -190,7 +178,7 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._send(200, "image/jpeg", got[1], {**PAGE_HEADERS, "X-Seq": str(got[0])})
         elif path == "/live.json":
-            data = json.dumps(_finite(live.snapshot()), default=str, sort_keys=True).encode()
+            data = json.dumps(json_safe(live.snapshot()), default=str, sort_keys=True).encode()
             self._send(200, JSON_CONTENT_TYPE, data, PAGE_HEADERS)
         else:
             page = static_file(path)

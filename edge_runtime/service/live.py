@@ -98,13 +98,14 @@ def _quantiles(values: list[float]) -> dict[str, float | None]:
     return {"p50": round(float(p50), 2), "p99": round(float(p99), 2)}
 
 
-def _finite(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
+    """NaN/Inf become null: ``json.dumps`` would write bare ``NaN``, which strict JSON parsers reject."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {str(k): _finite(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
 
 
@@ -281,7 +282,7 @@ class LiveHub:
 
     @staticmethod
     def _encode(event: Mapping[str, Any]) -> bytes:
-        body = json.dumps(_finite(dict(event)), default=str, separators=(",", ":"))
+        body = json.dumps(json_safe(dict(event)), default=str, separators=(",", ":"))
         seq = event.get("seq")
         head = f"id: {seq}\n" if seq is not None else ""
         return f"{head}data: {body}\n\n".encode()

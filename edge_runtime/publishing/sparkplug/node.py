@@ -33,7 +33,7 @@ import paho.mqtt.client as mqtt
 
 from edge_runtime import __version__
 from edge_runtime.publishing.disk_queue import DiskQueue
-from edge_runtime.publishing.messages import ResultMessage, decode_result, encode_result
+from edge_runtime.publishing.messages import ResultMessage, decode_result
 from edge_runtime.publishing.mqtt import DurableMqttClient
 from edge_runtime.publishing.sparkplug.payloads import DataType, Metric, decode, encode, metrics_by_name
 from edge_runtime.service.config import EdgeConfig, MQTTConfig, SparkplugConfig
@@ -119,7 +119,7 @@ class SparkplugNode(DurableMqttClient):
         c = self._counters
         c["Inspected"] += 1
         c[{"pass": "Passed", "fail": "Failed"}.get(message.verdict, "Errors")] += 1
-        record = {"result": json.loads(encode_result(message)), "counters": dict(c)}
+        record = {"result": message.model_dump(mode="json", by_alias=True), "counters": dict(c)}
         self.queue.append(json.dumps(record, separators=(",", ":")).encode("utf-8"))
         self._note_last_seq(message.seq)
         self._notify()
