@@ -28,7 +28,8 @@ from edge_runtime import __version__
 from edge_runtime.core import bundle as B
 from edge_runtime.core.fitting import BankBuilder, split_holdout
 from edge_runtime.core.foreground import ForegroundBuilder
-from edge_runtime.core.pipeline import Inspector, MapFusion, PosFARScorer, open_inspector
+from edge_runtime.core.pipeline import STANDARDISED, Inspector, MapFusion, PosFARScorer, open_inspector
+from edge_runtime.core.scoring import DistanceStandardiser
 from edge_runtime.core.signing import sign_bundle
 from edge_runtime.core.thresholds import ThresholdEstimate, estimate_threshold
 from edge_runtime.store import BundleStore, StoreError, check_version_name
@@ -166,23 +167,31 @@ def calibrate(base: Path, images: Path, out: Path | None, *, holdout: float = 0.
     holdout_features = list(_features(inspector, holdout_frames, "hold-out frames", quiet))
     classifier = inspector.scorer.classifier
     scorer = PosFARScorer.from_bundle(B.Bundle(root=bundle.root, manifest=manifest, arrays=arrays),
-                                      classifier=classifier)
+                                      classifier=classifier, image_score="map")
+    holdout_evidence = [scorer.evidence(p, d) for p, d in holdout_features]
+    bank_evidence = [scorer.evidence(p, d, exclude=j) for j, (p, d) in enumerate(bank_features)]
+    if "reference_distances" in bundle.arrays:  # new references, new bank: their leave-one-out distances
+        standardiser = DistanceStandardiser(np.stack([e.distance.reshape(tuple(m.backbone.grid))
+                                                      for e in bank_evidence]).astype(np.float16))
+        arrays = {**arrays, **standardiser.arrays()}
+        scorer = scorer.with_standardiser(standardiser)
+    scorer = scorer.with_standardiser(scorer.standardiser, m.scoring.image_score)
     if classifier is not None and m.scoring.fusion is not None:  # the new bank moves the distances: rescale
-        rescaled = MapFusion.from_scorer(m.scoring.fusion.rule, scorer, holdout_features)
+        rescaled = MapFusion.calibrate(m.scoring.fusion.rule, np.stack([e.distance for e in holdout_evidence]),
+                                       np.stack([e.probability for e in holdout_evidence]))
         manifest = manifest.model_copy(update={"scoring": m.scoring.model_copy(update={
             "fusion": m.scoring.fusion.model_copy(update={"distance_scale": rescaled.distance_scale,
                                                           "swin_scale": rescaled.swin_scale})})})
         if m.scoring.anomaly_map == "fused":
             scorer = scorer.with_fusion(rescaled)
-    holdout_scored = [scorer.score(p, d) for p, d in holdout_features]
+    holdout_scored = [scorer.finish(e) for e in holdout_evidence]
     scores = np.array([s.score for s in holdout_scored])
     # as the base bundle's threshold was estimated: with leave-one-out scores of the bank frames when it was
-    loo = ([scorer.score(p, d, exclude=j) for j, (p, d) in enumerate(bank_features)]
-           if m.thresholds.n_leave_one_out else [])
+    loo = [scorer.finish(e) for e in bank_evidence] if m.thresholds.n_leave_one_out else []
     thr = estimate_threshold(np.concatenate([scores, [s.score for s in loo]]), target, m.thresholds.margin,
                              n_leave_one_out=len(loo))
-    pixel = None  # a verdict on the distance: the heatmap's regions keep a threshold of their own
-    if scorer.image_score == "distance" and classifier is not None:
+    pixel = None  # a verdict not on the heatmap: the heatmap's regions keep a threshold of their own
+    if scorer.image_score in STANDARDISED or (scorer.image_score == "distance" and classifier is not None):
         pixel = estimate_threshold([s.map_score for s in holdout_scored + loo], target, m.thresholds.margin,
                                    n_leave_one_out=len(loo))
     manifest = manifest.model_copy(update={"thresholds": B.Thresholds.from_estimate(thr, pixel)})

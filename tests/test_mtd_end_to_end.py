@@ -51,7 +51,7 @@ def test_mtd_fit_is_complete_and_small(mtd_bundle):
 def test_mtd_metrics(mtd_bundle, tmp_path):
     data, out, _ = mtd_bundle
     metrics = evaluate_bundle(out, data, tmp_path / "eval", progress=False)
-    assert metrics["anomaly_map"] == "fused" and metrics["image_score"] == "distance"
+    assert metrics["anomaly_map"] == "fused" and metrics["image_score"] == "reference_standardised"
     assert set(metrics["per_defect"]) == {"blowhole", "break", "crack", "fray", "uneven"}
     assert metrics["pixel_auroc"] > FLOORS["pixel_auroc"] and metrics["pro"] > FLOORS["pro"]
     assert metrics["image_auroc"] > FLOORS["image_auroc"] and metrics["pixel_ap"] > FLOORS["pixel_ap"]
@@ -59,7 +59,8 @@ def test_mtd_metrics(mtd_bundle, tmp_path):
     assert [d["false_reject_rate"] for d in metrics["detection_at_frr"]] == [0.005, 0.01, 0.02]
     # the final map must never localise worse than the distance it starts from, and the verdict is the
     # distance's: same image scores (the floors leave room for run-to-run noise of the Swin)
-    baseline = evaluate_bundle(out, data, tmp_path / "nn", progress=False, anomaly_map="nn_distance")
+    baseline = evaluate_bundle(out, data, tmp_path / "nn", progress=False, anomaly_map="nn_distance",
+                               image_score="reference_standardised")
     assert metrics["image_auroc"] == pytest.approx(baseline["image_auroc"], abs=1e-9)
     assert metrics["pixel_ap"] > baseline["pixel_ap"] - 0.01 and metrics["pro"] > baseline["pro"] - 0.02
 

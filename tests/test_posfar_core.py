@@ -10,7 +10,7 @@ from edge_runtime.core.matching import MemoryBank, posfar_residual
 from edge_runtime.core.pca import PCA, fit_pca
 from edge_runtime.core.position import position_code
 from edge_runtime.core.retrieval import ReferenceIndex
-from edge_runtime.core.scoring import defect_regions, heatmap_from_blocks, image_score
+from edge_runtime.core.scoring import DistanceStandardiser, defect_regions, heatmap_from_blocks, image_score
 
 
 def _slow_kcenter(x: np.ndarray, n: int, start: int) -> list[int]:
@@ -124,6 +124,44 @@ def test_heatmap_score_and_regions():
     assert image_score(heat, 4) <= heat.max()
     regions = defect_regions(heat, heat.max() / 2)
     assert len(regions) == 1 and regions[0].peak == pytest.approx(float(heat.max()))
+
+
+def test_distance_standardiser_scores_each_position_against_its_own_good_spread():
+    """A border that is always far from the bank must not outscore a smaller excess in a quiet middle."""
+    rng = np.random.default_rng(0)
+    good = rng.normal(1.0, 0.05, size=(200, 8, 8)).astype(np.float32)
+    good[:, 0, :] += rng.normal(3.0, 1.0, size=(200, 8))  # a noisy border row: high and variable distances
+    std = DistanceStandardiser(good)
+    assert std.mean.shape == std.std.shape == (8, 8) and std.mean.dtype == np.float32
+    test = np.full((8, 8), 1.0, np.float32)
+    test[0, 3] = 5.0  # within the border's normal spread
+    test[5, 5] = 1.5  # ten good standard deviations above a quiet position
+    z = std(test)
+    assert np.unravel_index(np.argmax(test), test.shape) == (0, 3)
+    assert np.unravel_index(np.argmax(z), z.shape) == (5, 5)
+    assert np.allclose(std(good).mean(axis=0), 0.0, atol=1e-4)
+    # a position that never varies gets a floor, not a division by zero
+    flat = np.ones((5, 4, 4), np.float32)
+    assert np.isfinite(DistanceStandardiser(flat)(flat[0] + 1.0)).all()
+    with pytest.raises(ValueError, match="at least 2"):
+        DistanceStandardiser(good[:1])
+    with pytest.raises(ValueError, match="finite"):
+        DistanceStandardiser(np.full((3, 2, 2), np.nan, np.float32))
+
+
+def test_distance_standardiser_against_the_retrieved_references_only():
+    """Two kinds of part with different normal distances at the same position: against its own kind's
+    references, a defect on the quiet kind stands out; against all good images it drowns in the other's spread."""
+    rng = np.random.default_rng(1)
+    quiet = rng.normal(1.0, 0.05, size=(50, 4, 4))
+    loud = rng.normal(4.0, 1.0, size=(50, 4, 4))
+    std = DistanceStandardiser(np.concatenate([quiet, loud]).astype(np.float32))
+    test = np.full((4, 4), 1.0, np.float32)
+    test[2, 2] = 2.0  # 20 sd above the quiet kind, well inside the pooled spread
+    own = std(test, references=np.arange(16))
+    pooled = std(test)
+    assert own[2, 2] > 10 and pooled[2, 2] < 1
+    assert abs(float(np.delete(own.ravel(), 10).mean())) < 1.5
 
 
 def test_pca_transform_dtype():

@@ -54,3 +54,10 @@ def test_sweep_runs_variants_writes_the_table_and_resumes(tmp_path, demo_data, c
     nn = next(r for r in rows if r["variant"] == "base: nn_distance")
     mixed = next(r for r in rows if r["variant"] == "base: fused:mean@distance")
     assert mixed["image_auroc"] == nn["image_auroc"]  # the verdict's score is the distance map's
+    # a distance-only variant is scored only by the maps it has: the distance, with each verdict
+    maps = "fused:mean@distance,nn_distance@reference_standardised"
+    assert sweep.main(["--grid", str(grid), "--out", str(out), "--frames", "0", "--variant",
+                       "dist=swin.enabled=false", "--maps", maps]) == 0
+    rows = {r["variant"]: r for r in csv.DictReader((out / "table.csv").open())}
+    assert "dist: nn_distance@reference_standardised" in rows and "dist: fused:mean@distance" not in rows
+    assert rows["dist"]["pixel_ap"] == rows["dist: nn_distance@reference_standardised"]["pixel_ap"]  # same heatmap

@@ -283,3 +283,74 @@ def test_fused_bundle_with_the_verdict_on_the_distance(tmp_path, demo_data, smal
     assert report.threshold.threshold == cal.thresholds.image and cal.thresholds.pixel != cal.thresholds.image
     assert cal.scoring.image_score == "distance"
     assert cal.scoring.fusion.distance_scale != m.scoring.fusion.distance_scale  # rescaled on the new bank
+
+
+def test_standardised_verdict_fits_scores_and_recalibrates(tmp_path, demo_data, small_config, fitted_slice):
+    """image_score: reference_standardised: every reference image's leave-one-out distances in the bundle, the
+    verdict on the distance map standardised against the K retrieved references', the heatmap unchanged; field
+    calibration refits the maps with its new references."""
+    from calibration.fit import calibrate
+    from edge_runtime.core.scoring import heatmap_from_blocks, image_score
+    from training_host.training.fit import fit_product
+
+    cfg = small_config.model_copy(update={
+        "swin": small_config.swin.model_copy(update={"enabled": False}),
+        "scoring": small_config.scoring.model_copy(update={"image_score": "reference_standardised"})})
+    out = tmp_path / "std"
+    summary = fit_product(cfg, demo_data, out, progress=False)
+    bundle = load_bundle(out)
+    m, a = bundle.manifest, bundle.arrays
+    rd = a["reference_distances"]
+    assert m.scoring.image_score == "reference_standardised"
+    assert rd.shape == (m.posfar.n_reference_images, *m.backbone.grid) and rd.dtype == np.float16
+    assert summary.threshold_estimate["n_leave_one_out"] == 24
+    assert m.thresholds.pixel != m.thresholds.image  # the heatmap (raw distance) has a threshold of its own
+    image = read_image(list_images(demo_data / "test" / "scratch")[0])
+    inspector = open_inspector(out)
+    result = inspector.inspect(image)
+    raw = Inspector(bundle, image_score="map").inspect(image)
+    assert np.array_equal(result.heatmap, raw.heatmap) and result.score != raw.score
+    pcf, desc = inspector.features(image)
+    ev = inspector.scorer.evidence(pcf, desc)
+    refs = rd[ev.references].astype(np.float32)
+    z = (ev.distance.reshape(m.backbone.grid) - refs.mean(0)) / np.maximum(refs.std(0), 1e-6)
+    expected = image_score(heatmap_from_blocks(z, inspector.input_hw, m.scoring.blur_sigma), m.scoring.score_pool)
+    assert result.score == pytest.approx(expected, rel=1e-4)
+    against_all = Inspector(bundle, image_score="standardised").inspect(image)
+    assert against_all.score != result.score and np.array_equal(against_all.heatmap, raw.heatmap)
+    # every fit stores the maps, so an older profile's bundle can be evaluated this way too
+    assert "reference_distances" in load_bundle(fitted_slice[0]).arrays
+    Inspector(load_bundle(fitted_slice[0]), image_score="reference_standardised").inspect(image)
+    # field calibration: new references and a new bank, so new leave-one-out maps
+    calibrate(out, demo_data / "train" / "good", tmp_path / "cal", holdout=0.25, quiet=True)
+    cal = load_bundle(tmp_path / "cal")
+    assert cal.manifest.scoring.image_score == "reference_standardised"
+    assert cal.arrays["reference_distances"].shape == (cal.manifest.posfar.n_reference_images, *m.backbone.grid)
+    assert open_inspector(tmp_path / "cal").inspect(image).threshold == cal.manifest.thresholds.image
+
+
+def test_standardised_verdict_without_its_maps_is_refused(fitted_slice, tmp_path):
+    """A bundle that asks for a standardised verdict must carry the reference distance maps; an older bundle
+    without them still serves its own way, and cannot be scored standardised, saying why."""
+    from safetensors.numpy import load_file, save_file
+
+    path = tmp_path / "b"
+    shutil.copytree(fitted_slice[0], path)
+    arrays = load_file(str(path / ARRAYS))
+    arrays.pop("reference_distances")
+    save_file(arrays, str(path / ARRAYS))
+
+    def without_maps(image_score):
+        def edit(m):
+            m["scoring"]["image_score"] = image_score
+            m["files"][ARRAYS].update(sha256=sha256_of(path / ARRAYS), size=(path / ARRAYS).stat().st_size)
+            m["files"][ARRAYS]["arrays"].pop("reference_distances", None)
+        return edit
+
+    _rewrite_manifest(path, without_maps("reference_standardised"))
+    with pytest.raises(BundleError, match="reference_distances"):
+        load_bundle(path)
+    _rewrite_manifest(path, without_maps("map"))
+    bundle = load_bundle(path)  # a bundle fitted before the maps existed still loads and serves
+    with pytest.raises(ValueError, match="reference distance maps"):
+        Inspector(bundle, image_score="standardised")

@@ -21,7 +21,8 @@ AUROC, PRO, pixel AP overall and per defect type, detection at FRR 0.5 / 1 / 2 %
 ``weakrest-edge bench`` in a fresh process (frame and backbone p50).  Each map named in ``maps`` (or
 ``--maps``) is one more row per variant with a Swin (``nn_distance``: the distance alone; ``swin``;
 ``fused:RULE``: the two fused, with the scales stored at fit; ``...@distance``: with the image score taken from
-the distance map); without ``maps``, the first variant's distance is one more row.  Results go to
+the distance map; ``...@standardised`` or ``...@reference_standardised``: from the distance map standardised per
+position); without ``maps``, the first variant's distance is one more row.  Results go to
 ``OUT/<variant>/result.json`` (a variant whose result exists with the same overrides is not fitted again;
 maps it lacks are evaluated from its bundle) and to ``OUT/table.csv`` and ``OUT/table.md``.
 """
@@ -99,6 +100,13 @@ def evaluate_map(folder: Path, data: Path, map_name: str) -> dict:
                            image_score=verdict or None)
 
 
+def applicable(maps: list[str], anomaly_map: str) -> list[str]:
+    """The extra maps a variant can be scored by: a distance-only bundle has no Swin to fuse or score with."""
+    if anomaly_map != "nn_distance":
+        return maps
+    return [m for m in maps if m.startswith("nn_distance@")]
+
+
 def row_of(name: str, overrides: list[str], metrics: dict, fit: dict | None, speed: dict | None) -> dict:
     frr = {f"det@frr{d['false_reject_rate']:g}": d["detection_rate"] for d in metrics.get("detection_at_frr") or []}
     row = {"variant": name, "overrides": " ".join(overrides), **{k: metrics[k] for k in KEYS}, **frr}
@@ -163,10 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     maps = args.maps.split(",") if args.maps else list(grid.get("maps") or [])
     for name in maps:
         spec, at, verdict = name.partition("@")
-        if spec.partition(":")[0] not in ("nn_distance", "swin", "fused") or (at and verdict not in ("map",
-                                                                                                       "distance")):
+        if spec.partition(":")[0] not in ("nn_distance", "swin", "fused") or (at and verdict not in (
+                "map", "distance", "standardised", "reference_standardised")):
             raise SystemExit(f"maps: unknown map {name!r} (nn_distance, swin, fused:mean|geometric|max, each "
-                             "optionally @distance or @map)")
+                             "optionally @distance, @standardised, @reference_standardised or @map)")
     rows = []
     for i, (name, overrides) in enumerate(variants.items()):
         folder = out / name.replace("/", "_")
@@ -176,15 +184,15 @@ def main(argv: list[str] | None = None) -> int:
             old = json.loads(result_path.read_text(encoding="utf-8"))
             if old.get("overrides") == overrides and old.get("config") == str(config):
                 done = set(old.get("maps", []))
-                missing = [m for m in extra if m not in done]
-                if missing and old["fit"].get("anomaly_map") != "nn_distance" and (folder / "bundle").is_dir():
+                missing = [m for m in applicable(extra, old["fit"].get("anomaly_map")) if m not in done]
+                if missing and (folder / "bundle").is_dir():
                     print(f"[{i + 1}/{len(variants)}] {name}: kept, evaluating {', '.join(missing)}", flush=True)
                     old["rows"] += [row_of(f"{name}: {m}", overrides, evaluate_map(folder, data, m), None, None)
                                     for m in missing]
                     old["maps"] = sorted(done | set(missing))
                     result_path.write_text(json.dumps(old, indent=2, default=str) + "\n", encoding="utf-8")
                     missing = []
-                if not missing or old["fit"].get("anomaly_map") == "nn_distance":
+                if not missing:
                     print(f"[{i + 1}/{len(variants)}] {name}: kept from {result_path}", flush=True)
                     rows += old["rows"]
                     write_tables(rows, out)
@@ -196,10 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         fit = {**summary.to_json(), "wall_s": round(time.perf_counter() - t0, 1)}
         metrics = evaluate_bundle(folder / "bundle", data, folder / "eval", progress=False)
         variant_rows = [row_of(name, overrides, metrics, fit, bench(folder / "bundle", data / "test", args.frames))]
-        if summary.anomaly_map != "nn_distance":
-            variant_rows += [row_of(f"{name}: {m}", overrides, evaluate_map(folder, data, m), None, None)
-                             for m in extra]
-        result_path.write_text(json.dumps({"config": str(config), "overrides": overrides, "maps": extra, "fit": fit,
+        variant_rows += [row_of(f"{name}: {m}", overrides, evaluate_map(folder, data, m), None, None)
+                         for m in applicable(extra, summary.anomaly_map)]
+        result_path.write_text(json.dumps({"config": str(config), "overrides": overrides,
+                                           "maps": applicable(extra, summary.anomaly_map), "fit": fit,
                                            "rows": variant_rows}, indent=2, default=str) + "\n", encoding="utf-8")
         rows += variant_rows
         write_tables(rows, out)

@@ -230,8 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "Swin and the distance, with the scales stored at fit)")
     p.add_argument("--fusion-rule", choices=["mean", "geometric", "max"], default=None,
                    help="with a fused map: this rule instead of the bundle's")
-    p.add_argument("--image-score", choices=["map", "distance"], default=None,
-                   help="take the image score from the heatmap or from the distance map instead of the bundle's way")
+    p.add_argument("--image-score", choices=["map", "distance", "standardised", "reference_standardised"],
+                   default=None, help="take the image score from the heatmap, the distance map, or the distance map "
+                                      "standardised per position (against all reference images, or the K retrieved) "
+                                      "instead of the bundle's way")
     p.add_argument("--no-foreground", action="store_true", help="ignore the bundle's foreground maps (ablation)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)

@@ -59,9 +59,12 @@ class ScoringConfig(_Section):
     fusion: Literal["none", "mean", "geometric", "max"] = Field(
         default="none", description="with a Swin: 'none' scores by its probability alone; otherwise the final "
                                     "map fuses it with the nearest-normal distance by this rule")
-    image_score: Literal["map", "distance"] = Field(
-        default="map", description="with a Swin: the verdict on the heatmap's pooled max ('map') or on the "
-                                   "distance map's ('distance'; the heatmap still comes from the Swin)")
+    image_score: Literal["map", "distance", "standardised", "reference_standardised"] = Field(
+        default="map", description="the verdict on the heatmap's pooled max ('map'), on the distance map's "
+                                   "('distance', with a Swin; the heatmap still comes from it), or on the distance "
+                                   "map's with each block standardised against the good images' distances at its "
+                                   "position: all reference images' ('standardised') or the K retrieved ones' "
+                                   "('reference_standardised'); with or without a Swin")
 
 
 class SwinConfig(_Section):

@@ -46,6 +46,9 @@ REQUIRED_ARRAYS: dict[str, tuple[str, int]] = {
 #: arrays present only when the manifest has the matching section
 OPTIONAL_ARRAYS: dict[str, tuple[str, int]] = {
     "foreground_maps": ("float16", 3),  # (n_reference_images, h_f, w_f), with the ``foreground`` section
+    # (n_reference_images, h_f, w_f): each reference image's leave-one-out block distances, for the standardised
+    # image scores (written by every fit since, so any such bundle can be evaluated that way)
+    "reference_distances": ("float16", 3),
 }
 
 
@@ -155,9 +158,11 @@ class ScoringInfo(_Strict):
     blur_sigma: float
     score_pool: int
     fusion: FusionInfo | None = None  # present whenever there is a Swin, so each map can be evaluated
-    # what the verdict is taken on: the heatmap's pooled max ("map"), or the distance map's ("distance"; the
-    # heatmap then still comes from the Swin, and thresholds.pixel is on the heatmap's scale)
-    image_score: Literal["map", "distance"] = "map"
+    # what the verdict is taken on: the heatmap's pooled max ("map"), the distance map's ("distance"; the
+    # heatmap then still comes from the Swin, and thresholds.pixel is on the heatmap's scale), or the distance
+    # map's standardised per position against the array reference_distances: all reference images
+    # ("standardised") or the K retrieved for the image ("reference_standardised")
+    image_score: Literal["map", "distance", "standardised", "reference_standardised"] = "map"
 
 
 class Thresholds(_Strict):
@@ -348,6 +353,15 @@ def _check_consistency(m: Manifest, a: dict[str, np.ndarray]) -> None:
         checks.append((fg.shape == expected, f"foreground_maps is {list(fg.shape)}, expected {list(expected)}"))
         checks.append((bool(np.isfinite(fg.astype(np.float32)).all()) and fg.min() >= 0 and fg.max() <= 1,
                        "foreground_maps must hold finite values in [0, 1]"))
+    if m.scoring.image_score in ("standardised", "reference_standardised") and "reference_distances" not in a:
+        checks.append((False, f"array 'reference_distances' is missing (scoring.image_score is "
+                              f"'{m.scoring.image_score}')"))
+    if "reference_distances" in a:
+        rd = a["reference_distances"]
+        expected = (m.posfar.n_reference_images, *m.backbone.grid)
+        checks.append((rd.shape == expected, f"reference_distances is {list(rd.shape)}, expected {list(expected)}"))
+        checks.append((bool(np.isfinite(rd.astype(np.float32)).all()) and rd.min() >= 0,
+                       "reference_distances must hold finite distances >= 0"))
     for ok, problem in checks:
         if not ok:
             raise BundleError(ARRAYS, problem)

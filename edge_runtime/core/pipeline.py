@@ -25,7 +25,7 @@ from .matching import MemoryBank, posfar_residual
 from .pca import PCA
 from .preprocess import to_input_tensor
 from .retrieval import ReferenceIndex
-from .scoring import Region, defect_regions, heatmap_from_blocks, image_score
+from .scoring import DistanceStandardiser, Region, defect_regions, heatmap_from_blocks, image_score
 
 
 @dataclass
@@ -66,6 +66,13 @@ class ForegroundWeighting:
     def factor(self, references: np.ndarray) -> np.ndarray:
         return reference_foreground(self.maps, references, self.power, self.pool)
 
+
+#: what the verdict is taken on: the heatmap's pooled max, the distance map's, or the distance map's with each
+#: block standardised against the good images' distances at its position, all of them or only the K retrieved
+#: references' (:class:`DistanceStandardiser`)
+ImageScore = Literal["map", "distance", "standardised", "reference_standardised"]
+IMAGE_SCORES: tuple[str, ...] = ("map", "distance", "standardised", "reference_standardised")
+STANDARDISED: tuple[str, ...] = ("standardised", "reference_standardised")
 
 FUSION_QUANTILE = 0.999  # each map is divided by this quantile of its values on held-out good blocks
 
@@ -117,6 +124,16 @@ class MapFusion:
 
 
 @dataclass(frozen=True)
+class Evidence:
+    """One image's raw block evidence, before fusion, foreground weighting and scoring."""
+
+    distance: np.ndarray  # (M,) float32, full-space distance to the matched normal patch
+    probability: np.ndarray | None  # (M,) float32, the Swin's anomaly probability (None without a Swin)
+    references: np.ndarray  # the K retrieved training images
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Residual:
     """What matching produced for one image: the PosFAR residual field and where it came from."""
 
@@ -132,12 +149,15 @@ class PosFARScorer:
                  input_hw: tuple[int, int], blur_sigma: float = 4.0, score_pool: int = 8,
                  thetas: tuple[float, ...] = (1.0, 2.0), classifier: Classifier | None = None,
                  foreground: ForegroundWeighting | None = None, fusion: MapFusion | None = None,
-                 image_score: Literal["map", "distance"] = "map") -> None:
+                 image_score: ImageScore = "map", standardiser: DistanceStandardiser | None = None) -> None:
         if fusion is not None and classifier is None:
             raise ValueError("a fused map needs the Swin classifier")
-        if image_score not in ("map", "distance"):
-            raise ValueError(f"image_score must be 'map' or 'distance', got {image_score!r}")
+        if image_score not in IMAGE_SCORES:
+            raise ValueError(f"image_score must be one of {', '.join(IMAGE_SCORES)}, got {image_score!r}")
+        if image_score in STANDARDISED and standardiser is None:
+            raise ValueError("a standardised image score needs the reference images' distance maps")
         self.image_score = image_score
+        self.standardiser = standardiser
         self.bank = bank
         self.references = references
         self.k = k
@@ -153,7 +173,7 @@ class PosFARScorer:
     @classmethod
     def from_bundle(cls, bundle: Bundle, classifier: Classifier | None = None,
                     use_foreground: bool = True, fusion: MapFusion | None = None,
-                    image_score: Literal["map", "distance"] | None = None) -> PosFARScorer:
+                    image_score: ImageScore | None = None) -> PosFARScorer:
         """The bundle's scorer; pass ``classifier`` (its Swin engine) to score with the residual Swin, and
         ``fusion`` as well to fuse it with the distance."""
         m, a = bundle.manifest, bundle.arrays
@@ -163,9 +183,13 @@ class PosFARScorer:
         foreground = None
         if use_foreground and m.foreground is not None and m.foreground.power > 0:
             foreground = ForegroundWeighting(a["foreground_maps"], m.foreground.power, m.foreground.pool)
+        standardiser = None
+        if "reference_distances" in a:
+            standardiser = DistanceStandardiser(a["reference_distances"].astype(np.float32))
         return cls(bank, refs, m.posfar.k_references, tuple(m.backbone.grid), tuple(m.preprocessing.input_size),
                    m.scoring.blur_sigma, m.scoring.score_pool, thetas=tuple(m.posfar.thetas), classifier=classifier,
-                   foreground=foreground, fusion=fusion, image_score=image_score or m.scoring.image_score)
+                   foreground=foreground, fusion=fusion, image_score=image_score or m.scoring.image_score,
+                   standardiser=standardiser)
 
     def residual(self, pcf: np.ndarray, descriptor: np.ndarray, exclude: int | None = None) -> Residual:
         """Retrieval, matching and the PosFAR residual field of one image (no classifier)."""
@@ -173,6 +197,16 @@ class PosFARScorer:
         match = self.bank.match(pcf, refs)
         residual = posfar_residual(pcf, self.bank.features[match.bank_rows], self.thetas)
         return Residual(residual=residual, distance=match.distance, references=refs)
+
+    def with_standardiser(self, standardiser: DistanceStandardiser | None,
+                          image_score: ImageScore | None = None) -> PosFARScorer:
+        """The same scorer with the reference images' distance maps (and, if given, another image score)."""
+        other = copy.copy(self)
+        other.standardiser = standardiser
+        other.image_score = image_score or self.image_score
+        if other.image_score in STANDARDISED and standardiser is None:
+            raise ValueError("a standardised image score needs the reference images' distance maps")
+        return other
 
     def with_fusion(self, fusion: MapFusion | None) -> PosFARScorer:
         """The same scorer (sharing its bank and references) with another fused map, or none."""
@@ -185,45 +219,61 @@ class PosFARScorer:
     def block_evidence(self, pcf: np.ndarray, descriptor: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """The raw block distances (M,) and the Swin's probabilities (M,) (None without a classifier), before
         fusion and foreground weighting: what :meth:`MapFusion.calibrate` needs."""
-        res = self.residual(pcf, descriptor)
-        prob = None if self.classifier is None else np.asarray(self.classifier(res.residual), dtype=np.float32)
-        return res.distance, prob
+        ev = self.evidence(pcf, descriptor)
+        return ev.distance, ev.probability
 
-    def score(self, pcf: np.ndarray, descriptor: np.ndarray, exclude: int | None = None) -> Scored:
-        """pcf: (M, d_f) patch features; descriptor: (cells, C).  ``exclude`` leaves one image out."""
+    def evidence(self, pcf: np.ndarray, descriptor: np.ndarray, exclude: int | None = None) -> Evidence:
+        """Retrieval, matching and the Swin for one image: pcf (M, d_f), descriptor (cells, C); ``exclude``
+        leaves one reference image out.  Everything after this (fusion, foreground, heatmap, image score) is
+        :meth:`finish`, so a fit can gather the evidence once and score it under statistics it derives from it."""
         t0 = time.perf_counter()
         refs = self.references.nearest(descriptor, self.k, exclude=exclude)
         t1 = time.perf_counter()
         match = self.bank.match(pcf, refs)
         t2 = time.perf_counter()
         timings = {"retrieval": (t1 - t0) * 1e3, "matching": (t2 - t1) * 1e3}
+        probability = None
         if self.classifier is not None:
             residual = posfar_residual(pcf, self.bank.features[match.bank_rows], self.thetas)
-            block_map = np.asarray(self.classifier(residual), dtype=np.float32)
-            if self.fusion is not None:
-                block_map = self.fusion(block_map, match.distance)
+            probability = np.asarray(self.classifier(residual), dtype=np.float32)
+            timings["swin"] = (time.perf_counter() - t2) * 1e3
+        return Evidence(distance=np.asarray(match.distance, dtype=np.float32), probability=probability,
+                        references=refs, timings_ms=timings)
+
+    def finish(self, ev: Evidence) -> Scored:
+        """The block map, heatmap and image score of one image's evidence."""
+        t0 = time.perf_counter()
+        distance_map = ev.distance.reshape(self.grid)
+        if ev.probability is not None and self.classifier is not None:
+            block_map = ev.probability if self.fusion is None else self.fusion(ev.probability, ev.distance)
             block_map = block_map.reshape(self.grid)
-            t_swin = time.perf_counter()
-            timings["swin"] = (t_swin - t2) * 1e3
-            t2 = t_swin
         else:
-            block_map = match.distance.reshape(self.grid)
-        factor = self.foreground.factor(refs) if self.foreground is not None else None
+            block_map = distance_map
+        factor = self.foreground.factor(ev.references) if self.foreground is not None else None
         if factor is not None:
             block_map = block_map * factor
         heatmap = heatmap_from_blocks(block_map, self.input_hw, self.blur_sigma)
         map_score = image_score(heatmap, self.score_pool)
         score = map_score
-        if self.image_score == "distance" and self.classifier is not None:
+        if self.image_score in STANDARDISED or (self.image_score == "distance" and self.classifier is not None):
             # the verdict on the distance, the heatmap from the Swin (or both fused): measured on MTD, the
             # distance separates good from defective images best at a line's false-reject rates, the
-            # Swin's maps localise better
-            distance_map = match.distance.reshape(self.grid) * (factor if factor is not None else 1.0)
-            score = image_score(heatmap_from_blocks(distance_map, self.input_hw, self.blur_sigma), self.score_pool)
-        t3 = time.perf_counter()
-        timings["postprocess"] = (t3 - t2) * 1e3
-        return Scored(block_map=block_map, heatmap=heatmap, score=score, references=refs, timings_ms=timings,
-                      map_score=map_score)
+            # Swin's maps localise better; standardised per position, better still
+            verdict_map = distance_map
+            if self.image_score in STANDARDISED:
+                assert self.standardiser is not None  # checked in __init__
+                verdict_map = self.standardiser(
+                    distance_map, ev.references if self.image_score == "reference_standardised" else None)
+            if factor is not None:
+                verdict_map = verdict_map * factor
+            score = image_score(heatmap_from_blocks(verdict_map, self.input_hw, self.blur_sigma), self.score_pool)
+        timings = {**ev.timings_ms, "postprocess": (time.perf_counter() - t0) * 1e3}
+        return Scored(block_map=block_map, heatmap=heatmap, score=score, references=ev.references,
+                      timings_ms=timings, map_score=map_score)
+
+    def score(self, pcf: np.ndarray, descriptor: np.ndarray, exclude: int | None = None) -> Scored:
+        """pcf: (M, d_f) patch features; descriptor: (cells, C).  ``exclude`` leaves one image out."""
+        return self.finish(self.evidence(pcf, descriptor, exclude))
 
 
 @dataclass
@@ -254,14 +304,15 @@ class Inspector:
 
     ``anomaly_map`` other than the bundle's own (``nn_distance``: distance alone, the baseline; ``swin``; or
     ``fused`` with ``fusion_rule``), or ``image_score`` other than its own (``map``: the heatmap's pooled max;
-    ``distance``: the distance map's, with the heatmap still from the Swin), is for evaluation: the bundle's
+    ``distance``: the distance map's, with the heatmap still from the Swin; ``standardised`` and
+    ``reference_standardised``: the distance map's standardised per position), is for evaluation: the bundle's
     thresholds belong to its own scores and must then be read as unset.
     """
 
     def __init__(self, bundle: Bundle, backbone: Engine | None = None, threads: int | None = None,
                  swin: Engine | None = None, anomaly_map: Literal["swin", "nn_distance", "fused"] | None = None,
                  use_foreground: bool = True, fusion_rule: Literal["mean", "geometric", "max"] | None = None,
-                 image_score: Literal["map", "distance"] | None = None) -> None:
+                 image_score: ImageScore | None = None) -> None:
         self.bundle = bundle
         m = bundle.manifest
         self.input_hw = tuple(m.preprocessing.input_size)
@@ -282,6 +333,9 @@ class Inspector:
             self.swin = swin or OnnxRuntimeEngine(bundle.swin_path, threads=threads)
         classifier = SwinClassifier(self.swin) if self.swin is not None else None
         self.image_score = image_score or m.scoring.image_score
+        if self.image_score in STANDARDISED and "reference_distances" not in bundle.arrays:
+            raise ValueError(f"bundle {bundle.root} has no reference distance maps (fitted before standardised "
+                             "image scores existed): it cannot score that way")
         self.scorer = PosFARScorer.from_bundle(bundle, classifier=classifier, use_foreground=use_foreground,
                                                fusion=fusion, image_score=self.image_score)
         self.threshold = m.thresholds.image

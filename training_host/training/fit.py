@@ -21,6 +21,7 @@ from edge_runtime.core.engines import OnnxRuntimeEngine
 from edge_runtime.core.fitting import BankBuilder, FittedPosFAR, split_holdout
 from edge_runtime.core.foreground import ForegroundBuilder
 from edge_runtime.core.pipeline import FUSION_QUANTILE, MapFusion, SwinClassifier
+from edge_runtime.core.scoring import DistanceStandardiser
 from edge_runtime.core.thresholds import estimate_threshold
 from training_host.config import ProductConfig
 from training_host.data.dataset import load_batch, scan_dataset
@@ -329,39 +330,47 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
         t1 = time.perf_counter()
         power = fg_cfg.power if fg_cfg.enabled else 0.0
 
-        image_score = cfg.scoring.image_score if classifier is not None else "map"
+        image_score = cfg.scoring.image_score
+        if image_score == "distance" and classifier is None:
+            image_score = "map"  # without a Swin the map is the distance
         scorer = fitted.scorer(cfg.posfar.k_references, extractor.grid, cfg.input_size, cfg.posfar.retrieval_trim,
                                cfg.scoring.blur_sigma, cfg.scoring.score_pool, tuple(cfg.posfar.thetas),
-                               classifier=classifier, foreground_power=power, foreground_pool=fg_cfg.pool,
-                               image_score=image_score)
+                               classifier=classifier, foreground_power=power, foreground_pool=fg_cfg.pool)
         holdout = [(p, d) for pcf, descriptor in _cached_features(cache, extractor, holdout_paths, cfg,
                                                                   "hold-out images", skipped, progress)
                    for p, d in zip(pcf, descriptor, strict=True)]
+        holdout_evidence = [scorer.evidence(p, d) for p, d in holdout]
+        # bank image j, matched with itself left out of its retrieval: about 10x more good maps than the hold-out
+        loo_evidence = []
+        for pcf, descriptor in _cached_features(cache, extractor, loaded, cfg, "leave-one-out scores", [], progress):
+            loo_evidence.extend(scorer.evidence(p, d, exclude=len(loo_evidence))
+                                for p, d in zip(pcf, descriptor, strict=True))
+        # every reference image's leave-one-out distances: always stored, so any bundle can be scored standardised;
+        # scored from the fp16 values the edge will read
+        standardiser = DistanceStandardiser(np.stack([e.distance.reshape(extractor.grid) for e in loo_evidence])
+                                            .astype(np.float16))
+        scorer = scorer.with_standardiser(standardiser, image_score)
         fusion = fusion_info = None
         if classifier is not None:  # the scales are always stored, so every map can be evaluated
             rule = cfg.scoring.fusion if cfg.scoring.fusion != "none" else "geometric"
-            calibrated = MapFusion.from_scorer(rule, scorer, holdout)
+            calibrated = MapFusion.calibrate(rule, np.stack([e.distance for e in holdout_evidence]),
+                                             np.stack([e.probability for e in holdout_evidence]))
             fusion_info = B.FusionInfo(rule=rule, distance_scale=calibrated.distance_scale,
                                        swin_scale=calibrated.swin_scale, quantile=FUSION_QUANTILE)
             if cfg.scoring.fusion != "none":
                 fusion = calibrated
                 scorer = scorer.with_fusion(fusion)
-        holdout_scored = [scorer.score(p, d) for p, d in holdout]
-        loo_scored = []
+        holdout_scored = [scorer.finish(e) for e in holdout_evidence]
         loo = cfg.threshold.leave_one_out
         if loo == "auto":  # the Swin was trained on the bank images' fields: their scores by it run optimistic
-            loo = classifier is None or image_score == "distance"
-        if loo:  # bank image j, scored with itself left out of its retrieval
-            for pcf, descriptor in _cached_features(cache, extractor, loaded, cfg, "leave-one-out scores", [],
-                                                    progress):
-                loo_scored.extend(scorer.score(p, d, exclude=len(loo_scored))
-                                  for p, d in zip(pcf, descriptor, strict=True))
+            loo = classifier is None or image_score != "map"
+        loo_scored = [scorer.finish(e) for e in loo_evidence] if loo else []
         holdout_scores = [s.score for s in holdout_scored]
         loo_scores = [s.score for s in loo_scored]
         choice = estimate_threshold(holdout_scores + loo_scores, cfg.threshold.target_false_reject,
                                     cfg.threshold.margin, n_leave_one_out=len(loo_scores))
-        pixel_choice = None  # the verdict is on the distance: the heatmap's regions need their own scale
-        if image_score == "distance":
+        pixel_choice = None  # the verdict is not on the heatmap: its regions need a threshold on its own scale
+        if image_score != "map":
             pixel_choice = estimate_threshold([s.map_score for s in holdout_scored + loo_scored],
                                               cfg.threshold.target_false_reject, cfg.threshold.margin,
                                               n_leave_one_out=len(loo_scored))
@@ -415,7 +424,7 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
                         if fitted.foreground_maps is not None else None),
             training=trained.info if trained else None,
         )
-        B.write_bundle(out, manifest, files, fitted.arrays())
+        B.write_bundle(out, manifest, files, {**fitted.arrays(), **standardiser.arrays()})
     seconds["export"] = time.perf_counter() - t2
     seconds["total"] = time.perf_counter() - t0
     size = sum(p.stat().st_size for p in Path(out).iterdir())
