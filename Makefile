@@ -12,7 +12,7 @@ TORCH_INDEX   ?= https://download.pytorch.org/whl/cpu
 SYSTEM_DEPS   ?= yes
 DEMO_DIR ?= demo_out
 
-.PHONY: demo test install system-deps torch-info lint proto screenshots fuzz bench-mtd bench-weak bench-service bench-calibration sweep clean
+.PHONY: demo test install system-deps torch-info lint proto screenshots fuzz bench-mtd bench-weak bench-service bench-calibration bench-peer soak sweep clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,23 @@ bench-weak: install
 # The running edge service on CPU: frames/s and grab-to-delivery latency through a real broker
 bench-service: install
 	$(PY) tools/bench_service.py
+
+# Soak: the service at full rate on ../shared/data/mtd/test through a Mosquitto stopped and started every
+# RESTART_MINUTES; a table per WINDOW_MINUTES, PASS/FAIL on RSS growth after warm-up (< 5 %) and missing seqs (none).
+# BUNDLE: what make bench-mtd fits on MTD by default; runs/soak/soak.json gets every figure.
+MINUTES ?= 60
+RESTART_MINUTES ?= 10
+WINDOW_MINUTES ?= 10
+BUNDLE ?= runs/mtd/unsupervised
+soak: install
+	$(PY) tools/soak.py --minutes $(MINUTES) --broker-restart-minutes $(RESTART_MINUTES) \
+	    --window-minutes $(WINDOW_MINUTES) --bundle $(BUNDLE) --out runs/soak/soak.json
+
+# Our CPU frame time against anomalib PatchCore's ONNX export (../shared/peer), alternating in one run;
+# the same MTD bundle as the soak by default
+PEER_BUNDLE ?= $(BUNDLE)
+bench-peer: install
+	$(PY) tools/bench_peer.py --bundle $(PEER_BUNDLE) --rounds 5 --json runs/bench_peer.json
 
 # Accuracy levers on ../shared/data/mtd, one table (runs/sweep/table.md); GRID=... for another grid
 GRID ?= docs/sweeps/levers.yaml

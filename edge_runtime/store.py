@@ -11,6 +11,17 @@ moment sees either the old or the new version, never a half-written one.  Versio
 whole (copied to a temporary name, then renamed).  Writers (add, activate, rollback) take an exclusive
 ``flock`` on ``<store>/<product>/.lock``, so two engineers switching at once cannot leave ``previous``
 equal to ``current``; readers (the service) never lock.
+
+Power loss: a rename is durable only once its directory is fsync'd, and a renamed file's *contents* only
+once the file itself is (a new version's files would otherwise be empty after a power cut, and ``current``
+would point at a bundle that fails its hashes).  So ``add`` fsyncs every file and folder of the copy before
+renaming it into place and fsyncs the product folder after; ``activate`` fsyncs the version it switches
+to (it may have come by other means), then replaces each link (a new symlink, renamed over the old one)
+and fsyncs the product folder.  A crash at any point leaves ``current`` at the old or the new version,
+both whole; between the two links it leaves ``previous`` equal to ``current``, which only makes the next
+``rollback`` a no-op.  Temporary links a killed writer left behind are removed by the next writer.
+A store on a read-only file system refuses ``add``/``activate``/``rollback`` with a :class:`StoreError`
+naming the folder; reading it (the service) works as before.
 """
 
 from __future__ import annotations
@@ -176,7 +187,9 @@ class BundleStore:
             shutil.rmtree(staging, ignore_errors=True)
             try:
                 shutil.copytree(bundle.root, staging)
+                _sync_tree(staging)  # the contents are on disk before the name says the version exists
                 os.replace(staging, dest)
+                _fsync_dir(pdir)
             except OSError as exc:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise StoreError(f"cannot add {src} to {pdir}: {exc.strerror or exc}") from None
@@ -205,9 +218,14 @@ class BundleStore:
         old = self.current(product)
         if old == version:
             return old
-        if old is not None:
-            self._point(pdir, PREVIOUS, old)
-        self._point(pdir, CURRENT, version)
+        try:
+            _sync_tree(target)  # what current will point at is on disk, whoever put it there
+            if old is not None:
+                self._point(pdir, PREVIOUS, old)
+            self._point(pdir, CURRENT, version)
+        except OSError as exc:
+            raise StoreError(f"cannot activate {product}@{version} in {pdir}: {exc.strerror or exc} "
+                             f"(current is still {self.current(product)!r})") from None
         return old
 
     def rollback(self, product: str, validate: Callable[[Path], None] = _validate_by_loading) -> str:
@@ -223,13 +241,30 @@ class BundleStore:
 
     @staticmethod
     def _point(pdir: Path, name: str, version: str) -> None:
+        """Replace the link ``name`` atomically and durably (the caller holds the writer lock)."""
+        for stale in pdir.glob(f".{name}.*.tmp"):  # left by a writer killed mid-switch; no writer is active now
+            stale.unlink(missing_ok=True)
         tmp = pdir / f".{name}.{os.getpid()}.tmp"
-        if tmp.is_symlink() or tmp.exists():
-            tmp.unlink()
         os.symlink(version, tmp)
         os.replace(tmp, pdir / name)
-        fd = os.open(pdir, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_dir(pdir)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_tree(root: Path) -> None:
+    """fsync every file and folder under ``root`` (itself included), children before their folder."""
+    for folder, _dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(folder))

@@ -19,6 +19,7 @@ from edge_runtime.acquisition import (
     Frame,
     FrameSource,
     GenICamSource,
+    IncompleteBuffer,
     OpenCVSource,
     ReplaySource,
     SourceError,
@@ -125,8 +126,11 @@ def test_line_padding_is_dropped_and_bad_sizes_refused():
     rgb = _rgb_image(4, 5)
     padded = np.concatenate([rgb.reshape(4, 15), np.zeros((4, 3), np.uint8)], axis=1)
     assert (to_rgb8(padded.ravel(), "RGB8", 5, 4) == rgb).all()
-    with pytest.raises(SourceError, match="needs 60 values"):
-        to_rgb8(rgb.ravel()[:-1], "RGB8", 5, 4)
+    with pytest.raises(IncompleteBuffer, match="needs 60 values, the buffer holds only 59"):
+        to_rgb8(rgb.ravel()[:-1], "RGB8", 5, 4)  # a short buffer is an incomplete transfer (a SourceError too)
+    with pytest.raises(SourceError, match="needs 60 values") as other:
+        to_rgb8(np.zeros(67, np.uint8), "RGB8", 5, 4)  # too long and not a whole number of padded lines
+    assert not isinstance(other.value, IncompleteBuffer)
 
 
 def test_unsupported_format_is_named_with_the_supported_ones():

@@ -235,8 +235,9 @@ def test_bad_config_and_missing_bundle_are_clear_errors(tmp_path, store):
 class _Service:
     """``weakrest-edge run`` as a child process, with a datagram socket as its systemd notify socket."""
 
-    def __init__(self, tmp_path: Path, cfg: dict, name: str = "svc") -> None:
+    def __init__(self, tmp_path: Path, cfg: dict, name: str = "svc", prefix: list[str] | tuple = ()) -> None:
         self.cfg = cfg
+        self.prefix = list(prefix)  # e.g. a sandbox wrapper that execs the service
         self.path = tmp_path / f"{name}.yaml"
         self.path.write_text(yaml.safe_dump(cfg))
         self.notify_path = tmp_path / f"{name}.notify"
@@ -253,7 +254,8 @@ class _Service:
         self._reader = threading.Thread(target=self._read_notify, daemon=True)
         self._reader.start()
         env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path), "WATCHDOG_USEC": "2000000"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "edge_runtime.cli", "run", "--config", str(self.path)],
+        self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "edge_runtime.cli", "run", "--config",
+                                      str(self.path)],
                                      stdout=self.log, stderr=self.log, env=env, cwd=REPO)
         return self
 

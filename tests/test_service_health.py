@@ -227,7 +227,7 @@ EXPECTED = {
     "weakrest_dropped_frames_total": "counter", "weakrest_incomplete_frames_total": "counter",
     "weakrest_fetch_timeouts_total": "counter", "weakrest_camera_reconnects_total": "counter",
     "weakrest_stage_latency_ms": "histogram", "weakrest_end_to_end_latency_ms": "histogram",
-    "weakrest_over_budget_total": "counter", "weakrest_queue_depth": "gauge",
+    "weakrest_over_budget_total": "counter", "weakrest_queue_depth": "gauge", "weakrest_queue_held": "gauge",
     "weakrest_queue_dropped_total": "counter", "weakrest_mqtt_connected": "gauge",
     "weakrest_camera_state": "gauge", "weakrest_bundle_info": "gauge", "weakrest_reloads_total": "counter",
     "weakrest_health_state": "gauge",
@@ -412,6 +412,12 @@ def test_assess_ok_degraded_failing_with_plain_reasons():
                                 if camera_state == "lost" else "")
         assert state == "degraded" and reasons[0].startswith(words), reasons
     assert assess(camera_state="waiting_trigger") == ("ok", [])  # an idle line in trigger mode is fine
+    # a queue disk that refuses writes (full): results only in memory, whatever their age
+    state, reasons = assess(queue_depth=7, queue_age_s=0.2, queue_disk_error="No space left on device", queue_held=3,
+                            queue_dir="/var/lib/weakrest/queue")
+    assert state == "degraded" and reasons == [
+        "the result queue's disk /var/lib/weakrest/queue refuses writes (No space left on device): 3 result(s) held "
+        "in memory only, lost if the service stops; they go to disk once it takes writes again"]
     state, reasons = assess(sinks={"opcua": {"state": "ok"}, "sparkplug": {"state": "failing", "reason": "no cert"}})
     assert state == "degraded" and reasons == ["output sparkplug is failing: no cert"]
     state, reasons = assess(sinks={"sparkplug": {"state": "degraded", "reasons": ["host offline", "3 queued"]}})
@@ -446,8 +452,9 @@ class _Sink:
         return self._health
 
 
-def test_service_health_reads_the_oldest_queued_result_and_the_sinks(tmp_path):
-    """The runner's own health code on a real on-disk queue; the rest of the service is stood in for."""
+def test_service_health_reads_the_oldest_queued_result_and_the_sinks(tmp_path, monkeypatch):
+    """The runner's own health code on a real on-disk queue; the rest of the service is stood in for.  A result
+    queued by this process is timed on the monotonic clock, one left by a previous run by its ``captured_at``."""
     import time
     from types import SimpleNamespace
 
@@ -467,19 +474,24 @@ def test_service_health_reads_the_oldest_queued_result_and_the_sinks(tmp_path):
         def _inference_problem(self):
             return None
 
+    real_monotonic, later = time.monotonic, {"s": 0.0}
+    monkeypatch.setattr(time, "monotonic", lambda: real_monotonic() + later["s"])
     with DiskQueue(tmp_path / "q", 1 << 20) as q:
         svc = Fake()
         svc.cfg, svc.queue, svc.metrics = cfg, q, metrics
+        svc._started_mono = time.monotonic()
         svc.publisher = SimpleNamespace(connected=True)
         svc.camera_state, svc.camera_detail = "streaming", ""
         svc.sinks = [_Sink("opcua", {"state": "ok", "clients": 1})]
         assert svc._health_state() == ("ok", [], {"mqtt_connected": True, "queue_depth": 0,
-                                                  "queue_oldest_age_s": None, "sinks": {"opcua": {"state": "ok",
-                                                                                                  "clients": 1}}})
-        for seq, age in ((0, 7.0), (1, 0.5)):
+                                                  "queue_oldest_age_s": None, "queue_held": 0,
+                                                  "queue_disk_error": None,
+                                                  "sinks": {"opcua": {"state": "ok", "clients": 1}}})
+        for seq in (0, 1):
             q.append(encode_result(ResultMessage(seq=seq, frame_id=seq, camera="cam0", product="p",
                                                  bundle_version="v1", verdict="pass", score=0.1,
-                                                 captured_at=time.time() - age)))
+                                                 captured_at=time.time() - 3600)))  # the wall clock is not asked
+            later["s"] += 7.0 if seq == 0 else 0.0  # record 0 has waited 7 s when record 1 comes
         state, reasons, details = svc._health_state()
         assert state == "degraded" and details["queue_depth"] == 2 and 7.0 <= details["queue_oldest_age_s"] < 60
         assert reasons[0].startswith("2 result(s) queued, the oldest for 7 s")
@@ -490,3 +502,13 @@ def test_service_health_reads_the_oldest_queued_result_and_the_sinks(tmp_path):
         state, reasons, details = svc._health_state()
         assert state == "degraded" and details["sinks"]["sparkplug"]["state"] == "failing"
         assert reasons == ["output sparkplug is failing: health() failed: RuntimeError: socket gone"]
+    # a result left by a previous run: only its captured_at can tell its age
+    old = encode_result(ResultMessage(seq=5, frame_id=5, camera="cam0", product="p", bundle_version="v1",
+                                      verdict="pass", score=0.1, captured_at=time.time() - 30))
+    with DiskQueue(tmp_path / "q2", 1 << 20) as q2:
+        q2.append(old)
+    with DiskQueue(tmp_path / "q2", 1 << 20) as q2:
+        svc.queue, svc.sinks = q2, []
+        state, reasons, details = svc._health_state()
+        assert state == "degraded" and 30 <= details["queue_oldest_age_s"] < 60, details
+        assert reasons[0].startswith("1 result(s) queued, the oldest for 30 s")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import socket
@@ -35,7 +36,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -51,47 +52,102 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _vm(pid: int, key: str) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return float(line.split()[1]) / 1024.0
-    return float("nan")
+def proc_status(pid: int) -> dict[str, str]:
+    """The fields of /proc/<pid>/status (``VmRSS``: "287340 kB", ``Threads``: "23", ...)."""
+    fields = (line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {k: v.strip() for k, v in fields}
+
+
+def vm_mb(pid: int, key: str, status: dict[str, str] | None = None) -> float:
+    """A memory figure of /proc/<pid>/status (``VmRSS``, ``VmHWM``...) in MB (MiB); NaN when absent."""
+    value = (status if status is not None else proc_status(pid)).get(key)
+    return float(value.split()[0]) / 1024.0 if value else float("nan")
+
+
+SATURATE_FPS = 100.0  # offered rate of a saturated run (see --saturate-fps)
+PREFIX = "bench/line/station"  # topic prefix of the service under test
+
+
+def open_bundle(bundle: str | Path, hint: str = "run `make demo` first, or pass --bundle") -> Path | None:
+    """The bundle folder, resolved; None (after an error line with ``hint``) when there is no bundle there."""
+    path = Path(bundle).resolve()
+    if not (path / "manifest.json").is_file():
+        print(f"error: no bundle at {path} ({hint})", file=sys.stderr)
+        return None
+    return path
+
+
+def bundle_store(bundle: Path, work: Path) -> tuple[Path, str]:
+    """A throw-away bundle store in ``work`` holding ``bundle`` as the active version: (store root, product)."""
+    from edge_runtime.core.bundle import load_bundle
+    from edge_runtime.store import BundleStore
+
+    product = load_bundle(bundle).manifest.product
+    store = BundleStore(work / "store")
+    store.activate(product, store.add(product, bundle, version="bench"))
+    return store.root, product
+
+
+@dataclasses.dataclass
+class Serving:
+    """What :func:`serving` runs: the service process, the broker, the MES stand-in and the health port."""
+
+    proc: subprocess.Popen
+    broker: object  # LocalBroker
+    subscriber: object  # Subscriber
+    health_port: int
+    received: list[tuple[float, bytes]]  # (arrival time, payload) of each result, unless ``record`` takes them
 
 
 @contextlib.contextmanager
-def _serving(bundle_store: Path, product: str, images: Path, fps: float, work: Path, name: str,
-             threads: int | None, health_port: int) -> Iterator[tuple[subprocess.Popen, list[tuple[float, bytes]]]]:
+def serving(bundle_store: Path, product: str, images: Path, fps: float, work: Path, name: str,
+            threads: int | None, health_port: int, *, record: Callable[[float, bytes], None] | None = None,
+            broker_impl: str = "auto", persistence: bool = False, persistent_subscriber: bool = False,
+            warmup_s: float = 2.0, service_log: Path | None = None) -> Iterator[Serving]:
     """A broker, an MES stand-in recording (arrival time, payload) of each result, and ``weakrest-edge run`` in
-    its own process, warmed up (first result plus 2 s); everything stopped on exit."""
+    its own process, warmed up (first result plus ``warmup_s``); everything stopped on exit.
+
+    ``record(arrival, payload)`` takes each result instead of :attr:`Serving.received`.  ``persistence`` keeps the
+    broker's sessions across a clean restart (Mosquitto), and ``persistent_subscriber`` gives the MES stand-in a
+    persistent session (MQTT 5 session expiry / 3.1.1 clean session off) subscribed at QoS 1, so a broker restart
+    loses nothing the broker accepted.  ``service_log``: the service's stdout and stderr go there."""
     from edge_runtime.publishing.broker import LocalBroker
     from edge_runtime.publishing.subscriber import Subscriber
 
-    prefix = "bench/line/station"
-    with LocalBroker(workdir=work / f"broker-{name}") as broker:
+    with LocalBroker(workdir=work / f"broker-{name}", impl=broker_impl, persistence=persistence) as broker:
         broker.start()
         received: list[tuple[float, bytes]] = []
-        sub = Subscriber(broker.port, f"{prefix}/result", protocol=broker.protocol)
-        sub.client.on_message = lambda c, u, m: received.append((time.time(), bytes(m.payload)))
+        keep = record or (lambda t, payload: received.append((t, payload)))
+        first = threading.Event()
+
+        def on_message(client, userdata, m) -> None:
+            keep(time.time(), bytes(m.payload))
+            first.set()
+
+        sub = Subscriber(broker.port, f"{PREFIX}/result", protocol=broker.protocol,
+                         persistent=persistent_subscriber,
+                         client_id=f"weakrest-{name}-mes" if persistent_subscriber else None)
+        sub.client.on_message = on_message
         cfg = {"bundles": {"store": str(bundle_store), "product": product},
                "camera": {"source": "replay", "replay": {"path": str(images), "fps": fps}},
-               "mqtt": {"port": broker.port, "topic_prefix": prefix, "heatmap": "fail"},
+               "mqtt": {"port": broker.port, "topic_prefix": PREFIX, "heatmap": "fail"},
                "queue": {"dir": str(work / f"queue-{name}")}, "health": {"port": health_port}, "threads": threads}
         path = work / f"edge-{name}.yaml"
         path.write_text(yaml.safe_dump(cfg))
+        out = open(service_log, "ab") if service_log is not None else None  # noqa: SIM115 - closed below
         proc = subprocess.Popen([sys.executable, "-m", "edge_runtime.cli", "run", "--config", str(path),
-                                 "--log-level", "WARNING"], cwd=ROOT)
+                                 "--log-level", "WARNING"], cwd=ROOT, stdout=out, stderr=out)
         try:
-            deadline = time.monotonic() + 120
-            while not received and time.monotonic() < deadline:  # start-up: bundle load, engine warm-up
-                time.sleep(0.1)
-            if not received:
+            if not first.wait(120):  # start-up: bundle load, engine warm-up
                 raise SystemExit("the service published nothing within 120 s")
-            time.sleep(2.0)  # warm-up
-            yield proc, received
+            time.sleep(warmup_s)  # warm-up
+            yield Serving(proc, broker, sub, health_port, received)
         finally:
             proc.terminate()
             proc.wait(30)
             sub.close()
+            if out is not None:
+                out.close()
 
 
 def _run(bundle_store: Path, product: str, images: Path, fps: float, seconds: float, work: Path, threads: int | None
@@ -99,12 +155,13 @@ def _run(bundle_store: Path, product: str, images: Path, fps: float, seconds: fl
     from edge_runtime.publishing.broker import free_port
     from edge_runtime.publishing.messages import decode_result
 
-    with _serving(bundle_store, product, images, fps, work, f"{fps:g}", threads, free_port()) as (proc, received):
+    with serving(bundle_store, product, images, fps, work, f"{fps:g}", threads, free_port()) as run:
+        proc, received = run.proc, run.received
         start, n0 = time.time(), len(received)
         time.sleep(seconds)
         window = [(t, decode_result(p)) for t, p in received[n0:] if t <= start + seconds]
-        peak_rss = _vm(proc.pid, "VmHWM")
-        rss = _vm(proc.pid, "VmRSS")
+        peak_rss = vm_mb(proc.pid, "VmHWM")
+        rss = vm_mb(proc.pid, "VmRSS")
     results = [r for _, r in window]
     latency = [(t - r.captured_at) * 1e3 for t, r in window]
     stages = sorted({k for r in results for k in r.timings_ms})
@@ -179,7 +236,8 @@ def _live_run(bundle_store: Path, product: str, images: Path, fps: float, counts
 
     port = free_port()
     phases: list[dict] = []
-    with _serving(bundle_store, product, images, fps, work, "live", threads, port) as (proc, received):
+    with serving(bundle_store, product, images, fps, work, "live", threads, port) as run:
+        proc, received = run.proc, run.received
         for r in range(rounds):
             for n in counts if r % 2 == 0 else counts[::-1]:
                 clients = [_LiveClient(port) for _ in range(n)]
@@ -228,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", default="demo_out/data/test", help="images the replay camera cycles through")
     parser.add_argument("--seconds", type=float, default=20.0, help="measurement window per run")
     parser.add_argument("--paced-fps", type=float, default=10.0)
-    parser.add_argument("--saturate-fps", type=float, default=100.0,
+    parser.add_argument("--saturate-fps", type=float, default=SATURATE_FPS,
                         help="offered rate of the saturated run: above capacity, but not so far above that decoding "
                              "replayed files (which a real camera does not cost) eats the CPU")
     parser.add_argument("--threads", type=int, default=None)
@@ -239,22 +297,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--live-seconds", type=float, default=6.0, help="seconds per phase (with --live-clients)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    bundle, images = Path(args.bundle).resolve(), Path(args.images).resolve()
-    if not (bundle / "manifest.json").is_file():
-        print(f"error: no bundle at {bundle} (run `make demo` first, or pass --bundle)", file=sys.stderr)
+    bundle = open_bundle(args.bundle)
+    if bundle is None:
         return 2
-
-    from edge_runtime.core.bundle import load_bundle
-    from edge_runtime.store import BundleStore
-
-    product = load_bundle(bundle).manifest.product
+    images = Path(args.images).resolve()
     with tempfile.TemporaryDirectory(prefix="weakrest-bench-service-") as tmp:
         work = Path(tmp)
-        store = BundleStore(work / "store")
-        store.activate(product, store.add(product, bundle, version="bench"))
+        store_root, product = bundle_store(bundle, work)
         if args.live_clients is not None:
             counts = [int(v) for v in args.live_clients.split(",") if v.strip()]
-            live = _live_run(store.root, product, images, args.saturate_fps, counts, args.live_rounds,
+            live = _live_run(store_root, product, images, args.saturate_fps, counts, args.live_rounds,
                              args.live_seconds, work, args.threads)
             if args.json:
                 print(json.dumps({"bundle": str(bundle), "product": product, "live": live}))
@@ -269,9 +321,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row['frames_per_client_s']:>17.2f}  {row['fps_per_phase']}")
             return 0
         report = {"bundle": str(bundle), "product": product,
-                  "saturated": _run(store.root, product, images, args.saturate_fps, args.seconds, work,
+                  "saturated": _run(store_root, product, images, args.saturate_fps, args.seconds, work,
                                     args.threads),
-                  "paced": _run(store.root, product, images, args.paced_fps, args.seconds, work, args.threads)}
+                  "paced": _run(store_root, product, images, args.paced_fps, args.seconds, work, args.threads)}
     if args.json:
         print(json.dumps(report))
         return 0

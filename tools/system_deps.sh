@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# System programs the tests talk to for real: the Mosquitto broker, systemd-analyze (unit file check),
+# System programs the tests talk to for real: the Mosquitto broker, systemd-analyze (unit file check; the systemd
+# package brings libseccomp, which tools/unit_sandbox.py uses),
 # /bin/kill (the unit's ExecReload=) and Chromium (the pages, driven headless by Playwright).
 # Installs the missing ones with apt-get when this user can (root, or
 # sudo without a password); otherwise says in one line what to install and exits 0: the tests that need

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .frames import CameraLost, Frame, FrameSource, SourceError, SourceExhausted, SourceStats
+from .frames import CameraLost, Frame, FrameSource, IncompleteBuffer, SourceError, SourceExhausted, SourceStats
 from .genicam import GenICamSource, resolve_cti
 from .opencv_source import OpenCVSource
 from .pixels import SUPPORTED_FORMATS, to_rgb8
@@ -33,6 +33,7 @@ __all__ = [
     "Frame",
     "FrameSource",
     "GenICamSource",
+    "IncompleteBuffer",
     "OpenCVSource",
     "ReplaySource",
     "SourceError",

@@ -41,6 +41,10 @@ class SourceError(Exception):
     """Bad configuration: producer missing, no such device, unreadable folder, unsupported pixel format..."""
 
 
+class IncompleteBuffer(SourceError):
+    """A buffer that holds less than its image needs (lost packets, a truncated transfer): drop the frame."""
+
+
 class CameraLost(SourceError):
     """The device went away or stopped delivering: the caller should close, re-enumerate and reconnect."""
 
@@ -54,7 +58,7 @@ class SourceStats:
     """Monotonic counters; plain ints so other threads (metrics, health) can read them without a lock."""
 
     frames: int = 0
-    incomplete: int = 0
+    incomplete: int = 0  # dropped: flagged incomplete by the transport, or shorter than width x height needs
     timeouts: int = 0
     converted_errors: int = 0
     reconnects: int = 0

@@ -7,10 +7,16 @@ Why it looks the way it does:
   opens (the worker does that on reconnect) and two sources on the same .cti cannot be open at once.
 * ``try_fetch`` returns None both on a timeout and when it drops an incomplete buffer; the acquirer's
   ``INCOMPLETE_BUFFER`` callback tells the two apart, so incomplete buffers are counted, not mistaken for
-  timeouts.  ``grab`` returns None for them (the next call fetches the next buffer).
+  timeouts.  A buffer flagged complete but shorter than its image needs (a producer that delivers lost
+  packets as a short payload) is dropped and counted the same way.  ``grab`` returns None for them (the
+  next call fetches the next buffer), and the reason is logged (the first one, then at most one line per
+  ``_DROP_LOG_INTERVAL_S`` with the count): a damaged frame is never inspected, and never stops the stream.
 * Buffers are re-queued right after conversion (:func:`to_rgb8` copies), so the driver never starves.
 * harvesters installs its own SIGINT handler when an acquirer is created on the main thread (it destroys the
   acquirer instead of raising KeyboardInterrupt); :meth:`GenICamSource.open` restores the previous one.
+* harvesters times ``try_fetch``'s timeout with ``time.time()``: after an NTP step backwards a fetch would wait
+  until the wall clock caught up (an hour for an hour's step) instead of timing out.  Its module is given the
+  monotonic clock instead (:class:`_MonotonicTime`).
 """
 
 from __future__ import annotations
@@ -20,10 +26,11 @@ import os
 import signal
 import threading
 import time
+import types
 from pathlib import Path
 from typing import Any, Literal
 
-from .frames import CameraLost, Frame, SourceError, SourceStats
+from .frames import CameraLost, Frame, IncompleteBuffer, SourceError, SourceStats
 from .pixels import to_rgb8
 
 log = logging.getLogger(__name__)
@@ -33,6 +40,7 @@ GENTL_ENV = "GENICAM_GENTL64_PATH"
 # Native wait per GenTL EventGetData call inside harvesters' fetch loop: long enough not to spin a core,
 # short enough that a grab overruns its timeout by at most this much.  Frames still arrive immediately.
 _EVENT_WAIT_MS = 20
+_DROP_LOG_INTERVAL_S = 10.0
 
 
 def resolve_cti(cti: Path | str | None) -> Path:
@@ -67,7 +75,24 @@ def _harvesters() -> tuple[Any, type[Exception], type[Exception]]:
         raise SourceError(
             f"GenICam support needs harvesters and genicam (pip install 'weakrest-edge[edge]'): {exc}"
         ) from exc
+    if getattr(core, "time", None) is time:
+        core.time = _MonotonicTime()
     return core, GenTLError, GenApiError
+
+
+class _MonotonicTime(types.ModuleType):
+    """The ``time`` module as harvesters.core sees it: ``time()`` is the monotonic clock (see the module
+    docstring), everything else is the real module's."""
+
+    def __init__(self) -> None:
+        super().__init__("time")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    @staticmethod
+    def time() -> float:
+        return time.monotonic()
 
 
 class GenICamSource:
@@ -107,6 +132,8 @@ class GenICamSource:
         self._incomplete_events = 0
         self._consecutive_timeouts = 0
         self._counter = 0
+        self._drops_unlogged: dict[str, int] = {}  # per kind of damage: dropped since its last log line
+        self._drop_logged_at: dict[str, float] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
@@ -181,7 +208,8 @@ class GenICamSource:
             raise CameraLost(f"{self.name}: fetch failed ({type(exc).__name__}: {exc})") from exc
         if buffer is None:
             if self._incomplete_events != before:
-                self.stats.incomplete += self._incomplete_events - before
+                self._dropped_incomplete(self._incomplete_events - before, "flagged", "the transport flagged "
+                                         "the buffer incomplete (lost packets or a truncated transfer)")
                 return None
             self.stats.timeouts += 1
             self._consecutive_timeouts += 1
@@ -226,6 +254,17 @@ class GenICamSource:
     def _on_incomplete(self) -> None:
         self._incomplete_events += 1
 
+    def _dropped_incomplete(self, n: int, kind: str, why: str) -> None:
+        """Count ``n`` dropped incomplete buffers; log why (per ``kind``: the first, then one line per interval)."""
+        self.stats.incomplete += n
+        self._drops_unlogged[kind] = self._drops_unlogged.get(kind, 0) + n
+        now = time.monotonic()
+        last = self._drop_logged_at.get(kind)
+        if last is None or now - last >= _DROP_LOG_INTERVAL_S:
+            log.warning("%s: dropped %d incomplete buffer(s) since the last report (%d in all): %s", self.name,
+                        self._drops_unlogged[kind], self.stats.incomplete, why)
+            self._drop_logged_at[kind], self._drops_unlogged[kind] = now, 0
+
     def _to_frame(self, buffer: Any, captured_at: float, captured_mono: float) -> Frame | None:
         try:
             components = buffer.payload.components
@@ -233,6 +272,9 @@ class GenICamSource:
                 raise SourceError("buffer carries no image component")
             comp = components[0]
             image = to_rgb8(comp.data, comp.data_format, int(comp.width), int(comp.height))
+        except IncompleteBuffer as exc:
+            self._dropped_incomplete(1, "short", str(exc))
+            return None
         except Exception as exc:  # noqa: BLE001 - one bad buffer must not stop the stream
             self.stats.converted_errors += 1
             log.warning("%s: dropped a buffer that could not be converted: %s", self.name, exc)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .frames import SourceError
+from .frames import IncompleteBuffer, SourceError
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,8 @@ def to_rgb8(data: np.ndarray, pixel_format: str, width: int, height: int) -> np.
     """Convert one image in ``pixel_format`` to a new H x W x 3 uint8 RGB C-contiguous array.
 
     Raises :class:`SourceError` for an unsupported format or a buffer whose size does not match
-    ``width`` x ``height`` (line padding at the end of each row is tolerated and dropped).
+    ``width`` x ``height`` (line padding at the end of each row is tolerated and dropped), and its subclass
+    :class:`IncompleteBuffer` for a buffer shorter than the image (a transfer that lost data).
     """
     spec = _FORMATS.get(pixel_format)
     if spec is None:
@@ -104,6 +105,9 @@ def _shape(arr: np.ndarray, pixel_format: str, width: int, height: int, channels
         row = width * channels
         if flat.size > need and flat.size % height == 0:
             flat = flat.reshape(height, -1)[:, :row]
+        elif flat.size < need:
+            raise IncompleteBuffer(f"{pixel_format} {width}x{height} needs {need} values, the buffer holds only "
+                                   f"{flat.size}")
         else:
             raise SourceError(f"{pixel_format} {width}x{height} needs {need} values, the buffer holds {flat.size}")
     shape = (height, width) if channels == 1 else (height, width, channels)

@@ -32,6 +32,17 @@ The bound ``max_bytes`` applies to the pending records (header included).  Appen
 oldest pending records first; this is counted in :attr:`DiskQueue.dropped` (persisted) and logged at
 ERROR with the count (at most one line per 10 s while it goes on).  Disk use can exceed the bound by the
 consumed part of the two segments at the ends (the oldest one still needed and the one appended to).
+
+A disk that refuses a write (full: ENOSPC/EDQUOT, or an I/O error) does not lose the result: the half
+record is cut off again and the record is *held in memory* with its index, and so is every later one
+(the files must stay in index order), up to ``memory_max_bytes`` (beyond it the oldest held records are
+dropped, counted in ``dropped``).  Held records are peeked and acknowledged like the others, so the
+sender keeps delivering them in order while the disk is full; they are lost only if the process ends
+before the disk takes them.  :meth:`DiskQueue.write_held` (the sender calls it on every pass; each
+``append`` too) writes them out, oldest first, once the disk takes writes again, at most every
+``_RETRY_S``.  :attr:`DiskQueue.disk_error` says why the disk refused, until a write succeeds again.  A
+state file that cannot be written (head, drop count) is retried at the next acknowledgement; meanwhile
+a restart would resend already delivered records (at least once, never lost).
 """
 
 from __future__ import annotations
@@ -56,6 +67,8 @@ HEADER_BYTES = _HEADER.size
 MAX_RECORD_BYTES = 16 * 1024 * 1024
 _STATE = "state.json"
 _DROP_LOG_INTERVAL_S = 10.0
+_RETRY_S = 0.5  # how often held records are offered to a disk that refused a write
+DEFAULT_MEMORY_MAX_BYTES = 16 << 20
 _SEGMENT_PREFIX, _SEGMENT_SUFFIX = "seg-", ".wal"
 
 _fdatasync = getattr(os, "fdatasync", os.fsync)
@@ -79,10 +92,24 @@ class _Entry:
     segment: _Segment
     offset: int  # of the payload
     length: int
+    appended_mono: float | None = None  # time.monotonic() at append; None: recovered from a previous run
 
     @property
     def disk_bytes(self) -> int:
         return HEADER_BYTES + self.length
+
+
+@dataclass(frozen=True)
+class _Held:
+    """A record the disk refused, kept in memory until it can be written."""
+
+    index: int
+    payload: bytes
+    appended_mono: float
+
+    @property
+    def memory_bytes(self) -> int:
+        return HEADER_BYTES + len(self.payload)
 
 
 def _crc(index: int, payload: bytes) -> int:
@@ -111,11 +138,13 @@ class DiskQueue:
     ``pread`` from an in-memory index of offsets, it never rescans files.
     """
 
-    def __init__(self, directory: str | os.PathLike, max_bytes: int, segment_bytes: int | None = None) -> None:
+    def __init__(self, directory: str | os.PathLike, max_bytes: int, segment_bytes: int | None = None,
+                 memory_max_bytes: int = DEFAULT_MEMORY_MAX_BYTES) -> None:
         if max_bytes <= HEADER_BYTES:
             raise ValueError(f"max_bytes must exceed the {HEADER_BYTES}-byte record header, got {max_bytes}")
         self.directory = Path(directory)
         self.max_bytes = int(max_bytes)
+        self.memory_max_bytes = int(memory_max_bytes)
         self.segment_bytes = int(segment_bytes or min(8 << 20, max(64 << 10, self.max_bytes // 16)))
         self._lock = threading.RLock()
         # Serialises state writes; taken *before* _lock (never inside it) so the slow fsyncs of an ack
@@ -130,6 +159,11 @@ class DiskQueue:
         self._dropped = 0
         self._drops_unlogged = 0
         self._drop_logged_at: float | None = None
+        self._held: collections.deque[_Held] = collections.deque()  # after every _pending index, in order
+        self._held_bytes = 0
+        self._disk_error: str | None = None
+        self._retry_at = 0.0
+        self._state_error_logged_at: float | None = None
         self._closed = False
         self.directory.mkdir(parents=True, exist_ok=True)
         self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -148,9 +182,34 @@ class DiskQueue:
 
     @property
     def depth(self) -> int:
-        """Records appended and neither acknowledged nor dropped."""
+        """Records appended and neither acknowledged nor dropped (held in memory included)."""
         with self._lock:
-            return len(self._pending)
+            return len(self._pending) + len(self._held)
+
+    @property
+    def held(self) -> int:
+        """Records kept in memory because the disk refused them (lost if the process ends now)."""
+        with self._lock:
+            return len(self._held)
+
+    @property
+    def held_bytes(self) -> int:
+        with self._lock:
+            return self._held_bytes
+
+    @property
+    def disk_error(self) -> str | None:
+        """Why the last write failed (e.g. "No space left on device"); None once a write succeeded again."""
+        with self._lock:
+            return self._disk_error
+
+    def oldest_appended_mono(self) -> float | None:
+        """``time.monotonic()`` when the oldest pending record was appended; None when none is pending or it
+        was recovered from a previous run (only its own timestamps can tell its age then)."""
+        with self._lock:
+            if self._pending:
+                return self._pending[0].appended_mono
+            return self._held[0].appended_mono if self._held else None
 
     @property
     def bytes(self) -> int:
@@ -181,37 +240,49 @@ class DiskQueue:
             return self._next
 
     def append(self, payload: bytes) -> int:
-        """Write one record durably (fsync) and return its index; drops the oldest records if over the bound."""
+        """Write one record durably (fsync) and return its index; drops the oldest records if over the bound.
+
+        A disk that refuses the write does not raise: the record is held in memory (see the module docstring)."""
         payload = bytes(payload)
         need = HEADER_BYTES + len(payload)
         if len(payload) > MAX_RECORD_BYTES or need > self.max_bytes:
             raise ValueError(f"record of {len(payload)} bytes does not fit the queue (max_bytes={self.max_bytes})")
         with self._lock:
             self._check_open()
-            dropped_some = self._make_room(need)
             index = self._next
-            seg = self._segments[-1] if self._segments else None
-            if seg is None or (seg.last >= 0 and seg.size + need > self.segment_bytes):
-                seg = self._new_segment(index)
-            record = _HEADER.pack(len(payload), _crc(index, payload), index) + payload
-            try:
-                _write_all(seg.fd, record)
-                _fdatasync(seg.fd)
-            except OSError:
-                # Leave no half record behind (ENOSPC, EIO): the segment stays parseable.
+            now = time.monotonic()
+            if self._held:
+                self._write_held_locked(now)
+            if self._held:  # still refused: later records wait behind the held ones
+                self._hold(_Held(index, payload, now))
+            else:
                 try:
-                    os.ftruncate(seg.fd, seg.size)
-                except OSError:
-                    log.exception("could not roll back a failed append in %s", seg.path)
-                raise
-            self._pending.append(_Entry(index, seg, seg.size + HEADER_BYTES, len(payload)))
-            seg.size += need
-            seg.last = index
-            self._bytes += need
+                    self._write_record(index, payload, now)
+                except OSError as exc:
+                    self._refused(exc, now)
+                    self._hold(_Held(index, payload, now))
+                else:
+                    self._accepted(0)
             self._next = index + 1
-        if dropped_some:
+            sync = self._dropped != self._persisted[1]
+        if sync:
             self._sync_state()
         return index
+
+    def write_held(self) -> int:
+        """Offer the records held in memory to the disk again (at most every ``_RETRY_S``); returns how many are
+        still held.  Cheap when none is held."""
+        if not self._held:
+            return 0
+        with self._lock:
+            if self._closed:
+                return 0
+            self._write_held_locked(time.monotonic())
+            left = len(self._held)
+            sync = self._dropped != self._persisted[1]
+        if sync:
+            self._sync_state()
+        return left
 
     def peek(self, n: int, after: int | None = None) -> list[tuple[int, bytes]]:
         """The oldest ``n`` pending records (index, payload) in order; with ``after``, only indices above it."""
@@ -227,6 +298,11 @@ class DiskQueue:
                 if len(data) != entry.length:
                     raise OSError(f"short read of record {entry.index} in {entry.segment.path}")
                 out.append((entry.index, data))
+            for held in self._held:
+                if len(out) >= n:
+                    break
+                if after is None or held.index > after:
+                    out.append((held.index, held.payload))
         return out
 
     def ack(self, index: int) -> None:
@@ -244,11 +320,20 @@ class DiskQueue:
         with self._lock:
             if self._closed:
                 return
+            if self._held:
+                self._retry_at = 0.0
+                self._write_held_locked(time.monotonic())
+            if self._held:
+                log.error("result queue %s: closing with %d result(s) held in memory that the disk refused (%s): "
+                          "they are lost (indices %d..%d)", self.directory, len(self._held), self._disk_error,
+                          self._held[0].index, self._held[-1].index)
             self._closed = True
             for seg in self._segments:
                 os.close(seg.fd)
             self._segments.clear()
             self._pending.clear()
+            self._held.clear()
+            self._held_bytes = 0
             os.close(self._lock_fd)
 
     def __enter__(self) -> DiskQueue:
@@ -271,8 +356,79 @@ class DiskQueue:
         while self._pending and self._pending[0].index <= index:
             self._bytes -= self._pending.popleft().disk_bytes
             n += 1
+        while self._held and self._held[0].index <= index:  # delivered from memory: never needs the disk
+            self._held_bytes -= self._held.popleft().memory_bytes
+            n += 1
         self._head = max(self._head, index)
         return n
+
+    def _write_record(self, index: int, payload: bytes, appended_mono: float) -> None:
+        """Append one record to the newest segment and fdatasync it; on OSError nothing of it stays on disk."""
+        need = HEADER_BYTES + len(payload)
+        self._make_room(need)
+        seg = self._segments[-1] if self._segments else None
+        if seg is None or (seg.last >= 0 and seg.size + need > self.segment_bytes):
+            seg = self._new_segment(index)
+        record = _HEADER.pack(len(payload), _crc(index, payload), index) + payload
+        try:
+            _write_all(seg.fd, record)
+            _fdatasync(seg.fd)
+        except OSError:
+            # Leave no half record behind (ENOSPC, EIO): the segment stays parseable.
+            try:
+                os.ftruncate(seg.fd, seg.size)
+            except OSError:
+                log.exception("could not roll back a failed append in %s", seg.path)
+            raise
+        self._pending.append(_Entry(index, seg, seg.size + HEADER_BYTES, len(payload), appended_mono))
+        seg.size += need
+        seg.last = index
+        self._bytes += need
+
+    def _refused(self, exc: OSError, now: float) -> None:
+        why = exc.strerror or str(exc)
+        if self._disk_error is None:
+            log.error("result queue %s: the disk refused a write (%s): results are held in memory (not durable, "
+                      "at most %g MB) until it takes them again", self.directory, why, self.memory_max_bytes / 2**20)
+        self._disk_error = why
+        self._retry_at = now + _RETRY_S
+
+    def _accepted(self, written_from_memory: int) -> None:
+        """A write went through: the disk is usable again."""
+        if self._disk_error is not None:
+            log.warning("result queue %s: the disk takes writes again (it refused them: %s); %d result(s) held in "
+                        "memory are on disk now", self.directory, self._disk_error, written_from_memory)
+            self._disk_error = None
+
+    def _hold(self, held: _Held) -> None:
+        self._held.append(held)
+        self._held_bytes += held.memory_bytes
+        n = 0
+        while self._held_bytes > self.memory_max_bytes and len(self._held) > 1:
+            self._held_bytes -= self._held.popleft().memory_bytes
+            n += 1
+        if n:
+            self._dropped += n
+            self._drops_unlogged += n
+            self._log_drops(f"memory for results the disk refused is full (memory_max_bytes={self.memory_max_bytes})")
+
+    def _write_held_locked(self, now: float) -> None:
+        """Write held records to disk, oldest first, until one is refused (then retry after ``_RETRY_S``)."""
+        if not self._held or now < self._retry_at:
+            return
+        written = 0
+        while self._held:
+            held = self._held[0]
+            try:
+                self._write_record(held.index, held.payload, held.appended_mono)
+            except OSError as exc:
+                self._refused(exc, now)
+                break
+            self._held.popleft()
+            self._held_bytes -= held.memory_bytes
+            written += 1
+        if not self._held:
+            self._accepted(written)
 
     def _make_room(self, need: int) -> bool:
         if self._bytes + need <= self.max_bytes:
@@ -287,14 +443,16 @@ class DiskQueue:
         self._head = max(self._head, last)
         self._dropped += n
         self._drops_unlogged += n
+        self._log_drops(f"queue is full (max_bytes={self.max_bytes})")
+        return True
+
+    def _log_drops(self, why: str) -> None:
         now = time.monotonic()
         if self._drop_logged_at is None or now - self._drop_logged_at >= _DROP_LOG_INTERVAL_S:
             # Never silent, but one line per interval rather than one per frame while the broker is away.
-            log.error("result queue %s is full (max_bytes=%d): dropped the %d oldest unsent record(s) since the "
-                      "last report, %d dropped in all", self.directory, self.max_bytes, self._drops_unlogged,
-                      self._dropped)
+            log.error("result queue %s: %s: dropped the %d oldest unsent record(s) since the last report, %d dropped "
+                      "in all", self.directory, why, self._drops_unlogged, self._dropped)
             self._drop_logged_at, self._drops_unlogged = now, 0
-        return True
 
     def _sync_state(self) -> None:
         """Persist head and drop count if they moved, then delete the segments that made obsolete."""
@@ -304,11 +462,22 @@ class DiskQueue:
                     return
                 state = (self._head, self._dropped)
             if state != self._persisted:
-                self._write_state(*state)
-                self._persisted = state
+                try:
+                    self._write_state(*state)
+                except OSError as exc:
+                    # e.g. a full disk: the next acknowledgement tries again; a restart meanwhile resends records
+                    # that were delivered (never loses one).  Deleting consumed segments below frees space.
+                    now = time.monotonic()
+                    if self._state_error_logged_at is None or now - self._state_error_logged_at >= 10.0:
+                        log.warning("result queue %s: cannot persist its state (%s); retrying at the next "
+                                    "acknowledgement", self.directory, exc.strerror or exc)
+                        self._state_error_logged_at = now
+                else:
+                    self._persisted = state
         with self._lock:
             if not self._closed:
-                self._delete_consumed_segments(self._persisted[0])
+                # the in-memory head: every record at or below it was delivered or dropped, persisted or not
+                self._delete_consumed_segments(state[0])
 
     def _write_state(self, head: int, dropped: int) -> None:
         tmp = self.directory / (_STATE + ".tmp")

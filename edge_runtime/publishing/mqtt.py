@@ -78,11 +78,14 @@ log = logging.getLogger(__name__)
 
 class _NotConnectedNoise(logging.Filter):
     """paho logs "Client is not connected" at ERROR on every reconnect attempt and once at a clean
-    shutdown; this module logs the connection state itself (lost / reconnecting / connected), so those
-    lines go to DEBUG instead of alarming whoever reads the journal."""
+    shutdown, and "failed to receive on socket" when a broker restarts under it (the soak saw one per few
+    restarts); this module logs the connection state itself (lost, with paho's reason / reconnecting /
+    connected), so those lines go to DEBUG instead of alarming whoever reads the journal."""
+
+    NOISE = ("Client is not connected", "failed to receive on socket")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR and str(record.msg).startswith("Client is not connected"):
+        if record.levelno >= logging.ERROR and str(record.msg).startswith(self.NOISE):
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
             return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
         return True
@@ -240,7 +243,7 @@ class DurableMqttClient(ABC):
         """Counters for metrics."""
         return {"connected": self._connected, "published": self.published, "acked": self.acked,
                 "resent": self.resent, "rejected": self.rejected, "queue_depth": self.queue.depth,
-                "queue_bytes": self.queue.bytes, "queue_dropped": self.queue.dropped}
+                "queue_bytes": self.queue.bytes, "queue_dropped": self.queue.dropped, "queue_held": self.queue.held}
 
     # ------------------------------------------------------------------ what subclasses fill in
 
@@ -467,6 +470,7 @@ class DurableMqttClient(ABC):
                     self._wake.wait(0.5)
                 self._wake_pending = False
             self._check_connack_timeout()
+            self.queue.write_held()  # results a full disk refused go to disk as soon as it takes them again
             # 1. Acknowledge the contiguous PUBACKed prefix of the window.
             top = None
             while inflight and _published(inflight[0][1]):

@@ -35,6 +35,7 @@ class Subscriber:
         self._lock = threading.Condition()
         self._subscribed = threading.Event()
         self.connects = 0
+        self.sessions_present: list[bool] = []  # per successful connect: did the broker still have our session?
         v5 = protocol == "5"
         kwargs: dict[str, Any] = {} if v5 else {"clean_session": not persistent}
         self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
@@ -58,6 +59,7 @@ class Subscriber:
         if reason_code.is_failure:
             return
         self.connects += 1
+        self.sessions_present.append(bool(flags.session_present))
         client.subscribe([(t, 1) for t in self.topics])
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:

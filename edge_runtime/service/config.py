@@ -186,6 +186,8 @@ class CommandsConfig(_Section):
 class QueueConfig(_Section):
     dir: Path = Field(default=Path("/var/lib/weakrest/queue"), description="on-disk result queue")
     max_mb: float = Field(default=256.0, gt=0)
+    memory_max_mb: float = Field(default=16.0, gt=0, description="results held in memory while the disk refuses "
+                                 "writes (full); beyond this the oldest held are dropped, counted")
 
 
 class HealthConfig(_Section):

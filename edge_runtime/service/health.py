@@ -1,7 +1,8 @@
 """``/health``, ``/health/live`` (JSON) and ``/metrics`` (Prometheus text) over plain HTTP, in a daemon thread.
 
 The health body says ``"state"``: ``ok``, ``degraded`` (the process works but verdicts may not reach the MES, or
-reach it late: broker unreachable, results waiting in the queue, camera not streaming, an output not ok) or
+reach it late: broker unreachable, results waiting in the queue, results held in memory because the queue's disk
+refuses writes, camera not streaming, an output not ok) or
 ``failing`` (the inference thread is dead or stalled: only a restart helps), with ``"reasons"`` in plain words
 and ``"ok"`` = (state == "ok").  HTTP status codes, one for each audience:
 
@@ -58,6 +59,7 @@ CAMERA_UP_STATES = frozenset({"streaming", "waiting_trigger", "connected"})
 
 def assess(*, inference_problem: str | None = None, broker: str = "", mqtt_connected: bool = True,
            queue_depth: int = 0, queue_age_s: float | None = None, queue_degraded_s: float = 10.0,
+           queue_disk_error: str | None = None, queue_held: int = 0, queue_dir: str = "",
            camera: str = "camera", camera_state: str = "streaming", camera_detail: str = "",
            sinks: Mapping[str, Mapping[str, object]] | None = None) -> tuple[str, list[str]]:
     """(state, reasons) from what the service knows; pure, so every rule is testable without threads.
@@ -72,6 +74,10 @@ def assess(*, inference_problem: str | None = None, broker: str = "", mqtt_conne
         where = f" {broker}" if broker else ""
         reasons.append(f"not connected to the MQTT broker{where}: results wait in the on-disk queue, "
                        "no verdict reaches the MES")
+    if queue_disk_error:
+        where = f" {queue_dir}" if queue_dir else ""
+        reasons.append(f"the result queue's disk{where} refuses writes ({queue_disk_error}): {queue_held} result(s) "
+                       "held in memory only, lost if the service stops; they go to disk once it takes writes again")
     if queue_depth > 0 and queue_age_s is not None and queue_age_s > queue_degraded_s:
         reasons.append(f"{queue_depth} result(s) queued, the oldest for {queue_age_s:.0f} s (more than "
                        f"health.queue_degraded_s = {queue_degraded_s:g} s): verdicts reach the MES late")

@@ -427,6 +427,8 @@ class ServiceMetrics:
                                                  window=self.end_to_end_window)
         self.over_budget_total = r.counter("weakrest_over_budget_total", "Frames over the latency budget")
         self.queue_depth = r.gauge("weakrest_queue_depth", "Results waiting in the on-disk queue")
+        self.queue_held = r.gauge("weakrest_queue_held", "Results held in memory because the queue's disk refused "
+                                  "them (full); not durable until written")
         self.queue_dropped_total = r.counter("weakrest_queue_dropped_total",
                                              "Queued results dropped because the queue was full")
         self.mqtt_connected = r.gauge("weakrest_mqtt_connected", "1 while connected to the MQTT broker")

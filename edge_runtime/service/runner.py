@@ -98,6 +98,7 @@ class EdgeService:
         self._swap_lock = threading.Lock()
         self._pending: Served | None = None
         self.heartbeat = time.monotonic()
+        self._started_mono = time.monotonic()
         self.camera_state = "starting"
         self.camera_detail = ""
         self.triggered = False
@@ -107,7 +108,8 @@ class EdgeService:
         self.metrics.bundle_info(self.served.product, self.served.version)
         try:
             cfg.queue.dir.mkdir(parents=True, exist_ok=True)
-            self.queue = DiskQueue(cfg.queue.dir, int(cfg.queue.max_mb * 1024 * 1024))
+            self.queue = DiskQueue(cfg.queue.dir, int(cfg.queue.max_mb * 1024 * 1024),
+                                   memory_max_bytes=int(cfg.queue.memory_max_mb * 1024 * 1024))
         except OSError as exc:
             raise ServiceError(f"queue.dir {cfg.queue.dir}: cannot use it ({exc.strerror or exc})") from None
         except QueueLockedError as exc:
@@ -368,17 +370,23 @@ class EdgeService:
                 "(restart the service)")
 
     def _oldest_queued_age_s(self) -> float | None:
-        """Seconds since the oldest queued result was captured (its own ``captured_at``), None when none waits.
+        """Seconds the oldest queued result has waited, None when none waits.
 
-        Read from the record rather than timed here, so the age is true however rarely ``/health`` is asked and
-        across a restart with results still queued."""
+        A result queued by this process is timed on the monotonic clock (an NTP step of the wall clock must neither
+        hide a stuck queue nor invent one).  One left by a previous run can only be timed by its own
+        ``captured_at``, and is at least as old as this process."""
+        mono = self.queue.oldest_appended_mono()
+        if mono is not None:
+            return max(0.0, time.monotonic() - mono)
         try:
             oldest = self.queue.peek(1)
             captured = float(json.loads(oldest[0][1])["captured_at"]) if oldest else None
         except Exception:  # noqa: BLE001 - a closed queue (shutdown) or a record that is not a result
             log.debug("health: cannot read the oldest queued result", exc_info=True)
             captured = None
-        return None if captured is None else max(0.0, time.time() - captured)
+        if captured is None:
+            return None
+        return max(0.0, time.time() - captured, time.monotonic() - self._started_mono)
 
     def _health_state(self) -> tuple[str, list[str], dict]:
         """(state, reasons, details) for ``/health``; also sets the ``weakrest_health_state`` gauge."""
@@ -390,16 +398,17 @@ class EdgeService:
                 log.exception("output %s: health() failed", sink.name)
                 sinks[sink.name] = {"state": "failing", "error": f"health() failed: {type(exc).__name__}: {exc}"}
         connected = bool(self.publisher.connected)
-        depth = self.queue.depth
+        depth, held, disk_error = self.queue.depth, self.queue.held, self.queue.disk_error
         age = self._oldest_queued_age_s() if depth else None
         mqtt = self.cfg.mqtt
         state, reasons = assess(inference_problem=self._inference_problem(), broker=f"{mqtt.host}:{mqtt.port}",
                                 mqtt_connected=connected, queue_depth=depth, queue_age_s=age,
-                                queue_degraded_s=self.cfg.health.queue_degraded_s, camera=self.cfg.camera.name,
+                                queue_degraded_s=self.cfg.health.queue_degraded_s, queue_disk_error=disk_error,
+                                queue_held=held, queue_dir=str(self.cfg.queue.dir), camera=self.cfg.camera.name,
                                 camera_state=self.camera_state, camera_detail=self.camera_detail, sinks=sinks)
         self.metrics.health_state(state)
         return state, reasons, {"mqtt_connected": connected, "queue_depth": depth, "queue_oldest_age_s": age,
-                                "sinks": sinks}
+                                "queue_held": held, "queue_disk_error": disk_error, "sinks": sinks}
 
     def health_report(self) -> dict:
         """The ``/health`` body: ``state`` ok/degraded/failing with plain-words ``reasons``, and the counters."""
@@ -419,6 +428,7 @@ class EdgeService:
         m.fetch_timeouts_total.set_total(stats.timeouts)
         m.camera_reconnects_total.set_total(stats.reconnects)
         m.queue_depth.set(self.queue.depth)
+        m.queue_held.set(self.queue.held)
         m.queue_dropped_total.set_total(self.queue.dropped)
         self._health_state()  # sets weakrest_health_state
         return m.render()
@@ -472,6 +482,9 @@ class EdgeService:
         self._to_sinks("close", flush_timeout_s)
         if self.health is not None:
             self.health.stop()
+        if self.queue.write_held():
+            log.error("%d result(s) the full disk refused are held in memory only and are lost with this process",
+                      self.queue.held)
         log.info("stopped after %d results; %d still queued on disk%s", self.results, self.queue.depth,
                  "" if delivered else " (broker unreachable: they are sent after the next start)")
 

@@ -344,7 +344,8 @@ def sparkplug_node(cfg: EdgeConfig) -> SparkplugNode:
     site, line, station = cfg.mqtt.topic_prefix.split("/")
     queue_dir = spb.queue_dir or cfg.queue.dir.with_name(cfg.queue.dir.name + "-sparkplug")
     queue_dir.mkdir(parents=True, exist_ok=True)
-    queue = DiskQueue(queue_dir, int(cfg.queue.max_mb * 1024 * 1024))
+    queue = DiskQueue(queue_dir, int(cfg.queue.max_mb * 1024 * 1024),
+                      memory_max_bytes=int(cfg.queue.memory_max_mb * 1024 * 1024))
     return SparkplugNode(cfg.mqtt, spb, queue, edge_node_id=spb.edge_node_id or f"{site}-{line}",
                          device_id=spb.device_id or station, camera=cfg.camera.name)
 
