@@ -25,7 +25,7 @@ import cv2
 from tqdm import tqdm
 
 from edge_runtime.acquisition import CameraLost, FrameSource, SourceError, SourceExhausted, fetch_timeout_s, open_source
-from edge_runtime.service.config import CameraConfig
+from edge_runtime.acquisition.config import CameraConfig
 
 from .errors import CalibrationError
 

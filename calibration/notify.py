@@ -23,7 +23,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_runtime.publishing.command_auth import CommandAuth
-from edge_runtime.service.config import MQTTConfig
+from edge_runtime.publishing.config import MQTTConfig
 
 _UNSUPPORTED_PROTOCOL = (1, 0x84)  # 3.1.1 "unacceptable protocol version", MQTT 5 "unsupported protocol version"
 _CONNECT_WAIT_S = 5.0

@@ -24,7 +24,7 @@ from .replay import ReplaySource
 from .worker import AcquisitionWorker
 
 if TYPE_CHECKING:
-    from edge_runtime.service.config import CameraConfig
+    from .config import CameraConfig
 
 __all__ = [
     "SUPPORTED_FORMATS",

@@ -55,6 +55,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edge_runtime import __version__
 from edge_runtime.publishing.command_auth import CommandAuth
+from edge_runtime.publishing.config import MQTTConfig
 from edge_runtime.publishing.disk_queue import DiskQueue
 from edge_runtime.publishing.messages import (
     HEATMAP_CONTENT_TYPES,
@@ -71,7 +72,6 @@ from edge_runtime.publishing.messages import (
     status_expiry_s,
     status_payload,
 )
-from edge_runtime.service.config import MQTTConfig
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from edge_runtime.publishing.messages import Command, CommandError, ResultMessage, encode_json, parse_command
 
 if TYPE_CHECKING:
-    from edge_runtime.service.config import OpcUaConfig
+    from .config import OpcUaConfig
 
 log = logging.getLogger(__name__)
 

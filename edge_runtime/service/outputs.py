@@ -20,7 +20,7 @@ def build_sinks(cfg: EdgeConfig, on_command: Callable[[Command], dict[str, Any]]
     if cfg.sparkplug.enabled:
         from ..publishing.sparkplug.node import sparkplug_node
 
-        sinks.append(sparkplug_node(cfg))
+        sinks.append(sparkplug_node(cfg.mqtt, cfg.sparkplug, cfg.queue, cfg.camera.name))
     if cfg.opcua.enabled:
         from ..publishing.opcua import OpcUaServer
 

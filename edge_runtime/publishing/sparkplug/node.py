@@ -32,11 +32,11 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from edge_runtime import __version__
+from edge_runtime.publishing.config import MQTTConfig, QueueConfig, SparkplugConfig
 from edge_runtime.publishing.disk_queue import DiskQueue
 from edge_runtime.publishing.messages import ResultMessage, decode_result
 from edge_runtime.publishing.mqtt import DurableMqttClient
 from edge_runtime.publishing.sparkplug.payloads import DataType, Metric, decode, encode, metrics_by_name
-from edge_runtime.service.config import EdgeConfig, MQTTConfig, SparkplugConfig
 
 log = logging.getLogger(__name__)
 
@@ -338,15 +338,14 @@ class SparkplugNode(DurableMqttClient):
         return flushed
 
 
-def sparkplug_node(cfg: EdgeConfig) -> SparkplugNode:
+def sparkplug_node(mqtt: MQTTConfig, spb: SparkplugConfig, queue_cfg: QueueConfig, camera: str) -> SparkplugNode:
     """The node ``edge.yaml`` describes, with its queue (``sparkplug.queue_dir``, else ``<queue.dir>-sparkplug``)."""
-    spb = cfg.sparkplug
-    site, line, station = cfg.mqtt.topic_prefix.split("/")
-    queue_dir = spb.queue_dir or cfg.queue.dir.with_name(cfg.queue.dir.name + "-sparkplug")
+    site, line, station = mqtt.topic_prefix.split("/")
+    queue_dir = spb.queue_dir or queue_cfg.dir.with_name(queue_cfg.dir.name + "-sparkplug")
     queue_dir.mkdir(parents=True, exist_ok=True)
-    queue = DiskQueue(queue_dir, int(cfg.queue.max_mb * 1024 * 1024),
-                      memory_max_bytes=int(cfg.queue.memory_max_mb * 1024 * 1024))
-    return SparkplugNode(cfg.mqtt, spb, queue, edge_node_id=spb.edge_node_id or f"{site}-{line}",
-                         device_id=spb.device_id or station, camera=cfg.camera.name)
+    queue = DiskQueue(queue_dir, int(queue_cfg.max_mb * 1024 * 1024),
+                      memory_max_bytes=int(queue_cfg.memory_max_mb * 1024 * 1024))
+    return SparkplugNode(mqtt, spb, queue, edge_node_id=spb.edge_node_id or f"{site}-{line}",
+                         device_id=spb.device_id or station, camera=camera)
 
 
