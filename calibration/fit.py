@@ -18,7 +18,7 @@ import json
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from edge_runtime import __version__
 from edge_runtime.core import bundle as B
+from edge_runtime.core.components import Components, LogicalScoring, Standardisation, fit_logical
 from edge_runtime.core.fitting import BankBuilder, split_holdout
 from edge_runtime.core.foreground import ForegroundBuilder
 from edge_runtime.core.pipeline import STANDARDISED, Inspector, MapFusion, PosFARScorer, open_inspector
@@ -167,7 +168,7 @@ def calibrate(base: Path, images: Path, out: Path | None, *, holdout: float = 0.
     holdout_features = list(_features(inspector, holdout_frames, "hold-out frames", quiet))
     classifier = inspector.scorer.classifier
     scorer = PosFARScorer.from_bundle(B.Bundle(root=bundle.root, manifest=manifest, arrays=arrays),
-                                      classifier=classifier, image_score="map")
+                                      classifier=classifier, image_score="map", use_logical=False)
     holdout_evidence = [scorer.evidence(p, d) for p, d in holdout_features]
     bank_evidence = [scorer.evidence(p, d, exclude=j) for j, (p, d) in enumerate(bank_features)]
     if "reference_distances" in bundle.arrays:  # new references, new bank: their leave-one-out distances
@@ -185,9 +186,31 @@ def calibrate(base: Path, images: Path, out: Path | None, *, holdout: float = 0.
         if m.scoring.anomaly_map == "fused":
             scorer = scorer.with_fusion(rescaled)
     holdout_scored = [scorer.finish(e) for e in holdout_evidence]
-    scores = np.array([s.score for s in holdout_scored])
     # as the base bundle's threshold was estimated: with leave-one-out scores of the bank frames when it was
     loo = [scorer.finish(e) for e in bank_evidence] if m.thresholds.n_leave_one_out else []
+    if m.logical is not None:  # the same component classes; the good composition and both scales from the frames
+        lg = m.logical
+        components = Components(bundle.arrays["component_centres"], tuple(m.backbone.grid), lg.regions)
+        try:
+            model, bank_logical, holdout_logical = fit_logical(
+                components, np.stack([components(p).summary for p, _ in bank_features]),
+                np.stack([components(p).summary for p, _ in holdout_features]), seed=seed)
+            structural = Standardisation.fit([s.score for s in holdout_scored + loo])
+            logical_std = Standardisation.fit(np.concatenate([holdout_logical, bank_logical]))
+        except ValueError as exc:
+            raise CalibrationError(f"{images}: cannot refit the logical score ({exc})") from None
+        scorer = scorer.with_logical(LogicalScoring(components, model, structural, logical_std, lg.rule, lg.weight))
+        holdout_scored = [scorer.finish(replace(e, logical_score=float(v)))
+                          for e, v in zip(holdout_evidence, holdout_logical, strict=True)]
+        if loo:
+            loo = [scorer.finish(replace(e, logical_score=float(v)))
+                   for e, v in zip(bank_evidence, bank_logical, strict=True)]
+        arrays = {**arrays, "component_centres": components.centres, "logical_mean": model.mean,
+                  "logical_precision": model.precision, "logical_group_stats": model.group_stats}
+        manifest = manifest.model_copy(update={"logical": lg.model_copy(update={
+            "structural_mean": structural.mean, "structural_std": structural.std,
+            "logical_mean": logical_std.mean, "logical_std": logical_std.std})})
+    scores = np.array([s.score for s in holdout_scored])
     thr = estimate_threshold(np.concatenate([scores, [s.score for s in loo]]), target, m.thresholds.margin,
                              n_leave_one_out=len(loo))
     pixel = None  # a verdict not on the heatmap: the heatmap's regions keep a threshold of their own

@@ -202,6 +202,29 @@ class ThresholdConfig(_Section):
                                     "run low, 0.41 vs 0.53 held out)")
 
 
+class LogicalConfig(_Section):
+    """Component-level (logical) score beside the structural one: wrong assemblies, where every patch is normal."""
+
+    enabled: bool = Field(default=False, description="products whose defects can be a missing, extra or "
+                                                      "misplaced part; off for plain surfaces")
+    k: int | None = Field(default=None, ge=2, le=32, description="component classes; None: the most stable of "
+                                                               "k_candidates across two halves of the good images")
+    k_candidates: list[int] = Field(default_factory=lambda: [3, 4, 5, 6, 7, 8], min_length=1)
+    regions: int = Field(default=2, ge=1, le=4, description="CSAD patch histograms over regions x regions cells")
+    shrinkage: float = Field(default=0.5, ge=0.0, le=1.0, description="covariance shrinkage towards its diagonal")
+    fusion: Literal["max", "sum"] = Field(default="max", description="verdict score from the two standardised "
+                                          "scores: their max, or structural + weight * logical")
+    weight: float = Field(default=1.0, ge=0.0)
+    patches_per_image: int = Field(default=128, ge=8, description="patches per good image for the clustering")
+
+    @field_validator("k_candidates")
+    @classmethod
+    def _at_least_two(cls, v: list[int]) -> list[int]:
+        if any(k < 2 for k in v):
+            raise ValueError("every candidate k must be at least 2")
+        return sorted(set(v))
+
+
 class ProductConfig(_Section):
     product: str = "product"
     profile: str = "fast"
@@ -215,6 +238,7 @@ class ProductConfig(_Section):
     weak: WeakConfig = WeakConfig()
     synthetic: SyntheticSection = SyntheticSection()
     foreground: ForegroundConfig = ForegroundConfig()
+    logical: LogicalConfig = LogicalConfig()
     latency_budget_ms: float = Field(default=50.0, gt=0.0)
     batch_size: int = Field(default=16, gt=0)
     seed: int = 0

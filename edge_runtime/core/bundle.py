@@ -49,6 +49,12 @@ OPTIONAL_ARRAYS: dict[str, tuple[str, int]] = {
     # (n_reference_images, h_f, w_f): each reference image's leave-one-out block distances, for the standardised
     # image scores (written by every fit since, so any such bundle can be evaluated that way)
     "reference_distances": ("float16", 3),
+    # with the ``logical`` section: (k, d_f) component centres, the good composition's (D,) mean and (D, D)
+    # block-diagonal precision, and (G, 2) each summary group's good-distance mean and spread
+    "component_centres": ("float32", 2),
+    "logical_mean": ("float32", 1),
+    "logical_precision": ("float32", 2),
+    "logical_group_stats": ("float32", 2),
 }
 
 
@@ -185,6 +191,22 @@ class Thresholds(_Strict):
                    n_leave_one_out=est.n_leave_one_out)
 
 
+class LogicalInfo(_Strict):
+    """The component-level (logical) score beside the structural one (``core/components.py``): k component
+    classes (centres in the array ``component_centres``), the good images' composition (``logical_mean``,
+    ``logical_precision``), each score's standardisation on good images, and how the two are fused."""
+
+    k: int = Field(ge=2)
+    regions: int = Field(ge=1)
+    rule: Literal["max", "sum"] = "max"
+    weight: float = Field(default=1.0, ge=0)
+    structural_mean: float
+    structural_std: float = Field(gt=0)
+    logical_mean: float
+    logical_std: float = Field(gt=0)
+    stability: dict[str, float] | None = None  # k -> NMI across two halves of the good images, when k was chosen
+
+
 class FileEntry(_Strict):
     sha256: str
     size: int
@@ -207,6 +229,7 @@ class Manifest(_Strict):
     swin: SwinInfo | None = None
     foreground: ForegroundInfo | None = None
     training: TrainingInfo | None = None
+    logical: LogicalInfo | None = None
     files: dict[str, FileEntry] = {}
 
 
@@ -362,6 +385,20 @@ def _check_consistency(m: Manifest, a: dict[str, np.ndarray]) -> None:
         checks.append((rd.shape == expected, f"reference_distances is {list(rd.shape)}, expected {list(expected)}"))
         checks.append((bool(np.isfinite(rd.astype(np.float32)).all()) and rd.min() >= 0,
                        "reference_distances must hold finite distances >= 0"))
+    names = ("component_centres", "logical_mean", "logical_precision", "logical_group_stats")
+    logical_arrays = [k for k in names if k in a]
+    if (m.logical is not None) != bool(logical_arrays) or (logical_arrays and len(logical_arrays) != len(names)):
+        checks.append((False, f"arrays {', '.join(names)} and the manifest's logical section must come together"))
+    elif m.logical is not None:
+        dim = m.logical.k * (5 + m.logical.regions ** 2)
+        checks.append((a["component_centres"].shape == (m.logical.k, d_f),
+                       f"component_centres is {list(a['component_centres'].shape)}, expected {[m.logical.k, d_f]}"))
+        checks.append((a["logical_mean"].shape == (dim,) and a["logical_precision"].shape == (dim, dim),
+                       f"logical_mean / logical_precision do not describe a {dim}-d composition summary"))
+        checks.append((a["logical_group_stats"].shape == (6, 2) and bool((a["logical_group_stats"][:, 1] > 0).all()),
+                       "logical_group_stats must be (6, 2) with positive spreads"))
+        checks.append((all(bool(np.isfinite(a[k]).all()) for k in logical_arrays),
+                       "non-finite values in the logical arrays"))
     for ok, problem in checks:
         if not ok:
             raise BundleError(ARRAYS, problem)

@@ -19,6 +19,7 @@ from typing import Literal
 import numpy as np
 
 from .bundle import BACKBONE, SWIN, Bundle, BundleError, load_bundle
+from .components import Components, LogicalModel, LogicalScoring, Standardisation
 from .engines import Engine, EngineError, OnnxRuntimeEngine
 from .foreground import reference_foreground
 from .matching import MemoryBank, posfar_residual
@@ -38,6 +39,10 @@ class Scored:
     references: np.ndarray  # indices of the K retrieved training images
     timings_ms: dict[str, float] = field(default_factory=dict)
     map_score: float | None = None  # the heatmap's own score (pooled max): the scale of the pixel threshold
+    # with a logical score: both standardised scores (the verdict's score is their fusion) and the composition
+    structural: float | None = None
+    logical: float | None = None
+    component_areas: list[float] | None = None
 
 
 #: residual tokens (M, d_f) float32 -> anomaly probability per block (M,)
@@ -131,6 +136,8 @@ class Evidence:
     probability: np.ndarray | None  # (M,) float32, the Swin's anomaly probability (None without a Swin)
     references: np.ndarray  # the K retrieved training images
     timings_ms: dict[str, float] = field(default_factory=dict)
+    logical_score: float | None = None  # Mahalanobis distance of the composition (with a logical model)
+    component_areas: np.ndarray | None = None  # (k,) area fraction of each component class
 
 
 @dataclass(frozen=True)
@@ -149,7 +156,8 @@ class PosFARScorer:
                  input_hw: tuple[int, int], blur_sigma: float = 4.0, score_pool: int = 8,
                  thetas: tuple[float, ...] = (1.0, 2.0), classifier: Classifier | None = None,
                  foreground: ForegroundWeighting | None = None, fusion: MapFusion | None = None,
-                 image_score: ImageScore = "map", standardiser: DistanceStandardiser | None = None) -> None:
+                 image_score: ImageScore = "map", standardiser: DistanceStandardiser | None = None,
+                 logical: LogicalScoring | None = None) -> None:
         if fusion is not None and classifier is None:
             raise ValueError("a fused map needs the Swin classifier")
         if image_score not in IMAGE_SCORES:
@@ -158,6 +166,7 @@ class PosFARScorer:
             raise ValueError("a standardised image score needs the reference images' distance maps")
         self.image_score = image_score
         self.standardiser = standardiser
+        self.logical = logical
         self.bank = bank
         self.references = references
         self.k = k
@@ -173,7 +182,7 @@ class PosFARScorer:
     @classmethod
     def from_bundle(cls, bundle: Bundle, classifier: Classifier | None = None,
                     use_foreground: bool = True, fusion: MapFusion | None = None,
-                    image_score: ImageScore | None = None) -> PosFARScorer:
+                    image_score: ImageScore | None = None, use_logical: bool = True) -> PosFARScorer:
         """The bundle's scorer; pass ``classifier`` (its Swin engine) to score with the residual Swin, and
         ``fusion`` as well to fuse it with the distance."""
         m, a = bundle.manifest, bundle.arrays
@@ -186,10 +195,18 @@ class PosFARScorer:
         standardiser = None
         if "reference_distances" in a:
             standardiser = DistanceStandardiser(a["reference_distances"].astype(np.float32))
+        logical = None
+        if use_logical and m.logical is not None:
+            lg = m.logical
+            components = Components(a["component_centres"], tuple(m.backbone.grid), lg.regions)
+            logical = LogicalScoring(components, LogicalModel(a["logical_mean"], a["logical_precision"],
+                                                              components.groups(), a["logical_group_stats"]),
+                                     Standardisation(lg.structural_mean, lg.structural_std),
+                                     Standardisation(lg.logical_mean, lg.logical_std), lg.rule, lg.weight)
         return cls(bank, refs, m.posfar.k_references, tuple(m.backbone.grid), tuple(m.preprocessing.input_size),
                    m.scoring.blur_sigma, m.scoring.score_pool, thetas=tuple(m.posfar.thetas), classifier=classifier,
                    foreground=foreground, fusion=fusion, image_score=image_score or m.scoring.image_score,
-                   standardiser=standardiser)
+                   standardiser=standardiser, logical=logical)
 
     def residual(self, pcf: np.ndarray, descriptor: np.ndarray, exclude: int | None = None) -> Residual:
         """Retrieval, matching and the PosFAR residual field of one image (no classifier)."""
@@ -206,6 +223,12 @@ class PosFARScorer:
         other.image_score = image_score or self.image_score
         if other.image_score in STANDARDISED and standardiser is None:
             raise ValueError("a standardised image score needs the reference images' distance maps")
+        return other
+
+    def with_logical(self, logical: LogicalScoring | None) -> PosFARScorer:
+        """The same scorer with (or without) a logical score fused into the verdict."""
+        other = copy.copy(self)
+        other.logical = logical
         return other
 
     def with_fusion(self, fusion: MapFusion | None) -> PosFARScorer:
@@ -237,8 +260,14 @@ class PosFARScorer:
             residual = posfar_residual(pcf, self.bank.features[match.bank_rows], self.thetas)
             probability = np.asarray(self.classifier(residual), dtype=np.float32)
             timings["swin"] = (time.perf_counter() - t2) * 1e3
+        logical_score = areas = None
+        if self.logical is not None:
+            t3 = time.perf_counter()
+            logical_score, cmap = self.logical.logical_score(pcf)
+            areas = cmap.summary[: self.logical.components.k]
+            timings["logical"] = (time.perf_counter() - t3) * 1e3
         return Evidence(distance=np.asarray(match.distance, dtype=np.float32), probability=probability,
-                        references=refs, timings_ms=timings)
+                        references=refs, timings_ms=timings, logical_score=logical_score, component_areas=areas)
 
     def finish(self, ev: Evidence) -> Scored:
         """The block map, heatmap and image score of one image's evidence."""
@@ -267,9 +296,14 @@ class PosFARScorer:
             if factor is not None:
                 verdict_map = verdict_map * factor
             score = image_score(heatmap_from_blocks(verdict_map, self.input_hw, self.blur_sigma), self.score_pool)
+        structural = logical = areas = None
+        if self.logical is not None and ev.logical_score is not None:
+            score, structural, logical = self.logical.fuse(score, ev.logical_score)
+            areas = [round(float(v), 4) for v in ev.component_areas] if ev.component_areas is not None else None
         timings = {**ev.timings_ms, "postprocess": (time.perf_counter() - t0) * 1e3}
         return Scored(block_map=block_map, heatmap=heatmap, score=score, references=ev.references,
-                      timings_ms=timings, map_score=map_score)
+                      timings_ms=timings, map_score=map_score, structural=structural, logical=logical,
+                      component_areas=areas)
 
     def score(self, pcf: np.ndarray, descriptor: np.ndarray, exclude: int | None = None) -> Scored:
         """pcf: (M, d_f) patch features; descriptor: (cells, C).  ``exclude`` leaves one image out."""
@@ -287,9 +321,10 @@ class InspectionResult:
     regions: list[Region]
     timings_ms: dict[str, float]
     over_budget: bool
+    evidence: dict | None = None  # with a logical score: {structural, logical, components}, why a part failed
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "verdict": self.verdict,
             "score": round(self.score, 6),
             "threshold": round(self.threshold, 6),
@@ -297,6 +332,9 @@ class InspectionResult:
             "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
             "over_budget": self.over_budget,
         }
+        if self.evidence is not None:
+            out["evidence"] = self.evidence
+        return out
 
 
 class Inspector:
@@ -312,7 +350,7 @@ class Inspector:
     def __init__(self, bundle: Bundle, backbone: Engine | None = None, threads: int | None = None,
                  swin: Engine | None = None, anomaly_map: Literal["swin", "nn_distance", "fused"] | None = None,
                  use_foreground: bool = True, fusion_rule: Literal["mean", "geometric", "max"] | None = None,
-                 image_score: ImageScore | None = None) -> None:
+                 image_score: ImageScore | None = None, use_logical: bool = True) -> None:
         self.bundle = bundle
         m = bundle.manifest
         self.input_hw = tuple(m.preprocessing.input_size)
@@ -337,7 +375,8 @@ class Inspector:
             raise ValueError(f"bundle {bundle.root} has no reference distance maps (fitted before standardised "
                              "image scores existed): it cannot score that way")
         self.scorer = PosFARScorer.from_bundle(bundle, classifier=classifier, use_foreground=use_foreground,
-                                               fusion=fusion, image_score=self.image_score)
+                                               fusion=fusion, image_score=self.image_score, use_logical=use_logical)
+        self.use_logical = use_logical
         self.threshold = m.thresholds.image
         self.pixel_threshold = m.thresholds.pixel
         self.budget_ms = m.latency_budget_ms
@@ -360,10 +399,14 @@ class Inspector:
         timings = {"preprocess": (t1 - t0) * 1e3, "backbone": (t2 - t1) * 1e3, **scored.timings_ms}
         timings["postprocess"] += (t3 - t2) * 1e3 - sum(scored.timings_ms.values())
         timings["total"] = (t3 - t0) * 1e3
+        evidence = None
+        if scored.logical is not None:
+            evidence = {"structural": round(scored.structural, 4), "logical": round(scored.logical, 4),
+                        "components": scored.component_areas}
         return InspectionResult(
             score=scored.score, verdict="fail" if fail else "pass", threshold=self.threshold,
             heatmap=scored.heatmap, regions=regions, timings_ms=timings,
-            over_budget=timings["total"] > self.budget_ms,
+            over_budget=timings["total"] > self.budget_ms, evidence=evidence,
         )
 
 

@@ -109,6 +109,17 @@ class Region(BaseModel):
         return cls(x=x, y=y, w=w, h=h, area_px=int(region.area), peak=round(float(region.peak), 6))
 
 
+class VerdictEvidence(BaseModel):
+    """Both scores behind a verdict that fuses them, each standardised on good parts (0: a typical good part),
+    and the image's composition, so a MES or an operator can see why a part was rejected."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    structural: float = Field(description="surface score (nearest-normal distance / residual Swin), standardised")
+    logical: float = Field(description="composition score (component classes), standardised")
+    components: list[float] | None = Field(default=None, description="area fraction of each component class")
+
+
 class ResultMessage(BaseModel):
     """One inspected frame, as published on ``<prefix>/result`` (schema ``weakrest.result/1``)."""
 
@@ -130,6 +141,7 @@ class ResultMessage(BaseModel):
     captured_at: float = Field(description="epoch seconds when the frame was captured")
     published_at: float | None = Field(default=None, description="epoch seconds when sent; set by the sender")
     dropped_frames: int = Field(default=0, ge=0, description="frames dropped unprocessed so far")
+    evidence: VerdictEvidence | None = Field(default=None, description="with a logical score: why the verdict")
     error: str | None = None
 
     @model_validator(mode="after")

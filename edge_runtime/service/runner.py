@@ -320,7 +320,7 @@ class EdgeService:
             heatmap = result.heatmap
             fields = {"verdict": result.verdict, "score": result.score, "threshold": result.threshold,
                       "regions": [Region.from_region(r) for r in result.regions], "timings_ms": result.timings_ms,
-                      "over_budget": result.over_budget, "error": None}
+                      "over_budget": result.over_budget, "evidence": result.evidence, "error": None}
         message = ResultMessage(seq=self.queue.next_index, frame_id=frame.frame_id, camera=self.cfg.camera.name,
                                 product=served.product, bundle_version=served.version,
                                 budget_ms=inspector.budget_ms, captured_at=frame.captured_at,

@@ -7,7 +7,7 @@ import logging
 import platform
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -17,6 +17,13 @@ from tqdm import tqdm
 
 import edge_runtime
 from edge_runtime.core import bundle as B
+from edge_runtime.core.components import (
+    LogicalScoring,
+    PatchSampler,
+    Standardisation,
+    fit_components,
+    fit_logical,
+)
 from edge_runtime.core.engines import OnnxRuntimeEngine
 from edge_runtime.core.fitting import BankBuilder, FittedPosFAR, split_holdout
 from edge_runtime.core.foreground import ForegroundBuilder
@@ -310,9 +317,12 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
     builder = BankBuilder(cfg.posfar.coreset_ratio, cfg.posfar.projection_dim, cfg.seed, foreground=foreground)
     loaded: list[Path] = []
     cache = FitCache(opts.cache_dir) if opts.cache_dir is not None else None
+    sampler = PatchSampler(cfg.logical.patches_per_image, cfg.seed) if cfg.logical.enabled else None
     for pcf, descriptor in _cached_features(cache, extractor, bank_paths, cfg, "bank images", skipped, progress,
                                             loaded):
         builder.add(pcf, descriptor)
+        if sampler is not None:
+            sampler.add(pcf)
     fitted: FittedPosFAR = builder.build(cfg.posfar.d_l, cfg.posfar.pca_variance)
     seconds["bank"] = time.perf_counter() - t0
 
@@ -341,10 +351,16 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
                    for p, d in zip(pcf, descriptor, strict=True)]
         holdout_evidence = [scorer.evidence(p, d) for p, d in holdout]
         # bank image j, matched with itself left out of its retrieval: about 10x more good maps than the hold-out
-        loo_evidence = []
+        components = stability = None
+        if sampler is not None:
+            components, stability = fit_components(sampler.samples, extractor.grid, cfg.logical.k,
+                                                   tuple(cfg.logical.k_candidates), cfg.seed, cfg.logical.regions)
+        loo_evidence, bank_summaries = [], []
         for pcf, descriptor in _cached_features(cache, extractor, loaded, cfg, "leave-one-out scores", [], progress):
             loo_evidence.extend(scorer.evidence(p, d, exclude=len(loo_evidence))
                                 for p, d in zip(pcf, descriptor, strict=True))
+            if components is not None:
+                bank_summaries.extend(components(p).summary for p in pcf)
         # every reference image's leave-one-out distances: always stored, so any bundle can be scored standardised;
         # scored from the fp16 values the edge will read
         standardiser = DistanceStandardiser(np.stack([e.distance.reshape(extractor.grid) for e in loo_evidence])
@@ -365,6 +381,29 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
         if loo == "auto":  # the Swin was trained on the bank images' fields: their scores by it run optimistic
             loo = classifier is None or image_score != "map"
         loo_scored = [scorer.finish(e) for e in loo_evidence] if loo else []
+        logical_info = logical_arrays = None
+        if components is not None:  # the verdict fuses the structural score with the logical one
+            model, bank_logical, holdout_logical = fit_logical(
+                components, np.stack(bank_summaries), np.stack([components(p).summary for p, _ in holdout]),
+                cfg.logical.shrinkage, cfg.seed)
+            structural = Standardisation.fit([s.score for s in holdout_scored + loo_scored])
+            logical_std = Standardisation.fit(np.concatenate([holdout_logical, bank_logical]))
+            scorer = scorer.with_logical(LogicalScoring(components, model, structural, logical_std,
+                                                        cfg.logical.fusion, cfg.logical.weight))
+            # the good images' fused scores, each with a logical score from a model that did not see it
+            holdout_scored = [scorer.finish(replace(e, logical_score=float(v), component_areas=None))
+                              for e, v in zip(holdout_evidence, holdout_logical, strict=True)]
+            if loo:
+                loo_scored = [scorer.finish(replace(e, logical_score=float(v), component_areas=None))
+                              for e, v in zip(loo_evidence, bank_logical, strict=True)]
+            logical_info = B.LogicalInfo(k=components.k, regions=components.regions, rule=cfg.logical.fusion,
+                                         weight=cfg.logical.weight, structural_mean=structural.mean,
+                                         structural_std=structural.std, logical_mean=logical_std.mean,
+                                         logical_std=logical_std.std,
+                                         stability={str(k): round(v, 4) for k, v in stability.items()}
+                                         if stability else None)
+            logical_arrays = {"component_centres": components.centres, "logical_mean": model.mean,
+                              "logical_precision": model.precision, "logical_group_stats": model.group_stats}
         holdout_scores = [s.score for s in holdout_scored]
         loo_scores = [s.score for s in loo_scored]
         choice = estimate_threshold(holdout_scores + loo_scores, cfg.threshold.target_false_reject,
@@ -423,8 +462,9 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
                                          n_fit_images=min(fg_cfg.fit_images, builder.n_images))
                         if fitted.foreground_maps is not None else None),
             training=trained.info if trained else None,
+            logical=logical_info,
         )
-        B.write_bundle(out, manifest, files, {**fitted.arrays(), **standardiser.arrays()})
+        B.write_bundle(out, manifest, files, {**fitted.arrays(), **standardiser.arrays(), **(logical_arrays or {})})
     seconds["export"] = time.perf_counter() - t2
     seconds["total"] = time.perf_counter() - t0
     size = sum(p.stat().st_size for p in Path(out).iterdir())
