@@ -168,7 +168,8 @@ def calibrate(base: Path, images: Path, out: Path | None, *, holdout: float = 0.
     holdout_features = list(_features(inspector, holdout_frames, "hold-out frames", quiet))
     classifier = inspector.scorer.classifier
     scorer = PosFARScorer.from_bundle(B.Bundle(root=bundle.root, manifest=manifest, arrays=arrays),
-                                      classifier=classifier, image_score="map", use_logical=False)
+                                      classifier=classifier, image_score="map",
+                                      logical_verdict="structural")
     holdout_evidence = [scorer.evidence(p, d) for p, d in holdout_features]
     bank_evidence = [scorer.evidence(p, d, exclude=j) for j, (p, d) in enumerate(bank_features)]
     if "reference_distances" in bundle.arrays:  # new references, new bank: their leave-one-out distances

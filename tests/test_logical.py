@@ -77,10 +77,10 @@ def test_assembly_product_is_deterministic_with_its_defects(tmp_path):
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
     masks = {d: [read_image(p) for p in sorted((a / "ground_truth" / d).glob("*.png"))] for d in DEFECTS}
     assert all(m.max() == 0 for m in masks["missing"])  # nothing to point at
-    assert all(m.max() > 0 for d in ("extra", "swapped", "oversized") for m in masks[d])
+    assert all(m.max() > 0 for d in DEFECTS if d != "missing" for m in masks[d])
     with pytest.raises(ValueError, match="unknown defect"):
         from training_host.data.assembly import make_tray
-        make_tray("scratch", np.random.default_rng(0))
+        make_tray("dent", np.random.default_rng(0))
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +124,11 @@ def test_logical_bundle_fits_scores_and_explains_its_verdict(assembly, tmp_path)
     assert message.evidence is not None and message.evidence.logical == ev["logical"]
     # the component score finds what the structural score cannot: parts missing or one too many
     fused = evaluate_bundle(out, data, tmp_path / "fused", progress=False)
-    structural = evaluate_bundle(out, data, tmp_path / "structural", progress=False, use_logical=False)
-    assert fused["logical"] and not structural["logical"] and structural["threshold"] is None
+    structural = evaluate_bundle(out, data, tmp_path / "structural", progress=False, logical_verdict="structural")
+    logical = evaluate_bundle(out, data, tmp_path / "logical", progress=False, logical_verdict="logical")
+    assert (fused["logical_verdict"], structural["logical_verdict"], logical["logical_verdict"]) == (
+        "fused", "structural", "logical")
+    assert structural["threshold"] is None and logical["threshold"] is None and fused["threshold"] is not None
     assert fused["image_auroc"] > structural["image_auroc"] + 0.05
 
 
@@ -138,7 +141,7 @@ def test_logical_arrays_belong_with_their_section(assembly, tmp_path):
     (path / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="logical section must come together"):
         load_bundle(path)
-    assert Inspector(load_bundle(out), use_logical=False).scorer.logical is None
+    assert Inspector(load_bundle(out), logical_verdict="structural").scorer.logical is None
     assert sha256_of(path / ARRAYS) == sha256_of(out / ARRAYS)
 
 
@@ -154,3 +157,15 @@ def test_field_calibration_refits_the_logical_score(assembly, tmp_path):
     assert cal.manifest.logical.structural_mean != base.manifest.logical.structural_mean
     result = open_inspector(tmp_path / "cal").inspect(read_image(list_images(data / "test" / "extra")[0]))
     assert result.evidence is not None and result.threshold == cal.manifest.thresholds.image
+
+
+def test_a_bad_logical_section_is_refused_naming_it(tmp_path):
+    from training_host.config import ConfigError, load_config
+
+    path = tmp_path / "p.yaml"
+    for section, words in [("{enabled: true, k_candidates: [1, 4]}", "logical.k_candidates"),
+                           ("{enabled: true, fusion: mean}", "logical.fusion"),
+                           ("{enabled: true, k: 1}", "logical.k"), ("{enable: true}", "logical.enable")]:
+        path.write_text(f"product: p\nlogical: {section}\n")
+        with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
+            load_config(path)

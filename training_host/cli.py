@@ -119,7 +119,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     metrics = evaluate_bundle(Path(args.bundle), Path(args.data), Path(args.out), overlays=args.overlays,
                               progress=not args.json, anomaly_map=args.anomaly_map,
                               use_foreground=not args.no_foreground, fusion_rule=args.fusion_rule,
-                              image_score=args.image_score, use_logical=not args.no_logical)
+                              image_score=args.image_score, logical_verdict=args.verdict)
     if args.json:
         print(json.dumps(metrics))
         return 0
@@ -235,8 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "standardised per position (against all reference images, or the K retrieved) "
                                       "instead of the bundle's way")
     p.add_argument("--no-foreground", action="store_true", help="ignore the bundle's foreground maps (ablation)")
-    p.add_argument("--no-logical", action="store_true",
-                   help="ignore the bundle's logical (component) score: the structural score alone (ablation)")
+    p.add_argument("--verdict", choices=["fused", "structural", "logical"], default="fused",
+                   help="with a logical score in the bundle: its fused verdict (default), or the structural or the "
+                        "logical score alone (ablation)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
     keys = sub.add_parser("keys", help="signing keys for bundles")

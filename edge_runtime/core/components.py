@@ -235,12 +235,13 @@ class LogicalScoring:
 
     Each is standardised on good images (held out of the fit, or scored by a model fitted without them), then
     fused by ``rule``: ``max`` (a part fails when either score is as far out as a defect), or ``sum``
-    (``structural + weight * logical``: weak evidence in both adds up)."""
+    (``structural + weight * logical``: weak evidence in both adds up); ``logical`` (the logical score alone)
+    is for evaluation."""
 
     def __init__(self, components: Components, model: LogicalModel, structural: Standardisation,
                  logical: Standardisation, rule: str = "max", weight: float = 1.0) -> None:
-        if rule not in ("max", "sum"):
-            raise ValueError(f"logical fusion must be 'max' or 'sum', got {rule!r}")
+        if rule not in ("max", "sum", "logical"):
+            raise ValueError(f"logical fusion must be 'max' or 'sum' (or 'logical' to evaluate), got {rule!r}")
         self.components, self.model = components, model
         self.structural, self.logical = structural, logical
         self.rule, self.weight = rule, float(weight)
@@ -252,7 +253,7 @@ class LogicalScoring:
     def fuse(self, structural_score: float, logical_score: float) -> tuple[float, float, float]:
         """(verdict score, standardised structural, standardised logical)."""
         zs, zl = self.structural(structural_score), self.logical(logical_score)
-        fused = max(zs, zl) if self.rule == "max" else zs + self.weight * zl
+        fused = max(zs, zl) if self.rule == "max" else zl if self.rule == "logical" else zs + self.weight * zl
         return fused, zs, zl
 
 

@@ -182,7 +182,8 @@ class PosFARScorer:
     @classmethod
     def from_bundle(cls, bundle: Bundle, classifier: Classifier | None = None,
                     use_foreground: bool = True, fusion: MapFusion | None = None,
-                    image_score: ImageScore | None = None, use_logical: bool = True) -> PosFARScorer:
+                    image_score: ImageScore | None = None,
+                    logical_verdict: Literal["fused", "structural", "logical"] = "fused") -> PosFARScorer:
         """The bundle's scorer; pass ``classifier`` (its Swin engine) to score with the residual Swin, and
         ``fusion`` as well to fuse it with the distance."""
         m, a = bundle.manifest, bundle.arrays
@@ -196,13 +197,14 @@ class PosFARScorer:
         if "reference_distances" in a:
             standardiser = DistanceStandardiser(a["reference_distances"].astype(np.float32))
         logical = None
-        if use_logical and m.logical is not None:
+        if logical_verdict != "structural" and m.logical is not None:
             lg = m.logical
             components = Components(a["component_centres"], tuple(m.backbone.grid), lg.regions)
             logical = LogicalScoring(components, LogicalModel(a["logical_mean"], a["logical_precision"],
                                                               components.groups(), a["logical_group_stats"]),
                                      Standardisation(lg.structural_mean, lg.structural_std),
-                                     Standardisation(lg.logical_mean, lg.logical_std), lg.rule, lg.weight)
+                                     Standardisation(lg.logical_mean, lg.logical_std),
+                                     "logical" if logical_verdict == "logical" else lg.rule, lg.weight)
         return cls(bank, refs, m.posfar.k_references, tuple(m.backbone.grid), tuple(m.preprocessing.input_size),
                    m.scoring.blur_sigma, m.scoring.score_pool, thetas=tuple(m.posfar.thetas), classifier=classifier,
                    foreground=foreground, fusion=fusion, image_score=image_score or m.scoring.image_score,
@@ -350,7 +352,8 @@ class Inspector:
     def __init__(self, bundle: Bundle, backbone: Engine | None = None, threads: int | None = None,
                  swin: Engine | None = None, anomaly_map: Literal["swin", "nn_distance", "fused"] | None = None,
                  use_foreground: bool = True, fusion_rule: Literal["mean", "geometric", "max"] | None = None,
-                 image_score: ImageScore | None = None, use_logical: bool = True) -> None:
+                 image_score: ImageScore | None = None,
+                 logical_verdict: Literal["fused", "structural", "logical"] = "fused") -> None:
         self.bundle = bundle
         m = bundle.manifest
         self.input_hw = tuple(m.preprocessing.input_size)
@@ -375,8 +378,9 @@ class Inspector:
             raise ValueError(f"bundle {bundle.root} has no reference distance maps (fitted before standardised "
                              "image scores existed): it cannot score that way")
         self.scorer = PosFARScorer.from_bundle(bundle, classifier=classifier, use_foreground=use_foreground,
-                                               fusion=fusion, image_score=self.image_score, use_logical=use_logical)
-        self.use_logical = use_logical
+                                               fusion=fusion, image_score=self.image_score,
+                                               logical_verdict=logical_verdict)
+        self.logical_verdict = logical_verdict if m.logical is not None else "structural"
         self.threshold = m.thresholds.image
         self.pixel_threshold = m.thresholds.pixel
         self.budget_ms = m.latency_budget_ms

@@ -2,11 +2,13 @@
 
 A tray holds a fixed kit of parts: two red screws, a blue label, a green block and two yellow washers, each
 placed anywhere on the tray (a kit, not a fixture: positions vary from tray to tray), with a little jitter in
-size and lighting as on a real line.  Defective trays are wrong in composition, not in surface: a part
-**missing**, one part **extra**, a washer **swapped** for a screw (the same number of parts, the wrong ones), or
-a part **oversized**.  Every patch of a defective tray looks like a patch of some good tray, and since parts move
-from tray to tray no position holds a fixed part: what is wrong is only the count, the kinds or the sizes,
-which is what the component score must catch and the structural score alone cannot.  MVTec layout
+size and lighting as on a real line.  Most defective trays are wrong in composition, not in surface: a part
+**missing**, one part **extra**, a washer **swapped** for a screw (the same number of parts, the wrong ones), a
+part **oversized**, or a part **misplaced** (on the tray's rim, outside the area parts belong in).  Since parts
+move from tray to tray no position holds a fixed part, so a missing or extra part changes no patch: only the
+count, kinds, sizes or places are wrong, which is what the component score must catch and the structural score
+alone cannot.  One structural kind, a **scratch** across the tray, is there for the other side: the fused
+verdict must keep what the structural score finds.  MVTec layout
 (train/good, test/good, test/<defect>, ground_truth/<defect>/<name>_mask.png; the mask of a missing part is
 empty, as MVTec LOCO leaves what cannot be pointed at); deterministic for a seed.
 
@@ -26,7 +28,7 @@ import numpy as np
 
 from .demo_data import _MARKER, _prepare_out, _write_png
 
-DEFECTS = ("missing", "extra", "swapped", "oversized")
+DEFECTS = ("missing", "extra", "swapped", "oversized", "misplaced", "scratch")
 
 RED, BLUE, GREEN, YELLOW = (200, 40, 40), (40, 70, 200), (40, 160, 60), (220, 200, 40)
 
@@ -115,12 +117,25 @@ def make_tray(defect: str | None, rng: np.random.Generator, size: int = 256) -> 
     elif defect == "oversized":
         wrong = int(rng.integers(len(kit)))
         kit[wrong] = Part(kit[wrong].kind, kit[wrong].colour, kit[wrong].size * 1.7)
+    elif defect == "misplaced":
+        wrong = int(rng.integers(len(kit)))
     order = rng.permutation(len(kit))  # the wrong part is placed in random order, like any other
     placed = _places(rng, [kit[i] for i in order], size)
     for part, i in zip(placed, order, strict=True):
+        if defect == "misplaced" and i == wrong:  # on the rim, between the tray's frame and the image edge
+            edge = float(rng.uniform(0.2, 0.8))
+            part = part.at((edge, 0.07) if rng.random() < 0.5 else (0.07, edge))
         footprint = _draw(img, part, rng)
         if i == wrong:
             mask |= footprint
+    if defect == "scratch":
+        start = rng.uniform(0.2, 0.8, 2) * size
+        angle = rng.uniform(0, np.pi)
+        length = rng.uniform(0.15, 0.3) * size
+        end = start + length * np.array([np.cos(angle), np.sin(angle)])
+        a, b = tuple(int(v) for v in start), tuple(int(v) for v in end)
+        cv2.line(img, a, b, (35, 35, 35), 2, lineType=cv2.LINE_AA)
+        cv2.line(mask, a, b, 255, 4)
     return img, mask
 
 

@@ -69,7 +69,7 @@ def curve_data(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: 
 
 
 def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int = 0, progress: bool = True,
-                    anomaly_map: str | None = None, use_foreground: bool = True, use_logical: bool = True,
+                    anomaly_map: str | None = None, use_foreground: bool = True, logical_verdict: str = "fused",
                     also_exclude: set[str] | frozenset[str] = frozenset(), fusion_rule: str | None = None,
                     image_score: str | None = None) -> dict:
     """Run every test image through the bundle; return and write the metrics.
@@ -79,7 +79,8 @@ def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int
     out more, so that models compared in one table are scored on the same images.
     """
     bundle = load_bundle(bundle_path)
-    inspector = Inspector(bundle, anomaly_map=anomaly_map, use_foreground=use_foreground, use_logical=use_logical,
+    inspector = Inspector(bundle, anomaly_map=anomaly_map, use_foreground=use_foreground,
+                          logical_verdict=logical_verdict,
                           fusion_rule=fusion_rule,
                           image_score=image_score)
     dataset = scan_dataset(data_root)
@@ -129,7 +130,7 @@ def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int
     # the bundle's threshold belongs to its own anomaly map; with another map there is no verdict to report
     own_rule = inspector.fusion is None or m.scoring.fusion is None or inspector.fusion.rule == m.scoring.fusion.rule
     own_map = (inspector.anomaly_map == m.scoring.anomaly_map and (use_foreground or m.foreground is None)
-               and (use_logical or m.logical is None)
+               and (logical_verdict == "fused" or m.logical is None)
                and own_rule and inspector.image_score == m.scoring.image_score)
     predicted = scores_a >= inspector.threshold
     at_threshold = None
@@ -160,7 +161,7 @@ def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int
         "fusion_rule": inspector.fusion.rule if inspector.fusion is not None else None,
         "image_score": inspector.image_score,
         "foreground": bool(m.foreground is not None and use_foreground),
-        "logical": bool(m.logical is not None and use_logical),
+        "logical_verdict": inspector.logical_verdict if m.logical is not None else None,
         "supervision": supervision, "training_mode": m.training.mode if m.training else None,
         "excluded_training_defects": excluded,
         "threshold": inspector.threshold if own_map else None,
