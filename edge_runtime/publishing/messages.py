@@ -18,7 +18,14 @@ All topics start with ``<prefix>`` = ``mqtt.topic_prefix`` (``<site>/<line>/<sta
   sent again, so a consumer de-duplicates on ``seq`` (keep the first copy; a repeated or lower ``seq`` is a
   duplicate).  ``published_at`` is stamped when the message is (re)sent, so it can be much later than
   ``captured_at`` after an outage.  ``verdict`` "error" means the frame could not be inspected (``error``
-  says why; ``score``/``threshold`` are then null).  Region boxes are in heatmap pixels.
+  says why; ``score``/``threshold`` are then null).  Region boxes are in heatmap pixels.  With a bundle that
+  fuses a logical (component) score into the verdict, ``evidence`` says why::
+
+    "evidence": {"structural": 0.34, "logical": 10.9, "components": [0.03, 0.22, 0.37, 0.19, 0.19]}
+
+  ``structural`` and ``logical`` are each standardised on good parts (0: a typical good part; the verdict's
+  ``score`` is their fusion, by default the larger), ``components`` the area fraction of each component
+  class; a part failed by ``logical`` alone has no regions (a missing part has nothing to point at).
   :func:`result_json_schema` gives the JSON Schema.
 
 ``<prefix>/status`` - JSON, QoS 1, retained::
