@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from edge_runtime.core.bundle import ARRAYS, MANIFEST, BundleError, load_bundle, sha256_of
+from edge_runtime.core.bundle import MANIFEST, BundleError, load_bundle
 from edge_runtime.core.components import Components, LogicalModel, choose_k, kmeans
 from edge_runtime.core.pipeline import Inspector, open_inspector
 from edge_runtime.core.preprocess import list_images, read_image
@@ -141,8 +141,20 @@ def test_logical_arrays_belong_with_their_section(assembly, tmp_path):
     (path / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="logical section must come together"):
         load_bundle(path)
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["schema_version"] == 3  # a schema-2 runtime refuses it by its version, not by a stray key
+    manifest["schema_version"] = 2
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="needs schema version 3"):
+        load_bundle(path)
     assert Inspector(load_bundle(out), logical_verdict="structural").scorer.logical is None
-    assert sha256_of(path / ARRAYS) == sha256_of(out / ARRAYS)
+
+
+def test_bundles_without_a_logical_score_are_served_as_before(fitted_slice, demo_data):
+    bundle = load_bundle(fitted_slice[0])
+    assert bundle.manifest.logical is None and bundle.manifest.schema_version == 2
+    result = open_inspector(fitted_slice[0]).inspect(read_image(list_images(demo_data / "test" / "good")[0]))
+    assert result.evidence is None and "evidence" not in result.to_json() and "logical" not in result.timings_ms
 
 
 def test_field_calibration_refits_the_logical_score(assembly, tmp_path):

@@ -28,7 +28,10 @@ if TYPE_CHECKING:
 
 SCHEMA_VERSION = 2
 #: schema 1 is the distance-only slice (no swin, foreground or training sections); still served as it was
-SUPPORTED_SCHEMAS = (1, 2)
+SUPPORTED_SCHEMAS = (1, 2, 3)
+#: schema 3 adds the logical (component) score; a bundle carries it only when it has that section, so a bundle
+#: without one stays readable by schema-2 runtimes, and one with it is refused by them by its version
+LOGICAL_SCHEMA_VERSION = 3
 MANIFEST = "manifest.json"
 BACKBONE = "backbone.onnx"
 SWIN = "swin.onnx"
@@ -279,6 +282,9 @@ def _read_manifest(root: Path) -> Manifest:
         first = exc.errors()[0]
         key = ".".join(str(p) for p in first["loc"])
         raise BundleError(MANIFEST, f"key '{key}': {first['msg']} (got {first.get('input')!r})") from exc
+    if manifest.logical is not None and manifest.schema_version < LOGICAL_SCHEMA_VERSION:
+        raise BundleError(MANIFEST, f"a logical section needs schema version {LOGICAL_SCHEMA_VERSION}, the manifest "
+                                    f"says {manifest.schema_version}")
     if (manifest.scoring.anomaly_map in ("swin", "fused")) != (manifest.swin is not None):
         raise BundleError(MANIFEST, f"scoring.anomaly_map is '{manifest.scoring.anomaly_map}' but the swin section "
                                     f"is {'present' if manifest.swin else 'absent'}")
