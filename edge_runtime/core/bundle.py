@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .components import summary_groups
+
 if TYPE_CHECKING:
     from edge_runtime.core.thresholds import ThresholdEstimate
 
@@ -396,13 +398,15 @@ def _check_consistency(m: Manifest, a: dict[str, np.ndarray]) -> None:
     if (m.logical is not None) != bool(logical_arrays) or (logical_arrays and len(logical_arrays) != len(names)):
         checks.append((False, f"arrays {', '.join(names)} and the manifest's logical section must come together"))
     elif m.logical is not None:
-        dim = m.logical.k * (5 + m.logical.regions ** 2)
+        groups = summary_groups(m.logical.k, m.logical.regions)
+        dim = groups[-1].stop
         checks.append((a["component_centres"].shape == (m.logical.k, d_f),
                        f"component_centres is {list(a['component_centres'].shape)}, expected {[m.logical.k, d_f]}"))
         checks.append((a["logical_mean"].shape == (dim,) and a["logical_precision"].shape == (dim, dim),
                        f"logical_mean / logical_precision do not describe a {dim}-d composition summary"))
-        checks.append((a["logical_group_stats"].shape == (6, 2) and bool((a["logical_group_stats"][:, 1] > 0).all()),
-                       "logical_group_stats must be (6, 2) with positive spreads"))
+        checks.append((a["logical_group_stats"].shape == (len(groups), 2)
+                       and bool((a["logical_group_stats"][:, 1] > 0).all()),
+                       f"logical_group_stats must be ({len(groups)}, 2) with positive spreads"))
         checks.append((all(bool(np.isfinite(a[k]).all()) for k in logical_arrays),
                        "non-finite values in the logical arrays"))
     for ok, problem in checks:

@@ -18,6 +18,15 @@ import numpy as np
 
 #: regions per side of CSAD's patch-histogram grid
 HISTOGRAM_REGIONS = 2
+#: per-class entries of the summary before the histograms: area, parts, largest part, centroid row, column
+PER_CLASS_GROUPS = 5
+
+
+def summary_groups(k: int, regions: int) -> list[slice]:
+    """The composition summary's layout: one group per per-class quantity (k entries each), then the region
+    histograms (regions * regions * k); each group is scored on its own (:class:`LogicalModel`)."""
+    per_class = [slice(i * k, (i + 1) * k) for i in range(PER_CLASS_GROUPS)]
+    return per_class + [slice(PER_CLASS_GROUPS * k, (PER_CLASS_GROUPS + regions * regions) * k)]
 
 
 def _normalise(features: np.ndarray) -> np.ndarray:
@@ -110,13 +119,10 @@ class Components:
 
     @property
     def summary_dim(self) -> int:
-        return self.k * (3 + 2 + self.regions * self.regions)
+        return self.groups()[-1].stop
 
     def groups(self) -> list[slice]:
-        """The summary's groups, each scored on its own: areas, part counts, largest parts, centroid rows,
-        centroid columns (k entries each), region histograms (regions * regions * k)."""
-        k = self.k
-        return [slice(i * k, (i + 1) * k) for i in range(5)] + [slice(5 * k, self.summary_dim)]
+        return summary_groups(self.k, self.regions)
 
     def __call__(self, pcf: np.ndarray) -> ComponentMap:
         """pcf: (M, d) patch features of one image, M = h_f * w_f."""
