@@ -12,7 +12,7 @@ TORCH_INDEX   ?= https://download.pytorch.org/whl/cpu
 SYSTEM_DEPS   ?= yes
 DEMO_DIR ?= demo_out
 
-.PHONY: demo test install system-deps torch-info lint proto screenshots fuzz bench-mtd bench-weak bench-service bench-calibration bench-peer soak sweep clean
+.PHONY: demo test install system-deps torch-info lint proto screenshots fuzz bench-mtd bench-weak bench-service bench-cameras bench-calibration bench-peer soak sweep clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,13 @@ bench-weak: install
 # The running edge service on CPU: frames/s and grab-to-delivery latency through a real broker
 bench-service: install
 	$(PY) tools/bench_service.py
+
+# Several cameras on one box: 1, 2 and 4 stations (one process each, as weakrest-edge@.service runs them) at
+# CAMERA_FPS each on one bundle: per-station latency, memory shared and unique, every seq delivered
+CAMERA_FPS ?= 10
+bench-cameras: install
+	$(PY) tools/bench_cameras.py --bundle $(BUNDLE) --images ../shared/data/mtd/test/good --fps $(CAMERA_FPS) \
+	    --json runs/cameras/cameras.json
 
 # Soak: the service at full rate on ../shared/data/mtd/test through a Mosquitto stopped and started every
 # RESTART_MINUTES; a table per WINDOW_MINUTES, PASS/FAIL on RSS growth after warm-up (< 5 %) and missing seqs (none).

@@ -27,17 +27,53 @@ import pytest
 from tests.test_edge_service import store  # noqa: F401  (fixture: a store serving the small demo bundle)
 
 UNIT = Path(__file__).resolve().parents[1] / "systemd" / "weakrest-edge.service"
+TEMPLATE = UNIT.parent / "weakrest-edge@.service"  # one station per instance: several cameras on one box
+#: the only settings in which a station instance differs from the single-station unit
+PER_STATION = {("Unit", "Description"): "WeakREST edge visual inspection, station %i",
+               ("Service", "ExecStart"): "/opt/weakrest/venv/bin/weakrest-edge run --config /etc/weakrest/%i.yaml",
+               ("Service", "StateDirectory"): "weakrest/%i", ("Service", "ReadWritePaths"): "/var/lib/weakrest/%i"}
 README = UNIT.parent / "README.md"
 DROP_INS = {name: UNIT.parent / "drop-ins" / f"{name}.conf" for name in ("network", "usb3-vision")}
 
 
-def _unit() -> configparser.ConfigParser:
+def _unit(path: Path = UNIT) -> configparser.ConfigParser:
     # systemd allows repeated keys and ';'/'#' comments; strict=False keeps the last value of a repeated key
     cp = configparser.ConfigParser(strict=False, interpolation=None, comment_prefixes=("#", ";"),
                                    inline_comment_prefixes=None)
     cp.optionxform = str  # keys are case-sensitive in systemd
-    cp.read_string(UNIT.read_text(encoding="utf-8"))
+    cp.read_string(path.read_text(encoding="utf-8"))
     return cp
+
+
+def test_the_template_is_the_unit_per_station():
+    """weakrest-edge@.service differs from weakrest-edge.service only in what makes a station: its config file,
+    its state directory (so its own queue) and its name; every sandboxing and watchdog setting is the same, and a
+    repeated key (SystemCallFilter=) repeats alike."""
+    unit, template = _unit(), _unit(TEMPLATE)
+    assert unit.sections() == template.sections()
+    for section in unit.sections():
+        expected = {k: PER_STATION.get((section, k), v) for k, v in unit[section].items()}
+        assert dict(template[section]) == expected, section
+    plain = lambda text: [ln for ln in text.splitlines() if ln and not ln.startswith("#")]  # noqa: E731
+    changed = {f"{k}={v}" for (_, k), v in PER_STATION.items()}
+    assert [ln for ln in plain(TEMPLATE.read_text(encoding="utf-8")) if ln not in changed] == \
+        [ln for ln in plain(UNIT.read_text(encoding="utf-8")) if ln.split("=", 1)[0] not in {k for _, k in PER_STATION}]
+
+
+def test_a_station_gets_its_own_queue_from_systemd(monkeypatch):
+    """Under the template, systemd sets STATE_DIRECTORY=/var/lib/weakrest/<station>; the queue defaults into it, so
+    station configs need no queue line (and the shipped edge.yaml has none)."""
+    from edge_runtime.publishing.config import QueueConfig
+
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/weakrest/station2")
+    assert QueueConfig().dir == Path("/var/lib/weakrest/station2/queue")
+    assert QueueConfig().dir.is_relative_to(PER_STATION[("Service", "ReadWritePaths")].replace("%i", "station2"))
+    monkeypatch.delenv("STATE_DIRECTORY")
+    assert QueueConfig().dir == Path("/var/lib/weakrest/queue")
+    import yaml
+
+    shipped = yaml.safe_load((UNIT.parents[1] / "configs" / "edge.yaml").read_text(encoding="utf-8"))
+    assert "dir" not in shipped["queue"]
 
 
 def test_unit_has_the_settings_the_service_relies_on():
@@ -98,12 +134,12 @@ def _systemd_analyze() -> str:
     return exe
 
 
-def _verify(exe: str, unit_text: str, tmp_path: Path) -> tuple[int, list[str], Path]:
+def _verify(exe: str, unit_text: str, tmp_path: Path, name: str = UNIT.name) -> tuple[int, list[str], Path]:
     """``systemd-analyze verify`` on a copy of the unit with ExecStart= pointing at this Python."""
     python = sys.executable.replace("\\", "\\\\").replace('"', '\\"')
     text, n = re.subn(r"(?m)^ExecStart=\S+.*$", f'ExecStart="{python}" -c pass', unit_text)
     assert n == 1, "expected exactly one ExecStart= line"
-    path = tmp_path / UNIT.name  # same name: verify derives the unit type and name from it
+    path = tmp_path / name  # same name: verify derives the unit type and name (and a template's %i) from it
     path.write_text(text, encoding="utf-8")
     # --man=no: no man pages in CI; --recursive-errors=no: judge this unit, not the distribution's targets it
     # names (also makes unknown keys and bad values exit non-zero, not only print a warning)
@@ -124,6 +160,21 @@ def test_systemd_analyze_verify_accepts_the_unit(tmp_path):
     assert rc == 0 and not ours, f"systemd-analyze verify rc={rc}:\n" + "\n".join(lines)
 
 
+def test_systemd_analyze_verify_and_security_accept_a_station_instance(tmp_path):
+    """A station instance (the template as systemd loads it for ``weakrest-edge@station2``) verifies and rates
+    like the single-station unit."""
+    exe = _systemd_analyze()
+    if not os.access("/bin/kill", os.X_OK):
+        pytest.skip("/bin/kill (the unit's ExecReload=) is missing (Debian: apt-get install procps)")
+    text = TEMPLATE.read_text(encoding="utf-8")
+    rc, lines, path = _verify(exe, text, tmp_path, "weakrest-edge@station2.service")
+    ours = [ln for ln in lines if path.name in ln or str(path) in ln]
+    assert rc == 0 and not ours, f"systemd-analyze verify rc={rc}:\n" + "\n".join(lines)
+    score, report = _exposure(exe, text, tmp_path, "weakrest-edge@station2.service")
+    print(f"systemd-analyze security --offline=true, weakrest-edge@station2: {score}")
+    assert score <= 2.0, report
+
+
 def test_systemd_analyze_verify_catches_a_bad_unit(tmp_path):
     """The check above means something: the same invocation rejects a typo and a bad value."""
     exe = _systemd_analyze()
@@ -140,11 +191,11 @@ def _with_drop_ins(*names: str) -> str:
     return UNIT.read_text(encoding="utf-8") + "".join("\n" + DROP_INS[n].read_text(encoding="utf-8") for n in names)
 
 
-def _exposure(exe: str, unit_text: str, tmp_path: Path) -> tuple[float, str]:
+def _exposure(exe: str, unit_text: str, tmp_path: Path, name: str = UNIT.name) -> tuple[float, str]:
     """(overall exposure, full report) of ``systemd-analyze security --offline=true`` on a copy of the unit."""
     folder = tmp_path / f"security-{len(list(tmp_path.glob('security-*')))}"
     folder.mkdir()
-    path = folder / UNIT.name  # same name: the report and the unit type come from it
+    path = folder / name  # same name: the report and the unit type come from it
     path.write_text(unit_text, encoding="utf-8")
     proc = subprocess.run([exe, "security", "--offline=true", "--no-pager", str(path)], capture_output=True,
                           text=True, timeout=60, env={**os.environ, "SYSTEMD_LOG_COLOR": "0", "SYSTEMD_COLORS": "0"})

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import tarfile
@@ -311,13 +312,68 @@ def _verify_files(root: Path, manifest: Manifest) -> None:
             raise BundleError(name, "sha256 differs from the manifest: the file was changed or corrupted")
 
 
-def _load_arrays(root: Path, manifest: Manifest) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+#: safetensors dtype codes numpy can map (bf16 has no numpy type; no bundle array uses it)
+_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
+                       "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
 
+
+def map_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """The tensors of a safetensors file as read-only numpy views of one memory map of it.
+
+    Why not ``safetensors.numpy.load_file``: it copies every tensor into this process's heap, so N stations
+    serving one bundle held N private copies of its bank.  Mapped, they share one copy in the page cache.  A
+    bundle version is never rewritten in place (the store adds a new folder), so the mapping stays valid; an
+    unlinked file stays mapped until the last view is gone.  The header is checked as strictly as the
+    safetensors library checks it (offsets in the file, contiguous, sizes that match dtype x shape), and any
+    problem is a ``ValueError`` naming it."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("shorter than the 8-byte header length")
+        n = int.from_bytes(head, "little")
+        if n > min(size - 8, 100_000_000):
+            raise ValueError(f"header length {n} exceeds the file")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"header is not JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    header.pop("__metadata__", None)
+    data_start, data_size = 8 + n, size - 8 - n
+    specs = []
+    for name, spec in header.items():
+        try:
+            dtype = np.dtype(_SAFETENSORS_DTYPES[spec["dtype"]])
+            shape = tuple(int(v) for v in spec["shape"])
+            begin, end = (int(v) for v in spec["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"tensor '{name}' has a bad header entry ({exc!r})") from exc
+        if any(v < 0 for v in shape) or end - begin != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
+            raise ValueError(f"tensor '{name}': {end - begin} bytes for {spec['dtype']}{list(shape)}")
+        specs.append((begin, end, name, dtype, shape))
+    specs.sort(key=lambda s: s[:2])
+    expected = 0
+    for begin, end, name, *_ in specs:
+        if begin != expected:
+            raise ValueError(f"tensor '{name}' starts at byte {begin}, expected {expected} (gap or overlap)")
+        expected = end
+    if expected != data_size:
+        raise ValueError(f"the tensors cover {expected} bytes, the file holds {data_size}")
+    if data_size == 0:
+        return {name: np.zeros(shape, dtype) for _, _, name, dtype, shape in specs}
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # stays valid after the file is closed
+    return {name: np.frombuffer(mapped, dtype, count=int(np.prod(shape, dtype=np.int64)),
+                                offset=data_start + begin).reshape(shape)
+            for begin, end, name, dtype, shape in specs}
+
+
+def _load_arrays(root: Path, manifest: Manifest) -> dict[str, np.ndarray]:
     try:
-        arrays = load_file(str(root / ARRAYS))
-    except (SafetensorError, OSError, ValueError) as exc:
+        arrays = map_safetensors(root / ARRAYS)
+    except (OSError, ValueError) as exc:
         raise BundleError(ARRAYS, f"not a readable safetensors file ({exc})") from exc
     listed = manifest.files[ARRAYS].arrays or {}
     for name, (dtype, rank) in REQUIRED_ARRAYS.items():

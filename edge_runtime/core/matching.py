@@ -14,6 +14,8 @@ import numpy as np
 
 from .pca import PCA
 
+_CHUNK = 8192  # bank rows projected at a time at load: no float32 copy of the whole bank, even transiently
+
 
 @dataclass(frozen=True)
 class Match:
@@ -34,11 +36,18 @@ class MemoryBank:
             )
         if features.shape[1] != pca.mean.shape[0]:
             raise ValueError(f"bank dim {features.shape[1]} differs from PCA input dim {pca.mean.shape[0]}")
-        order = np.argsort(image_index, kind="stable")
-        self.features = np.ascontiguousarray(features[order], dtype=np.float32)
-        self.image_index = image_index[order]
+        # The bank stays in its stored dtype (a bundle's fp16, memory-mapped: stations serving one bundle share
+        # one copy of it in the page cache); only the rows a frame matches are widened to float32.  Bundles
+        # store the bank sorted by image already, so sorting costs a copy only for an unsorted bank.
+        if not np.all(image_index[1:] >= image_index[:-1]):
+            order = np.argsort(image_index, kind="stable")
+            features, image_index = features[order], image_index[order]
+        self.features = features
+        self.image_index = image_index
         self.pca = pca
-        self.projected = np.ascontiguousarray(pca.transform(self.features))
+        self.projected = np.concatenate([pca.transform(features[i:i + _CHUNK])
+                                         for i in range(0, len(features), _CHUNK)]) if len(features) else \
+            np.zeros((0, pca.components.shape[0]), np.float32)
         self.projected_sq = np.einsum("nd,nd->n", self.projected, self.projected)
         n_images = int(self.image_index.max()) + 1 if len(self.image_index) else 0
         self.starts = np.searchsorted(self.image_index, np.arange(n_images), side="left")
@@ -47,6 +56,10 @@ class MemoryBank:
     @property
     def n_images(self) -> int:
         return int(len(self.starts))
+
+    def rows(self, rows: np.ndarray) -> np.ndarray:
+        """The bank entries at ``rows`` as float32 (M, d_f)."""
+        return self.features[rows].astype(np.float32, copy=False)
 
     def rows_of(self, images: np.ndarray) -> np.ndarray:
         """Bank rows belonging to the given training images."""
@@ -61,7 +74,7 @@ class MemoryBank:
         # argmin_t |q - c_t|^2 = argmin_t (|c_t|^2 - 2 q.c_t): one GEMM, no (M, n, d) tensor
         scores = self.projected_sq[rows][None, :] - 2.0 * (query @ cand.T)
         best = rows[np.argmin(scores, axis=1)]
-        diff = pcf - self.features[best]
+        diff = pcf - self.rows(best)
         distance = np.sqrt(np.einsum("md,md->m", diff, diff))
         return Match(bank_rows=best, distance=distance)
 

@@ -188,7 +188,7 @@ class PosFARScorer:
         ``fusion`` as well to fuse it with the distance."""
         m, a = bundle.manifest, bundle.arrays
         pca = PCA(components=a["pca_components"], mean=a["pca_mean"])
-        bank = MemoryBank(a["bank"].astype(np.float32), a["bank_image"], pca)
+        bank = MemoryBank(a["bank"], a["bank_image"], pca)
         refs = ReferenceIndex(a["ref_descriptors"].astype(np.float32), trim=m.posfar.retrieval_trim)
         foreground = None
         if use_foreground and m.foreground is not None and m.foreground.power > 0:
@@ -214,7 +214,7 @@ class PosFARScorer:
         """Retrieval, matching and the PosFAR residual field of one image (no classifier)."""
         refs = self.references.nearest(descriptor, self.k, exclude=exclude)
         match = self.bank.match(pcf, refs)
-        residual = posfar_residual(pcf, self.bank.features[match.bank_rows], self.thetas)
+        residual = posfar_residual(pcf, self.bank.rows(match.bank_rows), self.thetas)
         return Residual(residual=residual, distance=match.distance, references=refs)
 
     def with_standardiser(self, standardiser: DistanceStandardiser | None,
@@ -259,7 +259,7 @@ class PosFARScorer:
         timings = {"retrieval": (t1 - t0) * 1e3, "matching": (t2 - t1) * 1e3}
         probability = None
         if self.classifier is not None:
-            residual = posfar_residual(pcf, self.bank.features[match.bank_rows], self.thetas)
+            residual = posfar_residual(pcf, self.bank.rows(match.bank_rows), self.thetas)
             probability = np.asarray(self.classifier(residual), dtype=np.float32)
             timings["swin"] = (time.perf_counter() - t2) * 1e3
         logical_score = areas = None

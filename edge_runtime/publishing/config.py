@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -102,8 +103,16 @@ class CommandsConfig(_Section):
         return self
 
 
+def default_queue_dir() -> Path:
+    """``$STATE_DIRECTORY/queue`` under systemd (so each ``weakrest-edge@<station>`` instance gets its own queue
+    without a line of config), else ``/var/lib/weakrest/queue``."""
+    state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    return Path(state or "/var/lib/weakrest") / "queue"
+
+
 class QueueConfig(_Section):
-    dir: Path = Field(default=Path("/var/lib/weakrest/queue"), description="on-disk result queue")
+    dir: Path = Field(default_factory=default_queue_dir,
+                      description="on-disk result queue ($STATE_DIRECTORY/queue, else /var/lib/weakrest/queue)")
     max_mb: float = Field(default=256.0, gt=0)
     memory_max_mb: float = Field(default=16.0, gt=0, description="results held in memory while the disk refuses "
                                  "writes (full); beyond this the oldest held are dropped, counted")
