@@ -4,7 +4,8 @@
   fit       refit bank, PCA, references, foreground maps and threshold on top of a base bundle; the
             backbone and the residual Swin carry over (the Swin classifies residuals, not appearance)
   verify    false-reject rate on good frames, detection rate on defective ones, heatmap contact sheet
-  list      versions in the edge bundle store, with current/previous marks
+  list      versions in the edge bundle store, with current/previous marks (--fleet: every station of the
+            site, what it serves and its rollout state, from the broker)
   activate  switch the store's current link to a validated version, then tell the service to reload
   rollback  switch back to the previous version, then tell the service to reload
 
@@ -23,6 +24,7 @@ from edge_runtime.core.bundle import BundleError
 from edge_runtime.service.config import EdgeConfigError, load_edge_config
 
 from .errors import CalibrationError
+from .fleet import add_fleet_args
 
 #: exit codes: 0 done (and confirmed where a service was told), 1 done but a check failed, 2 refused
 EXIT_OK, EXIT_CHECK, EXIT_REFUSED = 0, 1, 2
@@ -87,6 +89,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     from .deploy import format_listing, list_versions, resolve_target
 
+    if args.fleet:
+        from .fleet import list_fleet
+
+        view, lines = list_fleet(args)
+        if args.json:
+            _print_json(view)
+        else:
+            print("\n".join(lines))
+        return EXIT_OK
     target = resolve_target(args.store, args.product, args.config, need_product=False)
     listing = list_versions(target, all_products=not target.product)
     if args.json:
@@ -185,8 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("list", help="versions in the bundle store")
+    p = sub.add_parser("list", help="versions in the bundle store (--fleet: the site's stations, from the broker)")
     _store_args(p)
+    add_fleet_args(p)  # calibration/fleet.py
     p.set_defaults(func=cmd_list)
 
     for name, func, what in (("activate", cmd_activate, "make VERSION current"),

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 pytest_plugins = ["tests.mqtt_fixtures",  # broker, make_broker, subscriber: a real Mosquitto per test
-                  "tests.browser_fixtures"]  # browser, screenshot: headless Chromium through Playwright
+                  "tests.browser_fixtures",  # browser, screenshot: headless Chromium through Playwright
+                  "tests.registry_fixtures"]  # registry, make_relay: a real docker-registry (OCI) per test
+
+# Property-based tests everywhere: no deadline and no "too slow" health checks, which a busy 2-core CI machine
+# trips at random; make fuzz (HYPOTHESIS_PROFILE=fuzz) runs 1300 cases per target, and a case over 5 s is a hang.
+_HYPOTHESIS = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                                                           HealthCheck.data_too_large]}
+settings.register_profile("default", max_examples=40, **_HYPOTHESIS)
+settings.register_profile("fuzz", max_examples=1300, **{**_HYPOTHESIS, "deadline": 5000})
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

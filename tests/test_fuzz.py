@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from edge_runtime.core.bundle import BundleError, load_bundle
@@ -34,12 +34,7 @@ from training_host.labels.weak_labels import LabelError, LabelSet, import_coco, 
 
 pytestmark = pytest.mark.fuzz
 
-_COMMON = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
-                                                        HealthCheck.data_too_large]}
-settings.register_profile("default", max_examples=40, **_COMMON)
-# make fuzz: 8 targets x 1300 cases and more (over 10,000); a case that takes 5 s is a hang
-settings.register_profile("fuzz", max_examples=1300, **{**_COMMON, "deadline": 5000})
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+# hypothesis' profiles (default: 40 cases; make fuzz: 1300) are set in tests/conftest.py for every module
 
 json_scalars = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True) | st.text(max_size=30)
 json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=5)

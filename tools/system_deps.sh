@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # System programs the tests talk to for real: the Mosquitto broker, systemd-analyze (unit file check; the systemd
 # package brings libseccomp, which tools/unit_sandbox.py uses),
-# /bin/kill (the unit's ExecReload=) and Chromium (the pages, driven headless by Playwright).
+# /bin/kill (the unit's ExecReload=), Chromium (the pages, driven headless by Playwright) and docker-registry (the
+# reference OCI registry the fleet tests push bundles to and pull them from; the tests start it on loopback).
 # Installs the missing ones with apt-get when this user can (root, or
 # sudo without a password); otherwise says in one line what to install and exits 0: the tests that need
 # them then skip, naming the package.  Never fails the caller.
@@ -12,6 +13,7 @@ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mos
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 [ -x /bin/kill ] || need+=(procps)
 command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || need+=(chromium)
+command -v docker-registry >/dev/null 2>&1 || need+=(docker-registry)
 [ ${#need[@]} -eq 0 ] && exit 0
 
 if ! command -v apt-get >/dev/null 2>&1; then

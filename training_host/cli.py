@@ -11,6 +11,7 @@ from pathlib import Path
 from edge_runtime.core.bundle import BundleError
 from edge_runtime.core.signing import new_key_pair, sign_bundle
 from training_host.config import ConfigError, load_config
+from training_host.push import add_push_parser
 from training_host.training.train_swin import CheckpointError
 
 
@@ -277,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--port", type=int, default=0, help="port (default 0: any free port)")
     q.add_argument("--no-browser", action="store_true", help="only print the URL")
     q.set_defaults(func=cmd_labels_annotate)
+    add_push_parser(sub)  # push: training_host/push.py
     return parser
 
 

@@ -38,7 +38,9 @@ All topics start with ``<prefix>`` = ``mqtt.topic_prefix`` (``<site>/<line>/<sta
   will ``{"state": "offline", "reason": "connection lost"}`` when the service vanishes without
   disconnecting.  ``since``: epoch seconds at which ``state`` began (online: the connect); ``at``: when
   the message was composed.  A change while the broker is unreachable is held and published, in order, on the next
-  connect, so ``at`` can be earlier than the delivery.  The service may add keys.
+  connect, so ``at`` can be earlier than the delivery.  The service may add keys; with ``fleet.enabled``,
+  ``fleet`` says what the station runs (version and OCI digest) and its rollout state (see
+  ``edge_runtime/fleet/release.py``).
 
 ``<prefix>/heatmap`` - QoS 0, not retained, not queued (best effort): a PNG or JPEG image of the anomaly
 map.  MQTT 5: the payload is the image; the ``ContentType`` property is ``image/png`` or ``image/jpeg`` and

@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from ..acquisition.config import CameraConfig, GenICamConfig, OpenCVConfig, ReplayConfig
 from ..core.signing import BundleTrust
+from ..fleet.config import FleetConfig
 from ..publishing.config import (
     CommandsConfig,
     MQTTConfig,
@@ -29,7 +30,8 @@ from ..schema import Section as _Section
 from ..store import plain_product_name
 
 __all__ = [  # each section's schema lives with the package it configures; the service composes them here
-    "BundleStoreConfig", "CameraConfig", "CommandsConfig", "EdgeConfig", "EdgeConfigError", "GenICamConfig",
+    "BundleStoreConfig", "CameraConfig", "CommandsConfig", "EdgeConfig", "EdgeConfigError", "FleetConfig",
+    "GenICamConfig",
     "HealthConfig", "MQTTConfig", "OpcUaConfig", "OpenCVConfig", "QueueConfig", "ReplayConfig", "SparkplugConfig",
     "TLSConfig", "load_edge_config", "parse_edge_config",
 ]
@@ -79,6 +81,7 @@ class EdgeConfig(_Section):
     health: HealthConfig = HealthConfig()
     sparkplug: SparkplugConfig = SparkplugConfig()
     opcua: OpcUaConfig = OpcUaConfig()
+    fleet: FleetConfig = FleetConfig()
     latency_budget_ms: float | None = Field(default=None, gt=0, description="None: the bundle's budget")
     threads: int | None = Field(default=None, ge=1, description="inference threads; None: all usable CPUs")
     watchdog_idle_s: float = Field(default=10.0, gt=0,
@@ -139,6 +142,9 @@ def _resolve_paths(cfg: EdgeConfig, base: Path) -> EdgeConfig:
     if cfg.sparkplug.queue_dir is not None:
         updates["sparkplug"] = cfg.sparkplug.model_copy(update={"queue_dir": rel(cfg.sparkplug.queue_dir)
                                                                 or cfg.sparkplug.queue_dir})
+    if cfg.fleet.ca is not None or cfg.fleet.password_file is not None:
+        updates["fleet"] = cfg.fleet.model_copy(update={k: rel(getattr(cfg.fleet, k)) or getattr(cfg.fleet, k)
+                                                        for k in ("ca", "password_file")})
     if cfg.camera.replay.path is not None:
         replay = cfg.camera.replay.model_copy(update={"path": rel(cfg.camera.replay.path) or cfg.camera.replay.path})
         updates["camera"] = cfg.camera.model_copy(update={"replay": replay})

@@ -10,13 +10,27 @@ from collections.abc import Callable
 from typing import Any
 
 from ..publishing import Command
+from ..publishing.messages import ReloadCommand
 from ..publishing.sink import ResultSink
+from ..store import BundleStore
 from .config import EdgeConfig
 
 
-def build_sinks(cfg: EdgeConfig, on_command: Callable[[Command], dict[str, Any]]) -> list[ResultSink]:
-    """The sinks enabled in ``cfg``; ``on_command`` runs an operator command exactly as MQTT's ``cmd`` does."""
+def build_sinks(cfg: EdgeConfig, on_command: Callable[[Command], dict[str, Any]], *,
+                store: BundleStore | None = None,
+                report_status: Callable[[dict[str, Any]], Any] | None = None) -> list[ResultSink]:
+    """The sinks enabled in ``cfg``; ``on_command`` runs an operator command exactly as MQTT's ``cmd`` does.
+
+    The fleet agent also needs the service's ``store`` and ``report_status`` (adds keys to the retained status)."""
     sinks: list[ResultSink] = []
+    if cfg.fleet.enabled:
+        from ..fleet.agent import FleetAgent
+
+        if store is None or report_status is None:
+            raise ValueError("fleet.enabled needs the service's bundle store and status")
+        sinks.append(FleetAgent(cfg.fleet, cfg.mqtt, store, cfg.bundles.product, cfg.station,
+                                reload=lambda: on_command(ReloadCommand(command="reload", id="fleet")),
+                                report=report_status))
     if cfg.sparkplug.enabled:
         from ..publishing.sparkplug.node import sparkplug_node
 

@@ -129,7 +129,8 @@ class EdgeService:
                                         reconnect_initial_s=cfg.camera.reconnect_initial_s,
                                         reconnect_max_s=cfg.camera.reconnect_max_s)
         try:
-            self.sinks = build_sinks(cfg, self._on_command)
+            self.sinks = build_sinks(cfg, self._on_command, store=self.store,
+                                     report_status=self.publisher.publish_status)
         except (OSError, QueueLockedError, ValueError) as exc:
             self.queue.close()
             raise ServiceError(f"cannot start an output: {exc}") from None
