@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 
 from .core.bundle import BundleError
+from .core.engines import ENGINE_NAMES
 from .core.pipeline import open_inspector
 from .core.preprocess import ImageReadError, list_images, read_image
 
 
 def cmd_check_bundle(args: argparse.Namespace) -> int:
     try:
-        inspector = open_inspector(Path(args.bundle), threads=args.threads)
+        inspector = open_inspector(Path(args.bundle), threads=args.threads, engine=args.engine)
     except BundleError as exc:
         report = {"valid": False, "file": exc.file, "problem": exc.problem}
         print(json.dumps(report) if args.json else f"INVALID bundle {args.bundle}: {exc}", file=sys.stdout)
@@ -30,7 +31,7 @@ def cmd_check_bundle(args: argparse.Namespace) -> int:
               "n_reference_images": m.posfar.n_reference_images, "n_bank": m.posfar.n_bank,
               "threshold": m.thresholds.image, "anomaly_map": m.scoring.anomaly_map,
               "foreground": m.foreground is not None, "training": m.training.supervision if m.training else None,
-              "files": sorted(m.files)}
+              "files": sorted(m.files), "engine": inspector.engines.describe() if inspector.engines else None}
     if args.json:
         print(json.dumps(report))
     else:
@@ -48,7 +49,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .core.overlay import heatmap_overlay
 
     try:
-        inspector = open_inspector(Path(args.bundle), threads=args.threads)
+        inspector = open_inspector(Path(args.bundle), threads=args.threads, engine=args.engine)
     except BundleError as exc:
         print(f"error: bundle refused: {exc}", file=sys.stderr)
         return 2
@@ -99,7 +100,7 @@ def _bench_images(folder: str | None, size_hw: tuple[int, int], limit: int) -> l
 
 def cmd_bench(args: argparse.Namespace) -> int:
     try:
-        inspector = open_inspector(Path(args.bundle), threads=args.threads)
+        inspector = open_inspector(Path(args.bundle), threads=args.threads, engine=args.engine)
     except BundleError as exc:
         print(f"error: bundle refused: {exc}", file=sys.stderr)
         return 2
@@ -118,7 +119,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     report = {
         "bundle": args.bundle, "product": m.product, "frames": args.frames, "images": len(images),
         "n_reference_images": m.posfar.n_reference_images, "k_references": m.posfar.k_references,
-        "n_bank": m.posfar.n_bank, "engine": inspector.backbone.name,
+        "n_bank": m.posfar.n_bank, "engine": inspector.engines.name if inspector.engines else inspector.backbone.name,
+        "engine_detail": inspector.engines.describe() if inspector.engines else None,
         "stages_ms": table, "fps": args.frames / wall,
         "total_over_backbone_p50": table["total"]["p50"] / table["backbone"]["p50"],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
@@ -127,7 +129,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(json.dumps(report))
         return 0
     print(f"bundle {args.bundle} ({m.product}, {m.posfar.n_reference_images} reference images, "
-          f"K={m.posfar.k_references}, {m.posfar.n_bank} bank entries), {args.frames} frames, batch 1")
+          f"K={m.posfar.k_references}, {m.posfar.n_bank} bank entries), {args.frames} frames, batch 1, "
+          f"engine {report['engine']}")
     print(f"{'stage':<12}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}")
     for name, row in table.items():
         print(f"{name:<12}{row['p50']:>10.3f}{row['p99']:>10.3f}{row['mean']:>10.3f}")
@@ -198,12 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmaps", choices=["all", "fail", "none"], default="all", help="which overlays to write")
     p.add_argument("--threads", type=int, default=None, help="inference threads (default: all usable CPUs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--engine", choices=ENGINE_NAMES, default="auto",
+                   help="inference engine (auto: fastest the machine and bundle allow; cpu: ONNX Runtime fp32)")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("check-bundle", help="verify a bundle (hashes, arrays, schema, graph); exit 0 only if valid")
     p.add_argument("bundle")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true", help="machine-readable report")
+    p.add_argument("--engine", choices=ENGINE_NAMES, default="auto",
+                   help="inference engine (auto: fastest the machine and bundle allow; cpu: ONNX Runtime fp32)")
     p.set_defaults(func=cmd_check_bundle)
 
     p = sub.add_parser("bench", help="per-stage p50/p99 latency and frames/s of batch-1 inference")
@@ -213,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--engine", choices=ENGINE_NAMES, default="auto",
+                   help="inference engine (auto: fastest the machine and bundle allow; cpu: ONNX Runtime fp32)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("opcua-cert", help="write a self-signed OPC UA application certificate and key (mode 0600)")

@@ -229,7 +229,8 @@ EXPECTED = {
     "weakrest_stage_latency_ms": "histogram", "weakrest_end_to_end_latency_ms": "histogram",
     "weakrest_over_budget_total": "counter", "weakrest_queue_depth": "gauge", "weakrest_queue_held": "gauge",
     "weakrest_queue_dropped_total": "counter", "weakrest_mqtt_connected": "gauge",
-    "weakrest_camera_state": "gauge", "weakrest_bundle_info": "gauge", "weakrest_reloads_total": "counter",
+    "weakrest_camera_state": "gauge", "weakrest_bundle_info": "gauge", "weakrest_engine_info": "gauge",
+    "weakrest_reloads_total": "counter",
     "weakrest_health_state": "gauge",
 }
 

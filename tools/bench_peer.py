@@ -6,7 +6,10 @@ fitted bundle.  Both run on the same images (default: MTD's good test images), e
 after the other, for ``--rounds`` rounds: these machines are shared and absolute times move by tens of percent
 from one minute to the next, so the figure that means something is the ratio within a round.  Prints each
 round's p50 / p99 and the ratio of p50s, then the median ratio and its range over the rounds; ``--json`` writes
-it all.  Skips with a message when ``../shared`` is absent (a user's fresh clone).
+it all.  By default every CPU engine this machine and the bundle can run is timed (:func:`cpu_engines`: ``cpu``,
+``cpu-int8`` with int8 graphs, ``openvino`` / ``openvino-bf16`` / ``openvino-int8`` with the package, bf16
+instructions, int8 graphs), each in its own process, alternating with the peer within every round.  Skips with a
+message when ``../shared`` is absent (a user's fresh clone).
 """
 
 from __future__ import annotations
@@ -44,6 +47,21 @@ def peer(images: Path, frames: int) -> dict:
     return {"p50": float(out["per_image_ms_p50"]), "p99": float(out["p99"])}
 
 
+def cpu_engines(bundle: Path) -> list[str]:
+    """The CPU engines this machine and the bundle can run (named engines run even where the bundle's accuracy
+    gate refused them: this measures speed; the gate's figures are in the manifest)."""
+    sys.path.insert(0, str(ROOT))
+    from edge_runtime.core.bundle import load_bundle
+    from edge_runtime.core.engines import cpu_has_bf16, openvino_devices
+
+    has_int8 = bool(load_bundle(bundle).int8_paths)
+    engines = ["cpu"] + (["cpu-int8"] if has_int8 else [])
+    if "CPU" in openvino_devices():
+        engines += ["openvino"] + (["openvino-bf16"] if cpu_has_bf16() else []) + (["openvino-int8"] if has_int8
+                                                                                   else [])
+    return engines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", required=True, help="a bundle fitted on MTD (make sweep or make bench-mtd)")
@@ -51,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=100, help="timed frames per run, each side")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--engine", action="append", default=None,
-                        help="our engine(s) to time (repeatable; default: the bundle's default engine)")
+                        help="our engine(s) to time (repeatable; default: every CPU engine available here)")
     parser.add_argument("--json", type=Path, default=None, help="also write every figure here")
     args = parser.parse_args(argv)
     if not PEER.is_file() or not args.images.is_dir():
@@ -61,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     if not bundle.is_dir():
         print(f"error: no bundle at {bundle} (fit one: make sweep, or make bench-mtd)", file=sys.stderr)
         return 2
-    engines = args.engine or [None]
+    engines = args.engine or cpu_engines(bundle)
+    print(f"engines: {', '.join(e or 'default' for e in engines)}; {args.rounds} rounds of {args.frames} frames",
+          flush=True)
     rounds = []
     for r in range(args.rounds):
         row = {"peer": peer(args.images, args.frames)}

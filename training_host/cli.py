@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from edge_runtime.core.bundle import BundleError
+from edge_runtime.core.engines import ENGINE_NAMES
 from edge_runtime.core.signing import new_key_pair, sign_bundle
 from training_host.config import ConfigError, load_config
 from training_host.push import add_push_parser
@@ -120,7 +121,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     metrics = evaluate_bundle(Path(args.bundle), Path(args.data), Path(args.out), overlays=args.overlays,
                               progress=not args.json, anomaly_map=args.anomaly_map,
                               use_foreground=not args.no_foreground, fusion_rule=args.fusion_rule,
-                              image_score=args.image_score, logical_verdict=args.verdict)
+                              image_score=args.image_score, logical_verdict=args.verdict, engine=args.engine)
     if args.json:
         print(json.dumps(metrics))
         return 0
@@ -129,6 +130,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"skipped: {line}")
     print(f"metrics in {Path(args.out) / 'metrics.json'}, curves in {Path(args.out) / 'curves.png'}, "
           f"one-page report in {Path(args.out) / 'report.html'}")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Add gated int8 graphs to a bundle (``training_host.models.quantize``); exit 0 whether or not any passed."""
+    from training_host.models.quantize import QuantizeError, quantize_bundle
+
+    try:
+        report = quantize_bundle(Path(args.bundle), Path(args.data), Path(args.out) if args.out else None,
+                                 n_calibration=args.calibration_images, graphs=tuple(args.graphs.split(",")),
+                                 gate_openvino=not args.no_openvino)
+    except (QuantizeError, BundleError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"bundle": str(report.bundle), "int8_graphs": report.int8_graphs,
+                          "calibration_images": report.calibration_images,
+                          "gates": [g.model_dump() for g in report.gates]}))
+    else:
+        print("\n".join(report.lines()))
     return 0
 
 
@@ -239,8 +260,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verdict", choices=["fused", "structural", "logical"], default="fused",
                    help="with a logical score in the bundle: its fused verdict (default), or the structural or the "
                         "logical score alone (ablation)")
+    p.add_argument("--engine", choices=ENGINE_NAMES, default="cpu",
+                   help="inference engine as on the edge (default cpu: ONNX Runtime fp32, the reference path)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("quantize", help="add int8 graphs to a bundle, each kept only if it passes the accuracy gate "
+                                        "against fp32 on DATA/test (and gate the OpenVINO engines)")
+    p.add_argument("bundle", help="bundle folder (rewritten in place unless --out)")
+    p.add_argument("--data", required=True, help="MVTec-layout folder: train/good calibrates, test/ gates")
+    p.add_argument("--out", default=None, help="write the quantised bundle here instead")
+    p.add_argument("--calibration-images", type=int, default=64, help="good images to calibrate on")
+    p.add_argument("--graphs", default="swin,backbone", help="which graphs to try, in order (swin,backbone)")
+    p.add_argument("--no-openvino", action="store_true", help="do not gate the OpenVINO engines")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_quantize)
     keys = sub.add_parser("keys", help="signing keys for bundles")
     ksub = keys.add_subparsers(dest="keys_command", required=True)
     q = ksub.add_parser("new", help="make an ECDSA P-256 key pair: NAME.key (0600) and NAME.pub")

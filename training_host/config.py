@@ -225,6 +225,17 @@ class LogicalConfig(_Section):
         return sorted(set(v))
 
 
+class ExportConfig(_Section):
+    """What goes into the bundle beside the fp32 graphs."""
+
+    int8: bool = Field(default=False, description="also quantise the graphs to int8 and gate the reduced-precision "
+                       "engines (training_host/models/quantize.py: each kept only if it passes the accuracy gate on "
+                       "DATA/test); off by default: the gate evaluates DATA/test four to five times (minutes on MTD, "
+                       "beyond the fit's time budget) and needs defects with masks; weakrest-train quantize adds it "
+                       "to a finished bundle")
+    calibration_images: int = Field(default=64, ge=1, description="good images the int8 graphs are calibrated on")
+
+
 class ProductConfig(_Section):
     product: str = "product"
     profile: str = "fast"
@@ -239,6 +250,7 @@ class ProductConfig(_Section):
     synthetic: SyntheticSection = SyntheticSection()
     foreground: ForegroundConfig = ForegroundConfig()
     logical: LogicalConfig = LogicalConfig()
+    export: ExportConfig = ExportConfig()
     latency_budget_ms: float = Field(default=50.0, gt=0.0)
     batch_size: int = Field(default=16, gt=0)
     seed: int = 0

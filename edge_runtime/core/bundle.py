@@ -38,6 +38,9 @@ LOGICAL_SCHEMA_VERSION = 3
 MANIFEST = "manifest.json"
 BACKBONE = "backbone.onnx"
 SWIN = "swin.onnx"
+#: optional int8 twins of the two graphs (``training_host.models.quantize``), kept only when they pass its gate
+BACKBONE_INT8 = "backbone.int8.onnx"
+SWIN_INT8 = "swin.int8.onnx"
 ARRAYS = "arrays.safetensors"
 
 #: arrays every schema-1 bundle carries, with their dtype and rank
@@ -213,6 +216,29 @@ class LogicalInfo(_Strict):
     stability: dict[str, float] | None = None  # k -> NMI across two halves of the good images, when k was chosen
 
 
+class PrecisionGate(_Strict):
+    """One reduced-precision engine measured against the fp32 path on the same images (``quantize.py``)."""
+
+    engine: str  # "cpu-int8" | "openvino-bf16" | "openvino-int8"
+    accepted: bool
+    reason: str  # why accepted or refused, in words
+    fp32: dict[str, float | None]  # image_auroc, pixel_auroc, pro, pixel_ap of the fp32 path
+    reduced: dict[str, float | None]  # the same for this engine
+    max_pixel_ap_loss: float  # the gate's limits (pixel AP in points, i.e. x100)
+    max_image_auroc_loss: float
+    images: int  # test images both were measured on (held-out good and defective)
+
+
+class PrecisionInfo(_Strict):
+    """Reduced precision: which int8 graphs the bundle carries, how they were calibrated, and the accuracy gate
+    of every reduced-precision engine (the runtime's ``auto`` picks only accepted ones)."""
+
+    int8_graphs: dict[str, str] = {}  # role ("backbone" | "swin") -> file, e.g. {"swin": "swin.int8.onnx"}
+    calibration_images: int
+    method: str  # e.g. "onnxruntime quantize_static QDQ, per-channel int8 weights, uint8 activations, percentile"
+    gates: list[PrecisionGate] = []
+
+
 class FileEntry(_Strict):
     sha256: str
     size: int
@@ -236,6 +262,7 @@ class Manifest(_Strict):
     foreground: ForegroundInfo | None = None
     training: TrainingInfo | None = None
     logical: LogicalInfo | None = None
+    precision: PrecisionInfo | None = None  # int8 graphs and accuracy gates; absent in older bundles
     files: dict[str, FileEntry] = {}
 
 
@@ -262,6 +289,17 @@ class Bundle:
     @property
     def swin_path(self) -> Path | None:
         return self.root / SWIN if self.manifest.swin is not None else None
+
+    @property
+    def int8_paths(self) -> dict[str, Path]:
+        """role -> int8 graph the bundle carries (empty without a precision section)."""
+        p = self.manifest.precision
+        return {role: self.root / name for role, name in (p.int8_graphs if p else {}).items()}
+
+    def precision_gate(self, engine: str) -> PrecisionGate | None:
+        """The accuracy gate's verdict on a reduced-precision engine (None: never measured)."""
+        p = self.manifest.precision
+        return next((g for g in (p.gates if p else []) if g.engine == engine), None)
 
 
 def _read_manifest(root: Path) -> Manifest:
@@ -298,6 +336,13 @@ def _read_manifest(root: Path) -> Manifest:
 
 def _verify_files(root: Path, manifest: Manifest) -> None:
     required_files = (BACKBONE, ARRAYS, SWIN) if manifest.swin is not None else (BACKBONE, ARRAYS)
+    if manifest.precision is not None:
+        for role, name in manifest.precision.int8_graphs.items():
+            if (role, name) not in (("backbone", BACKBONE_INT8), ("swin", SWIN_INT8)) or (
+                    role == "swin" and manifest.swin is None):
+                raise BundleError(MANIFEST, f"precision.int8_graphs: {role!r} -> {name!r} is not an int8 twin of "
+                                            "this bundle's graphs")
+        required_files = (*required_files, *manifest.precision.int8_graphs.values())
     for required in required_files:
         if required not in manifest.files:
             raise BundleError(required, "not listed in manifest.json")

@@ -1,12 +1,55 @@
-"""Inference engines behind one small interface (ONNX Runtime now; native TensorRT plugs in here)."""
+"""Inference engines behind one small interface, and the one switch that picks them.
+
+``engine: auto | cpu | cpu-int8 | openvino | openvino-bf16 | openvino-int8 | cuda | tensorrt`` names which
+runtime runs the bundle's two graphs (backbone and Swin) and at which precision:
+
+- ``cpu``: ONNX Runtime, CPU execution provider, the fp32 graphs: the reference path every other engine is
+  compared with.
+- ``cpu-int8``: ONNX Runtime on the bundle's int8 graphs (``backbone.int8.onnx`` / ``swin.int8.onnx``, written
+  by ``training_host.models.quantize`` only when they pass its accuracy gate; a graph without an int8 twin runs
+  in fp32).
+- ``openvino``: OpenVINO on the fp32 graphs at f32 inference precision (OpenVINO's own default on CPUs with
+  bf16 instructions is bf16: not here, so results equal the ``cpu`` path to float rounding), LATENCY hint,
+  threads from the process's CPU affinity; device ``CPU`` (or ``GPU``, an Intel integrated GPU, when asked
+  for and present).
+- ``openvino-bf16``: the same at bf16 inference precision (CPUs with AVX-512 BF16 / AMX); reduced precision,
+  so like int8 it needs the bundle's accuracy gate to have accepted it.
+- ``openvino-int8``: OpenVINO on the int8 graphs (its low-precision transformations read the QDQ pairs).
+- ``cuda``: ONNX Runtime's CUDA execution provider (onnxruntime-gpu); ``tensorrt``: native TensorRT plans
+  (issue 14), not built yet: asking for it is an error that says so.
+
+``auto`` takes the first engine of :data:`AUTO_ORDER` that this machine has (the package is importable, the
+device exists), that the bundle allows (its int8 graphs exist; reduced precision passed its accuracy gate)
+and that builds; the order is by measured speed on a 2-core AVX-512 CPU (README: Engines).  The choice and the
+reason for every engine passed over are kept in :class:`EngineSet`, for /health and the metrics.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .bundle import Bundle
+
+#: every value of the ``engine`` switch
+ENGINE_NAMES: tuple[str, ...] = ("auto", "cpu", "cpu-int8", "openvino", "openvino-bf16", "openvino-int8", "cuda",
+                                 "tensorrt")
+#: engines whose results are the fp32 path's within float rounding: no accuracy gate needed
+EXACT_ENGINES: tuple[str, ...] = ("cpu", "openvino", "cuda")
+#: engines of reduced precision: ``auto`` takes them only when the bundle's gate accepted them
+GATED_ENGINES: tuple[str, ...] = ("cpu-int8", "openvino-bf16", "openvino-int8")
+#: what ``auto`` tries, fastest first: the graphs' speed measured call by call on this project's 2-core AVX-512
+#: machine (``tools/bench_graphs.py``, README: Engines); tensorrt joins when issue 14 lands.  ``openvino`` at f32
+#: is not in it: whole frames took as long as ``cpu`` (11.0 ms p50 both, p99 19.0 against 13.7), and on a tie the
+#: smaller runtime without a JIT wins (a station process holds less, and the shipped unit's
+#: MemoryDenyWriteExecute= needs no drop-in); name it to run it, e.g. on an Intel integrated GPU
+AUTO_ORDER: tuple[str, ...] = ("cuda", "openvino-bf16", "openvino-int8", "cpu-int8", "cpu")
 
 
 class Engine(Protocol):
@@ -19,6 +62,10 @@ class Engine(Protocol):
 
 class EngineError(RuntimeError):
     """An engine could not be built or run; the message names the graph file."""
+
+
+class EngineUnavailable(EngineError):
+    """The engine asked for cannot run here (package, device or bundle graphs missing); the message says why."""
 
 
 def default_threads() -> int:
@@ -58,3 +105,165 @@ class OnnxRuntimeEngine:
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = self.session.run(self.output_names, inputs)
         return dict(zip(self.output_names, outputs, strict=True))
+
+
+def openvino_devices() -> list[str]:
+    """OpenVINO's devices on this machine (``[]`` when the package is absent or cannot start)."""
+    try:
+        import openvino as ov
+
+        return list(ov.Core().available_devices)
+    except Exception:  # ImportError, or a runtime that cannot load its plugins
+        return []
+
+
+def cpu_has_bf16() -> bool:
+    """Whether OpenVINO's CPU plugin computes in bf16 natively here (else bf16 would only be emulated)."""
+    try:
+        import openvino as ov
+
+        return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    except Exception:
+        return False
+
+
+class OpenVinoEngine:
+    """One graph compiled by OpenVINO: reads ONNX directly, LATENCY hint, one infer request reused per call.
+
+    ``precision`` is OpenVINO's inference precision hint: ``f32`` (equal to the fp32 path) or ``bf16``."""
+
+    def __init__(self, graph: Path, device: str = "CPU", threads: int | None = None, precision: str = "f32") -> None:
+        try:
+            import openvino as ov
+        except ImportError as exc:
+            raise EngineUnavailable("openvino is not installed (pip install 'weakrest-edge[openvino]')") from exc
+        self.name = f"openvino:{device}:{precision}:{Path(graph).name}"
+        core = ov.Core()
+        if device not in core.available_devices:
+            raise EngineUnavailable(f"OpenVINO device {device} is not present (have {core.available_devices})")
+        config: dict[str, object] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
+        if device == "CPU":
+            config["INFERENCE_NUM_THREADS"] = threads or default_threads()
+            # no pinning (OpenVINO's default with the LATENCY hint on Linux): the same cores run numpy matching
+            # between the two graphs and, on a several-camera box, other stations' services; a pinned thread
+            # cannot move off a busy core (measured on the loaded 2-core machine: ~2x slower frames pinned)
+            config["ENABLE_CPU_PINNING"] = False
+        try:
+            self.compiled = core.compile_model(str(graph), device, config)
+        except Exception as exc:  # OpenVINO raises RuntimeError subclasses with its own text
+            hint = ""
+            if "protect" in str(exc):  # its JIT could not map code executable
+                hint = ("; its JIT needs writable+executable memory: under systemd install "
+                        "systemd/drop-ins/openvino.conf (MemoryDenyWriteExecute=no)")
+            detail = " ".join(str(exc).split())
+            raise EngineError(f"{Path(graph).name}: OpenVINO cannot compile it for {device} ({detail}){hint}") from exc
+        self.request = self.compiled.create_infer_request()
+        self.output_names = [o.get_any_name() for o in self.compiled.outputs]
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.request.infer(inputs)
+        # copies: the request's output buffers are overwritten by the next call
+        return {name: np.array(self.request.get_tensor(name).data) for name in self.output_names}
+
+
+@dataclass
+class EngineSet:
+    """The engines that run one bundle's graphs, which switch value chose them and why."""
+
+    name: str  # the resolved engine (never "auto")
+    requested: str  # what the config or command line asked for
+    backbone: Engine
+    swin: Engine | None
+    graphs: dict[str, str]  # role -> graph file name ("backbone": "backbone.int8.onnx", ...)
+    passed_over: dict[str, str] = field(default_factory=dict)  # auto: engine -> why not
+
+    def describe(self) -> dict:
+        """For /health and reports: what runs, on which graphs, and (auto) what was passed over."""
+        out = {"engine": self.name, "requested": self.requested, "graphs": dict(self.graphs)}
+        if self.passed_over:
+            out["passed_over"] = dict(self.passed_over)
+        return out
+
+
+def _graph_paths(bundle: Bundle, int8: bool) -> dict[str, Path]:
+    """role -> graph path the engine runs; int8 twins where the bundle has them (and ``int8`` is asked)."""
+    paths: dict[str, Path] = {"backbone": bundle.backbone_path}
+    if bundle.swin_path is not None:
+        paths["swin"] = bundle.swin_path
+    if int8:
+        twins = bundle.int8_paths
+        if not twins:
+            raise EngineUnavailable(f"bundle {bundle.root.name} has no int8 graphs (add them: weakrest-train "
+                                    "quantize BUNDLE --data DIR; the accuracy gate may have refused them)")
+        paths.update(twins)
+    return paths
+
+
+def _gate_refusal(bundle: Bundle, engine: str) -> str | None:
+    """Why the bundle does not allow a reduced-precision engine (None: its accuracy gate accepted it)."""
+    gate = bundle.precision_gate(engine)
+    if gate is None:
+        return f"the bundle's accuracy gate has not measured {engine} (weakrest-train quantize)"
+    if not gate.accepted:
+        return f"the bundle's accuracy gate refused {engine}: {gate.reason}"
+    return None
+
+
+def _builder(engine: str, threads: int | None, device: str) -> Callable[[Path], Engine]:
+    if engine in ("cpu", "cpu-int8"):
+        return lambda p: OnnxRuntimeEngine(p, threads=threads)
+    if engine == "cuda":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise EngineUnavailable("cuda needs onnxruntime-gpu with a CUDA device (ONNX Runtime here offers "
+                                    f"{', '.join(ort.get_available_providers())})")
+        return lambda p: OnnxRuntimeEngine(p, providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+                                           threads=threads)
+    if engine == "tensorrt":
+        raise EngineUnavailable("tensorrt (native TensorRT plans) is not built yet (issue 14); use cuda or cpu")
+    if engine.startswith("openvino"):
+        precision = "bf16" if engine == "openvino-bf16" else "f32"
+        if precision == "bf16" and not cpu_has_bf16():
+            raise EngineUnavailable("openvino-bf16 needs a CPU with bf16 instructions (AVX-512 BF16 or AMX)")
+        return lambda p: OpenVinoEngine(p, device=device, threads=threads, precision=precision)
+    raise EngineUnavailable(f"unknown engine {engine!r} (one of {', '.join(ENGINE_NAMES)})")
+
+
+def build_engine_set(bundle: Bundle, engine: str, threads: int | None = None, device: str = "CPU",
+                     requested: str | None = None) -> EngineSet:
+    """The engines of one named (not ``auto``) engine for ``bundle``; :class:`EngineUnavailable` or
+    :class:`EngineError` say why it cannot be.  Reduced-precision engines asked for by name run even when the
+    gate refused them (an evaluation may want exactly that); ``auto`` never picks those."""
+    if engine not in ENGINE_NAMES or engine == "auto":
+        raise EngineUnavailable(f"unknown engine {engine!r} (one of {', '.join(n for n in ENGINE_NAMES)})")
+    build = _builder(engine, threads, device)
+    paths = _graph_paths(bundle, int8=engine.endswith("int8"))
+    built = {role: build(path) for role, path in paths.items()}
+    return EngineSet(name=engine, requested=requested or engine, backbone=built["backbone"], swin=built.get("swin"),
+                     graphs={role: path.name for role, path in paths.items()})
+
+
+def select_engines(bundle: Bundle, engine: str = "auto", threads: int | None = None,
+                   device: str = "CPU") -> EngineSet:
+    """The engines for ``bundle`` under the switch value ``engine`` (``auto``: first of :data:`AUTO_ORDER`
+    that this machine and the bundle allow and that builds; ``cpu`` always does)."""
+    if engine != "auto":
+        return build_engine_set(bundle, engine, threads, device)
+    passed_over: dict[str, str] = {}
+    for candidate in AUTO_ORDER:
+        if candidate in GATED_ENGINES:
+            refusal = _gate_refusal(bundle, candidate)
+            if refusal is not None:
+                passed_over[candidate] = refusal
+                continue
+        try:
+            chosen = build_engine_set(bundle, candidate, threads, device, requested="auto")
+        except EngineError as exc:
+            if candidate == "cpu":
+                raise
+            passed_over[candidate] = str(exc)
+            continue
+        chosen.passed_over = passed_over
+        return chosen
+    raise EngineUnavailable("no engine can run this bundle")  # pragma: no cover - cpu always builds or raises

@@ -20,7 +20,7 @@ import numpy as np
 
 from .bundle import BACKBONE, SWIN, Bundle, BundleError, load_bundle
 from .components import Components, LogicalModel, LogicalScoring, Standardisation
-from .engines import Engine, EngineError, OnnxRuntimeEngine
+from .engines import Engine, EngineError, EngineSet, EngineUnavailable, OnnxRuntimeEngine, select_engines
 from .foreground import reference_foreground
 from .matching import MemoryBank, posfar_residual
 from .pca import PCA
@@ -347,18 +347,26 @@ class Inspector:
     ``distance``: the distance map's, with the heatmap still from the Swin; ``standardised`` and
     ``reference_standardised``: the distance map's standardised per position), is for evaluation: the bundle's
     thresholds belong to its own scores and must then be read as unset.
+
+    ``engine`` is the engine switch (``engines.ENGINE_NAMES``; ``auto`` picks by ``engines.AUTO_ORDER``); the
+    choice is in ``engines`` (None when the caller hands in its own ``backbone``).
     """
 
     def __init__(self, bundle: Bundle, backbone: Engine | None = None, threads: int | None = None,
                  swin: Engine | None = None, anomaly_map: Literal["swin", "nn_distance", "fused"] | None = None,
                  use_foreground: bool = True, fusion_rule: Literal["mean", "geometric", "max"] | None = None,
                  image_score: ImageScore | None = None,
-                 logical_verdict: Literal["fused", "structural", "logical"] = "fused") -> None:
+                 logical_verdict: Literal["fused", "structural", "logical"] = "fused", engine: str = "cpu",
+                 device: str = "CPU") -> None:
         self.bundle = bundle
         m = bundle.manifest
         self.input_hw = tuple(m.preprocessing.input_size)
         self.scale = m.preprocessing.scale
-        self.backbone = backbone or OnnxRuntimeEngine(bundle.backbone_path, threads=threads)
+        self.engines: EngineSet | None = None
+        if backbone is None:
+            self.engines = select_engines(bundle, engine, threads=threads, device=device)
+            backbone, swin = self.engines.backbone, swin or self.engines.swin
+        self.backbone = backbone
         self.anomaly_map = anomaly_map or m.scoring.anomaly_map
         if self.anomaly_map in ("swin", "fused") and bundle.swin_path is None:
             raise ValueError(f"bundle {bundle.root} has no swin.onnx: it can only score by nn_distance")
@@ -414,31 +422,31 @@ class Inspector:
         )
 
 
-def open_inspector(bundle_path, threads: int | None = None) -> Inspector:
+def open_inspector(bundle_path, threads: int | None = None, engine: str = "cpu", device: str = "CPU") -> Inspector:
     """Load, verify and smoke-run a bundle before trusting it with frames.
 
-    Hashes and arrays are checked by :func:`load_bundle`; here each graph is loaded and run once on a
-    blank input and its outputs are checked against the manifest.  Any failure is a :class:`BundleError`
-    naming the graph, so a caller (the CLI, a service reload) can refuse the bundle and keep its old one.
+    Hashes and arrays are checked by :func:`load_bundle`; here each graph is loaded by the ``engine`` asked for
+    (``auto``: see :func:`~edge_runtime.core.engines.select_engines`) and run once on a blank input and its
+    outputs are checked against the manifest.  Any failure is a :class:`BundleError` naming the graph (or
+    ``engine`` when the engine cannot run here), so a caller (the CLI, a service reload) can refuse the bundle
+    and keep its old one.
     """
     bundle = load_bundle(bundle_path)
     m = bundle.manifest
     try:
-        backbone = OnnxRuntimeEngine(bundle.backbone_path, threads=threads)
-    except EngineError as exc:
-        raise BundleError(BACKBONE, str(exc)) from exc
-    swin = None
-    if bundle.swin_path is not None:
-        try:
-            swin = OnnxRuntimeEngine(bundle.swin_path, threads=threads)
-        except EngineError as exc:
-            raise BundleError(SWIN, str(exc)) from exc
-    inspector = Inspector(bundle, backbone=backbone, swin=swin, threads=threads)
+        engines = select_engines(bundle, engine, threads=threads, device=device)
+    except EngineUnavailable as exc:
+        raise BundleError("engine", f"{engine}: {exc}") from exc
+    except EngineError as exc:  # the message starts with the graph's file name
+        graph, _, problem = str(exc).partition(": ")
+        raise BundleError(graph if graph.endswith(".onnx") else BACKBONE, problem or str(exc)) from exc
+    inspector = Inspector(bundle, backbone=engines.backbone, swin=engines.swin, threads=threads)
+    inspector.engines = engines
     probe = np.zeros((*m.preprocessing.input_size, 3), dtype=np.uint8)
     try:
         pcf, descriptor = inspector.features(probe)
     except Exception as exc:  # onnxruntime raises its own exception types
-        raise BundleError(BACKBONE, f"does not run on a {probe.shape} input ({exc})") from exc
+        raise BundleError(engines.graphs["backbone"], f"does not run on a {probe.shape} input ({exc})") from exc
     n_tokens = m.backbone.grid[0] * m.backbone.grid[1]
     if pcf.shape != (n_tokens, m.backbone.d_f):
         raise BundleError(BACKBONE, f"outputs pcf {pcf.shape}, manifest implies {(n_tokens, m.backbone.d_f)}")
@@ -446,11 +454,13 @@ def open_inspector(bundle_path, threads: int | None = None) -> Inspector:
     if descriptor.shape != (cells, m.backbone.descriptor_channels):
         raise BundleError(BACKBONE, f"outputs descriptor {descriptor.shape}, manifest implies "
                                     f"{(cells, m.backbone.descriptor_channels)}")
-    if swin is not None:
+    if engines.swin is not None:
+        swin_file = engines.graphs.get("swin", SWIN)
         try:
-            prob = SwinClassifier(swin)(np.zeros((n_tokens, m.backbone.d_f), dtype=np.float32))
+            prob = SwinClassifier(engines.swin)(np.zeros((n_tokens, m.backbone.d_f), dtype=np.float32))
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise BundleError(SWIN, f"does not run on residual tokens ({n_tokens}, {m.backbone.d_f}) ({exc})") from exc
+            raise BundleError(swin_file, f"does not run on residual tokens ({n_tokens}, {m.backbone.d_f}) "
+                                         f"({exc})") from exc
         if prob.shape != (n_tokens,) or not np.all((prob >= 0) & (prob <= 1)):
-            raise BundleError(SWIN, f"outputs {prob.shape} probabilities, expected {n_tokens} values in [0, 1]")
+            raise BundleError(swin_file, f"outputs {prob.shape} probabilities, expected {n_tokens} values in [0, 1]")
     return inspector

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -28,6 +29,9 @@ from ..publishing.config import (
 )
 from ..schema import Section as _Section
 from ..store import plain_product_name
+
+#: the engine switch (``core.engines.ENGINE_NAMES``; a test checks they agree)
+EngineName = Literal["auto", "cpu", "cpu-int8", "openvino", "openvino-bf16", "openvino-int8", "cuda", "tensorrt"]
 
 __all__ = [  # each section's schema lives with the package it configures; the service composes them here
     "BundleStoreConfig", "CameraConfig", "CommandsConfig", "EdgeConfig", "EdgeConfigError", "FleetConfig",
@@ -84,6 +88,11 @@ class EdgeConfig(_Section):
     fleet: FleetConfig = FleetConfig()
     latency_budget_ms: float | None = Field(default=None, gt=0, description="None: the bundle's budget")
     threads: int | None = Field(default=None, ge=1, description="inference threads; None: all usable CPUs")
+    engine: EngineName = Field(
+        default="auto", description="inference engine (edge_runtime/core/engines.py); auto: the fastest one this "
+        "machine and the bundle allow, reported in /health and weakrest_engine_info")
+    engine_device: Literal["CPU", "GPU"] = Field(default="CPU", description="OpenVINO device for the openvino "
+                                                 "engines (GPU: an Intel integrated GPU)")
     watchdog_idle_s: float = Field(default=10.0, gt=0,
                                    description="free-run: no frame for this long stops the watchdog pings")
 

@@ -438,6 +438,10 @@ class ServiceMetrics:
         self.bundle_info = InfoGauge("weakrest_bundle_info", "The bundle being served (value always 1)",
                                      ["product", "version"])
         r.register(self.bundle_info)
+        self.engine_info = InfoGauge("weakrest_engine_info", "The inference engine running the bundle's graphs "
+                                     "(value always 1; requested is the config's switch, e.g. auto)",
+                                     ["engine", "requested"])
+        r.register(self.engine_info)
         self.reloads_total = r.counter("weakrest_reloads_total", "Bundle reloads and switches", ["result"])
         self.health_state = StateGauge("weakrest_health_state", "1 for the current /health state (ok; degraded: "
                                        "verdicts may not reach the MES; failing: inference dead), 0 for the others",

@@ -168,7 +168,8 @@ class EdgeService:
         try:
             path = self.store.current_path(product)
             signer = self.store.trust.check(path)
-            inspector = open_inspector(path, threads=self.cfg.threads)
+            inspector = open_inspector(path, threads=self.cfg.threads, engine=self.cfg.engine,
+                                       device=self.cfg.engine_device)
         except StoreError as exc:
             raise ServiceError(str(exc)) from None
         except BundleError as exc:
@@ -254,6 +255,11 @@ class EdgeService:
         return {"product": self.served.product, "bundle_version": self.served.version,
                 "camera_state": self.camera_state, "camera_detail": self.camera_detail, "pid": os.getpid(),
                 "version": __version__}
+
+    def _engine(self) -> dict | None:
+        """Which engine runs the served bundle (``auto``: what it chose and passed over)."""
+        engines = self.served.inspector.engines
+        return engines.describe() if engines is not None else None
 
     def _on_command(self, cmd: Command) -> dict:
         if cmd.command == "reload":
@@ -415,7 +421,8 @@ class EdgeService:
         """The ``/health`` body: ``state`` ok/degraded/failing with plain-words ``reasons``, and the counters."""
         stats = self.worker.stats
         state, reasons, details = self._health_state()
-        return {**self._status(), **details, "ok": state == "ok", "state": state, "reasons": reasons,
+        return {**self._status(), "engine": self._engine(), **details, "ok": state == "ok", "state": state,
+                "reasons": reasons,
                 "inference_alive": self._inference_alive(), "latency_ms": self.metrics.latency_summary(),
                 "results": self.results, "dropped_frames": self.slot.dropped,
                 "queue_dropped": self.queue.dropped, "frames": stats.frames, "incomplete_frames": stats.incomplete,
@@ -432,6 +439,9 @@ class EdgeService:
         m.queue_held.set(self.queue.held)
         m.queue_dropped_total.set_total(self.queue.dropped)
         self._health_state()  # sets weakrest_health_state
+        engine = self._engine()
+        if engine is not None:
+            m.engine_info(engine=engine["engine"], requested=engine["requested"])
         return m.render()
 
     # ---- lifecycle -----------------------------------------------------------------------------------

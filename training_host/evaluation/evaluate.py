@@ -71,7 +71,7 @@ def curve_data(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: 
 def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int = 0, progress: bool = True,
                     anomaly_map: str | None = None, use_foreground: bool = True, logical_verdict: str = "fused",
                     also_exclude: set[str] | frozenset[str] = frozenset(), fusion_rule: str | None = None,
-                    image_score: str | None = None) -> dict:
+                    image_score: str | None = None, engine: str = "cpu") -> dict:
     """Run every test image through the bundle; return and write the metrics.
 
     Defective images the bundle was trained on (listed with their sha256 in its manifest) are left out,
@@ -82,7 +82,7 @@ def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int
     inspector = Inspector(bundle, anomaly_map=anomaly_map, use_foreground=use_foreground,
                           logical_verdict=logical_verdict,
                           fusion_rule=fusion_rule,
-                          image_score=image_score)
+                          image_score=image_score, engine=engine)
     dataset = scan_dataset(data_root)
     m = bundle.manifest
     trained_on = {d.sha256 for d in m.training.defect_images} if m.training else set()
@@ -160,6 +160,7 @@ def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int
         "anomaly_map": inspector.anomaly_map,
         "fusion_rule": inspector.fusion.rule if inspector.fusion is not None else None,
         "image_score": inspector.image_score,
+        "engine": inspector.engines.name if inspector.engines is not None else None,
         "foreground": bool(m.foreground is not None and use_foreground),
         "logical_verdict": inspector.logical_verdict if m.logical is not None else None,
         "supervision": supervision, "training_mode": m.training.mode if m.training else None,

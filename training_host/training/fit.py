@@ -88,6 +88,7 @@ class FitSummary:
     seconds: dict[str, float] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     threshold_estimate: dict = field(default_factory=dict)  # ThresholdEstimate.to_json(): what it rests on
+    precision: list[str] = field(default_factory=list)  # export.int8: the int8 graphs kept and each gate's verdict
 
     def to_json(self) -> dict:
         out = {k: v for k, v in self.__dict__.items() if k != "bundle"}
@@ -466,6 +467,13 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
         )
         B.write_bundle(out, manifest, files, {**fitted.arrays(), **standardiser.arrays(), **(logical_arrays or {})})
     seconds["export"] = time.perf_counter() - t2
+    precision: list[str] = []
+    if cfg.export.int8:  # gated int8 twins of the graphs, measured against fp32 on data_root/test
+        from training_host.models.quantize import quantize_bundle
+
+        t3 = time.perf_counter()
+        precision = quantize_bundle(Path(out), data_root, n_calibration=cfg.export.calibration_images).lines()
+        seconds["int8"] = time.perf_counter() - t3
     seconds["total"] = time.perf_counter() - t0
     size = sum(p.stat().st_size for p in Path(out).iterdir())
     swin_summary = None
@@ -479,4 +487,4 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
                       anomaly_map=manifest.scoring.anomaly_map, swin=swin_summary,
                       foreground=fitted.foreground_maps is not None,
                       seconds={k: round(v, 2) for k, v in seconds.items()}, skipped=skipped,
-                      threshold_estimate={**choice.to_json(), **holdout_check})
+                      threshold_estimate={**choice.to_json(), **holdout_check}, precision=precision)
