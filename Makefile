@@ -12,7 +12,7 @@ TORCH_INDEX   ?= https://download.pytorch.org/whl/cpu
 SYSTEM_DEPS   ?= yes
 DEMO_DIR ?= demo_out
 
-.PHONY: demo test install system-deps torch-info lint proto screenshots fuzz bench-mtd bench-weak bench-service bench-cameras bench-calibration bench-peer soak sweep clean
+.PHONY: demo test install system-deps torch-info lint proto screenshots fuzz bench-mtd bench-weak bench-service bench-cameras bench-calibration bench-dist bench-peer soak sweep clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -93,6 +93,10 @@ bench-peer: install
 GRID ?= docs/sweeps/levers.yaml
 sweep: install
 	$(PY) tools/sweep.py --grid $(GRID) --out runs/sweep
+
+# Fit time of 1 process against 2 under torchrun on ../shared/data/mtd, one after the other (runs/dist/report.json)
+bench-dist: install
+	$(PY) tools/bench_distributed.py --out runs/dist --nproc 2
 
 # Field calibration on MTD: 50 good frames on top of the demo product's bundle (needs make demo first)
 bench-calibration: install

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from training_host.training.train_swin import CheckpointError
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from training_host.training.fit import TrainingOptions, fit_product
+    from training_host.training.fit import TrainingOptions
 
     overrides = list(args.set)
     if args.product:
@@ -41,7 +42,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
     )
     if args.sign_key and not Path(args.sign_key).is_file():  # before hours of training, not after
         raise FileNotFoundError(f"--sign-key {args.sign_key}: no such private key (weakrest-train keys new)")
-    summary = fit_product(cfg, Path(args.data), Path(args.out), progress=not args.json, options=options)
+    summary = _fit_on_this_rank(cfg, args, options)
+    if summary is None:  # a rank other than 0 under torchrun: its share is done, rank 0 writes the bundle
+        return 0
     signed = sign_bundle(Path(args.out), Path(args.sign_key)) if args.sign_key else None
     if args.json:
         print(json.dumps({**summary.to_json(), "signature": str(signed) if signed else None}))
@@ -78,6 +81,41 @@ def cmd_fit(args: argparse.Namespace) -> int:
           "not signed (a service with bundles.require_signature refuses it): weakrest-train sign --bundle "
           f"{s.bundle} --key KEY")
     return 0
+
+
+def _fit_on_this_rank(cfg, args: argparse.Namespace, options):
+    """fit_product in this process, which under torchrun is one rank of the run (distributed.py): an error
+    names the rank, and a collective that fails because another rank died says so."""
+    from training_host.training.distributed import from_environment
+    from training_host.training.fit import fit_product
+
+    try:
+        options.dist = dist = from_environment(args.dist_timeout)
+    except RuntimeError as exc:  # torchrun's rendezvous reached, but this rank cannot join the process group
+        raise DistributedRunError(f"rank {os.environ.get('RANK', '?')}: cannot join the other ranks ({exc})", 3) \
+            from exc
+    try:
+        return fit_product(cfg, Path(args.data), Path(args.out), progress=not args.json, options=options)
+    except (ConfigError, BundleError, CheckpointError, OSError, ValueError) as exc:
+        if not dist.enabled:
+            raise
+        raise DistributedRunError(f"{dist.describe()}: {exc}", 2) from exc
+    except RuntimeError as exc:  # gloo / NCCL: a peer closed its connection or a collective timed out
+        if not dist.enabled:
+            raise
+        raise DistributedRunError(f"{dist.describe()}: an exchange with the other ranks failed, so one of them "
+                                  f"stopped or hangs (torchrun's summary names the first that failed): {exc}",
+                                  3) from exc
+    finally:
+        dist.close()
+
+
+class DistributedRunError(RuntimeError):
+    """A rank of a torchrun run failed (exit code 2: its own error; 3: another rank stopped answering)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def cmd_keys_new(args: argparse.Namespace) -> int:
@@ -240,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sign-key", default=None, metavar="KEY",
                    help="sign the bundle with this private key (weakrest-train keys new)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON, no progress bars")
+    p.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="under torchrun: the longest a rank waits for the others in one exchange before it gives "
+                        "up with an error (default 1800)")
     p.set_defaults(func=cmd_fit)
     p = sub.add_parser("eval", help="evaluate a bundle on DATA/test; writes OUT/metrics.json, curves.png and "
                                     "report.html (one self-contained page)")
@@ -264,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inference engine as on the edge (default cpu: ONNX Runtime fp32, the reference path)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("quantize", help="add int8 graphs to a bundle, each kept only if it passes the accuracy gate "
                                         "against fp32 on DATA/test (and gate the OpenVINO engines)")
     p.add_argument("bundle", help="bundle folder (rewritten in place unless --out)")
@@ -323,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, BundleError, CheckpointError, OSError, ValueError) as exc:  # LabelError too
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except DistributedRunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.code
 
 
 if __name__ == "__main__":

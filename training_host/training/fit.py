@@ -38,6 +38,7 @@ from training_host.models.export import export_backbone, export_swin
 from training_host.models.features import PatchFeatureExtractor, build_extractor, extract
 from training_host.models.swin import ResidualSwin, SwinShape
 from training_host.training.cache import FitCache, features_key, residuals_key
+from training_host.training.distributed import SINGLE, Distributed
 from training_host.training.residual_data import (
     LabelledDefect,
     ResidualFieldMaker,
@@ -69,6 +70,7 @@ class TrainingOptions:
     init: Path | None = None  # start from this checkpoint's EMA weights instead of training the first phase
     synthetic_preview: Path | None = None  # write a picture grid of synthetic anomalies here
     cache_dir: Path | None = None  # reuse features and residual fields of earlier fits (experiments only)
+    dist: Distributed = SINGLE  # this process's rank under torchrun (training_host/training/distributed.py)
 
 
 @dataclass
@@ -102,29 +104,37 @@ def _batches(paths: list[Path], size: int):
 
 
 def _features(extractor: PatchFeatureExtractor, paths: list[Path], cfg: ProductConfig, desc: str,
-              skipped: list[str], progress: bool, loaded: list[Path] | None = None):
+              skipped: list[str], progress: bool, loaded: list[Path] | None = None, dist: Distributed = SINGLE):
     """Patch features of ``paths`` in batches; unreadable images are reported in ``skipped`` and the ones
-    that loaded are appended to ``loaded`` (their order is the bank's image index)."""
+    that loaded are appended to ``loaded`` (their order is the bank's image index).  Under torchrun each
+    rank extracts its share of the batches and every rank gets all of them, in order."""
+    chunks = list(_batches(paths, cfg.batch_size))
+
+    def compute(b: int):
+        batch, ok, errors = load_batch(chunks[b], cfg.input_size)
+        arrays = {"ok": np.asarray(ok, dtype=np.int64)}
+        if len(ok):
+            arrays["pcf"], arrays["descriptor"] = extract(extractor, batch)
+        return arrays, errors
+
     bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress)
-    for chunk in _batches(paths, cfg.batch_size):
-        batch, ok, errors = load_batch(chunk, cfg.input_size)
+    for chunk, (arrays, errors) in zip(chunks, dist.map_batches(len(chunks), compute), strict=True):
         skipped.extend(errors)
         if loaded is not None:
-            loaded.extend(chunk[i] for i in ok)
-        if len(ok):
-            pcf, descriptor = extract(extractor, batch)
-            yield pcf, descriptor
+            loaded.extend(chunk[i] for i in arrays["ok"])
+        if len(arrays["ok"]):
+            yield arrays["pcf"], arrays["descriptor"]
         bar.update(len(chunk))
     bar.close()
 
 
 def _cached_features(cache: FitCache | None, extractor: PatchFeatureExtractor, paths: list[Path],
                      cfg: ProductConfig, desc: str, skipped: list[str], progress: bool,
-                     loaded: list[Path] | None = None):
+                     loaded: list[Path] | None = None, dist: Distributed = SINGLE):
     """:func:`_features` through the fit cache: the same batches, from disk when these images' features at
     these settings were computed before."""
     if cache is None:
-        yield from _features(extractor, paths, cfg, desc, skipped, progress, loaded)
+        yield from _features(extractor, paths, cfg, desc, skipped, progress, loaded, dist)
         return
     key = features_key(cfg, paths)
     hit = cache.load("features", key)
@@ -211,16 +221,16 @@ def _training_fields(cfg: ProductConfig, maker: ResidualFieldMaker, fitted: Fitt
 def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatureExtractor, fitted: FittedPosFAR,
                 bank_paths: list[Path], defects: list[LabelledDefect], weak: LabelSet | None, weak_root: Path,
                 out: Path, tmp: Path, skipped: list[str], progress: bool,
-                cache: FitCache | None = None) -> _TrainedSwin:
+                cache: FitCache | None = None) -> _TrainedSwin | None:
     """Residual fields (good, synthetic, real defects) -> trained, exported, checked ``swin.onnx``."""
     t0 = time.perf_counter()
     sc = cfg.swin
     nn_scorer = fitted.scorer(cfg.posfar.k_references, extractor.grid, cfg.input_size, cfg.posfar.retrieval_trim,
                               cfg.scoring.blur_sigma, cfg.scoring.score_pool, tuple(cfg.posfar.thetas))
     maker = ResidualFieldMaker(extractor, nn_scorer, cfg.labels.eps_pos, cfg.labels.eps_neg, cfg.batch_size,
-                               cfg.labels.min_positive_px)
+                               cfg.labels.min_positive_px, dist=opts.dist)
     good, synthetic, preview = _training_fields(cfg, maker, fitted, bank_paths, cache, progress)
-    if opts.synthetic_preview is not None and preview:
+    if opts.synthetic_preview is not None and preview and opts.dist.is_main:
         save_sample_grid(preview, opts.synthetic_preview)
     data = ResidualSet.concat([good, synthetic])
     shape = SwinShape(in_dim=extractor.d_f, embed_dim=sc.embed_dim, depth=sc.depth, heads=sc.heads, window=sc.window,
@@ -231,7 +241,7 @@ def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatu
     model = ResidualSwin(shape)
     model.set_input_scale(good.fields.float())
     ckpt = opts.checkpoint_dir or out.parent / f"{out.name}.ckpt"
-    trainer = SwinTrainer(model, sc, ckpt, seed=cfg.seed, resume=opts.resume)
+    trainer = SwinTrainer(model, sc, ckpt, seed=cfg.seed, resume=opts.resume, dist=opts.dist)
     phases = []
     if opts.init is not None:
         trainer.load_weights(opts.init)
@@ -266,7 +276,9 @@ def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatu
                                         objective=objective).to_json())
         steps += wc.steps
         labelled = [B.LabelledImage(name=d.name, sha256=d.sha256, defect_type=d.sample.defect_type) for d in used]
-    final = trainer.ema.eval()
+    if not opts.dist.is_main:  # rank 0 exports and writes; the others are done once training is
+        return None
+    final = trainer.ema.eval().cpu()
     onnx_path = tmp / B.SWIN
     check = good.fields[:2].float().reshape(min(2, len(good)), -1, extractor.d_f).numpy()
     if synthetic.count("synthetic"):
@@ -285,11 +297,23 @@ def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatu
 
 
 def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool = True,
-                options: TrainingOptions | None = None) -> FitSummary:
-    """Train the bundle of one product from ``data_root/train/good`` (plus real defects when supervised)."""
+                options: TrainingOptions | None = None) -> FitSummary | None:
+    """Train the bundle of one product from ``data_root/train/good`` (plus real defects when supervised).
+
+    Under torchrun (``options.dist``) every rank runs this; rank 0 writes the bundle and returns the
+    summary, the other ranks return None once their share (features, residual fields, Swin steps) is done.
+    """
     opts = options or TrainingOptions()
+    dist = opts.dist
     if opts.mode != "unsupervised" and not cfg.swin.enabled:
         raise ValueError(f"--mode {opts.mode} trains the Swin, but the config has swin.enabled: false")
+    if dist.enabled:  # checked before any work starts
+        if opts.cache_dir is not None:
+            raise ValueError("--cache is for single-process experiment sweeps: leave it out under torchrun")
+        if cfg.swin.enabled and cfg.swin.batch_size % dist.world_size:
+            raise ValueError(f"swin.batch_size {cfg.swin.batch_size} must be a multiple of the {dist.world_size} "
+                             "processes (each trains on an equal share of every batch)")
+        progress = progress and dist.is_main
     out = Path(out)
     defects: list[LabelledDefect] = []
     weak: LabelSet | None = None
@@ -320,7 +344,7 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
     cache = FitCache(opts.cache_dir) if opts.cache_dir is not None else None
     sampler = PatchSampler(cfg.logical.patches_per_image, cfg.seed) if cfg.logical.enabled else None
     for pcf, descriptor in _cached_features(cache, extractor, bank_paths, cfg, "bank images", skipped, progress,
-                                            loaded):
+                                            loaded, dist):
         builder.add(pcf, descriptor)
         if sampler is not None:
             sampler.add(pcf)
@@ -335,8 +359,11 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
             t_swin = time.perf_counter()
             trained = _train_swin(cfg, opts, extractor, fitted, loaded, defects, weak, weak_root, out, tmp, skipped,
                                   progress, cache)
-            classifier = SwinClassifier(OnnxRuntimeEngine(trained.onnx_path))
+            if trained is not None:
+                classifier = SwinClassifier(OnnxRuntimeEngine(trained.onnx_path))
             seconds["swin"] = time.perf_counter() - t_swin
+        if not dist.is_main:  # thresholds, export and the bundle are rank 0's
+            return None
 
         t1 = time.perf_counter()
         power = fg_cfg.power if fg_cfg.enabled else 0.0

@@ -12,6 +12,7 @@ Three kinds of field, all (h_f, w_f, d_f) float16 with int8 block labels (1 anom
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from training_host.data.dataset import TestSample, load_mask, scan_dataset
 from training_host.data.synthetic import AnomalySynthesizer, block_labels
 from training_host.labels.weak_labels import LabelSet, block_labels_from_weak, weak_bags
 from training_host.models.features import PatchFeatureExtractor, extract
+from training_host.training.distributed import SINGLE, Distributed
 from training_host.training.resmixmatch import UNKNOWN
 
 log = logging.getLogger(__name__)
@@ -85,10 +87,11 @@ class LabelledDefect:
 
 
 class ResidualFieldMaker:
-    """Turns RGB images (+ masks) into residual fields with the fitted bank, in backbone-sized batches."""
+    """Turns RGB images (+ masks) into residual fields with the fitted bank, in backbone-sized batches
+    (under torchrun each rank makes its share of the batches and every rank gets all fields, in order)."""
 
     def __init__(self, extractor: PatchFeatureExtractor, scorer: PosFARScorer, eps_pos: float, eps_neg: float,
-                 batch_size: int = 16, min_positive_px: int = 0) -> None:
+                 batch_size: int = 16, min_positive_px: int = 0, dist: Distributed = SINGLE) -> None:
         self.extractor = extractor
         self.scorer = scorer
         self.grid = extractor.grid
@@ -97,26 +100,43 @@ class ResidualFieldMaker:
         self.eps_neg = eps_neg
         self.min_positive_px = min_positive_px
         self.batch_size = batch_size
+        self.dist = dist
 
     def make(self, images: list[np.ndarray], masks: list[np.ndarray | None], exclude: list[int | None],
              kind: str, progress: bool = False) -> ResidualSet:
         """images: RGB uint8 at the input size; masks: (H, W) defect masks or None (all normal)."""
-        n = len(images)
+        return self.make_lazy(len(images), lambda lo, hi: (images[lo:hi], masks[lo:hi]), exclude, kind, progress)
+
+    def make_lazy(self, n: int, inputs: Callable[[int, int], tuple[list[np.ndarray], list[np.ndarray | None]]],
+                  exclude: list[int | None], kind: str, progress: bool = False) -> ResidualSet:
+        """As :meth:`make`, with ``inputs(lo, hi)`` giving items lo..hi-1 (images, masks) when their batch is
+        made: under torchrun only the rank that makes a batch renders its images (synthetic anomalies)."""
         h, w = self.grid
+
+        def compute(b: int):
+            lo = b * self.batch_size
+            images, masks = inputs(lo, min(n, lo + self.batch_size))
+            fields = torch.empty((len(images), h, w, self.extractor.d_f), dtype=torch.float16)
+            labels = torch.zeros((len(images), h, w), dtype=torch.int8)
+            batch = np.concatenate([to_input_tensor(img, self.input_hw) for img in images])
+            pcf, desc = extract(self.extractor, batch)
+            for i in range(len(batch)):
+                res = self.scorer.residual(pcf[i], desc[i], exclude=exclude[lo + i])
+                fields[i] = torch.from_numpy(res.residual.reshape(h, w, -1))
+                if masks[i] is not None:
+                    labels[i] = torch.from_numpy(block_labels(masks[i], self.grid, self.eps_pos, self.eps_neg,
+                                                              self.min_positive_px))
+            return {"fields": fields.numpy(), "labels": labels.numpy()}, None
+
         fields = torch.empty((n, h, w, self.extractor.d_f), dtype=torch.float16)
         labels = torch.zeros((n, h, w), dtype=torch.int8)
         bar = tqdm(total=n, desc=f"{kind} residuals", unit="img", disable=not progress)
-        for lo in range(0, n, self.batch_size):
-            batch = np.concatenate([to_input_tensor(img, self.input_hw) for img in images[lo : lo + self.batch_size]])
-            pcf, desc = extract(self.extractor, batch)
-            for i in range(len(batch)):
-                j = lo + i
-                res = self.scorer.residual(pcf[i], desc[i], exclude=exclude[j])
-                fields[j] = torch.from_numpy(res.residual.reshape(h, w, -1))
-                if masks[j] is not None:
-                    labels[j] = torch.from_numpy(block_labels(masks[j], self.grid, self.eps_pos, self.eps_neg,
-                                                                        self.min_positive_px))
-            bar.update(len(batch))
+        n_batches = -(-n // self.batch_size)
+        for b, (arrays, _) in enumerate(self.dist.map_batches(n_batches, compute)):
+            lo = b * self.batch_size
+            fields[lo : lo + len(arrays["fields"])] = torch.from_numpy(arrays["fields"])
+            labels[lo : lo + len(arrays["labels"])] = torch.from_numpy(arrays["labels"])
+            bar.update(len(arrays["fields"]))
         bar.close()
         return ResidualSet(fields, labels, [kind] * n)
 
@@ -138,19 +158,30 @@ def synthetic_fields(maker: ResidualFieldMaker, images: list[np.ndarray], per_im
                      progress: bool = False) -> tuple[ResidualSet, list[tuple[np.ndarray, np.ndarray]]]:
     """``per_image`` synthetic anomalies on every bank image (image j left out of its own references).
 
-    Returns the fields and the first few (image, mask) pairs for a preview grid.
+    Each image's anomalies come from a generator seeded by (seed, image index), so they are the same
+    whichever rank renders them, and only when their batch is made.  Returns the fields and the first
+    few (image, mask) pairs for a preview grid.
     """
-    augmented, masks, exclude = [], [], []
-    for j, image in enumerate(images):
+
+    def anomalies_of(j: int) -> list[tuple[np.ndarray, np.ndarray]]:
         rng = np.random.default_rng([seed, j])
         fg = foreground_maps[j] if foreground_maps is not None else None
-        for _ in range(per_image):
-            aug, mask = synthesizer.make(image, foreground=fg, rng=rng)
-            augmented.append(aug)
-            masks.append(mask)
-            exclude.append(j)
-    data = maker.make(augmented, masks, exclude, "synthetic", progress)
-    return data, list(zip(augmented[:16], masks[:16], strict=True))
+        return [synthesizer.make(images[j], foreground=fg, rng=rng) for _ in range(per_image)]
+
+    def inputs(lo: int, hi: int) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
+        made: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+        items = []
+        for k in range(lo, hi):
+            j, s = divmod(k, per_image)
+            if j not in made:
+                made[j] = anomalies_of(j)
+            items.append(made[j][s])
+        return [a for a, _ in items], [m for _, m in items]
+
+    n = len(images) * per_image
+    data = maker.make_lazy(n, inputs, [k // per_image for k in range(n)], "synthetic", progress)
+    preview_images, preview_masks = inputs(0, min(16, n))
+    return data, list(zip(preview_images, preview_masks, strict=True))
 
 
 def pick_defects(source: Path, n: int, seed: int) -> list[LabelledDefect]:

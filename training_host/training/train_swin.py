@@ -4,6 +4,13 @@ One :class:`SwinTrainer` runs named phases (``unsupervised``, then ``supervised`
 checkpoints to ``<dir>/<phase>.safetensors`` (model, EMA and optimiser tensors) plus ``<phase>.json``
 (step, losses, architecture); nothing is pickled.  Batches are drawn from a generator seeded by the step,
 so a resumed run draws the same batches it would have drawn without the interruption.
+
+Under torchrun the model trains under DistributedDataParallel: every rank draws the same global batch of
+the step (so a run resumes the same whatever the number of processes, and checkpoints move between
+them), trains on its interleaved share of it (``swin.batch_size / world_size`` fields) and DDP averages
+the gradients, so all ranks take the same optimiser step.  This is DistributedSampler's partition done
+per step: the trainer samples with replacement by step, not by epoch.  Rank 0 writes the checkpoints;
+on resume it reads them and sends them to the others (no shared filesystem needed).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from tqdm import tqdm
 
 from training_host.config import SwinConfig
 from training_host.models.swin import ResidualSwin, focal_loss, mask_and_jitter
+from training_host.training.distributed import SINGLE, Distributed
 from training_host.training.residual_data import ResidualSet
 
 log = logging.getLogger(__name__)
@@ -59,6 +67,32 @@ class FocalObjective:
         return focal_loss(model.logits(x, offset), y, self.cfg.focal_alpha, self.cfg.focal_gamma)
 
 
+class _Logits(torch.nn.Module):
+    """``model.logits`` as a module's forward, which is what DDP hooks into."""
+
+    def __init__(self, model: ResidualSwin) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, field: torch.Tensor, offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+        return self.model.logits(field, offset)
+
+
+class _Synced:
+    """What an objective sees under DDP: ``logits`` runs through DDP (gradients averaged over the ranks in
+    backward); everything else is the model's own."""
+
+    def __init__(self, ddp: torch.nn.Module, model: ResidualSwin) -> None:
+        self._ddp = ddp
+        self._model = model
+
+    def logits(self, field: torch.Tensor, offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+        return self._ddp(field, offset)
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint could not be read or does not belong to this model."""
 
@@ -83,13 +117,16 @@ class SwinTrainer:
     """Trains a :class:`ResidualSwin` in phases; keeps an EMA copy, which is what gets exported."""
 
     def __init__(self, model: ResidualSwin, cfg: SwinConfig, checkpoint_dir: Path | None = None, seed: int = 0,
-                 resume: bool = False) -> None:
-        self.model = model
-        self.ema = copy.deepcopy(model).eval().requires_grad_(False)
+                 resume: bool = False, dist: Distributed = SINGLE) -> None:
+        self.dist = dist
+        self.model = model.to(dist.device)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.cfg = cfg
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.seed = seed
         self.resume = resume
+        # one DDP wrapper for all phases (each wrapper hooks the parameters); the objective gets the proxy
+        self._trained = _Synced(dist.wrap(_Logits(self.model)), self.model) if dist.enabled else self.model
 
     # -- checkpoints -------------------------------------------------------------------------------------
     def _paths(self, phase: str) -> tuple[Path, Path]:
@@ -98,16 +135,16 @@ class SwinTrainer:
 
     def _save(self, phase: str, step: int, total: int, optimizer: torch.optim.Optimizer,
               report: PhaseReport) -> None:
-        if self.checkpoint_dir is None:
+        if self.checkpoint_dir is None or not self.dist.is_main:
             return
         from safetensors.torch import save_file
 
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        tensors = {f"model.{k}": v.detach().contiguous() for k, v in self.model.state_dict().items()}
-        tensors.update({f"ema.{k}": v.detach().contiguous() for k, v in self.ema.state_dict().items()})
+        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in self.ema.state_dict().items()})
         for i, state in optimizer.state_dict()["state"].items():
             for name, value in state.items():
-                tensors[f"optim.{i}.{name}"] = torch.as_tensor(value).detach().contiguous()
+                tensors[f"optim.{i}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
         weights, meta = self._paths(phase)
         tmp_w, tmp_m = weights.with_suffix(".safetensors.tmp"), meta.with_suffix(".json.tmp")
         save_file(tensors, str(tmp_w))
@@ -123,14 +160,16 @@ class SwinTrainer:
         if self.checkpoint_dir is None:
             return None
         weights, meta_path = self._paths(phase)
-        if not (weights.is_file() and meta_path.is_file()):
-            return None
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
-        try:
-            meta = json.loads(meta_path.read_text())
-            tensors = load_file(str(weights))
+        try:  # rank 0 reads, every rank gets the bytes
+            meta_bytes = self.dist.read_on_main(meta_path)
+            weight_bytes = self.dist.read_on_main(weights)
+            if meta_bytes is None or weight_bytes is None:
+                return None
+            meta = json.loads(meta_bytes)
+            tensors = load(weight_bytes)  # load_state_dict puts each on its device
         except (OSError, ValueError, SafetensorError) as exc:
             raise CheckpointError(f"{weights}: cannot read the checkpoint ({exc})") from exc
         shape = json.loads(json.dumps(asdict(self.model.shape)))  # tuples as JSON lists, as saved
@@ -159,7 +198,7 @@ class SwinTrainer:
         n_def = 0
         if defects is not None and len(defects):
             n_def = min(bs - 1, max(1, round(bs * self.cfg.defect_fraction)))
-        idx = torch.randint(len(data), (bs - n_def,), generator=gen)
+        idx = torch.randint(len(data), (bs - n_def,), generator=gen)  # the global batch, the same on every rank
         x, y = data.fields[idx].float(), data.labels[idx]
         bags = None
         if n_def:
@@ -169,7 +208,15 @@ class SwinTrainer:
             if defects.bags is not None:
                 bags = torch.zeros((bs, *defects.bags.shape[1:]), dtype=torch.uint8)
                 bags[bs - n_def :] = defects.bags[didx]
-        return (*self._crop_flip(x, y, bags, gen), gen)
+        x, y, bags, offset = self._crop_flip(x, y, bags, gen)
+        d = self.dist
+        if d.enabled:  # this rank's interleaved share; its own masking / jitter noise from here on
+            x, y = x[d.rank :: d.world_size], y[d.rank :: d.world_size]
+            bags = bags[d.rank :: d.world_size] if bags is not None else None
+            gen = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=gen)) + d.rank)
+            x, y = x.to(d.device), y.to(d.device)
+            bags = bags.to(d.device) if bags is not None else None
+        return x, y, bags, offset, gen
 
     def _crop_flip(self, x: torch.Tensor, y: torch.Tensor, bags: torch.Tensor | None, gen: torch.Generator
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[int, int]]:
@@ -223,7 +270,7 @@ class SwinTrainer:
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(step, steps, lr, min(cfg.warmup_steps, steps // 5))
             x, y, bags, offset, gen = self._batch(data, defects, step)
-            loss = objective(self.model, x, y, offset, step, gen, bags=bags)
+            loss = objective(self._trained, x, y, offset, step, gen, bags=bags)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -233,7 +280,7 @@ class SwinTrainer:
             count += 1
             done = step + 1
             if done % 50 == 0 or done == steps:
-                report.losses.append((done, running / count))
+                report.losses.append((done, self.dist.mean(running / count)))
                 bar.set_postfix(loss=f"{running / count:.4f}")
                 running, count = 0.0, 0
             if done % cfg.checkpoint_every == 0 or done == steps:
@@ -248,10 +295,13 @@ class SwinTrainer:
     def load_weights(self, path: Path) -> None:
         """Start from another run's checkpoint (``--init``): its EMA weights become model and EMA."""
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
-        try:
-            tensors = load_file(str(path))
+        try:  # rank 0 reads, every rank gets the bytes
+            raw = self.dist.read_on_main(Path(path))
+            if raw is None:
+                raise OSError("no such file")
+            tensors = load(raw)
         except (OSError, SafetensorError) as exc:
             raise CheckpointError(f"{path}: cannot read the checkpoint ({exc})") from exc
         ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
