@@ -76,6 +76,17 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def limit_blas_threads(threads: int) -> None:
+    """Run numpy's BLAS (matching and retrieval GEMMs) on at most ``threads`` threads, as the engines are.
+
+    Why: stations sharing a box are each given C / N threads, but numpy's OpenBLAS keeps its own pool of one
+    thread per core in every process, and its workers spin between calls.  Measured with 4 stations at 10 fps on
+    2 cores (``tools/bench_cameras.py``): grab -> delivery p50 94-102 ms with a pool per core, 13.6 ms limited."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=threads, user_api="blas")
+
+
 class OnnxRuntimeEngine:
     """ONNX Runtime session; picks TensorRT / CUDA execution providers when present and asked for."""
 

@@ -20,7 +20,15 @@ import numpy as np
 
 from .bundle import BACKBONE, SWIN, Bundle, BundleError, load_bundle
 from .components import Components, LogicalModel, LogicalScoring, Standardisation
-from .engines import Engine, EngineError, EngineSet, EngineUnavailable, OnnxRuntimeEngine, select_engines
+from .engines import (
+    Engine,
+    EngineError,
+    EngineSet,
+    EngineUnavailable,
+    OnnxRuntimeEngine,
+    limit_blas_threads,
+    select_engines,
+)
 from .foreground import reference_foreground
 from .matching import MemoryBank, posfar_residual
 from .pca import PCA
@@ -363,6 +371,8 @@ class Inspector:
         self.input_hw = tuple(m.preprocessing.input_size)
         self.scale = m.preprocessing.scale
         self.engines: EngineSet | None = None
+        if threads is not None:  # the numpy stages get the same share of the cores as the engines
+            limit_blas_threads(threads)
         if backbone is None:
             self.engines = select_engines(bundle, engine, threads=threads, device=device)
             backbone, swin = self.engines.backbone, swin or self.engines.swin
