@@ -24,6 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_runtime.publishing.command_auth import CommandAuth
 from edge_runtime.publishing.config import MQTTConfig
+from edge_runtime.publishing.mqtt import apply_security
 
 _UNSUPPORTED_PROTOCOL = (1, 0x84)  # 3.1.1 "unacceptable protocol version", MQTT 5 "unsupported protocol version"
 _CONNECT_WAIT_S = 5.0
@@ -58,14 +59,7 @@ class _Watch:
         self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
                                   client_id=f"weakrest-calibrate-{os.getpid()}-{uuid.uuid4().hex[:6]}",
                                   protocol=protocol)
-        if cfg.tls is not None:
-            self.client.tls_set(ca_certs=str(cfg.tls.ca) if cfg.tls.ca else None,
-                                certfile=str(cfg.tls.cert) if cfg.tls.cert else None,
-                                keyfile=str(cfg.tls.key) if cfg.tls.key else None, cert_reqs=ssl.CERT_REQUIRED)
-            if cfg.tls.insecure:
-                self.client.tls_insecure_set(True)
-        if cfg.username is not None:
-            self.client.username_pw_set(cfg.username, cfg.resolved_password())
+        apply_security(self.client, cfg)
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message

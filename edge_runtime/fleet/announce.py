@@ -4,13 +4,13 @@ connect (``weakrest-train push --announce`` calls this after the push)."""
 from __future__ import annotations
 
 import os
-import ssl
 import threading
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from ..publishing.config import MQTTConfig
+from ..publishing.mqtt import apply_security
 from .release import ReleaseMessage, encode, release_topic
 
 
@@ -22,14 +22,7 @@ def paho_client(cfg: MQTTConfig, client_id: str) -> mqtt.Client:
     """A plain MQTT 3.1.1 client with the TLS and credentials of ``cfg`` (the fleet's own connections)."""
     client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id,
                          protocol=mqtt.MQTTv311, clean_session=True)
-    if cfg.tls is not None:
-        client.tls_set(ca_certs=str(cfg.tls.ca) if cfg.tls.ca else None,
-                       certfile=str(cfg.tls.cert) if cfg.tls.cert else None,
-                       keyfile=str(cfg.tls.key) if cfg.tls.key else None, cert_reqs=ssl.CERT_REQUIRED)
-        if cfg.tls.insecure:
-            client.tls_insecure_set(True)
-    if cfg.username is not None:
-        client.username_pw_set(cfg.username, cfg.resolved_password())
+    apply_security(client, cfg)
     return client
 
 

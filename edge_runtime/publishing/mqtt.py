@@ -76,6 +76,20 @@ from edge_runtime.publishing.messages import (
 log = logging.getLogger(__name__)
 
 
+def apply_security(client: mqtt.Client, cfg: MQTTConfig) -> None:
+    """The broker's TLS (server verified; optional client certificate) and credentials of ``cfg`` on a paho client:
+    one place for every connection this project opens (the service, the fleet, the calibration CLI)."""
+    if cfg.tls is not None:
+        client.tls_set(ca_certs=str(cfg.tls.ca) if cfg.tls.ca else None,
+                       certfile=str(cfg.tls.cert) if cfg.tls.cert else None,
+                       keyfile=str(cfg.tls.key) if cfg.tls.key else None,
+                       cert_reqs=ssl.CERT_REQUIRED)
+        if cfg.tls.insecure:
+            client.tls_insecure_set(True)
+    if cfg.username is not None:
+        client.username_pw_set(cfg.username, cfg.resolved_password())
+
+
 class _NotConnectedNoise(logging.Filter):
     """paho logs "Client is not connected" at ERROR on every reconnect attempt and once at a clean
     shutdown, and "failed to receive on socket" when a broker restarts under it (the soak saw one per few
@@ -295,15 +309,7 @@ class DurableMqttClient(ABC):
         client.suppress_exceptions = True
         client.reconnect_delay_set(min_delay=0.5, max_delay=10)  # type: ignore[arg-type]  # floats work
         client.max_inflight_messages_set(self.window + 8)  # room for status/replies beside the window
-        if cfg.tls is not None:
-            client.tls_set(ca_certs=str(cfg.tls.ca) if cfg.tls.ca else None,
-                           certfile=str(cfg.tls.cert) if cfg.tls.cert else None,
-                           keyfile=str(cfg.tls.key) if cfg.tls.key else None,
-                           cert_reqs=ssl.CERT_REQUIRED)
-            if cfg.tls.insecure:
-                client.tls_insecure_set(True)
-        if cfg.username is not None:
-            client.username_pw_set(cfg.username, cfg.resolved_password())
+        apply_security(client, cfg)
         client.on_pre_connect = self._on_pre_connect
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
