@@ -182,6 +182,11 @@ def cmd_opcua_cert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _engine_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=ENGINE_NAMES, default="auto",
+                   help="inference engine (auto: fastest the machine and bundle allow; cpu: ONNX Runtime fp32)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="weakrest-edge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -201,16 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmaps", choices=["all", "fail", "none"], default="all", help="which overlays to write")
     p.add_argument("--threads", type=int, default=None, help="inference threads (default: all usable CPUs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--engine", choices=ENGINE_NAMES, default="auto",
-                   help="inference engine (auto: fastest the machine and bundle allow; cpu: ONNX Runtime fp32)")
+    _engine_option(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("check-bundle", help="verify a bundle (hashes, arrays, schema, graph); exit 0 only if valid")
     p.add_argument("bundle")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true", help="machine-readable report")
-    p.add_argument("--engine", choices=ENGINE_NAMES, default="auto",
-                   help="inference engine (auto: fastest the machine and bundle allow; cpu: ONNX Runtime fp32)")
+    _engine_option(p)
     p.set_defaults(func=cmd_check_bundle)
 
     p = sub.add_parser("bench", help="per-stage p50/p99 latency and frames/s of batch-1 inference")
@@ -220,8 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true")
-    p.add_argument("--engine", choices=ENGINE_NAMES, default="auto",
-                   help="inference engine (auto: fastest the machine and bundle allow; cpu: ONNX Runtime fp32)")
+    _engine_option(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("opcua-cert", help="write a self-signed OPC UA application certificate and key (mode 0600)")

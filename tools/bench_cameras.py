@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -28,13 +27,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from bench_service import bundle_store, open_bundle  # noqa: E402
+from bench_service import bundle_store, open_bundle, start_service  # noqa: E402
 
 PREFIX = "bench/line"
 
@@ -49,17 +47,6 @@ def smaps_mb(pid: int) -> dict[str, float]:
     return {"rss": fields.get("Rss", float("nan")), "pss": fields.get("Pss", float("nan")),
             "uss": fields.get("Private_Clean", 0.0) + fields.get("Private_Dirty", 0.0),
             "shared": fields.get("Shared_Clean", 0.0) + fields.get("Shared_Dirty", 0.0)}
-
-
-def _station_config(k: int, store: Path, product: str, images: Path, fps: float, port: int,
-                    health_port: int, work: Path, threads: int | None) -> Path:
-    cfg = {"bundles": {"store": str(store), "product": product},
-           "camera": {"source": "replay", "replay": {"path": str(images), "fps": fps}},
-           "mqtt": {"port": port, "topic_prefix": f"{PREFIX}/station{k}", "heatmap": "fail"},
-           "queue": {"dir": str(work / f"queue-{k}")}, "health": {"port": health_port}, "threads": threads}
-    path = work / f"station{k}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def run_count(n: int, store: Path, product: str, images: Path, fps: float, seconds: float, work: Path,
@@ -84,10 +71,8 @@ def run_count(n: int, store: Path, product: str, images: Path, fps: float, secon
         procs = []
         try:
             for k in range(n):
-                path = _station_config(k, store, product, images, fps, broker.port, free_port(),
-                                       work / f"run-{n}", threads)
-                procs.append(subprocess.Popen([sys.executable, "-m", "edge_runtime.cli", "run", "--config",
-                                               str(path), "--log-level", "WARNING"], cwd=ROOT))
+                procs.append(start_service(store, product, images, fps, broker.port, f"{PREFIX}/station{k}",
+                                           work / f"run-{n}", f"station{k}", threads, free_port()))
             deadline = time.monotonic() + 180
             while any(not received[k] for k in range(n)):
                 if time.monotonic() > deadline or any(p.poll() is not None for p in procs):

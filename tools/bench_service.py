@@ -88,6 +88,20 @@ def bundle_store(bundle: Path, work: Path) -> tuple[Path, str]:
     return store.root, product
 
 
+def start_service(bundle_store: Path, product: str, images: Path, fps: float, broker_port: int, prefix: str,
+                  work: Path, name: str, threads: int | None, health_port: int, out=None) -> subprocess.Popen:
+    """``weakrest-edge run`` in its own process: a replay camera at ``fps``, results on ``<prefix>/result``, its own
+    queue folder and health port in ``work`` (named ``name``), the store's current bundle of ``product``."""
+    cfg = {"bundles": {"store": str(bundle_store), "product": product},
+           "camera": {"source": "replay", "replay": {"path": str(images), "fps": fps}},
+           "mqtt": {"port": broker_port, "topic_prefix": prefix, "heatmap": "fail"},
+           "queue": {"dir": str(work / f"queue-{name}")}, "health": {"port": health_port}, "threads": threads}
+    path = work / f"edge-{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return subprocess.Popen([sys.executable, "-m", "edge_runtime.cli", "run", "--config", str(path),
+                             "--log-level", "WARNING"], cwd=ROOT, stdout=out, stderr=out)
+
+
 @dataclasses.dataclass
 class Serving:
     """What :func:`serving` runs: the service process, the broker, the MES stand-in and the health port."""
@@ -128,15 +142,9 @@ def serving(bundle_store: Path, product: str, images: Path, fps: float, work: Pa
                          persistent=persistent_subscriber,
                          client_id=f"weakrest-{name}-mes" if persistent_subscriber else None)
         sub.client.on_message = on_message
-        cfg = {"bundles": {"store": str(bundle_store), "product": product},
-               "camera": {"source": "replay", "replay": {"path": str(images), "fps": fps}},
-               "mqtt": {"port": broker.port, "topic_prefix": PREFIX, "heatmap": "fail"},
-               "queue": {"dir": str(work / f"queue-{name}")}, "health": {"port": health_port}, "threads": threads}
-        path = work / f"edge-{name}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
         out = open(service_log, "ab") if service_log is not None else None  # noqa: SIM115 - closed below
-        proc = subprocess.Popen([sys.executable, "-m", "edge_runtime.cli", "run", "--config", str(path),
-                                 "--log-level", "WARNING"], cwd=ROOT, stdout=out, stderr=out)
+        proc = start_service(bundle_store, product, images, fps, broker.port, PREFIX, work, name, threads,
+                             health_port, out=out)
         try:
             if not first.wait(120):  # start-up: bundle load, engine warm-up
                 raise SystemExit("the service published nothing within 120 s")

@@ -22,6 +22,7 @@ class Match:
     """For each of the M test patches: bank row of its nearest normal patch and the full-space distance."""
 
     bank_rows: np.ndarray  # (M,) int64
+    matched: np.ndarray  # (M, d_f) float32, the bank entries at bank_rows (the residual's other operand)
     distance: np.ndarray  # (M,) float32, ||p_i - p_t*||
 
 
@@ -74,9 +75,10 @@ class MemoryBank:
         # argmin_t |q - c_t|^2 = argmin_t (|c_t|^2 - 2 q.c_t): one GEMM, no (M, n, d) tensor
         scores = self.projected_sq[rows][None, :] - 2.0 * (query @ cand.T)
         best = rows[np.argmin(scores, axis=1)]
-        diff = pcf - self.rows(best)
+        matched = self.rows(best)
+        diff = pcf - matched
         distance = np.sqrt(np.einsum("md,md->m", diff, diff))
-        return Match(bank_rows=best, distance=distance)
+        return Match(bank_rows=best, matched=matched, distance=distance)
 
 
 def posfar_residual(pcf: np.ndarray, matched: np.ndarray, thetas: tuple[float, ...] = (1.0, 2.0)) -> np.ndarray:

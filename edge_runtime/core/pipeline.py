@@ -222,7 +222,7 @@ class PosFARScorer:
         """Retrieval, matching and the PosFAR residual field of one image (no classifier)."""
         refs = self.references.nearest(descriptor, self.k, exclude=exclude)
         match = self.bank.match(pcf, refs)
-        residual = posfar_residual(pcf, self.bank.rows(match.bank_rows), self.thetas)
+        residual = posfar_residual(pcf, match.matched, self.thetas)
         return Residual(residual=residual, distance=match.distance, references=refs)
 
     def with_standardiser(self, standardiser: DistanceStandardiser | None,
@@ -267,7 +267,7 @@ class PosFARScorer:
         timings = {"retrieval": (t1 - t0) * 1e3, "matching": (t2 - t1) * 1e3}
         probability = None
         if self.classifier is not None:
-            residual = posfar_residual(pcf, self.bank.rows(match.bank_rows), self.thetas)
+            residual = posfar_residual(pcf, match.matched, self.thetas)
             probability = np.asarray(self.classifier(residual), dtype=np.float32)
             timings["swin"] = (time.perf_counter() - t2) * 1e3
         logical_score = areas = None

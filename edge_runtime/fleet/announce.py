@@ -3,8 +3,10 @@ connect (``weakrest-train push --announce`` calls this after the push)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+from collections.abc import Iterator
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -26,6 +28,27 @@ def paho_client(cfg: MQTTConfig, client_id: str) -> mqtt.Client:
     return client
 
 
+@contextlib.contextmanager
+def broker_session(client: mqtt.Client, cfg: MQTTConfig, ready: threading.Event, refused: list[str],
+                   timeout_s: float) -> Iterator[mqtt.Client]:
+    """Connect ``client``, run its network loop, and wait for ``ready`` (set by the caller's callbacks once the
+    connection is usable; ``refused`` holds the broker's reason when it refused); disconnect on exit.  One
+    short-lived session for the announcement and the fleet view alike."""
+    try:
+        client.connect(cfg.host, cfg.port, cfg.keepalive_s)
+    except OSError as exc:
+        raise FleetBrokerError(f"broker {cfg.host}:{cfg.port}: {exc.strerror or exc}") from None
+    client.loop_start()
+    try:
+        if not ready.wait(timeout_s) or refused:
+            why = refused[0] if refused else f"no answer within {timeout_s:.0f} s"
+            raise FleetBrokerError(f"broker {cfg.host}:{cfg.port} refused the connection: {why}")
+        yield client
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
 def announce(release: ReleaseMessage, cfg: MQTTConfig, site: str, timeout_s: float = 10.0) -> str:
     """Publish ``release`` retained at QoS 1 on ``<site>/fleet/<product>/release``; returns the topic."""
     topic = release_topic(site, release.product)
@@ -39,20 +62,9 @@ def announce(release: ReleaseMessage, cfg: MQTTConfig, site: str, timeout_s: flo
         connected.set()
 
     client.on_connect = on_connect
-    try:
-        client.connect(cfg.host, cfg.port, cfg.keepalive_s)
-    except OSError as exc:
-        raise FleetBrokerError(f"broker {cfg.host}:{cfg.port}: {exc.strerror or exc}") from None
-    client.loop_start()
-    try:
-        if not connected.wait(timeout_s) or refused:
-            why = refused[0] if refused else f"no answer within {timeout_s:.0f} s"
-            raise FleetBrokerError(f"broker {cfg.host}:{cfg.port} refused the connection: {why}")
+    with broker_session(client, cfg, connected, refused, timeout_s):
         info = client.publish(topic, encode(release), qos=1, retain=True)
         info.wait_for_publish(timeout_s)
         if not info.is_published():
             raise FleetBrokerError(f"broker {cfg.host}:{cfg.port} did not confirm the announcement on {topic}")
-    finally:
-        client.disconnect()
-        client.loop_stop()
     return topic

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..publishing.config import MQTTConfig
-from .announce import FleetBrokerError, paho_client
+from .announce import broker_session, paho_client
 from .release import FleetMessageError, parse_canary, parse_release
 
 
@@ -58,21 +58,10 @@ def read_fleet(cfg: MQTTConfig, site: str, wait_s: float = 5.0, quiet_s: float =
 
     client = paho_client(cfg, f"weakrest-fleet-view-{os.getpid()}")
     client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
-    try:
-        client.connect(cfg.host, cfg.port, cfg.keepalive_s)
-    except OSError as exc:
-        raise FleetBrokerError(f"broker {cfg.host}:{cfg.port}: {exc.strerror or exc}") from None
-    client.loop_start()
-    try:
-        deadline = time.monotonic() + wait_s
-        if not subscribed.wait(wait_s) or refused:
-            why = refused[0] if refused else f"no answer within {wait_s:.0f} s"
-            raise FleetBrokerError(f"broker {cfg.host}:{cfg.port}: {why}")
+    deadline = time.monotonic() + wait_s
+    with broker_session(client, cfg, subscribed, refused, wait_s):
         while time.monotonic() < deadline and time.monotonic() - last[0] < quiet_s:
             time.sleep(0.05)
-    finally:
-        client.disconnect()
-        client.loop_stop()
     return view
 
 
