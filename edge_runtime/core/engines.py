@@ -15,8 +15,14 @@ runtime runs the bundle's two graphs (backbone and Swin) and at which precision:
 - ``openvino-bf16``: the same at bf16 inference precision (CPUs with AVX-512 BF16 / AMX); reduced precision,
   so like int8 it needs the bundle's accuracy gate to have accepted it.
 - ``openvino-int8``: OpenVINO on the int8 graphs (its low-precision transformations read the QDQ pairs).
-- ``cuda``: ONNX Runtime's CUDA execution provider (onnxruntime-gpu); ``tensorrt``: native TensorRT plans
-  (issue 14), not built yet: asking for it is an error that says so.
+- ``cuda``: ONNX Runtime's CUDA execution provider (onnxruntime-gpu) on the fp32 graphs, bound to device buffers;
+- ``tensorrt``: native TensorRT fp16 plans built from the bundle's graphs on the device that runs them and cached
+  beside the bundle (``core.tensorrt_plans``, ``weakrest-edge build-engines``).  Asked for by name, a missing or
+  stale plan is built at start; ``auto`` takes only plans that are already built and valid.
+
+Both GPU engines keep a frame on the device from the backbone's output to the Swin's input: retrieval, matching
+and the residual run there too (``core.device_pipeline``, ``core.device_matching``, on CuPy), on one CUDA stream
+per inspector.
 
 ``auto`` takes the first engine of :data:`AUTO_ORDER` that this machine has (the package is importable, the
 device exists), that the bundle allows (its int8 graphs exist; reduced precision passed its accuracy gate)
@@ -36,20 +42,23 @@ import numpy as np
 
 if TYPE_CHECKING:
     from .bundle import Bundle
+    from .device_pipeline import DeviceGraphs
 
 #: every value of the ``engine`` switch
 ENGINE_NAMES: tuple[str, ...] = ("auto", "cpu", "cpu-int8", "openvino", "openvino-bf16", "openvino-int8", "cuda",
                                  "tensorrt")
 #: engines whose results are the fp32 path's within float rounding: no accuracy gate needed
 EXACT_ENGINES: tuple[str, ...] = ("cpu", "openvino", "cuda")
+#: engines that run on a CUDA device, with the matching on it too
+GPU_ENGINES: tuple[str, ...] = ("cuda", "tensorrt")
 #: engines of reduced precision: ``auto`` takes them only when the bundle's gate accepted them
 GATED_ENGINES: tuple[str, ...] = ("cpu-int8", "openvino-bf16", "openvino-int8")
 #: what ``auto`` tries, fastest first: the graphs' speed measured call by call on this project's 2-core AVX-512
-#: machine (``tools/bench_graphs.py``, README: Engines); tensorrt joins when issue 14 lands.  ``openvino`` at f32
+#: machine (``tools/bench_graphs.py``, README: Engines), after the GPU engines.  ``openvino`` at f32
 #: is not in it: whole frames took as long as ``cpu`` (11.0 ms p50 both, p99 19.0 against 13.7), and on a tie the
 #: smaller runtime without a JIT wins (a station process holds less, and the shipped unit's
 #: MemoryDenyWriteExecute= needs no drop-in); name it to run it, e.g. on an Intel integrated GPU
-AUTO_ORDER: tuple[str, ...] = ("cuda", "openvino-bf16", "openvino-int8", "cpu-int8", "cpu")
+AUTO_ORDER: tuple[str, ...] = ("tensorrt", "cuda", "openvino-bf16", "openvino-int8", "cpu-int8", "cpu")
 
 
 class Engine(Protocol):
@@ -187,6 +196,7 @@ class EngineSet:
     swin: Engine | None
     graphs: dict[str, str]  # role -> graph file name ("backbone": "backbone.int8.onnx", ...)
     passed_over: dict[str, str] = field(default_factory=dict)  # auto: engine -> why not
+    device: DeviceGraphs | None = None  # GPU engines: the graphs on the device, for the device pipeline
 
     def describe(self) -> dict:
         """For /health and reports: what runs, on which graphs, and (auto) what was passed over."""
@@ -223,16 +233,6 @@ def _gate_refusal(bundle: Bundle, engine: str) -> str | None:
 def _builder(engine: str, threads: int | None, device: str) -> Callable[[Path], Engine]:
     if engine in ("cpu", "cpu-int8"):
         return lambda p: OnnxRuntimeEngine(p, threads=threads)
-    if engine == "cuda":
-        import onnxruntime as ort
-
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise EngineUnavailable("cuda needs onnxruntime-gpu with a CUDA device (ONNX Runtime here offers "
-                                    f"{', '.join(ort.get_available_providers())})")
-        return lambda p: OnnxRuntimeEngine(p, providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
-                                           threads=threads)
-    if engine == "tensorrt":
-        raise EngineUnavailable("tensorrt (native TensorRT plans) is not built yet (issue 14); use cuda or cpu")
     if engine.startswith("openvino"):
         precision = "bf16" if engine == "openvino-bf16" else "f32"
         if precision == "bf16" and not cpu_has_bf16():
@@ -248,11 +248,45 @@ def build_engine_set(bundle: Bundle, engine: str, threads: int | None = None, de
     gate refused them (an evaluation may want exactly that); ``auto`` never picks those."""
     if engine not in ENGINE_NAMES or engine == "auto":
         raise EngineUnavailable(f"unknown engine {engine!r} (one of {', '.join(n for n in ENGINE_NAMES)})")
+    if engine in GPU_ENGINES:
+        return _gpu_engine_set(bundle, engine, requested or engine, build_plans=requested != "auto")
     build = _builder(engine, threads, device)
     paths = _graph_paths(bundle, int8=engine.endswith("int8"))
     built = {role: build(path) for role, path in paths.items()}
     return EngineSet(name=engine, requested=requested or engine, backbone=built["backbone"], swin=built.get("swin"),
                      graphs={role: path.name for role, path in paths.items()})
+
+
+def _gpu_engine_set(bundle: Bundle, engine: str, requested: str, build_plans: bool) -> EngineSet:
+    """``cuda`` or ``tensorrt``: the graphs as :class:`~edge_runtime.core.device_pipeline.DeviceGraph` on one new
+    CUDA stream, with host adapters for the callers that want numpy.  ``build_plans``: build missing or stale
+    TensorRT plans (asked for by name) rather than refusing (``auto``, which must not spend minutes at start)."""
+    from .device_pipeline import DeviceGraphs, HostGraph, OrtCudaGraph, require_cupy
+
+    cupy = require_cupy()
+    m = bundle.manifest
+    roles = {"backbone": bundle.backbone_path, **({"swin": bundle.swin_path} if bundle.swin_path else {})}
+    stream = cupy.cuda.Stream(non_blocking=True)
+    if engine == "tensorrt":
+        from .tensorrt_plans import TensorRTGraph, ensure_plans, tensorrt_or_reason
+
+        trt, reason = tensorrt_or_reason()
+        if trt is None:
+            raise EngineUnavailable(f"tensorrt: {reason}")
+        plans = ensure_plans(bundle, build_missing=build_plans)
+        graphs = {role: TensorRTGraph(plans[role]) for role in roles}
+        names = {role: plans[role].name for role in roles}
+    else:
+        grid_m = m.backbone.grid[0] * m.backbone.grid[1]
+        cells = m.backbone.descriptor_grid[0] * m.backbone.descriptor_grid[1]
+        shapes = {"pcf": (1, grid_m, m.backbone.d_f), "descriptor": (1, cells, m.backbone.descriptor_channels),
+                  "probability": (1, grid_m)}
+        graphs = {role: OrtCudaGraph(path, stream, output_shapes=shapes) for role, path in roles.items()}
+        names = {role: path.name for role, path in roles.items()}
+    device_graphs = DeviceGraphs(backbone=graphs["backbone"], swin=graphs.get("swin"), stream=stream)
+    return EngineSet(name=engine, requested=requested, backbone=HostGraph(graphs["backbone"], stream),
+                     swin=HostGraph(graphs["swin"], stream) if "swin" in graphs else None, graphs=names,
+                     device=device_graphs)
 
 
 def select_engines(bundle: Bundle, engine: str = "auto", threads: int | None = None,

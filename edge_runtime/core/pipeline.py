@@ -14,7 +14,7 @@ import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -35,6 +35,9 @@ from .pca import PCA
 from .preprocess import to_input_tensor
 from .retrieval import ReferenceIndex
 from .scoring import DistanceStandardiser, Region, defect_regions, heatmap_from_blocks, image_score
+
+if TYPE_CHECKING:
+    from .device_pipeline import DeviceGraphs, DevicePipeline
 
 
 @dataclass
@@ -365,16 +368,16 @@ class Inspector:
                  use_foreground: bool = True, fusion_rule: Literal["mean", "geometric", "max"] | None = None,
                  image_score: ImageScore | None = None,
                  logical_verdict: Literal["fused", "structural", "logical"] = "fused", engine: str = "cpu",
-                 device: str = "CPU") -> None:
+                 device: str = "CPU", engines: EngineSet | None = None) -> None:
         self.bundle = bundle
         m = bundle.manifest
         self.input_hw = tuple(m.preprocessing.input_size)
         self.scale = m.preprocessing.scale
-        self.engines: EngineSet | None = None
+        self.engines: EngineSet | None = engines
         if threads is not None:  # the numpy stages get the same share of the cores as the engines
             limit_blas_threads(threads)
         if backbone is None:
-            self.engines = select_engines(bundle, engine, threads=threads, device=device)
+            self.engines = engines or select_engines(bundle, engine, threads=threads, device=device)
             backbone, swin = self.engines.backbone, swin or self.engines.swin
         self.backbone = backbone
         self.anomaly_map = anomaly_map or m.scoring.anomaly_map
@@ -402,6 +405,33 @@ class Inspector:
         self.threshold = m.thresholds.image
         self.pixel_threshold = m.thresholds.pixel
         self.budget_ms = m.latency_budget_ms
+        self.device_pipeline = None
+        if self.engines is not None and self.engines.device is not None:
+            self.device_pipeline = self._device_pipeline(self.engines.device)
+
+    def _device_pipeline(self, graphs: DeviceGraphs) -> DevicePipeline:
+        """A GPU engine's frame path: the bank and references go to the device once, here."""
+        from .device_matching import DeviceMatcher
+        from .device_pipeline import DevicePipeline, require_cupy
+
+        s = self.scorer
+        matcher = DeviceMatcher(s.bank, s.references, s.k, s.thetas, xp=require_cupy())
+        return DevicePipeline(matcher, graphs.backbone, graphs.swin if self.swin is not None else None,
+                              (1, 3, *self.input_hw), stream=graphs.stream, keep_features=s.logical is not None)
+
+    def _device_scored(self, tensor: np.ndarray) -> Scored:
+        """Backbone, retrieval, matching and Swin on the device; fusion, heatmap and score on the host."""
+        out = self.device_pipeline.run(tensor)
+        timings = {k: v for k, v in out["timings_ms"].items() if k not in ("device_total", "host_total")}
+        logical_score = areas = None
+        if self.scorer.logical is not None:
+            t0 = time.perf_counter()
+            logical_score, cmap = self.scorer.logical.logical_score(out["pcf"])
+            areas = cmap.summary[: self.scorer.logical.components.k]
+            timings["logical"] = (time.perf_counter() - t0) * 1e3
+        ev = Evidence(distance=out["distance"], probability=out["probability"], references=out["references"],
+                      timings_ms=timings, logical_score=logical_score, component_areas=areas)
+        return self.scorer.finish(ev)
 
     def features(self, image_rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Backbone outputs for one image: PCFs (M, d_f) and the retrieval descriptor (cells, C)."""
@@ -412,13 +442,19 @@ class Inspector:
         t0 = time.perf_counter()
         tensor = to_input_tensor(image_rgb, self.input_hw, self.scale)
         t1 = time.perf_counter()
-        out = self.backbone.run({"image": tensor})
-        t2 = time.perf_counter()
-        scored = self.scorer.score(out["pcf"][0], out["descriptor"][0])
+        if self.device_pipeline is not None:
+            t2 = t1  # the device stages are timed by CUDA events inside
+            scored = self._device_scored(tensor)
+            timings = {"preprocess": (t1 - t0) * 1e3}
+        else:
+            out = self.backbone.run({"image": tensor})
+            t2 = time.perf_counter()
+            scored = self.scorer.score(out["pcf"][0], out["descriptor"][0])
+            timings = {"preprocess": (t1 - t0) * 1e3, "backbone": (t2 - t1) * 1e3}
         fail = scored.score >= self.threshold
         regions = defect_regions(scored.heatmap, self.pixel_threshold) if fail else []
         t3 = time.perf_counter()
-        timings = {"preprocess": (t1 - t0) * 1e3, "backbone": (t2 - t1) * 1e3, **scored.timings_ms}
+        timings.update(scored.timings_ms)
         timings["postprocess"] += (t3 - t2) * 1e3 - sum(scored.timings_ms.values())
         timings["total"] = (t3 - t0) * 1e3
         evidence = None
@@ -450,8 +486,7 @@ def open_inspector(bundle_path, threads: int | None = None, engine: str = "cpu",
     except EngineError as exc:  # the message starts with the graph's file name
         graph, _, problem = str(exc).partition(": ")
         raise BundleError(graph if graph.endswith(".onnx") else BACKBONE, problem or str(exc)) from exc
-    inspector = Inspector(bundle, backbone=engines.backbone, swin=engines.swin, threads=threads)
-    inspector.engines = engines
+    inspector = Inspector(bundle, threads=threads, engines=engines)
     probe = np.zeros((*m.preprocessing.input_size, 3), dtype=np.uint8)
     try:
         pcf, descriptor = inspector.features(probe)

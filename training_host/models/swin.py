@@ -57,15 +57,16 @@ def _relative_index(window: int) -> torch.Tensor:
     return rel[..., 0] * (2 * window - 1) + rel[..., 1]  # (window^2, window^2)
 
 
-def _shift_mask(h: int, w: int, window: int, shift: int) -> torch.Tensor:
+def _shift_mask(h: int, w: int, window: int, shift: int, device: torch.device | None = None) -> torch.Tensor:
     """Attention mask (nW, N, N) that keeps tokens of different regions apart after the cyclic shift.
 
     Cached: it depends only on the shapes, and training would otherwise rebuild it in every block and step.  Not
     while the model is traced for export: the tracer's tensor would be cached and later handed to plain calls
-    (an exported model that had never run eagerly then failed its ONNX check)."""
+    (an exported model that had never run eagerly then failed its ONNX check).  Cached per device: on a GPU the
+    mask is copied there once, not in every block (and not while a CUDA graph is being captured)."""
     if torch.compiler.is_compiling() or torch.compiler.is_exporting():
         return _build_shift_mask(h, w, window, shift)
-    return _cached_shift_mask(h, w, window, shift)
+    return _cached_shift_mask(h, w, window, shift, torch.device(device if device is not None else "cpu"))
 
 
 def _build_shift_mask(h: int, w: int, window: int, shift: int) -> torch.Tensor:
@@ -80,7 +81,9 @@ def _build_shift_mask(h: int, w: int, window: int, shift: int) -> torch.Tensor:
     return differs.float() * -100.0
 
 
-_cached_shift_mask = functools.lru_cache(maxsize=16)(_build_shift_mask)
+@functools.lru_cache(maxsize=16)
+def _cached_shift_mask(h: int, w: int, window: int, shift: int, device: torch.device) -> torch.Tensor:
+    return _build_shift_mask(h, w, window, shift).to(device)
 
 
 class WindowAttention(nn.Module):
@@ -133,7 +136,7 @@ class SwinBlock(nn.Module):
         y = self.norm1(x)
         if shift:
             y = torch.roll(y, shifts=(-shift, -shift), dims=(1, 2))
-            mask = _shift_mask(h, w, self.window, shift).to(y.dtype)
+            mask = _shift_mask(h, w, self.window, shift, y.device).to(device=y.device, dtype=y.dtype)
         else:
             mask = None
         y = _window_merge(self.attn(_window_partition(y, self.window), mask), self.window, b, h, w)
