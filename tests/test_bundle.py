@@ -9,7 +9,7 @@ import tarfile
 import pytest
 
 from edge_runtime import cli as edge_cli
-from edge_runtime.core.bundle import ARRAYS, BACKBONE, MANIFEST, SWIN, BundleError, load_bundle, pack_bundle
+from edge_runtime.core.bundle import ARRAYS, BACKBONE, MANIFEST, MATCHER, SWIN, BundleError, load_bundle, pack_bundle
 
 
 @pytest.fixture()
@@ -23,8 +23,8 @@ def test_fitted_bundle_is_valid_and_complete(fitted, capsys):
     path, summary = fitted
     bundle = load_bundle(path)
     m = bundle.manifest
-    assert sorted(p.name for p in path.iterdir()) == sorted([MANIFEST, BACKBONE, SWIN, ARRAYS])
-    assert set(m.files) == {BACKBONE, SWIN, ARRAYS}
+    assert sorted(p.name for p in path.iterdir()) == sorted([MANIFEST, BACKBONE, SWIN, MATCHER, ARRAYS])
+    assert set(m.files) == {BACKBONE, SWIN, MATCHER, ARRAYS}
     assert m.scoring.anomaly_map == "swin" and m.swin is not None and m.swin.onnx_max_abs_diff < 1e-4
     assert m.training.mode == "unsupervised" and m.training.synthetic_fields > 0 and not m.training.defect_images
     assert bundle.arrays["bank"].dtype.name == "float16"

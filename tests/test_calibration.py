@@ -59,6 +59,7 @@ def test_fit_records_parent_and_calibration_hashes_and_adds_to_store(fitted, dem
     m = new.manifest
     assert m.parent == f"{base.product}@{base.bundle_version}" and m.bundle_version == "cal1" and m.product == "demo"
     assert m.files["swin.onnx"].sha256 == base.files["swin.onnx"].sha256  # the Swin carries over
+    assert m.files["matcher.onnx"].sha256 == base.files["matcher.onnx"].sha256  # so does the matcher graph
     assert m.thresholds.n_holdout_images == 6
     assert m.thresholds.target_false_reject == base.thresholds.target_false_reject
     side = json.loads((out / "calibration.json").read_text())

@@ -42,6 +42,9 @@ SWIN = "swin.onnx"
 BACKBONE_INT8 = "backbone.int8.onnx"
 SWIN_INT8 = "swin.int8.onnx"
 ARRAYS = "arrays.safetensors"
+#: optional: retrieval, matching and the residual as one graph (``training_host.models.matcher_graph``), for
+#: engines that build plans; its inputs are the bundle's arrays
+MATCHER = "matcher.onnx"
 
 #: arrays every schema-1 bundle carries, with their dtype and rank
 REQUIRED_ARRAYS: dict[str, tuple[str, int]] = {
@@ -289,6 +292,11 @@ class Bundle:
     @property
     def swin_path(self) -> Path | None:
         return self.root / SWIN if self.manifest.swin is not None else None
+
+    @property
+    def matcher_path(self) -> Path | None:
+        """``matcher.onnx`` when the bundle carries one (fitted since issue 14, per-image bank layout)."""
+        return self.root / MATCHER if MATCHER in self.manifest.files else None
 
     @property
     def int8_paths(self) -> dict[str, Path]:

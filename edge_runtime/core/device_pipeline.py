@@ -138,10 +138,14 @@ class DevicePipeline:
     STAGES = ("upload", "backbone", "retrieval_matching", "swin", "download")
 
     def __init__(self, matcher: DeviceMatcher, backbone: DeviceGraph, swin: DeviceGraph | None,
-                 input_shape: tuple[int, ...], stream: Any = None, keep_features: bool = False) -> None:
+                 input_shape: tuple[int, ...], stream: Any = None, keep_features: bool = False,
+                 matcher_graph: DeviceGraph | None = None) -> None:
         cupy = matcher.xp
         self.cupy = cupy
         self.matcher = matcher
+        # matcher.onnx on the engine (a TensorRT plan) instead of CuPy, reading the same device arrays
+        self.matcher_graph = matcher_graph
+        self.matcher_inputs = matcher.graph_inputs() if matcher_graph is not None else None
         self.backbone = backbone
         self.swin = swin
         self.stream = stream if stream is not None else cupy.cuda.Stream(non_blocking=True)
@@ -165,15 +169,23 @@ class DevicePipeline:
             feats = self.backbone.run_device({"image": self.device_in}, stream)
             pcf, descriptor = feats["pcf"][0], feats["descriptor"][0]
             ev[2].record(stream)
-            match = self.matcher.match(pcf, descriptor)
+            if self.matcher_graph is not None:
+                m = self.matcher_graph.run_device({"pcf": feats["pcf"], "descriptor": feats["descriptor"],
+                                                   **self.matcher_inputs}, stream)
+                residual, distance = m["residual"], m["distance"][0]
+                references, bank_rows = m["references"], m["bank_rows"]
+            else:
+                match = self.matcher.match(pcf, descriptor)
+                residual, distance = match.residual[None], match.distance
+                references, bank_rows = match.references, match.bank_rows
             ev[3].record(stream)
             probability = None
             if self.swin is not None:
-                probability = self.swin.run_device({"residual": match.residual[None]}, stream)["probability"][0]
+                probability = self.swin.run_device({"residual": residual}, stream)["probability"][0]
             ev[4].record(stream)
-            host = {"distance": cupy.asnumpy(match.distance, stream=stream),
-                    "references": cupy.asnumpy(match.references, stream=stream),
-                    "bank_rows": cupy.asnumpy(match.bank_rows, stream=stream),
+            host = {"distance": cupy.asnumpy(distance, stream=stream),
+                    "references": cupy.asnumpy(references, stream=stream),
+                    "bank_rows": cupy.asnumpy(bank_rows, stream=stream),
                     "probability": None if probability is None else cupy.asnumpy(probability, stream=stream),
                     "pcf": cupy.asnumpy(pcf, stream=stream).astype(np.float32) if self.keep_features else None}
             ev[5].record(stream)
@@ -211,3 +223,4 @@ class DeviceGraphs:
     backbone: DeviceGraph
     swin: DeviceGraph | None
     stream: Any
+    matcher: DeviceGraph | None = None  # matcher.onnx's plan; None: CuPy matches

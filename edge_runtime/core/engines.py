@@ -273,9 +273,9 @@ def _gpu_engine_set(bundle: Bundle, engine: str, requested: str, build_plans: bo
         trt, reason = tensorrt_or_reason()
         if trt is None:
             raise EngineUnavailable(f"tensorrt: {reason}")
-        plans = ensure_plans(bundle, build_missing=build_plans)
-        graphs = {role: TensorRTGraph(plans[role]) for role in roles}
-        names = {role: plans[role].name for role in roles}
+        plans = ensure_plans(bundle, build_missing=build_plans)  # backbone, swin and (if in the bundle) matcher
+        graphs = {role: TensorRTGraph(path) for role, path in plans.items()}
+        names = {role: path.name for role, path in plans.items()}
     else:
         grid_m = m.backbone.grid[0] * m.backbone.grid[1]
         cells = m.backbone.descriptor_grid[0] * m.backbone.descriptor_grid[1]
@@ -283,7 +283,8 @@ def _gpu_engine_set(bundle: Bundle, engine: str, requested: str, build_plans: bo
                   "probability": (1, grid_m)}
         graphs = {role: OrtCudaGraph(path, stream, output_shapes=shapes) for role, path in roles.items()}
         names = {role: path.name for role, path in roles.items()}
-    device_graphs = DeviceGraphs(backbone=graphs["backbone"], swin=graphs.get("swin"), stream=stream)
+    device_graphs = DeviceGraphs(backbone=graphs["backbone"], swin=graphs.get("swin"), stream=stream,
+                                 matcher=graphs.get("matcher"))
     return EngineSet(name=engine, requested=requested, backbone=HostGraph(graphs["backbone"], stream),
                      swin=HostGraph(graphs["swin"], stream) if "swin" in graphs else None, graphs=names,
                      device=device_graphs)

@@ -417,7 +417,8 @@ class Inspector:
         s = self.scorer
         matcher = DeviceMatcher(s.bank, s.references, s.k, s.thetas, xp=require_cupy())
         return DevicePipeline(matcher, graphs.backbone, graphs.swin if self.swin is not None else None,
-                              (1, 3, *self.input_hw), stream=graphs.stream, keep_features=s.logical is not None)
+                              (1, 3, *self.input_hw), stream=graphs.stream, keep_features=s.logical is not None,
+                              matcher_graph=graphs.matcher)
 
     def _device_scored(self, tensor: np.ndarray) -> Scored:
         """Backbone, retrieval, matching and Swin on the device; fusion, heatmap and score on the host."""

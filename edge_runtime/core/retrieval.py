@@ -12,6 +12,19 @@ from __future__ import annotations
 import numpy as np
 
 
+def trimmed_distances(xp, by_cell, sq_norms, descriptor, n_keep: int):
+    """Per-cell Euclidean distances of one descriptor to every reference (cell-major ``by_cell`` (G, n, C), its
+    squared norms (n, G)), summed over the ``n_keep`` closest cells of each reference; numpy or CuPy."""
+    g, _, c = by_cell.shape
+    descriptor = descriptor.reshape(g, c).astype(xp.float32, copy=False)
+    dots = xp.matmul(by_cell, descriptor[:, :, None])[:, :, 0].T  # (n, G)
+    cell_sq = sq_norms - 2.0 * dots + (descriptor * descriptor).sum(axis=1)[None, :]
+    cell = xp.sqrt(xp.maximum(cell_sq, 0.0))
+    if n_keep < g:
+        cell = xp.partition(cell, n_keep - 1, axis=1)[:, :n_keep]
+    return cell.sum(axis=1)
+
+
 class ReferenceIndex:
     """Descriptors of the training images, searched by robust distance."""
 
@@ -21,23 +34,24 @@ class ReferenceIndex:
             raise ValueError(f"reference descriptors must be (n_images, cells, channels), got {descriptors.shape}")
         if not 0.0 <= trim < 1.0:
             raise ValueError(f"trim must be in [0, 1), got {trim}")
-        self.descriptors = descriptors
-        self.sq_norms = np.einsum("ngc,ngc->ng", descriptors, descriptors)
+        # stored cell-major (cells, n, C): the per-cell dot products with a test descriptor are then one batched
+        # matrix product (0.1 ms on MTD's 686 images, against 0.27 ms for the einsum over (n, cells, C))
+        self.by_cell = np.ascontiguousarray(descriptors.transpose(1, 0, 2))
+        self.sq_norms = np.einsum("gnc,gnc->ng", self.by_cell, self.by_cell)
         self.trim = trim
         self.n_keep = max(1, int(round(descriptors.shape[1] * (1.0 - trim))))
 
+    @property
+    def descriptors(self) -> np.ndarray:
+        """(n_images, cells, channels), a view of the cell-major store."""
+        return self.by_cell.transpose(1, 0, 2)
+
     def __len__(self) -> int:
-        return int(self.descriptors.shape[0])
+        return int(self.by_cell.shape[1])
 
     def distances(self, descriptor: np.ndarray) -> np.ndarray:
         """Robust distance from one (cells, channels) descriptor to every reference image."""
-        descriptor = np.asarray(descriptor, dtype=np.float32).reshape(self.descriptors.shape[1:])
-        dots = np.einsum("ngc,gc->ng", self.descriptors, descriptor)
-        cell_sq = self.sq_norms - 2.0 * dots + np.einsum("gc,gc->g", descriptor, descriptor)[None]
-        cell = np.sqrt(np.maximum(cell_sq, 0.0))
-        if self.n_keep < cell.shape[1]:
-            cell = np.partition(cell, self.n_keep - 1, axis=1)[:, : self.n_keep]
-        return cell.sum(axis=1)
+        return trimmed_distances(np, self.by_cell, self.sq_norms, descriptor, self.n_keep)
 
     def nearest(self, descriptor: np.ndarray, k: int, exclude: int | None = None) -> np.ndarray:
         """Indices of the k nearest reference images, closest first (``exclude``: leave-one-out)."""

@@ -36,6 +36,7 @@ from training_host.data.synthetic import AnomalySynthesizer, SyntheticConfig, sa
 from training_host.labels.weak_labels import LabelSet, load_labels
 from training_host.models.export import export_backbone, export_swin
 from training_host.models.features import PatchFeatureExtractor, build_extractor, extract
+from training_host.models.matcher_graph import write_matcher_graph
 from training_host.models.swin import ResidualSwin, SwinShape
 from training_host.training.cache import FitCache, features_key, residuals_key
 from training_host.training.distributed import SINGLE, Distributed
@@ -455,6 +456,12 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
         sc = cfg.swin
         swin_info = None
         files = {B.BACKBONE: onnx_path}
+        matcher = write_matcher_graph(tmp / B.MATCHER, scorer.bank, scorer.references, cfg.posfar.k_references,
+                                      tuple(cfg.posfar.thetas), extractor.grid[0] * extractor.grid[1])
+        if matcher is not None:
+            files[B.MATCHER] = matcher
+        else:
+            log.info("no %s: the bank has not the per-image layout or fewer images than K", B.MATCHER)
         if trained is not None:
             swin_info = B.SwinInfo(embed_dim=sc.embed_dim, depth=sc.depth, heads=sc.heads, window=sc.window,
                                    mlp_ratio=sc.mlp_ratio, train_window=sc.train_window,
