@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .core.bundle import BundleError
+from .core.bundle import BundleError, load_bundle
 from .core.engines import ENGINE_NAMES
 from .core.pipeline import open_inspector
 from .core.preprocess import ImageReadError, list_images, read_image
@@ -98,13 +98,28 @@ def _bench_images(folder: str | None, size_hw: tuple[int, int], limit: int) -> l
     return images
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    try:
-        inspector = open_inspector(Path(args.bundle), threads=args.threads, engine=args.engine)
-    except BundleError as exc:
-        print(f"error: bundle refused: {exc}", file=sys.stderr)
-        return 2
-    images = _bench_images(args.images, inspector.input_hw, 64)
+def _bench_engines(value: str) -> list[str]:
+    """``--engine`` of bench: one engine, a comma-separated list, or ``all`` (every engine but auto)."""
+    names = [n for n in ENGINE_NAMES if n != "auto"] if value == "all" else [v.strip() for v in value.split(",")]
+    unknown = [n for n in names if n not in ENGINE_NAMES]
+    if unknown or not names:
+        bad = ", ".join(unknown) if unknown else repr(value)
+        raise argparse.ArgumentTypeError(f"unknown engine {bad} (one of "
+                                         f"{', '.join(ENGINE_NAMES)}, a comma-separated list, or all)")
+    return names
+
+
+def _device_memory(inspector) -> dict[str, float] | None:
+    """GPU engines: the device's memory in use (all processes) and this process's CuPy pool, in MB."""
+    if getattr(inspector, "device_pipeline", None) is None:
+        return None
+    cupy = inspector.device_pipeline.cupy
+    free, total = cupy.cuda.runtime.memGetInfo()
+    return {"device_used_mb": (total - free) / 2**20, "cupy_pool_mb": cupy.get_default_memory_pool().total_bytes()
+            / 2**20}
+
+
+def _bench_one(inspector, images: list[np.ndarray], args: argparse.Namespace) -> dict:
     for i in range(args.warmup):
         inspector.inspect(images[i % len(images)])
     stages: dict[str, list[float]] = {}
@@ -116,26 +131,65 @@ def cmd_bench(args: argparse.Namespace) -> int:
     table = {name: {"p50": float(np.percentile(v, 50)), "p99": float(np.percentile(v, 99)),
                     "mean": float(np.mean(v))} for name, v in stages.items()}
     m = inspector.bundle.manifest
-    report = {
+    backbone = table.get("backbone")  # GPU engines time the device stages by CUDA events instead
+    return {
         "bundle": args.bundle, "product": m.product, "frames": args.frames, "images": len(images),
         "n_reference_images": m.posfar.n_reference_images, "k_references": m.posfar.k_references,
         "n_bank": m.posfar.n_bank, "engine": inspector.engines.name if inspector.engines else inspector.backbone.name,
         "engine_detail": inspector.engines.describe() if inspector.engines else None,
         "stages_ms": table, "fps": args.frames / wall,
-        "total_over_backbone_p50": table["total"]["p50"] / table["backbone"]["p50"],
+        "total_over_backbone_p50": table["total"]["p50"] / backbone["p50"] if backbone else None,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "gpu_memory": _device_memory(inspector),
     }
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """One engine, or several measured one after the other on the same frames (exit 2 when none can run)."""
+    engines = args.engine
+    reports, refused = [], {}
+    for engine in engines:
+        try:
+            inspector = open_inspector(Path(args.bundle), threads=args.threads, engine=engine)
+        except BundleError as exc:
+            if len(engines) == 1:
+                print(f"error: bundle refused: {exc}", file=sys.stderr)
+                return 2
+            refused[engine] = str(exc)
+            print(f"engine {engine}: not measured: {exc}", file=sys.stderr)
+            continue
+        images = _bench_images(args.images, inspector.input_hw, 64)
+        reports.append(_bench_one(inspector, images, args))
+        del inspector
+    if not reports:
+        print("error: no engine asked for can run here", file=sys.stderr)
+        return 2
     if args.json:
-        print(json.dumps(report))
+        print(json.dumps(reports[0] if len(engines) == 1 else {"engines": reports, "not_measured": refused}))
         return 0
+    m = load_bundle(Path(args.bundle)).manifest
     print(f"bundle {args.bundle} ({m.product}, {m.posfar.n_reference_images} reference images, "
-          f"K={m.posfar.k_references}, {m.posfar.n_bank} bank entries), {args.frames} frames, batch 1, "
-          f"engine {report['engine']}")
-    print(f"{'stage':<12}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}")
-    for name, row in table.items():
-        print(f"{name:<12}{row['p50']:>10.3f}{row['p99']:>10.3f}{row['mean']:>10.3f}")
-    print(f"throughput {report['fps']:.1f} frames/s; total/backbone p50 = {report['total_over_backbone_p50']:.2f}; "
-          f"peak RSS {report['peak_rss_mb']:.0f} MB")
+          f"K={m.posfar.k_references}, {m.posfar.n_bank} bank entries), {args.frames} frames, batch 1")
+    for report in reports:
+        table = report["stages_ms"]
+        print(f"\nengine {report['engine']}")
+        print(f"{'stage':<20}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}")
+        for name, row in table.items():
+            print(f"{name:<20}{row['p50']:>10.3f}{row['p99']:>10.3f}{row['mean']:>10.3f}")
+        ratio = report["total_over_backbone_p50"]
+        gpu = report["gpu_memory"]
+        print(f"throughput {report['fps']:.1f} frames/s"
+              + (f"; total/backbone p50 = {ratio:.2f}" if ratio else "")
+              + f"; peak RSS {report['peak_rss_mb']:.0f} MB"
+              + (f"; GPU memory in use {gpu['device_used_mb']:.0f} MB (CuPy pool {gpu['cupy_pool_mb']:.0f} MB)"
+                 if gpu else ""))
+    if len(reports) > 1:
+        print(f"\n{'engine':<16}{'total p50':>11}{'total p99':>11}{'frames/s':>10}")
+        for report in reports:
+            t = report["stages_ms"]["total"]
+            print(f"{report['engine']:<16}{t['p50']:>11.3f}{t['p99']:>11.3f}{report['fps']:>10.1f}")
+    for engine, why in refused.items():
+        print(f"{engine:<16} not measured: {why}")
     return 0
 
 
@@ -223,7 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true")
-    _engine_option(p)
+    p.add_argument("--engine", type=_bench_engines, default=["auto"], metavar="E[,E...]|all",
+                   help="engine(s) to measure one after the other on the same frames (all: every engine; one "
+                        "that cannot run here is reported, not measured); default auto")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("opcua-cert", help="write a self-signed OPC UA application certificate and key (mode 0600)")

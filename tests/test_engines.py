@@ -219,6 +219,15 @@ def test_bench_and_eval_take_the_engine(fitted, demo_data, tmp_path, capsys):
     assert edge_cli.main(["bench", "--bundle", str(fitted[0]), "--frames", "2", "--warmup", "0",
                           "--engine", "tensorrt"]) == 2
     assert "engine: tensorrt: " in capsys.readouterr().err  # what it lacks here: CuPy, a GPU, TensorRT, a plan
+    # several engines in one table; one that cannot run here is reported with its reason, not measured
+    assert edge_cli.main(["bench", "--bundle", str(fitted[0]), "--frames", "2", "--warmup", "0", "--json",
+                          "--engine", "cpu,tensorrt"]) == 0
+    both = json.loads(capsys.readouterr().out)
+    assert [r["engine"] for r in both["engines"]] == ["cpu"] and "tensorrt" in both["not_measured"]
+    assert both["engines"][0]["gpu_memory"] is None
+    with pytest.raises(SystemExit):
+        edge_cli.main(["bench", "--bundle", str(fitted[0]), "--engine", "cpu,warp-drive"])
+    assert "unknown engine warp-drive" in capsys.readouterr().err
     assert train_cli.main(["eval", "--bundle", str(fitted[0]), "--data", str(demo_data), "--out",
                            str(tmp_path / "ev"), "--overlays", "0", "--json", "--engine", "cpu"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["engine"] == "cpu"
