@@ -212,6 +212,47 @@ def test_camera_loss_reconnects_and_commands_are_answered(tmp_path, store, broke
     assert any(s.get("bundle_version") == "v2" and s["state"] == "online" for s in _status(sub))
 
 
+def test_overlapped_frames_are_all_published_in_order_and_scored_as_one_at_a_time(tmp_path, store, broker,
+                                                                                  subscriber, replay_dir, fitted):
+    """overlap_frames: the backbone of frame n+1 runs while frame n is concluded; every result still arrives, in
+    order, with the score the one-frame-at-a-time inspector gives the same image, across a bundle switch."""
+    from edge_runtime.core.pipeline import open_inspector
+
+    reference = ReplaySource(replay_dir, fps=1000)
+    reference.open()
+    n_files = len(reference._files)
+    inspector = open_inspector(fitted[0], threads=1)
+    expected = {}
+    for _ in range(n_files):
+        frame = reference.grab(5.0)
+        expected[(frame.frame_id - 1) % n_files] = inspector.inspect(frame.image).score
+    reference.close()
+    sub = subscriber(f"{PREFIX}/#")
+    cfg = parse_edge_config(_config(tmp_path, store, broker.port,
+                                    {"source": "replay", "replay": {"path": str(replay_dir), "fps": 40}},
+                                    overlap_frames=True))
+    service = EdgeService(cfg)
+    service.start()
+    try:
+        _wait(lambda: service.results >= 10, 60, "overlapped results")
+        assert service._front is not None and service._front.name == "backbone" and service._inference_alive()
+        assert _health(cfg.health.port)["ok"]
+        store.activate("demo", "v2")
+        assert service.switch().version == "v2"
+        _wait(lambda: any(r.bundle_version == "v2" for r in _results(sub)), 30, "a result from v2")
+    finally:
+        service.stop()
+    results = _results(sub)
+    distinct, _ = _check_delivery(results)
+    assert distinct == service.results  # the frame handed over at the stop was concluded and published too
+    for r in results:
+        assert r.verdict in ("pass", "fail") and r.error is None
+        assert r.score == pytest.approx(expected[(r.frame_id - 1) % n_files], abs=1e-5)
+        assert {"preprocess", "backbone", "matching", "total"} <= set(r.timings_ms)
+    frame_ids = [r.frame_id for r in results]
+    assert frame_ids == sorted(frame_ids)
+
+
 def test_bad_config_and_missing_bundle_are_clear_errors(tmp_path, store):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"bundles": {"store": str(store.root), "product": "demo"},

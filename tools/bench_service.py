@@ -89,13 +89,15 @@ def bundle_store(bundle: Path, work: Path) -> tuple[Path, str]:
 
 
 def start_service(bundle_store: Path, product: str, images: Path, fps: float, broker_port: int, prefix: str,
-                  work: Path, name: str, threads: int | None, health_port: int, out=None) -> subprocess.Popen:
+                  work: Path, name: str, threads: int | None, health_port: int, out=None,
+                  settings: dict | None = None) -> subprocess.Popen:
     """``weakrest-edge run`` in its own process: a replay camera at ``fps``, results on ``<prefix>/result``, its own
     queue folder and health port in ``work`` (named ``name``), the store's current bundle of ``product``."""
     cfg = {"bundles": {"store": str(bundle_store), "product": product},
            "camera": {"source": "replay", "replay": {"path": str(images), "fps": fps}},
            "mqtt": {"port": broker_port, "topic_prefix": prefix, "heatmap": "fail"},
-           "queue": {"dir": str(work / f"queue-{name}")}, "health": {"port": health_port}, "threads": threads}
+           "queue": {"dir": str(work / f"queue-{name}")}, "health": {"port": health_port}, "threads": threads,
+           **(settings or {})}
     path = work / f"edge-{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return subprocess.Popen([sys.executable, "-m", "edge_runtime.cli", "run", "--config", str(path),
@@ -117,7 +119,8 @@ class Serving:
 def serving(bundle_store: Path, product: str, images: Path, fps: float, work: Path, name: str,
             threads: int | None, health_port: int, *, record: Callable[[float, bytes], None] | None = None,
             broker_impl: str = "auto", persistence: bool = False, persistent_subscriber: bool = False,
-            warmup_s: float = 2.0, service_log: Path | None = None) -> Iterator[Serving]:
+            warmup_s: float = 2.0, service_log: Path | None = None, settings: dict | None = None
+            ) -> Iterator[Serving]:
     """A broker, an MES stand-in recording (arrival time, payload) of each result, and ``weakrest-edge run`` in
     its own process, warmed up (first result plus ``warmup_s``); everything stopped on exit.
 
@@ -144,7 +147,7 @@ def serving(bundle_store: Path, product: str, images: Path, fps: float, work: Pa
         sub.client.on_message = on_message
         out = open(service_log, "ab") if service_log is not None else None  # noqa: SIM115 - closed below
         proc = start_service(bundle_store, product, images, fps, broker.port, PREFIX, work, name, threads,
-                             health_port, out=out)
+                             health_port, out=out, settings=settings)
         try:
             if not first.wait(120):  # start-up: bundle load, engine warm-up
                 raise SystemExit("the service published nothing within 120 s")
@@ -158,12 +161,13 @@ def serving(bundle_store: Path, product: str, images: Path, fps: float, work: Pa
                 out.close()
 
 
-def _run(bundle_store: Path, product: str, images: Path, fps: float, seconds: float, work: Path, threads: int | None
-         ) -> dict:
+def _run(bundle_store: Path, product: str, images: Path, fps: float, seconds: float, work: Path, threads: int | None,
+         settings: dict | None = None) -> dict:
     from edge_runtime.publishing.broker import free_port
     from edge_runtime.publishing.messages import decode_result
 
-    with serving(bundle_store, product, images, fps, work, f"{fps:g}", threads, free_port()) as run:
+    with serving(bundle_store, product, images, fps, work, f"{fps:g}", threads, free_port(),
+                 settings=settings) as run:
         proc, received = run.proc, run.received
         start, n0 = time.time(), len(received)
         time.sleep(seconds)
@@ -303,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
                              "(e.g. 0,1,4) on one saturated service, alternating")
     parser.add_argument("--live-rounds", type=int, default=4, help="rounds of phases (with --live-clients)")
     parser.add_argument("--live-seconds", type=float, default=6.0, help="seconds per phase (with --live-clients)")
+    parser.add_argument("--engine", default=None, help="the service's engine (default: the config's, auto)")
+    parser.add_argument("--compare-overlap", type=int, default=0, metavar="ROUNDS",
+                        help="saturated results/s with overlap_frames off and on, alternating for ROUNDS rounds")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     bundle = open_bundle(args.bundle)
@@ -312,6 +319,28 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="weakrest-bench-service-") as tmp:
         work = Path(tmp)
         store_root, product = bundle_store(bundle, work)
+        base = {"engine": args.engine} if args.engine else {}
+        if args.compare_overlap:
+            runs: dict[str, list[dict]] = {"off": [], "on": []}
+            for _ in range(args.compare_overlap):
+                for mode in ("off", "on"):
+                    runs[mode].append(_run(store_root, product, images, args.saturate_fps, args.seconds, work,
+                                           args.threads, {**base, "overlap_frames": mode == "on"}))
+            summary = {mode: {"fps_median": float(np.median([r["fps"] for r in rs])),
+                              "fps_per_round": [round(r["fps"], 2) for r in rs],
+                              "total_ms_p50_median": float(np.median([r["stages_ms"]["total"]["p50"] for r in rs])),
+                              "seq_contiguous": all(r["seq_contiguous"] for r in rs)}
+                       for mode, rs in runs.items()}
+            if args.json:
+                print(json.dumps({"bundle": str(bundle), "product": product, "overlap": summary, "runs": runs}))
+                return 0
+            print(f"edge service, bundle {bundle} ({product}), replay offered at {args.saturate_fps:g} fps "
+                  f"(saturated), {args.seconds:g} s per run, {args.compare_overlap} alternating rounds, threads "
+                  f"{args.threads}")
+            for mode, row in summary.items():
+                print(f"overlap_frames {mode:<4} {row['fps_median']:7.1f} results/s (rounds {row['fps_per_round']}), "
+                      f"frame total p50 {row['total_ms_p50_median']:.2f} ms, seq contiguous {row['seq_contiguous']}")
+            return 0
         if args.live_clients is not None:
             counts = [int(v) for v in args.live_clients.split(",") if v.strip()]
             live = _live_run(store_root, product, images, args.saturate_fps, counts, args.live_rounds,

@@ -323,6 +323,16 @@ class PosFARScorer:
         return self.finish(self.evidence(pcf, descriptor, exclude))
 
 
+@dataclass(frozen=True)
+class Extracted:
+    """A frame after :meth:`Inspector.extract`: the backbone's outputs (or, for a GPU engine, the input tensor)."""
+
+    tensor: np.ndarray | None
+    pcf: np.ndarray | None
+    descriptor: np.ndarray | None
+    timings_ms: dict[str, float]
+
+
 @dataclass
 class InspectionResult:
     """Verdict for one frame with its evidence and where the time went."""
@@ -439,25 +449,34 @@ class Inspector:
         out = self.backbone.run({"image": to_input_tensor(image_rgb, self.input_hw, self.scale)})
         return out["pcf"][0], out["descriptor"][0]
 
-    def inspect(self, image_rgb: np.ndarray) -> InspectionResult:
+    def extract(self, image_rgb: np.ndarray) -> Extracted:
+        """A frame's first half: preprocessing and the backbone (on a GPU engine, preprocessing only: the
+        backbone runs on the device with the rest).  The service overlaps it with the previous frame's
+        :meth:`conclude` when ``overlap_frames`` is on."""
         t0 = time.perf_counter()
         tensor = to_input_tensor(image_rgb, self.input_hw, self.scale)
         t1 = time.perf_counter()
         if self.device_pipeline is not None:
-            t2 = t1  # the device stages are timed by CUDA events inside
-            scored = self._device_scored(tensor)
-            timings = {"preprocess": (t1 - t0) * 1e3}
+            return Extracted(tensor=tensor, pcf=None, descriptor=None, timings_ms={"preprocess": (t1 - t0) * 1e3})
+        out = self.backbone.run({"image": tensor})
+        t2 = time.perf_counter()
+        return Extracted(tensor=None, pcf=out["pcf"][0], descriptor=out["descriptor"][0],
+                         timings_ms={"preprocess": (t1 - t0) * 1e3, "backbone": (t2 - t1) * 1e3})
+
+    def conclude(self, extracted: Extracted) -> InspectionResult:
+        """A frame's second half: retrieval, matching, Swin, heatmap, score, verdict and regions."""
+        t2 = time.perf_counter()
+        if self.device_pipeline is not None:
+            scored = self._device_scored(extracted.tensor)
         else:
-            out = self.backbone.run({"image": tensor})
-            t2 = time.perf_counter()
-            scored = self.scorer.score(out["pcf"][0], out["descriptor"][0])
-            timings = {"preprocess": (t1 - t0) * 1e3, "backbone": (t2 - t1) * 1e3}
+            scored = self.scorer.score(extracted.pcf, extracted.descriptor)
         fail = scored.score >= self.threshold
         regions = defect_regions(scored.heatmap, self.pixel_threshold) if fail else []
         t3 = time.perf_counter()
-        timings.update(scored.timings_ms)
+        timings = {**extracted.timings_ms, **scored.timings_ms}
         timings["postprocess"] += (t3 - t2) * 1e3 - sum(scored.timings_ms.values())
-        timings["total"] = (t3 - t0) * 1e3
+        # the time this frame was worked on (a wait between the two halves, when overlapped, is not in it)
+        timings["total"] = sum(extracted.timings_ms.values()) + (t3 - t2) * 1e3
         evidence = None
         if scored.logical is not None:
             evidence = {"structural": round(scored.structural, 4), "logical": round(scored.logical, 4),
@@ -467,6 +486,9 @@ class Inspector:
             heatmap=scored.heatmap, regions=regions, timings_ms=timings,
             over_budget=timings["total"] > self.budget_ms, evidence=evidence,
         )
+
+    def inspect(self, image_rgb: np.ndarray) -> InspectionResult:
+        return self.conclude(self.extract(image_rgb))
 
 
 def open_inspector(bundle_path, threads: int | None = None, engine: str = "cpu", device: str = "CPU") -> Inspector:

@@ -93,6 +93,10 @@ class EdgeConfig(_Section):
         "machine and the bundle allow, reported in /health and weakrest_engine_info")
     engine_device: Literal["CPU", "GPU"] = Field(default="CPU", description="OpenVINO device for the openvino "
                                                  "engines (GPU: an Intel integrated GPU)")
+    overlap_frames: bool = Field(
+        default=False, description="run a frame's backbone while the previous frame's matching, Swin and "
+        "publishing run (two threads, results still in order): more results/s with the cores for both, "
+        "one frame more in flight; set threads to half the cores")
     watchdog_idle_s: float = Field(default=10.0, gt=0,
                                    description="free-run: no frame for this long stops the watchdog pings")
 

@@ -6,6 +6,10 @@ Threads and why:
   inference never queues frames without bound and the camera's buffers never run dry;
 - the inference thread takes one frame at a time, inspects it and hands the result to the publisher, which
   writes it to the on-disk queue (fsync) before sending it: a verdict survives a broker outage or a kill;
+- with ``overlap_frames``, a backbone thread runs the first half of each frame (preprocessing, backbone) and
+  hands it over (one frame at most) to the inference thread, which concludes it while the next frame's backbone
+  runs: results stay in frame order, each frame is concluded with the bundle its backbone ran with, and a frame
+  handed over is concluded and published even when the service stops;
 - bundle switches (SIGHUP, the ``reload``/``switch_product`` commands) load and validate the new bundle
   off the inference thread, then swap it in between two frames: the camera keeps running and no frame is
   inspected by half a bundle.  A bundle that fails validation is refused and the old one keeps serving.
@@ -16,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import signal
 import threading
 import time
@@ -161,6 +166,13 @@ class EdgeService:
         if interval:
             self.watchdog = WatchdogThread(self.notifier, WatchdogPolicy(cfg.watchdog_idle_s), self._watchdog_probe)
         self._inference = threading.Thread(target=self._inference_loop, name="inference", daemon=True)
+        # overlap_frames: the frame's first half on its own thread, one extracted frame at most between them
+        self._front: threading.Thread | None = None
+        self._handoff: queue.Queue | None = None
+        self.front_heartbeat = time.monotonic()
+        if cfg.overlap_frames:
+            self._handoff = queue.Queue(maxsize=1)
+            self._front = threading.Thread(target=self._front_loop, name="backbone", daemon=True)
 
     # ---- bundles -------------------------------------------------------------------------------------
     def _load(self, product: str) -> Served:
@@ -190,13 +202,14 @@ class EdgeService:
         served = self._load(product or self.served.product)
         with self._swap_lock:
             self._pending = served
+        swapper = self._front or self._inference  # the thread that starts frames swaps bundles in
         deadline = time.monotonic() + 30.0
-        while self._inference.is_alive() and time.monotonic() < deadline:
+        while swapper.is_alive() and time.monotonic() < deadline:
             with self._swap_lock:
                 if self._pending is None:
                     break
             time.sleep(0.005)
-        if not self._inference.is_alive():
+        if not swapper.is_alive():
             self._swap_in()
         return served
 
@@ -300,24 +313,59 @@ class EdgeService:
 
     # ---- inference -----------------------------------------------------------------------------------
     def _inference_loop(self) -> None:
-        while not self._stop.is_set():
+        while not self._stop.is_set() or self._handing_over():
             self.heartbeat = time.monotonic()
+            if self._handoff is None:
+                self._swap_in()
+                frame = self.slot.take(0.2)
+                if frame is None:
+                    continue
+                item: tuple = (frame, self.served, None)
+            else:
+                try:
+                    item = self._handoff.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+            try:
+                self._inspect_and_publish(*item)
+            except Exception:  # never let one frame end the loop
+                log.exception("frame %s: publishing failed", item[0].frame_id)
+
+    def _handing_over(self) -> bool:
+        """Overlapped: a frame is extracted or on its way, so the inference thread must not stop yet."""
+        return self._handoff is not None and (not self._handoff.empty()
+                                              or (self._front is not None and self._front.is_alive()))
+
+    def _front_loop(self) -> None:
+        """overlap_frames: preprocessing and backbone of the next frame, handed to the inference thread."""
+        while not self._stop.is_set():
+            self.front_heartbeat = time.monotonic()
             self._swap_in()
             frame = self.slot.take(0.2)
             if frame is None:
                 continue
+            served = self.served
             try:
-                self._inspect_and_publish(frame)
-            except Exception:  # never let one frame end the loop
-                log.exception("frame %s: publishing failed", frame.frame_id)
+                extracted: object = served.inspector.extract(frame.image)
+            except Exception as exc:  # concluded as an error verdict, in order, by the inference thread
+                log.exception("frame %s: backbone failed", frame.frame_id)
+                extracted = exc
+            while self._inference.is_alive():
+                try:
+                    self._handoff.put((frame, served, extracted), timeout=0.2)
+                    break
+                except queue.Full:
+                    self.front_heartbeat = time.monotonic()
 
-    def _inspect_and_publish(self, frame: Frame) -> None:
-        served = self.served
+    def _inspect_and_publish(self, frame: Frame, served: Served | None = None, extracted: object = None) -> None:
+        served = served or self.served
         inspector = served.inspector
         heatmap = None
         t0 = time.monotonic()
         try:
-            result = inspector.inspect(frame.image)
+            if isinstance(extracted, Exception):
+                raise extracted
+            result = inspector.inspect(frame.image) if extracted is None else inspector.conclude(extracted)
         except Exception as exc:  # an engine failure is reported as an error verdict, never as pass/fail
             log.exception("frame %s: inspection failed", frame.frame_id)
             fields = {"verdict": "error", "score": None, "threshold": inspector.threshold, "regions": [],
@@ -365,16 +413,26 @@ class EdgeService:
         return {"last_frame_mono": self.worker.last_frame_mono, "camera_state": self.camera_state,
                 "triggered": self.triggered, "inference_alive": self._inference_alive()}
 
+    def _threads(self) -> list[tuple[threading.Thread, float]]:
+        """The frame threads with their last heartbeats."""
+        threads = [(self._inference, self.heartbeat)]
+        if self._front is not None:
+            threads.append((self._front, self.front_heartbeat))
+        return threads
+
     def _inference_alive(self) -> bool:
-        return self._inference.is_alive() and time.monotonic() - self.heartbeat < 30.0
+        now = time.monotonic()
+        return all(t.is_alive() and now - beat < 30.0 for t, beat in self._threads())
 
     def _inference_problem(self) -> str | None:
-        if self._inference_alive():
-            return None
-        if not self._inference.is_alive():
-            return "the inference thread is not running: no frame is inspected (restart the service)"
-        return (f"the inference thread is stalled: no heartbeat for {time.monotonic() - self.heartbeat:.0f} s "
-                "(restart the service)")
+        now = time.monotonic()
+        for thread, beat in self._threads():
+            if not thread.is_alive():
+                return f"the {thread.name} thread is not running: no frame is inspected (restart the service)"
+            if now - beat >= 30.0:
+                return (f"the {thread.name} thread is stalled: no heartbeat for {now - beat:.0f} s "
+                        "(restart the service)")
+        return None
 
     def _oldest_queued_age_s(self) -> float | None:
         """Seconds the oldest queued result has waited, None when none waits.
@@ -452,6 +510,8 @@ class EdgeService:
         if self.health is not None:
             self.health.start()
         self._inference.start()
+        if self._front is not None:
+            self._front.start()
         self.worker.start()
         if self.watchdog is not None:
             self.watchdog.start()
@@ -485,7 +545,9 @@ class EdgeService:
         self.notifier.stopping()
         self._stop.set()
         self.worker.stop()
-        if self._inference.is_alive():
+        if self._front is not None and self._front.is_alive():
+            self._front.join(timeout=30.0)
+        if self._inference.is_alive():  # overlapped: after concluding the frame handed over
             self._inference.join(timeout=30.0)
         if self.watchdog is not None:
             self.watchdog.stop()
