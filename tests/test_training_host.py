@@ -216,3 +216,14 @@ def test_wide_resnet_backbone_through_the_config(tmp_path):
     assert torch.allclose(ext.mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
     with pytest.raises(ValueError, match="safetensors"):
         build_extractor(BackboneConfig(name="wide_resnet50_2", layers=[1, 2, 3]), (64, 64), 0.03)
+
+
+def test_the_command_line_starts_without_torch():
+    """``weakrest-train push``, ``keys`` and ``--help`` run on a release machine without loading torch (seconds
+    of start-up, and a push host need not have it); the commands that train import it when they run."""
+    import subprocess
+    import sys
+
+    code = "import sys, training_host.cli; sys.exit('torch imported' if 'torch' in sys.modules else 0)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr

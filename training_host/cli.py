@@ -13,8 +13,8 @@ from edge_runtime.core.bundle import BundleError
 from edge_runtime.core.engines import ENGINE_NAMES
 from edge_runtime.core.signing import new_key_pair, sign_bundle
 from training_host.config import ConfigError, load_config
+from training_host.errors import CheckpointError
 from training_host.push import add_push_parser
-from training_host.training.train_swin import CheckpointError
 
 
 def cmd_fit(args: argparse.Namespace) -> int:

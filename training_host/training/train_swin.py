@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from training_host.config import SwinConfig
+from training_host.errors import CheckpointError  # noqa: F401  (raised here; importable without torch)
 from training_host.models.swin import ResidualSwin, focal_loss, mask_and_jitter
 from training_host.training.distributed import SINGLE, Distributed
 from training_host.training.residual_data import ResidualSet
@@ -91,10 +92,6 @@ class _Synced:
 
     def __getattr__(self, name: str):
         return getattr(self._model, name)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be read or does not belong to this model."""
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
