@@ -193,6 +193,41 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_engines(args: argparse.Namespace) -> int:
+    """TensorRT plans for a bundle on this GPU: exit 0 built or reused, 2 bundle refused, 3 no TensorRT / GPU."""
+    import logging
+
+    from .core.bundle import load_bundle
+    from .core.engines import EngineError, EngineUnavailable
+    from .core.tensorrt_plans import default_cache_root, ensure_plans, tensorrt_or_reason
+
+    try:
+        bundle = load_bundle(args.bundle)
+    except BundleError as exc:
+        print(f"error: bundle refused: {exc}", file=sys.stderr)
+        return 2
+    trt, reason = tensorrt_or_reason()
+    if trt is None:
+        print(f"error: build-engines needs TensorRT and a CUDA device: {reason}", file=sys.stderr)
+        return 3
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    t0 = time.perf_counter()
+    try:
+        plans = ensure_plans(bundle, Path(args.cache) if args.cache else None, rebuild=args.force,
+                             workspace_mb=args.workspace_mb)
+    except EngineUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except EngineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for role, path in plans.items():
+        print(f"{role:<9}{path}")
+    print(f"{len(plans)} plan(s) ready under {Path(args.cache) if args.cache else default_cache_root(bundle.root)} "
+          f"in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """The edge service (systemd ``Type=notify``): exit 2 on a bad config or no bundle to serve."""
     import logging
@@ -281,6 +316,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine(s) to measure one after the other on the same frames (all: every engine; one "
                         "that cannot run here is reported, not measured); default auto")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("build-engines", help="build (or reuse) the bundle's TensorRT fp16 plans on this GPU",
+                       description="Builds the TensorRT fp16 plans of the bundle's backbone, Swin and matcher "
+                                   "graphs for this GPU and TensorRT, beside the bundle (never inside it), keyed by "
+                                   "each graph's sha256, the settings and the TensorRT version; valid plans are "
+                                   "reused. Exit 0: plans ready; 2: the bundle is refused or a graph cannot be "
+                                   "built; 3: no TensorRT or no CUDA device here.")
+    p.add_argument("bundle", help="bundle folder (a store's <product>/current works)")
+    p.add_argument("--cache", default=None, help="plan folder (default: <bundle's parent>/engines, where the "
+                                                  "service looks)")
+    p.add_argument("--force", action="store_true", help="rebuild even valid plans")
+    p.add_argument("--workspace-mb", type=int, default=1024, help="TensorRT builder workspace (MB)")
+    p.set_defaults(func=cmd_build_engines)
 
     p = sub.add_parser("opcua-cert", help="write a self-signed OPC UA application certificate and key (mode 0600)")
     p.add_argument("--out", required=True, help="folder for server-cert.der and server-key.pem")
