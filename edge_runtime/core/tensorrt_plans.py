@@ -197,7 +197,7 @@ def build_plan(trt: Any, onnx_path: Path, settings: PlanSettings, timing_cache: 
         profile.set_shape(name, shape, shape, shape)
     config.add_optimization_profile(profile)
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    config.set_timing_cache(cache, False)  # ignore_mismatch off: the folder is per GPU and TensorRT version
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineError(f"{onnx_path.name}: TensorRT could not build a plan (see its log above)")
