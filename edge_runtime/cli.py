@@ -212,17 +212,18 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
         return 3
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     t0 = time.perf_counter()
+    outcomes: dict[str, str] = {}
     try:
         plans = ensure_plans(bundle, Path(args.cache) if args.cache else None, rebuild=args.force,
-                             workspace_mb=args.workspace_mb)
+                             workspace_mb=args.workspace_mb, outcomes=outcomes)
     except EngineUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
     except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for role, path in plans.items():
-        print(f"{role:<9}{path}")
+    for role, outcome in outcomes.items():
+        print(f"{role:<9}{outcome:<16}{plans.get(role, '-')}")
     print(f"{len(plans)} plan(s) ready under {Path(args.cache) if args.cache else default_cache_root(bundle.root)} "
           f"in {time.perf_counter() - t0:.1f} s")
     return 0

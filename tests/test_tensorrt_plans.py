@@ -132,3 +132,35 @@ def test_plans_build_run_and_match_the_cpu_path(fitted, demo_data, tmp_path):  #
     with pytest.raises(StalePlan, match="truncated or altered"):
         ensure_plans(bundle, cache, build_missing=False)
 
+
+@pytest.mark.skipif(TRT is None, reason=f"TensorRT plans: {NO_TRT}")
+def test_a_plan_on_device_arrays_matches_onnx_runtime_on_the_cpu(fitted, tmp_path):  # pragma: no cover - GPU only
+    from edge_runtime.core.device_pipeline import require_cupy
+    from edge_runtime.core.engines import OnnxRuntimeEngine
+    from edge_runtime.core.tensorrt_plans import ROLE_FILES, TensorRTGraph
+
+    cupy = require_cupy()
+    bundle = load_bundle(fitted[0])
+    plans = ensure_plans(bundle, tmp_path / "engines")
+    shapes = input_shapes(bundle)
+    rng = np.random.default_rng(0)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    for role in ("backbone", "swin"):
+        graph = TensorRTGraph(plans[role])
+        cpu = OnnxRuntimeEngine(bundle.root / ROLE_FILES[role], threads=1)
+        first = None
+        for _ in range(2):  # twice: the output buffers are allocated once and reused
+            inputs = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes[role].items()}
+            want = cpu.run(inputs)
+            with stream:
+                got = graph.run_device({k: cupy.asarray(v) for k, v in inputs.items()}, stream)
+            stream.synchronize()
+            assert set(got) == set(want)
+            if first is not None:
+                assert all(got[k].data.ptr == first[k] for k in got)
+            first = {k: v.data.ptr for k, v in got.items()}
+            for name, ref in want.items():
+                out = cupy.asnumpy(got[name]).astype(np.float32)
+                assert out.shape == ref.shape, name
+                # fp16 plan against the fp32 graph: within fp16 rounding of the output's scale
+                assert np.abs(out - ref).max() <= 1e-2 * max(float(np.abs(ref).max()), 1.0), (role, name)

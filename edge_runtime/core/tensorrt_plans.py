@@ -206,12 +206,13 @@ def build_plan(trt: Any, onnx_path: Path, settings: PlanSettings, timing_cache: 
 
 
 def ensure_plans(bundle: Bundle, cache_root: Path | None = None, rebuild: bool = False, build_missing: bool = True,
-                 workspace_mb: int = 1024) -> dict[str, Path]:
+                 workspace_mb: int = 1024, outcomes: dict[str, str] | None = None) -> dict[str, Path]:
     """role -> valid plan for the bundle's backbone, Swin (if any) and matcher (if any), on this GPU.
 
     Missing or stale plans are built when ``build_missing`` (``rebuild``: all of them), else :class:`StalePlan`
-    names the plan and the command.  A matcher that TensorRT cannot build is left out (the device pipeline then
-    matches with CuPy) with a log line; the backbone and the Swin must build."""
+    names the plan and the command.  ``outcomes`` (if given) gets role -> "reused" / "built in N s" / why a
+    matcher was left out, for ``build-engines`` to print.  A matcher that TensorRT cannot build is left out (the
+    device pipeline then matches with CuPy) with a log line; the backbone and the Swin must build."""
     trt, reason = tensorrt_or_reason()
     if trt is None:
         raise EngineUnavailable(f"tensorrt: {reason}")
@@ -232,6 +233,8 @@ def ensure_plans(bundle: Bundle, cache_root: Path | None = None, rebuild: bool =
         if path is not None:
             log.info("tensorrt: %s plan %s reused", role, path)
             plans[role] = path
+            if outcomes is not None:
+                outcomes[role] = "reused"
             continue
         if not build_missing:
             raise StalePlan(f"tensorrt: {why}; build it with: weakrest-edge build-engines {bundle.root}"
@@ -243,6 +246,8 @@ def ensure_plans(bundle: Bundle, cache_root: Path | None = None, rebuild: bool =
         except EngineError as exc:
             if role == "matcher":
                 log.warning("tensorrt: no matcher plan, matching runs on CuPy (%s)", exc)
+                if outcomes is not None:
+                    outcomes[role] = f"not built, matching runs on CuPy ({exc})"
                 continue
             raise
         seconds = time.perf_counter() - t0
@@ -251,6 +256,8 @@ def ensure_plans(bundle: Bundle, cache_root: Path | None = None, rebuild: bool =
             "compute_capability": capability, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "build_seconds": round(seconds, 1)})
         log.info("tensorrt: %s plan built in %.1f s: %s", role, seconds, plans[role])
+        if outcomes is not None:
+            outcomes[role] = f"built in {seconds:.1f} s"
     return plans
 
 
