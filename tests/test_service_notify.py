@@ -364,3 +364,23 @@ def test_a_receiver_that_stops_reading_never_blocks_the_sender(tmp_path, monkeyp
         assert sent[0] is True and sent[-1] is False  # the queue filled up: later pings are dropped, not waited on
     finally:
         receiver.close()
+
+
+@pytest.mark.parametrize("notify_socket", ["path"], indirect=True)
+def test_a_slow_start_asks_for_more_time_until_it_is_done_or_too_long(notify_socket):
+    """A long bundle load (TensorRT plans built at start) keeps extending the start timeout while it runs, and
+    stops asking when it is done, or after ``max_s``, when a step still running is a hang for systemd to end."""
+    n = SystemdNotifier()
+    with n.extending_start("building plans", period_s=0.05, extend_s=2.0) as keepalive:
+        got = []
+        while len(got) < 3:  # a message at once, then one per period for as long as the step runs
+            got.append(notify_socket.recv(4096))
+        assert keepalive.is_alive()
+    assert not keepalive.is_alive()  # joined on exit: nothing is sent after the step
+    assert set(got) == {b"EXTEND_TIMEOUT_USEC=2000000\nSTATUS=building plans"}
+    with n.extending_start("a hang", period_s=0.05, extend_s=2.0, max_s=0.2) as keepalive:
+        keepalive.join(timeout=10)
+        assert not keepalive.is_alive()  # gave up asking although the step has not returned
+    n.close()
+    with SystemdNotifier(env={}).extending_start("no systemd") as keepalive:
+        assert keepalive is None

@@ -11,12 +11,13 @@ unconditionally keeps a wedged service alive forever.  :class:`WatchdogPolicy` d
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,33 @@ class SystemdNotifier:
     def extend_timeout(self, usec: int) -> bool:
         """Ask for ``usec`` more microseconds of start/stop time (a slow bundle load, a long queue flush)."""
         return self.notify(f"EXTEND_TIMEOUT_USEC={int(usec)}")
+
+    @contextlib.contextmanager
+    def extending_start(self, what: str, period_s: float = 20.0, extend_s: float = 60.0,
+                        max_s: float = 1800.0) -> Iterator[threading.Thread | None]:
+        """While a slow start step runs (loading a bundle, building TensorRT plans on a Jetson), ask systemd every
+        ``period_s`` for ``extend_s`` more start time and show ``what`` as the status, so the unit's
+        ``TimeoutStartSec`` bounds a hang rather than a long build; after ``max_s`` it stops asking, and a step
+        that is still running is then a hang that systemd ends.  Yields the keepalive thread (None when disabled)."""
+        if not self.enabled:
+            yield None
+            return
+        done = threading.Event()
+        until = time.monotonic() + max_s
+
+        def keep_alive() -> None:
+            while time.monotonic() < until:
+                self.notify(f"EXTEND_TIMEOUT_USEC={int(extend_s * 1e6)}", self._status_field(what))
+                if done.wait(period_s):
+                    return
+
+        thread = threading.Thread(target=keep_alive, name="start-keepalive", daemon=True)
+        thread.start()
+        try:
+            yield thread
+        finally:
+            done.set()
+            thread.join()
 
     def watchdog_interval_s(self) -> float | None:
         """``WatchdogSec=`` in seconds from this notifier's environment; None when not configured."""

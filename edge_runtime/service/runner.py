@@ -109,7 +109,10 @@ class EdgeService:
         self.triggered = False
         self.last_frame: tuple[Frame, np.ndarray | None, float] | None = None  # frame, heatmap, threshold
         self.results = 0
-        self.served = self._load(cfg.bundles.product)
+        # a first start with engine: tensorrt may build the plans (minutes on a Jetson): keep systemd's start
+        # timeout from ending it while that runs
+        with self.notifier.extending_start(f"loading {cfg.bundles.product}'s bundle (engine {cfg.engine})"):
+            self.served = self._load(cfg.bundles.product)
         self.metrics.bundle_info(self.served.product, self.served.version)
         try:
             cfg.queue.dir.mkdir(parents=True, exist_ok=True)
