@@ -29,7 +29,7 @@ from edge_runtime.core import bundle as B
 from edge_runtime.core.components import Components, LogicalScoring, Standardisation, fit_logical
 from edge_runtime.core.fitting import BankBuilder, split_holdout
 from edge_runtime.core.foreground import ForegroundBuilder
-from edge_runtime.core.matching import rows_per_image
+from edge_runtime.core.matching import matcher_graph_rows, rows_per_image
 from edge_runtime.core.pipeline import STANDARDISED, Inspector, MapFusion, PosFARScorer, open_inspector
 from edge_runtime.core.scoring import DistanceStandardiser
 from edge_runtime.core.signing import sign_bundle
@@ -244,9 +244,8 @@ def calibrate(base: Path, images: Path, out: Path | None, *, holdout: float = 0.
     if bundle.swin_path is not None:
         files[B.SWIN] = bundle.swin_path
     # matcher.onnx holds no bank (its arrays are inputs) and depends on the bank only through its layout and K
-    rows = rows_per_image(arrays["bank_image"])
-    if bundle.matcher_path is not None and rows is not None and rows == rows_per_image(bundle.arrays["bank_image"]) \
-            and int(arrays["bank_image"].max()) + 1 >= manifest.posfar.k_references:
+    rows = matcher_graph_rows(arrays["bank_image"], manifest.posfar.k_references)
+    if bundle.matcher_path is not None and rows is not None and rows == rows_per_image(bundle.arrays["bank_image"]):
         files[B.MATCHER] = bundle.matcher_path
     with tempfile.TemporaryDirectory(prefix="weakrest-cal-") as tmp:
         (Path(tmp) / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")

@@ -119,17 +119,24 @@ def _device_memory(inspector) -> dict[str, float] | None:
             / 2**20}
 
 
-def _bench_one(inspector, images: list[np.ndarray], args: argparse.Namespace) -> dict:
-    for i in range(args.warmup):
+def time_frames(inspector, images: list[np.ndarray], frames: int, warmup: int) -> tuple[dict, float]:
+    """Inspect ``frames`` frames (after ``warmup``) cycling through ``images``: each stage's p50/p99/mean (ms)
+    and frames/s.  Shared with tools/bench_gpu.py."""
+    for i in range(warmup):
         inspector.inspect(images[i % len(images)])
     stages: dict[str, list[float]] = {}
     t0 = time.perf_counter()
-    for i in range(args.frames):
+    for i in range(frames):
         for name, ms in inspector.inspect(images[i % len(images)]).timings_ms.items():
             stages.setdefault(name, []).append(ms)
     wall = time.perf_counter() - t0
     table = {name: {"p50": float(np.percentile(v, 50)), "p99": float(np.percentile(v, 99)),
                     "mean": float(np.mean(v))} for name, v in stages.items()}
+    return table, frames / wall
+
+
+def _bench_one(inspector, images: list[np.ndarray], args: argparse.Namespace) -> dict:
+    table, fps = time_frames(inspector, images, args.frames, args.warmup)
     m = inspector.bundle.manifest
     backbone = table.get("backbone")  # GPU engines time the device stages by CUDA events instead
     return {
@@ -137,7 +144,7 @@ def _bench_one(inspector, images: list[np.ndarray], args: argparse.Namespace) ->
         "n_reference_images": m.posfar.n_reference_images, "k_references": m.posfar.k_references,
         "n_bank": m.posfar.n_bank, "engine": inspector.engines.name if inspector.engines else inspector.backbone.name,
         "engine_detail": inspector.engines.describe() if inspector.engines else None,
-        "stages_ms": table, "fps": args.frames / wall,
+        "stages_ms": table, "fps": fps,
         "total_over_backbone_p50": table["total"]["p50"] / backbone["p50"] if backbone else None,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         "gpu_memory": _device_memory(inspector),
@@ -148,6 +155,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """One engine, or several measured one after the other on the same frames (exit 2 when none can run)."""
     engines = args.engine
     reports, refused = [], {}
+    images: list[np.ndarray] | None = None  # decoded once: every engine runs the same bundle's input size
     for engine in engines:
         try:
             inspector = open_inspector(Path(args.bundle), threads=args.threads, engine=engine)
@@ -158,7 +166,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             refused[engine] = str(exc)
             print(f"engine {engine}: not measured: {exc}", file=sys.stderr)
             continue
-        images = _bench_images(args.images, inspector.input_hw, 64)
+        images = images or _bench_images(args.images, inspector.input_hw, 64)
         reports.append(_bench_one(inspector, images, args))
         del inspector
     if not reports:
@@ -167,9 +175,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(reports[0] if len(engines) == 1 else {"engines": reports, "not_measured": refused}))
         return 0
-    m = load_bundle(Path(args.bundle)).manifest
-    print(f"bundle {args.bundle} ({m.product}, {m.posfar.n_reference_images} reference images, "
-          f"K={m.posfar.k_references}, {m.posfar.n_bank} bank entries), {args.frames} frames, batch 1")
+    r = reports[0]
+    print(f"bundle {args.bundle} ({r['product']}, {r['n_reference_images']} reference images, "
+          f"K={r['k_references']}, {r['n_bank']} bank entries), {args.frames} frames, batch 1")
     for report in reports:
         table = report["stages_ms"]
         print(f"\nengine {report['engine']}")
@@ -197,7 +205,6 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
     """TensorRT plans for a bundle on this GPU: exit 0 built or reused, 2 bundle refused, 3 no TensorRT / GPU."""
     import logging
 
-    from .core.bundle import load_bundle
     from .core.engines import EngineError, EngineUnavailable
     from .core.tensorrt_plans import default_cache_root, ensure_plans, tensorrt_or_reason
 

@@ -25,6 +25,7 @@ import yaml
 from safetensors.numpy import load_file
 
 from tests.conftest import REPO
+from tests.mqtt_fixtures import wait_until
 
 ARRAYS = ("bank", "bank_image", "pca_components", "pca_mean", "ref_descriptors", "reference_distances")
 # |single - two processes| allowed per metric: half the spread between two single-process fits with seeds 0
@@ -59,14 +60,6 @@ def _run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
 
 def _summary(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
-
-
-def _wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +109,8 @@ def test_killed_rank_ends_the_run_and_resume_continues(tmp_path, config, demo_da
         proc = subprocess.Popen([*_torchrun(2), *args], cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=err)
     try:
         joined = re.compile(r"rank 1 of 2 joined \(pid (\d+)")
-        _wait_for(lambda: joined.search(log.read_text()) is not None, 180, "rank 1 to join")
-        _wait_for(lambda: (ckpt / "unsupervised.json").is_file() or proc.poll() is not None, 180,
+        wait_until(lambda: joined.search(log.read_text()) is not None, 180, "rank 1 to join")
+        wait_until(lambda: (ckpt / "unsupervised.json").is_file() or proc.poll() is not None, 180,
                   "the first checkpoint")
         assert proc.poll() is None, f"the run ended before rank 1 could be killed:\n{log.read_text()[-3000:]}"
         os.kill(int(joined.search(log.read_text()).group(1)), signal.SIGKILL)

@@ -36,6 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
+from edge_runtime.cli import time_frames  # noqa: E402
 from edge_runtime.core.bundle import load_bundle  # noqa: E402
 from edge_runtime.core.device_matching import DeviceMatcher  # noqa: E402
 from edge_runtime.core.device_pipeline import DeviceGraphs, DevicePipeline, HostGraph, require_cupy  # noqa: E402
@@ -126,15 +127,9 @@ def equality(inspector: Inspector, images: list[np.ndarray], reference: list[dic
 
 
 def timing(inspector: Inspector, images: list[np.ndarray], frames: int, warmup: int) -> dict:
-    for i in range(warmup):
-        inspector.inspect(images[i % len(images)])
-    stages: dict[str, list[float]] = {}
-    t0 = time.perf_counter()
-    for i in range(frames):
-        for name, ms in inspector.inspect(images[i % len(images)]).timings_ms.items():
-            stages.setdefault(name, []).append(ms)
-    wall = time.perf_counter() - t0
-    return {"stages_ms": {k: _stats(v) for k, v in stages.items()}, "fps": frames / wall, "frames": frames}
+    """``weakrest-edge bench``'s own loop: stage p50/p99/mean and frames/s."""
+    table, fps = time_frames(inspector, images, frames, warmup)
+    return {"stages_ms": table, "fps": fps, "frames": frames}
 
 
 def matching_alone(bundle_dir: Path, reference: list[dict], threads: int, repeats: int) -> dict:

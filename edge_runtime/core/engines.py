@@ -47,8 +47,6 @@ if TYPE_CHECKING:
 #: every value of the ``engine`` switch
 ENGINE_NAMES: tuple[str, ...] = ("auto", "cpu", "cpu-int8", "openvino", "openvino-bf16", "openvino-int8", "cuda",
                                  "tensorrt")
-#: engines whose results are the fp32 path's within float rounding: no accuracy gate needed
-EXACT_ENGINES: tuple[str, ...] = ("cpu", "openvino", "cuda")
 #: engines that run on a CUDA device, with the matching on it too
 GPU_ENGINES: tuple[str, ...] = ("cuda", "tensorrt")
 #: engines of reduced precision: ``auto`` takes them only when the bundle's gate accepted them
@@ -264,24 +262,22 @@ def _gpu_engine_set(bundle: Bundle, engine: str, requested: str, build_plans: bo
     from .device_pipeline import DeviceGraphs, HostGraph, OrtCudaGraph, require_cupy
 
     cupy = require_cupy()
-    m = bundle.manifest
-    roles = {"backbone": bundle.backbone_path, **({"swin": bundle.swin_path} if bundle.swin_path else {})}
     stream = cupy.cuda.Stream(non_blocking=True)
     if engine == "tensorrt":
-        from .tensorrt_plans import TensorRTGraph, ensure_plans, tensorrt_or_reason
+        from .tensorrt_plans import TensorRTGraph, ensure_plans
 
-        trt, reason = tensorrt_or_reason()
-        if trt is None:
-            raise EngineUnavailable(f"tensorrt: {reason}")
-        plans = ensure_plans(bundle, build_missing=build_plans)  # backbone, swin and (if in the bundle) matcher
+        # backbone, swin and (if in the bundle) matcher; EngineUnavailable says what is missing here
+        plans = ensure_plans(bundle, build_missing=build_plans)
         graphs = {role: TensorRTGraph(path) for role, path in plans.items()}
         names = {role: path.name for role, path in plans.items()}
     else:
+        m = bundle.manifest
+        roles = {"backbone": bundle.backbone_path, **({"swin": bundle.swin_path} if bundle.swin_path else {})}
         grid_m = m.backbone.grid[0] * m.backbone.grid[1]
         cells = m.backbone.descriptor_grid[0] * m.backbone.descriptor_grid[1]
         shapes = {"pcf": (1, grid_m, m.backbone.d_f), "descriptor": (1, cells, m.backbone.descriptor_channels),
                   "probability": (1, grid_m)}
-        graphs = {role: OrtCudaGraph(path, stream, output_shapes=shapes) for role, path in roles.items()}
+        graphs = {role: OrtCudaGraph(path, stream, shapes) for role, path in roles.items()}
         names = {role: path.name for role, path in roles.items()}
     device_graphs = DeviceGraphs(backbone=graphs["backbone"], swin=graphs.get("swin"), stream=stream,
                                  matcher=graphs.get("matcher"))

@@ -31,6 +31,13 @@ def rows_per_image(image_index: np.ndarray) -> int | None:
     return int(counts[0]) if counts[0] > 0 and np.all(counts == counts[0]) else None
 
 
+def matcher_graph_rows(image_index: np.ndarray, k: int) -> int | None:
+    """Rows per image when ``matcher.onnx`` can serve this bank with K references (the per-image layout and at
+    least K images, or its TopK could not run); None when it cannot."""
+    rows = rows_per_image(image_index)
+    return rows if rows is not None and len(image_index) // rows >= k else None
+
+
 def augmented_projection(projected: np.ndarray) -> np.ndarray:
     """(n, d_l) PCA projections -> (n, d_l + 1) rows [c, -|c|^2 / 2].
 

@@ -433,7 +433,7 @@ class Inspector:
     def _device_scored(self, tensor: np.ndarray) -> Scored:
         """Backbone, retrieval, matching and Swin on the device; fusion, heatmap and score on the host."""
         out = self.device_pipeline.run(tensor)
-        timings = {k: v for k, v in out["timings_ms"].items() if k not in ("device_total", "host_total")}
+        timings = dict(out["timings_ms"])
         logical_score = areas = None
         if self.scorer.logical is not None:
             t0 = time.perf_counter()

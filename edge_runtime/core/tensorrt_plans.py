@@ -284,10 +284,11 @@ class TensorRTGraph:
             is_input = self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
             (self.inputs if is_input else self.outputs).append((name, dtype))
         self._buffers: dict[str, Any] = {}
+        self._held: list[Any] = []  # converted inputs stay referenced until the next call (the enqueue reads them)
 
     def run_device(self, inputs: dict[str, Any], stream: Any) -> dict[str, Any]:
         cupy = self.cupy
-        self._held = []  # converted inputs stay referenced until the next call (the enqueue reads them later)
+        self._held = []
         for name, dtype in self.inputs:
             array = cupy.ascontiguousarray(inputs[name], dtype=dtype)
             self._held.append(array)

@@ -11,7 +11,7 @@ The bank is not inside the graph: its arrays are graph inputs, bound once (devic
 bundle does not carry the bank twice and a field calibration that refits the bank keeps the same graph.  The
 shapes that are static per bundle (patches M, d_f, d_l, cells G, channels C, K, rows per image, kept cells) are
 baked in; the number of training images is a symbolic dimension.  The row lookup assumes the per-image coreset's
-layout (every image the same number of rows, sorted by image): ``matching.rows_per_image`` checks it.
+layout (every image the same number of rows, sorted by image): ``matching.matcher_graph_rows`` checks it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edge_runtime.core.matching import MemoryBank, rows_per_image
+from edge_runtime.core.matching import MemoryBank, matcher_graph_rows
 from edge_runtime.core.retrieval import ReferenceIndex
 
 #: graph inputs that are the bundle's arrays (bound once), in the order the graph declares them
@@ -144,8 +144,8 @@ def write_matcher_graph(path: Path, bank: MemoryBank, references: ReferenceIndex
                         thetas: tuple[float, ...], n_patches: int) -> Path | None:
     """Write the graph for a fitted bank and reference index; None (nothing written) when the bank does not
     have the per-image layout or holds fewer images than K (the runtime then matches with numpy or CuPy)."""
-    rows = rows_per_image(bank.image_index)
-    if rows is None or bank.n_images < k:
+    rows = matcher_graph_rows(bank.image_index, k)
+    if rows is None:
         return None
     g, _, c = references.by_cell.shape
     model = build_matcher_graph(n_patches=n_patches, d_f=int(bank.features.shape[1]), d_l=bank.pca.dim, cells=g,
