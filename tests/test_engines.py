@@ -85,6 +85,44 @@ def test_each_available_engine_equals_the_fp32_cpu_path(fitted, images, referenc
             assert got.verdict == want.verdict
 
 
+def test_the_openvino_search_finds_numpys_nearest_candidates():
+    """The search OpenVINO engines bring (engines.OpenVinoSearch) against numpy's, on a bank with uneven images
+    (fewer candidates than compiled for: the padding must never win) and with as many as compiled for."""
+    if not HAS_OPENVINO:
+        pytest.skip("openvino is not installed (pip install '.[openvino]')")
+    from edge_runtime.core.engines import OpenVinoSearch
+    from edge_runtime.core.matching import MemoryBank, NumpySearch, max_candidates
+    from edge_runtime.core.pca import fit_pca
+
+    rng = np.random.default_rng(3)
+    image_index = np.repeat(np.arange(6), [40, 25, 33, 40, 12, 30])
+    features = rng.normal(size=(len(image_index), 24)).astype(np.float32)
+    pca = fit_pca(features, n_components=8)
+    k = 3
+    assert max_candidates(image_index, k) == 40 + 40 + 33
+    search = OpenVinoSearch(pca.components, pca.mean, n_queries=50, n_candidates=max_candidates(image_index, k),
+                            threads=1)
+    ov_bank = MemoryBank(features, image_index, pca, search=search)
+    np_bank = MemoryBank(features, image_index, pca)
+    assert isinstance(np_bank.search, NumpySearch)
+    for refs in ([0, 3, 2], [4, 1, 5], [0, 3, 2][:2], [4]):
+        pcf = rng.normal(size=(50, 24)).astype(np.float32)
+        got, want = ov_bank.match(pcf, np.array(refs)), np_bank.match(pcf, np.array(refs))
+        np.testing.assert_array_equal(got.bank_rows, want.bank_rows)
+        np.testing.assert_array_equal(got.distance, want.distance)
+    with pytest.raises(ValueError, match="more than the 113"):
+        search(rng.normal(size=(50, 24)).astype(np.float32), np.zeros((114, 9), np.float32))
+
+
+def test_openvino_engines_bring_their_search_and_the_others_do_not(fitted):
+    bundle = load_bundle(fitted[0])
+    assert select_engines(bundle, "cpu", threads=1).search is None
+    if not HAS_OPENVINO:
+        pytest.skip("openvino is not installed (pip install '.[openvino]')")
+    inspector = open_inspector(fitted[0], engine="openvino", threads=1)
+    assert inspector.engines.search is not None and inspector.scorer.bank.search is inspector.engines.search
+
+
 def test_engines_that_cannot_run_say_why(fitted):
     bundle = load_bundle(fitted[0])
     from edge_runtime.core.device_pipeline import cupy_or_reason

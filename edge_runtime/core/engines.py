@@ -43,6 +43,7 @@ import numpy as np
 if TYPE_CHECKING:
     from .bundle import Bundle
     from .device_pipeline import DeviceGraphs
+    from .matching import NearestSearch
 
 #: every value of the ``engine`` switch
 ENGINE_NAMES: tuple[str, ...] = ("auto", "cpu", "cpu-int8", "openvino", "openvino-bf16", "openvino-int8", "cuda",
@@ -166,15 +167,7 @@ class OpenVinoEngine:
             # between the two graphs and, on a several-camera box, other stations' services; a pinned thread
             # cannot move off a busy core (measured on the loaded 2-core machine: ~2x slower frames pinned)
             config["ENABLE_CPU_PINNING"] = False
-        try:
-            self.compiled = core.compile_model(str(graph), device, config)
-        except Exception as exc:  # OpenVINO raises RuntimeError subclasses with its own text
-            hint = ""
-            if "protect" in str(exc):  # its JIT could not map code executable
-                hint = ("; its JIT needs writable+executable memory: under systemd install "
-                        "systemd/drop-ins/openvino.conf (MemoryDenyWriteExecute=no)")
-            detail = " ".join(str(exc).split())
-            raise EngineError(f"{Path(graph).name}: OpenVINO cannot compile it for {device} ({detail}){hint}") from exc
+        self.compiled = _openvino_compile(core, str(graph), device, config, Path(graph).name)
         self.request = self.compiled.create_infer_request()
         self.output_names = [o.get_any_name() for o in self.compiled.outputs]
 
@@ -182,6 +175,67 @@ class OpenVinoEngine:
         self.request.infer(inputs)
         # copies: the request's output buffers are overwritten by the next call
         return {name: np.array(self.request.get_tensor(name).data) for name in self.output_names}
+
+
+def _openvino_compile(core, model, device: str, config: dict, what: str):
+    """``core.compile_model`` with OpenVINO's errors as :class:`EngineError` naming ``what`` and, when its JIT
+    could not map code executable (a sandboxed unit), the drop-in that allows it."""
+    try:
+        return core.compile_model(model, device, config)
+    except Exception as exc:  # OpenVINO raises RuntimeError subclasses with its own text
+        hint = ""
+        if "protect" in str(exc):
+            hint = ("; its JIT needs writable+executable memory: under systemd install "
+                    "systemd/drop-ins/openvino.conf (MemoryDenyWriteExecute=no)")
+        detail = " ".join(str(exc).split())
+        raise EngineError(f"{what}: OpenVINO cannot compile it for {device} ({detail}){hint}") from exc
+
+
+class OpenVinoSearch:
+    """The nearest-candidate search (:data:`~edge_runtime.core.matching.NearestSearch`) as a small OpenVINO model:
+    PCA projection, the augmented product and its argmax, at f32 (the same nearest candidate as numpy's, to float
+    rounding), for one bundle's static shapes.
+
+    Why: between the OpenVINO graphs, numpy's OpenBLAS pool and OpenVINO's pool each spin for cores after their
+    work; on 2 cores the backbone and the Swin then ran ~1.5x slower.  Run here, the search shares OpenVINO's pool
+    and numpy is left with no multi-threaded work (``Inspector`` limits its BLAS to one thread for OpenVINO
+    engines).  The candidates (K images' bank rows, at most ``n_candidates``) are padded to that static count
+    with rows that can never win."""
+
+    def __init__(self, pca_components: np.ndarray, pca_mean: np.ndarray, n_queries: int, n_candidates: int,
+                 threads: int | None = None) -> None:
+        import openvino as ov
+        import openvino.opset13 as ops
+
+        components = np.asarray(pca_components, dtype=np.float32)
+        d_l, d_f = components.shape
+        pcf = ops.parameter([n_queries, d_f], ov.Type.f32, name="pcf")
+        candidates = ops.parameter([n_candidates, d_l + 1], ov.Type.f32, name="candidates")
+        query = ops.matmul(ops.subtract(pcf, ops.constant(np.asarray(pca_mean, dtype=np.float32))),
+                           ops.constant(components), False, True)
+        query_aug = ops.concat([query, ops.constant(np.ones((n_queries, 1), np.float32))], axis=1)
+        scores = ops.matmul(query_aug, candidates, False, True)
+        top = ops.topk(scores, ops.constant(np.int64(1)), axis=1, mode="max", sort="none",
+                       index_element_type="i64")
+        nearest = ops.squeeze(top.output(1), ops.constant(np.int64(1)))
+        model = ov.Model([nearest], [pcf, candidates], "nearest_candidates")
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32",
+                  "INFERENCE_NUM_THREADS": threads or default_threads(), "ENABLE_CPU_PINNING": False}
+        self.request = _openvino_compile(ov.Core(), model, "CPU", config,
+                                         "the nearest-candidate search").create_infer_request()
+        self.n_candidates = n_candidates
+        self.padded = np.zeros((n_candidates, d_l + 1), np.float32)
+        self.padded[:, -1] = -1e30  # [0, -1e30] . [q, 1]: below every real candidate's q.c - |c|^2 / 2
+
+    def __call__(self, pcf: np.ndarray, candidates_aug: np.ndarray) -> np.ndarray:
+        n = candidates_aug.shape[0]
+        if n > self.n_candidates:
+            raise ValueError(f"{n} candidates, more than the {self.n_candidates} the search was compiled for")
+        self.padded[:n] = candidates_aug
+        self.padded[n:, :-1] = 0.0
+        self.padded[n:, -1] = -1e30
+        self.request.infer({"pcf": np.ascontiguousarray(pcf, dtype=np.float32), "candidates": self.padded})
+        return np.array(self.request.get_output_tensor(0).data, dtype=np.int64)
 
 
 @dataclass
@@ -195,6 +249,7 @@ class EngineSet:
     graphs: dict[str, str]  # role -> graph file name ("backbone": "backbone.int8.onnx", ...)
     passed_over: dict[str, str] = field(default_factory=dict)  # auto: engine -> why not
     device: DeviceGraphs | None = None  # GPU engines: the graphs on the device, for the device pipeline
+    search: NearestSearch | None = None  # the engine's own nearest-candidate search (None: numpy's)
 
     def describe(self) -> dict:
         """For /health and reports: what runs, on which graphs, and (auto) what was passed over."""
@@ -251,8 +306,19 @@ def build_engine_set(bundle: Bundle, engine: str, threads: int | None = None, de
     build = _builder(engine, threads, device)
     paths = _graph_paths(bundle, int8=engine.endswith("int8"))
     built = {role: build(path) for role, path in paths.items()}
+    search = _openvino_search(bundle, threads) if engine.startswith("openvino") and device == "CPU" else None
     return EngineSet(name=engine, requested=requested or engine, backbone=built["backbone"], swin=built.get("swin"),
-                     graphs={role: path.name for role, path in paths.items()})
+                     graphs={role: path.name for role, path in paths.items()}, search=search)
+
+
+def _openvino_search(bundle: Bundle, threads: int | None) -> OpenVinoSearch:
+    """The bundle's nearest-candidate search compiled for its shapes: the grid's patches against the most bank
+    rows its K reference images hold."""
+    from .matching import max_candidates
+
+    m, a = bundle.manifest, bundle.arrays
+    return OpenVinoSearch(a["pca_components"], a["pca_mean"], m.backbone.grid[0] * m.backbone.grid[1],
+                          max_candidates(a["bank_image"], m.posfar.k_references), threads=threads)
 
 
 def _gpu_engine_set(bundle: Bundle, engine: str, requested: str, build_plans: bool) -> EngineSet:

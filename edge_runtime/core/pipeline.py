@@ -30,7 +30,7 @@ from .engines import (
     select_engines,
 )
 from .foreground import reference_foreground
-from .matching import MemoryBank, posfar_residual
+from .matching import MemoryBank, NearestSearch, posfar_residual
 from .pca import PCA
 from .preprocess import to_input_tensor
 from .retrieval import ReferenceIndex
@@ -194,12 +194,13 @@ class PosFARScorer:
     def from_bundle(cls, bundle: Bundle, classifier: Classifier | None = None,
                     use_foreground: bool = True, fusion: MapFusion | None = None,
                     image_score: ImageScore | None = None,
-                    logical_verdict: Literal["fused", "structural", "logical"] = "fused") -> PosFARScorer:
+                    logical_verdict: Literal["fused", "structural", "logical"] = "fused",
+                    search: NearestSearch | None = None) -> PosFARScorer:
         """The bundle's scorer; pass ``classifier`` (its Swin engine) to score with the residual Swin, and
-        ``fusion`` as well to fuse it with the distance."""
+        ``fusion`` as well to fuse it with the distance; ``search``: an engine's nearest-candidate search."""
         m, a = bundle.manifest, bundle.arrays
         pca = PCA(components=a["pca_components"], mean=a["pca_mean"])
-        bank = MemoryBank(a["bank"], a["bank_image"], pca)
+        bank = MemoryBank(a["bank"], a["bank_image"], pca, search=search)
         refs = ReferenceIndex(a["ref_descriptors"].astype(np.float32), trim=m.posfar.retrieval_trim)
         foreground = None
         if use_foreground and m.foreground is not None and m.foreground.power > 0:
@@ -389,6 +390,10 @@ class Inspector:
         if backbone is None:
             self.engines = engines or select_engines(bundle, engine, threads=threads, device=device)
             backbone, swin = self.engines.backbone, swin or self.engines.swin
+            if self.engines.search is not None:
+                # the engine runs the search in its own pool: numpy keeps one thread, whose pool would otherwise
+                # spin between frames on the cores the engine's graphs need (engines.OpenVinoSearch)
+                limit_blas_threads(1)
         self.backbone = backbone
         self.anomaly_map = anomaly_map or m.scoring.anomaly_map
         if self.anomaly_map in ("swin", "fused") and bundle.swin_path is None:
@@ -410,7 +415,8 @@ class Inspector:
                              "image scores existed): it cannot score that way")
         self.scorer = PosFARScorer.from_bundle(bundle, classifier=classifier, use_foreground=use_foreground,
                                                fusion=fusion, image_score=self.image_score,
-                                               logical_verdict=logical_verdict)
+                                               logical_verdict=logical_verdict,
+                                               search=self.engines.search if self.engines else None)
         self.logical_verdict = logical_verdict if m.logical is not None else "structural"
         self.threshold = m.thresholds.image
         self.pixel_threshold = m.thresholds.pixel
