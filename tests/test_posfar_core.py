@@ -126,6 +126,30 @@ def test_heatmap_score_and_regions():
     assert len(regions) == 1 and regions[0].peak == pytest.approx(float(heat.max()))
 
 
+@pytest.mark.parametrize("grid, size_hw, sigma, pool", [
+    ((32, 32), (256, 256), 4.0, 8), ((24, 40), (192, 320), 2.0, 4), ((20, 30), (256, 250), 4.0, 8),
+    ((48, 48), (384, 384), 6.0, 8), ((16, 16), (16, 16), 1.5, 3), ((32, 32), (256, 256), 0.0, 1)])
+def test_heatmaps_by_matrix_products_are_opencvs_resize_blur_and_pool(grid, size_hw, sigma, pool):
+    """scoring builds each axis's resize, blur and pooling as one matrix: the heatmap and the image score must be
+    what filtering the full-size image with OpenCV gives (non-square grids, upsampling by non-integer factors,
+    no blur, no pooling)."""
+    import cv2
+
+    from edge_runtime.core.scoring import block_map_score
+
+    block = np.random.default_rng(len(grid) + size_hw[1]).normal(size=grid).astype(np.float32) * 3.0
+    want = cv2.resize(block, (size_hw[1], size_hw[0]), interpolation=cv2.INTER_LINEAR)
+    if sigma > 0:
+        k = 2 * int(round(4.0 * sigma)) + 1
+        want = cv2.GaussianBlur(want, (k, k), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
+    got = heatmap_from_blocks(block, size_hw, sigma)
+    assert got.shape == want.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
+    pooled = cv2.blur(want, (pool, pool), borderType=cv2.BORDER_REFLECT) if pool > 1 else want
+    assert block_map_score(block, size_hw, sigma, pool) == pytest.approx(float(pooled.max()), rel=1e-5)
+    assert image_score(got, pool) == pytest.approx(float(pooled.max()), rel=1e-5)
+
+
 def test_distance_standardiser_scores_each_position_against_its_own_good_spread():
     """A border that is always far from the bank must not outscore a smaller excess in a quiet middle."""
     rng = np.random.default_rng(0)

