@@ -33,6 +33,7 @@ reason for every engine passed over are kept in :class:`EngineSet`, for /health 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,12 +53,12 @@ ENGINE_NAMES: tuple[str, ...] = ("auto", "cpu", "cpu-int8", "openvino", "openvin
 GPU_ENGINES: tuple[str, ...] = ("cuda", "tensorrt")
 #: engines of reduced precision: ``auto`` takes them only when the bundle's gate accepted them
 GATED_ENGINES: tuple[str, ...] = ("cpu-int8", "openvino-bf16", "openvino-int8")
-#: what ``auto`` tries, fastest first: the graphs' speed measured call by call on this project's 2-core AVX-512
-#: machine (``tools/bench_graphs.py``, README: Engines), after the GPU engines.  ``openvino`` at f32
-#: is not in it: whole frames took as long as ``cpu`` (11.0 ms p50 both, p99 19.0 against 13.7), and on a tie the
-#: smaller runtime without a JIT wins (a station process holds less, and the shipped unit's
-#: MemoryDenyWriteExecute= needs no drop-in); name it to run it, e.g. on an Intel integrated GPU
-AUTO_ORDER: tuple[str, ...] = ("tensorrt", "cuda", "openvino-bf16", "openvino-int8", "cpu-int8", "cpu")
+#: what ``auto`` tries, fastest first: whole frames measured on this project's 2-core AVX-512 machine
+#: (``make bench-peer``, README: Engines), after the GPU engines.  ``openvino`` at f32 gives ``cpu``'s results and,
+#: since it runs the nearest-candidate search in its own pool (:class:`OpenVinoSearch`), whole frames 1.5x faster
+#: (6.8 against 10.0 ms p50), ahead of ``cpu-int8`` (8.5 ms); under the shipped unit without the OpenVINO drop-in
+#: its JIT cannot run, and ``auto`` passes over it saying so
+AUTO_ORDER: tuple[str, ...] = ("tensorrt", "cuda", "openvino-bf16", "openvino-int8", "openvino", "cpu-int8", "cpu")
 
 
 class Engine(Protocol):
@@ -126,12 +127,33 @@ class OnnxRuntimeEngine:
         return dict(zip(self.output_names, outputs, strict=True))
 
 
+_OPENVINO_CORE = None
+_OPENVINO_CORE_LOCK = threading.Lock()
+
+
+def openvino_core():
+    """The process's one OpenVINO ``Core``, created on first use and never released (ImportError without the
+    package).
+
+    Why one for the life of the process: OpenVINO's CPU plugin gives the thread that creates it an alternate signal
+    stack (AMX makes signal frames larger) and unmaps that stack when the plugin is destroyed, restoring the old one
+    only on the destroying thread.  With a ``Core`` per engine, a bundle switch released the old engines on another
+    thread and left the loading thread's signal stack unmapped: the service's next SIGHUP or SIGTERM then killed it
+    with SIGSEGV (tests/test_engines.py reproduces it in a subprocess).  One ``Core`` keeps that stack valid, and
+    each later graph compiles without loading the plugin again."""
+    global _OPENVINO_CORE
+    with _OPENVINO_CORE_LOCK:
+        if _OPENVINO_CORE is None:
+            import openvino as ov
+
+            _OPENVINO_CORE = ov.Core()
+        return _OPENVINO_CORE
+
+
 def openvino_devices() -> list[str]:
     """OpenVINO's devices on this machine (``[]`` when the package is absent or cannot start)."""
     try:
-        import openvino as ov
-
-        return list(ov.Core().available_devices)
+        return list(openvino_core().available_devices)
     except Exception:  # ImportError, or a runtime that cannot load its plugins
         return []
 
@@ -139,9 +161,7 @@ def openvino_devices() -> list[str]:
 def cpu_has_bf16() -> bool:
     """Whether OpenVINO's CPU plugin computes in bf16 natively here (else bf16 would only be emulated)."""
     try:
-        import openvino as ov
-
-        return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        return "BF16" in openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     except Exception:
         return False
 
@@ -153,11 +173,10 @@ class OpenVinoEngine:
 
     def __init__(self, graph: Path, device: str = "CPU", threads: int | None = None, precision: str = "f32") -> None:
         try:
-            import openvino as ov
+            core = openvino_core()
         except ImportError as exc:
             raise EngineUnavailable("openvino is not installed (pip install 'weakrest-edge[openvino]')") from exc
         self.name = f"openvino:{device}:{precision}:{Path(graph).name}"
-        core = ov.Core()
         if device not in core.available_devices:
             raise EngineUnavailable(f"OpenVINO device {device} is not present (have {core.available_devices})")
         config: dict[str, object] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
@@ -221,7 +240,7 @@ class OpenVinoSearch:
         model = ov.Model([nearest], [pcf, candidates], "nearest_candidates")
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32",
                   "INFERENCE_NUM_THREADS": threads or default_threads(), "ENABLE_CPU_PINNING": False}
-        self.request = _openvino_compile(ov.Core(), model, "CPU", config,
+        self.request = _openvino_compile(openvino_core(), model, "CPU", config,
                                          "the nearest-candidate search").create_infer_request()
         self.n_candidates = n_candidates
         self.padded = np.zeros((n_candidates, d_l + 1), np.float32)
