@@ -130,6 +130,27 @@ def test_grey_input_and_no_donors():
     assert mask.any() and np.array_equal(out[mask == 0], rgb[mask == 0])
 
 
+def test_match_colour_keeps_a_grey_product_grey(donors):
+    """Packaged textures (some in colour) and colour donors are pasted in grey into a grey image when asked, and a
+    colour image keeps its colour textures."""
+    grey = cv2.cvtColor(cv2.cvtColor(_texture(5), cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+    colour_pasted = 0
+    for seed in range(12):
+        for match, want_grey in ((True, True), (False, None)):
+            cfg = SyntheticConfig(source_weights=(0.5, 0.0, 0.5), match_colour=match)
+            out, mask = AnomalySynthesizer(donors, cfg, seed=seed).make(grey)
+            spread = np.ptp(out.astype(np.int16), axis=2)
+            if want_grey:
+                assert mask.any() and spread.max() == 0
+            else:
+                colour_pasted += int(spread.max() > 0)
+    assert colour_pasted > 0  # without it, colour textures do reach a grey image (the case it exists for)
+    colour = _texture(6)
+    out, mask = AnomalySynthesizer(donors, SyntheticConfig(source_weights=(1.0, 0.0, 0.0), match_colour=True),
+                                   seed=0).make(colour)
+    assert np.ptp(out[mask > 0].astype(np.int16), axis=1).max() > 0
+
+
 def test_non_square_image(donors):
     img = _texture(5, 160)[:96]
     out, mask = AnomalySynthesizer(donors, seed=0).make(img)

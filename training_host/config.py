@@ -170,6 +170,8 @@ class SyntheticSection(_Section):
     shape_weights: tuple[float, float, float] = Field(
         default=(1.0, 0.0, 0.0), description="blob (Perlin, foreign texture) / small pits / thin cracks (darker or "
                                              "brighter than the image itself)")
+    match_colour: bool = Field(default=False, description="on a grey product, paste foreign textures in grey too "
+                                                          "(a colour shift it can never show teaches the Swin nothing)")
 
 
 class ForegroundConfig(_Section):

@@ -286,6 +286,11 @@ def _intensity_texture(image: np.ndarray, rng: np.random.Generator) -> np.ndarra
     return np.clip(image.astype(np.float32) * gain + (0 if gain < 1 else 20), 0, 255).astype(np.uint8)
 
 
+def _is_grey(image: np.ndarray) -> bool:
+    """Whether an RGB uint8 image is grey (all three channels equal)."""
+    return bool(np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(image[..., 1], image[..., 2]))
+
+
 SHAPES = ("blob", "pit", "crack")
 
 
@@ -306,6 +311,9 @@ class SyntheticConfig:
     # how often each mask shape is drawn: Perlin blob (foreign texture) / small pits / thin cracks (the last two
     # darken or brighten the image itself, as real pits and cracks do)
     shape_weights: tuple[float, float, float] = (1.0, 0.0, 0.0)
+    # a grey image (R = G = B) gets its foreign texture in grey too: a grey product never shows colour, and a colour
+    # shift the Swin learns to flag teaches it nothing about the product's real defects
+    match_colour: bool = False
 
 
 def _validate(cfg: SyntheticConfig) -> None:
@@ -434,6 +442,7 @@ class AnomalySynthesizer:
         # A paste that barely changes the pixels would be labelled anomalous while looking normal: redraw the
         # texture and opacity a few times and keep the most visible one.
         sel = mask > 0
+        grey = self.config.match_colour and _is_grey(img)
         best, best_change = None, -1.0
         for _ in range(_PASTE_TRIES):
             source = int(rng.choice(3, p=self._weights)) if shape == "blob" else -1
@@ -445,6 +454,8 @@ class AnomalySynthesizer:
                 tex = self._tile_texture(img, rng)
             else:
                 tex = self._packaged_texture(h, w, rng)
+            if grey and source >= 0:
+                tex = cv2.cvtColor(cv2.cvtColor(tex, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
             beta = float(rng.uniform(*self.config.opacity))
             blended = cv2.addWeighted(img, 1.0 - beta, tex, beta, 0.0)
             change = float(np.abs(blended[sel].astype(np.int16) - img[sel].astype(np.int16)).mean())

@@ -205,7 +205,8 @@ def _training_fields(cfg: ProductConfig, maker: ResidualFieldMaker, fitted: Fitt
                                 small_fraction=cfg.synthetic.small_fraction,
                                 min_feature_px=cfg.synthetic.min_feature_px, min_area_px=cfg.synthetic.min_area_px,
                                 min_contrast=cfg.synthetic.min_contrast,
-                                shape_weights=tuple(cfg.synthetic.shape_weights))
+                                shape_weights=tuple(cfg.synthetic.shape_weights),
+                                match_colour=cfg.synthetic.match_colour)
     synthesizer = AnomalySynthesizer(donors, synth_cfg, seed=cfg.seed)
     synthetic, preview = synthetic_fields(maker, images, sc.synthetic_per_image, synthesizer,
                                           fitted.foreground_maps, cfg.seed, progress)
