@@ -179,14 +179,8 @@ class OpenVinoEngine:
         self.name = f"openvino:{device}:{precision}:{Path(graph).name}"
         if device not in core.available_devices:
             raise EngineUnavailable(f"OpenVINO device {device} is not present (have {core.available_devices})")
-        config: dict[str, object] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
-        if device == "CPU":
-            config["INFERENCE_NUM_THREADS"] = threads or default_threads()
-            # no pinning (OpenVINO's default with the LATENCY hint on Linux): the same cores run numpy matching
-            # between the two graphs and, on a several-camera box, other stations' services; a pinned thread
-            # cannot move off a busy core (measured on the loaded 2-core machine: ~2x slower frames pinned)
-            config["ENABLE_CPU_PINNING"] = False
-        self.compiled = _openvino_compile(core, str(graph), device, config, Path(graph).name)
+        self.compiled = _openvino_compile(core, str(graph), device, _openvino_config(device, precision, threads),
+                                          Path(graph).name)
         self.request = self.compiled.create_infer_request()
         self.output_names = [o.get_any_name() for o in self.compiled.outputs]
 
@@ -194,6 +188,18 @@ class OpenVinoEngine:
         self.request.infer(inputs)
         # copies: the request's output buffers are overwritten by the next call
         return {name: np.array(self.request.get_tensor(name).data) for name in self.output_names}
+
+
+def _openvino_config(device: str, precision: str, threads: int | None) -> dict[str, object]:
+    """Compile settings of every OpenVINO model here: LATENCY hint, the precision hint and, on the CPU, the thread
+    count and no pinning (OpenVINO's default with the LATENCY hint on Linux would pin: the same cores run numpy
+    between the graphs and, on a several-camera box, other stations' services; a pinned thread cannot move off a
+    busy core, measured on the loaded 2-core machine: ~2x slower frames pinned)."""
+    config: dict[str, object] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
+    if device == "CPU":
+        config["INFERENCE_NUM_THREADS"] = threads or default_threads()
+        config["ENABLE_CPU_PINNING"] = False
+    return config
 
 
 def _openvino_compile(core, model, device: str, config: dict, what: str):
@@ -238,13 +244,10 @@ class OpenVinoSearch:
                        index_element_type="i64")
         nearest = ops.squeeze(top.output(1), ops.constant(np.int64(1)))
         model = ov.Model([nearest], [pcf, candidates], "nearest_candidates")
-        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32",
-                  "INFERENCE_NUM_THREADS": threads or default_threads(), "ENABLE_CPU_PINNING": False}
-        self.request = _openvino_compile(openvino_core(), model, "CPU", config,
+        self.request = _openvino_compile(openvino_core(), model, "CPU", _openvino_config("CPU", "f32", threads),
                                          "the nearest-candidate search").create_infer_request()
         self.n_candidates = n_candidates
-        self.padded = np.zeros((n_candidates, d_l + 1), np.float32)
-        self.padded[:, -1] = -1e30  # [0, -1e30] . [q, 1]: below every real candidate's q.c - |c|^2 / 2
+        self.padded = np.empty((n_candidates, d_l + 1), np.float32)  # candidates, then padding (each call)
 
     def __call__(self, pcf: np.ndarray, candidates_aug: np.ndarray) -> np.ndarray:
         n = candidates_aug.shape[0]
@@ -252,7 +255,7 @@ class OpenVinoSearch:
             raise ValueError(f"{n} candidates, more than the {self.n_candidates} the search was compiled for")
         self.padded[:n] = candidates_aug
         self.padded[n:, :-1] = 0.0
-        self.padded[n:, -1] = -1e30
+        self.padded[n:, -1] = -1e30  # [0, -1e30] . [q, 1]: below every real candidate's q.c - |c|^2 / 2
         self.request.infer({"pcf": np.ascontiguousarray(pcf, dtype=np.float32), "candidates": self.padded})
         return np.array(self.request.get_output_tensor(0).data, dtype=np.int64)
 

@@ -424,8 +424,7 @@ class EdgeService:
         return threads
 
     def _inference_alive(self) -> bool:
-        now = time.monotonic()
-        return all(t.is_alive() and now - beat < 30.0 for t, beat in self._threads())
+        return self._inference_problem() is None
 
     def _inference_problem(self) -> str | None:
         now = time.monotonic()

@@ -454,7 +454,7 @@ class AnomalySynthesizer:
                 tex = self._tile_texture(img, rng)
             else:
                 tex = self._packaged_texture(h, w, rng)
-            if grey and source >= 0:
+            if grey and source in (0, 2):  # foreign textures (a donor, a packaged one); the image's own are grey
                 tex = cv2.cvtColor(cv2.cvtColor(tex, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
             beta = float(rng.uniform(*self.config.opacity))
             blended = cv2.addWeighted(img, 1.0 - beta, tex, beta, 0.0)

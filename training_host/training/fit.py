@@ -200,13 +200,7 @@ def _training_fields(cfg: ProductConfig, maker: ResidualFieldMaker, fitted: Fitt
     good = maker.make(images, [None] * len(images), list(range(len(images))), "good", progress)
     rng = np.random.default_rng(cfg.seed)
     donors = [images[i] for i in rng.permutation(len(images))[:32]]
-    synth_cfg = SyntheticConfig(opacity=tuple(cfg.synthetic.opacity),
-                                source_weights=tuple(cfg.synthetic.source_weights), max_area=cfg.synthetic.max_area,
-                                small_fraction=cfg.synthetic.small_fraction,
-                                min_feature_px=cfg.synthetic.min_feature_px, min_area_px=cfg.synthetic.min_area_px,
-                                min_contrast=cfg.synthetic.min_contrast,
-                                shape_weights=tuple(cfg.synthetic.shape_weights),
-                                match_colour=cfg.synthetic.match_colour)
+    synth_cfg = SyntheticConfig(**cfg.synthetic.model_dump())  # the config section holds its knobs, one to one
     synthesizer = AnomalySynthesizer(donors, synth_cfg, seed=cfg.seed)
     synthetic, preview = synthetic_fields(maker, images, sc.synthetic_per_image, synthesizer,
                                           fitted.foreground_maps, cfg.seed, progress)
