@@ -1,0 +1,191 @@
+"""Where a bundle's final map loses pixel AP and PRO, and what other final-map rules give, without refitting.
+
+Why: rules that combine evidence a fitted bundle already produces (the Swin's block probabilities, the block
+distances, the distances standardised against the K references) are cheap to compare on that evidence, while
+each refit costs minutes. This runs every test image once per bundle, keeps its block evidence, and scores
+each rule with the project's own evaluator (heatmaps as the runtime makes them, ``evaluate_maps``). It also
+says where the profile's map puts its highest pixels (inside the masks, next to them, elsewhere) and how
+the defect pixels are shared between defect types, since pixel AP weighs every defect pixel alike.
+
+    .venv/bin/python tools/map_study.py --data ../shared/data/mtd --out docs/sweeps/map_study.md \\
+        --bundle runs/verdict/grey_textures/bundle --bundle runs/verdict/grey_textures_seed1/bundle \\
+        --bundle runs/verdict/grey_textures_seed2/bundle
+
+With several bundles (the same profile fitted at other seeds) it also scores their Swins averaged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from edge_runtime.core.bundle import load_bundle, sha256_of  # noqa: E402
+from edge_runtime.core.pipeline import Inspector  # noqa: E402
+from edge_runtime.core.preprocess import read_image  # noqa: E402
+from edge_runtime.core.scoring import block_map_score, heatmap_from_blocks  # noqa: E402
+from training_host.data.dataset import load_mask, scan_dataset  # noqa: E402
+from training_host.evaluation.metrics import evaluate_maps  # noqa: E402
+
+NEAR_PX = 7  # "next to a defect": within this many pixels of its mask
+
+
+@dataclass
+class Evidence:
+    """One bundle's block evidence on the test images, each map scaled as the bundle's fusion scales it."""
+
+    name: str
+    distance: np.ndarray  # (n, h_f, w_f), divided by the fusion's distance scale
+    swin: np.ndarray  # (n, h_f, w_f), divided by the fusion's Swin scale
+    verdict: np.ndarray  # (n,) the bundle's image score (the distance standardised against the K references)
+    masks: np.ndarray  # (n, H, W) bool
+    labels: np.ndarray  # (n,) bool
+    types: list[str]
+    blur_sigma: float
+
+
+def gather(bundle_path: Path, data_root: Path, engine: str) -> Evidence:
+    """Each test image once through the bundle; the bundle's own training defects are left out, as eval does."""
+    bundle = load_bundle(bundle_path)
+    inspector = Inspector(bundle, engine=engine)
+    scorer, fusion = inspector.scorer, inspector.fusion
+    if fusion is None or scorer.standardiser is None:
+        raise SystemExit(f"{bundle_path}: needs a bundle with a Swin, fusion scales and reference distances")
+    m = bundle.manifest
+    trained_on = {d.sha256 for d in m.training.defect_images} if m.training else set()
+    samples = [s for s in scan_dataset(data_root).test
+               if not (s.is_defective and trained_on and sha256_of(s.path) in trained_on)]
+    hw = inspector.input_hw
+    dist, swin, verdict, masks = [], [], [], []
+    for sample in samples:
+        extracted = inspector.extract(read_image(sample.path))
+        ev = scorer.evidence(extracted.pcf, extracted.descriptor)
+        d = ev.distance.reshape(scorer.grid)
+        dist.append(d / fusion.distance_scale)
+        swin.append(ev.probability.reshape(scorer.grid) / fusion.swin_scale)
+        z = scorer.standardiser(d, ev.references)
+        verdict.append(block_map_score(z, hw, scorer.blur_sigma, scorer.score_pool))
+        masks.append(load_mask(sample, hw) > 0)
+    return Evidence(name=bundle_path.parent.name if bundle_path.name == "bundle" else bundle_path.name,
+                    distance=np.stack(dist), swin=np.stack(swin), verdict=np.array(verdict),
+                    masks=np.stack(masks), labels=np.array([s.is_defective for s in samples]),
+                    types=[s.defect_type for s in samples], blur_sigma=scorer.blur_sigma)
+
+
+def heatmaps(ev: Evidence, blocks: np.ndarray) -> np.ndarray:
+    hw = ev.masks.shape[1:]
+    return np.stack([heatmap_from_blocks(b.astype(np.float32), hw, ev.blur_sigma) for b in blocks])
+
+
+def score(ev: Evidence, blocks: np.ndarray) -> dict:
+    """Pixel metrics of a block map, overall and per defect type (image scores are the bundle's verdict)."""
+    return evaluate_maps(ev.labels, ev.verdict, ev.masks, heatmaps(ev, blocks), ev.types)
+
+
+def _gate(ev: Evidence) -> np.ndarray:
+    """A soft image gate from the verdict: 1/2 at the good images' 90 % quantile, one good std per unit."""
+    good = ev.verdict[~ev.labels]
+    return 1.0 / (1.0 + np.exp(-(ev.verdict - np.quantile(good, 0.9)) / good.std()))
+
+
+RULES: dict[str, Callable[[Evidence], np.ndarray]] = {
+    "distance": lambda e: e.distance,
+    "swin": lambda e: e.swin,
+    "mean (the profile's)": lambda e: 0.5 * (e.swin + e.distance),
+    "0.4 swin + 0.6 distance": lambda e: 0.4 * e.swin + 0.6 * e.distance,
+    "0.3 swin + 0.7 distance": lambda e: 0.3 * e.swin + 0.7 * e.distance,
+    "max": lambda e: np.maximum(e.swin, e.distance),
+    "mean, gated by the verdict": lambda e: 0.5 * (e.swin + e.distance) * _gate(e)[:, None, None],
+    "mean, good images zeroed (oracle bound)": lambda e: 0.5 * (e.swin + e.distance) * e.labels[:, None, None],
+}
+
+
+def row(name: str, result: dict) -> dict:
+    out = {"rule": name, "pixel_ap": result["pixel_ap"], "pro": result["pro"], "pixel_auroc": result["pixel_auroc"]}
+    for t, r in result["per_defect"].items():
+        out[f"{t}_ap"], out[f"{t}_pro"] = r["pixel_ap"], r["pro"]
+    return out
+
+
+def where_top_pixels(ev: Evidence, blocks: np.ndarray) -> list[dict]:
+    """The map's highest pixels, as many as there are defect pixels in all: inside a mask, within NEAR_PX of
+    one, or elsewhere (and how many of those lie in the 16-px border band), per image type."""
+    maps = heatmaps(ev, blocks)
+    top = maps >= np.quantile(maps, 1.0 - ev.masks.mean())
+    kernel = np.ones((2 * NEAR_PX + 1,) * 2, np.uint8)
+    near = np.stack([cv2.dilate(m.astype(np.uint8), kernel) > 0 for m in ev.masks]) & ~ev.masks
+    band = np.ones(ev.masks.shape[1:], bool)
+    band[16:-16, 16:-16] = False
+    types = np.array(ev.types)
+    rows = []
+    for t in dict.fromkeys(ev.types):
+        s = types == t
+        far = top[s] & ~ev.masks[s] & ~near[s]
+        rows.append({"type": t, "images": int(s.sum()), "defect_px_share": float(ev.masks[s].sum() / ev.masks.sum()),
+                     "top_px": int(top[s].sum()), "in_mask": int((top[s] & ev.masks[s]).sum()),
+                     "near_mask": int((top[s] & near[s]).sum()), "elsewhere": int(far.sum()),
+                     "elsewhere_in_border": int((far & band).sum())})
+    return rows
+
+
+def markdown(rows: list[dict], keys: list[str]) -> str:
+    def cell(v):
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", type=Path, action="append", required=True,
+                        help="a fitted bundle with a Swin; repeat for the same profile at other seeds")
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/mtd"))
+    parser.add_argument("--engine", default="cpu")
+    parser.add_argument("--out", type=Path, help="write the tables as Markdown here too")
+    args = parser.parse_args()
+    if not args.data.is_dir():
+        raise SystemExit(f"{args.data}: no dataset there")
+    evidence = [gather(b, args.data, args.engine) for b in args.bundle]
+    sections = []
+    all_rows = []
+    for ev in evidence:
+        for name, rule in RULES.items():
+            r = row(f"{ev.name}: {name}", score(ev, rule(ev)))
+            all_rows.append(r)
+            print(f"{r['rule']:60s} AP {r['pixel_ap']:.3f}  PRO {r['pro']:.3f}  pixel AUROC {r['pixel_auroc']:.3f}",
+                  flush=True)
+    if len(evidence) > 1:
+        first = evidence[0]
+        if any(e.masks.shape != first.masks.shape or e.types != first.types for e in evidence[1:]):
+            raise SystemExit("the bundles were evaluated on different images: cannot average their Swins")
+        swin = np.mean([e.swin for e in evidence], axis=0)
+        for ev in evidence:
+            for name, blocks in ((f"swin of {len(evidence)} seeds", swin),
+                                 (f"mean of distance and swin of {len(evidence)} seeds", 0.5 * (swin + ev.distance))):
+                r = row(f"{ev.name}: {name}", score(ev, blocks))
+                all_rows.append(r)
+                print(f"{r['rule']:60s} AP {r['pixel_ap']:.3f}  PRO {r['pro']:.3f}", flush=True)
+    types = list(dict.fromkeys(t for t in evidence[0].types if t != "good"))
+    keys = ["rule", "pixel_ap", "pro", "pixel_auroc"] + [f"{t}_{k}" for t in types for k in ("ap", "pro")]
+    sections.append("## Final-map rules (pixel metrics; the fusion scales are each bundle's own)\n\n"
+                    + markdown(all_rows, keys))
+    top = where_top_pixels(evidence[0], RULES["mean (the profile's)"](evidence[0]))
+    sections.append(f"## Where {evidence[0].name}'s map puts its highest pixels (as many as all defect pixels)\n\n"
+                    + markdown(top, list(top[0])))
+    text = "\n\n".join(sections) + "\n"
+    print(text)
+    if args.out:
+        args.out.write_text(f"`{' '.join(sys.argv)}`\n\n" + text, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
