@@ -10,7 +10,13 @@ from edge_runtime.core.matching import MemoryBank, posfar_residual
 from edge_runtime.core.pca import PCA, fit_pca
 from edge_runtime.core.position import position_code
 from edge_runtime.core.retrieval import ReferenceIndex
-from edge_runtime.core.scoring import DistanceStandardiser, defect_regions, heatmap_from_blocks, image_score
+from edge_runtime.core.scoring import (
+    DistanceStandardiser,
+    HeatmapRefiner,
+    defect_regions,
+    heatmap_from_blocks,
+    image_score,
+)
 
 
 def _slow_kcenter(x: np.ndarray, n: int, start: int) -> list[int]:
@@ -186,6 +192,62 @@ def test_distance_standardiser_against_the_retrieved_references_only():
     pooled = std(test)
     assert own[2, 2] > 10 and pooled[2, 2] < 1
     assert abs(float(np.delete(own.ravel(), 10).mean())) < 1.5
+
+
+def _pit_scene() -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """A textured grey frame with one small dark pit, and a heatmap blob centred 10 px away from it, as the
+    8-px blocks, upsampled and blurred, place the heat of a small defect."""
+    rng = np.random.default_rng(0)
+    guide = (0.5 + 0.02 * rng.standard_normal((128, 128))).astype(np.float32)
+    pit = (70, 62)
+    yy, xx = np.mgrid[:128, :128]
+    guide[(yy - pit[0]) ** 2 + (xx - pit[1]) ** 2 <= 9] = 0.15
+    heat = np.exp(-((yy - 62) ** 2 + (xx - 56) ** 2) / (2 * 12.0**2)).astype(np.float32)
+    return heat, guide, pit
+
+
+def test_heatmap_refinement_moves_a_blobs_peak_onto_the_small_defect_it_covers():
+    heat, guide, pit = _pit_scene()
+    refined = HeatmapRefiner()(heat, guide)
+    assert refined.shape == heat.shape and refined.dtype == np.float32
+    before = np.unravel_index(np.argmax(heat), heat.shape)
+    after = np.unravel_index(np.argmax(refined), heat.shape)
+    assert np.hypot(before[0] - pit[0], before[1] - pit[1]) > 9
+    assert np.hypot(after[0] - pit[0], after[1] - pit[1]) <= 4
+    # each step alone moves it too: the guided filter lets heat follow the pit's edges, contrast ranks the pit first
+    for step in (HeatmapRefiner(contrast_weight=0.0), HeatmapRefiner(guide_radius=0)):
+        out = step(heat, guide)
+        assert out[pit] / out.max() > heat[pit] / heat.max()
+    # the heat far from any defect is not invented: a cold region stays cold
+    assert refined[:20, 100:].max() < 0.01
+
+
+def test_heatmap_refinement_keeps_flat_frames_and_flat_maps_as_they_are():
+    heat, guide, _ = _pit_scene()
+    flat_guide = np.full_like(guide, 0.4)
+    # a flat frame: no edges to follow and no contrast, so the guided filter is a local mean of the heat
+    out = HeatmapRefiner(contrast_weight=0.0)(heat, flat_guide)
+    assert np.allclose(out.mean(), heat.mean(), rtol=0.01) and out.max() <= heat.max() + 1e-6
+    assert np.allclose(HeatmapRefiner()(heat, flat_guide), out, atol=1e-6)
+    # a flat map stays flat under the guided filter whatever the frame
+    const = np.full_like(heat, 0.7)
+    assert np.allclose(HeatmapRefiner(contrast_weight=0.0)(const, guide), 0.7, atol=1e-4)
+    # and contrast scales heat by at most 1 + weight * CONTRAST_CLIP
+    r = HeatmapRefiner(guide_radius=0, contrast_weight=0.2)
+    scaled = r(const, guide) / 0.7
+    assert scaled.min() >= 1.0 - 1e-6 and scaled.max() <= 1.0 + 0.2 * r.CONTRAST_CLIP + 1e-5
+
+
+@pytest.mark.parametrize("kwargs", [{"guide_radius": -1}, {"guide_eps": 0.0}, {"contrast_weight": -0.1},
+                                    {"contrast_sigma": 0.0}])
+def test_heatmap_refiner_refuses_bad_settings(kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        HeatmapRefiner(**kwargs)
+
+
+def test_heatmap_refiner_needs_a_guide_of_the_heatmaps_size():
+    with pytest.raises(ValueError, match="guide"):
+        HeatmapRefiner()(np.zeros((64, 64), np.float32), np.zeros((32, 32), np.float32))
 
 
 def test_pca_transform_dtype():

@@ -242,6 +242,35 @@ def test_fused_manifest_without_scales_is_refused(fitted, tmp_path):
         load_bundle(path)
 
 
+def test_a_bundle_that_refines_its_heatmap_refines_it_by_the_frame(fitted, demo_data, tmp_path):
+    from edge_runtime.core.preprocess import to_input_tensor
+    from edge_runtime.core.scoring import HeatmapRefiner
+
+    path = tmp_path / "b"
+    shutil.copytree(fitted[0], path)
+    settings = {"guide_radius": 4, "guide_eps": 0.001, "contrast_weight": 0.15, "contrast_sigma": 2.0}
+    _rewrite_manifest(path, lambda m: m["scoring"].update(refine=settings))
+    with pytest.raises(BundleError, match="scoring.refine needs schema version 4"):
+        load_bundle(path)  # a runtime before schema 4 refuses it by its version, not by an unknown field
+    _rewrite_manifest(path, lambda m: m.update(schema_version=4))
+    bundle = load_bundle(path)
+    image = read_image(list_images(demo_data / "test" / "scratch")[0])
+    refined = Inspector(bundle).inspect(image)
+    plain = Inspector(bundle, refine=False).inspect(image)
+    assert Inspector(load_bundle(fitted[0])).refiner is None  # a bundle without the section: as before
+    guide = to_input_tensor(image, tuple(bundle.manifest.preprocessing.input_size))[0].mean(axis=0)
+    assert np.allclose(refined.heatmap, HeatmapRefiner(**settings)(plain.heatmap, guide), atol=1e-6)
+    assert not np.allclose(refined.heatmap, plain.heatmap)
+    assert refined.score == plain.score and refined.verdict == plain.verdict  # the verdict is not the heatmap's
+    metrics = evaluate_bundle(path, demo_data, tmp_path / "eval", overlays=0, progress=False)
+    ablation = evaluate_bundle(path, demo_data, tmp_path / "eval_plain", overlays=0, progress=False, refine=False)
+    assert metrics["heatmap_refined"] and not ablation["heatmap_refined"]
+    assert metrics["image_auroc"] == ablation["image_auroc"] and metrics["pixel_ap"] != ablation["pixel_ap"]
+    _rewrite_manifest(path, lambda m: m["scoring"]["refine"].update(guide_eps=0))
+    with pytest.raises(BundleError, match="guide_eps"):
+        load_bundle(path)
+
+
 def test_verdict_on_the_distance_with_the_swin_heatmap(fitted, demo_data):
     """image_score: distance takes the verdict's score from the distance map and keeps the Swin's heatmap."""
     bundle = load_bundle(fitted[0])
@@ -291,17 +320,20 @@ def test_standardised_verdict_fits_scores_and_recalibrates(tmp_path, demo_data, 
     calibration refits the maps with its new references."""
     from calibration.fit import calibrate
     from edge_runtime.core.scoring import heatmap_from_blocks, image_score
+    from training_host.config import RefineConfig
     from training_host.training.fit import fit_product
 
     cfg = small_config.model_copy(update={
         "swin": small_config.swin.model_copy(update={"enabled": False}),
-        "scoring": small_config.scoring.model_copy(update={"image_score": "reference_standardised"})})
+        "scoring": small_config.scoring.model_copy(update={"image_score": "reference_standardised",
+                                                           "refine": RefineConfig(guide_radius=4)})})
     out = tmp_path / "std"
     summary = fit_product(cfg, demo_data, out, progress=False)
     bundle = load_bundle(out)
     m, a = bundle.manifest, bundle.arrays
     rd = a["reference_distances"]
-    assert m.scoring.image_score == "reference_standardised"
+    assert m.scoring.image_score == "reference_standardised" and m.schema_version == 4
+    assert m.scoring.refine.guide_radius == 4 and m.scoring.refine.contrast_weight == RefineConfig().contrast_weight
     assert rd.shape == (m.posfar.n_reference_images, *m.backbone.grid) and rd.dtype == np.float16
     assert summary.threshold_estimate["n_leave_one_out"] == 24
     assert m.thresholds.pixel != m.thresholds.image  # the heatmap (raw distance) has a threshold of its own
@@ -325,6 +357,7 @@ def test_standardised_verdict_fits_scores_and_recalibrates(tmp_path, demo_data, 
     calibrate(out, demo_data / "train" / "good", tmp_path / "cal", holdout=0.25, quiet=True)
     cal = load_bundle(tmp_path / "cal")
     assert cal.manifest.scoring.image_score == "reference_standardised"
+    assert cal.manifest.scoring.refine == m.scoring.refine
     assert cal.arrays["reference_distances"].shape == (cal.manifest.posfar.n_reference_images, *m.backbone.grid)
     assert open_inspector(tmp_path / "cal").inspect(image).threshold == cal.manifest.thresholds.image
 

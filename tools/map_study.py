@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge_runtime.core.bundle import load_bundle, sha256_of  # noqa: E402
 from edge_runtime.core.pipeline import Inspector  # noqa: E402
-from edge_runtime.core.preprocess import read_image  # noqa: E402
-from edge_runtime.core.scoring import block_map_score, heatmap_from_blocks  # noqa: E402
+from edge_runtime.core.preprocess import read_image, to_input_tensor  # noqa: E402
+from edge_runtime.core.scoring import HeatmapRefiner, block_map_score, heatmap_from_blocks  # noqa: E402
 from training_host.data.dataset import load_mask, scan_dataset  # noqa: E402
 from training_host.evaluation.metrics import evaluate_maps  # noqa: E402
 
@@ -49,12 +49,13 @@ class Evidence:
     labels: np.ndarray  # (n,) bool
     types: list[str]
     blur_sigma: float
+    guides: np.ndarray  # (n, H, W) the frames' grey inputs, for the heatmap refinement
 
 
 def gather(bundle_path: Path, data_root: Path, engine: str) -> Evidence:
     """Each test image once through the bundle; the bundle's own training defects are left out, as eval does."""
     bundle = load_bundle(bundle_path)
-    inspector = Inspector(bundle, engine=engine)
+    inspector = Inspector(bundle, engine=engine, refine=False)
     scorer, fusion = inspector.scorer, inspector.fusion
     if fusion is None or scorer.standardiser is None:
         raise SystemExit(f"{bundle_path}: needs a bundle with a Swin, fusion scales and reference distances")
@@ -63,9 +64,11 @@ def gather(bundle_path: Path, data_root: Path, engine: str) -> Evidence:
     samples = [s for s in scan_dataset(data_root).test
                if not (s.is_defective and trained_on and sha256_of(s.path) in trained_on)]
     hw = inspector.input_hw
-    dist, swin, verdict, masks = [], [], [], []
+    dist, swin, verdict, masks, guides = [], [], [], [], []
     for sample in samples:
-        extracted = inspector.extract(read_image(sample.path))
+        image = read_image(sample.path)
+        guides.append(to_input_tensor(image, hw, inspector.scale)[0].mean(axis=0))
+        extracted = inspector.extract(image)
         ev = scorer.evidence(extracted.pcf, extracted.descriptor)
         d = ev.distance.reshape(scorer.grid)
         dist.append(d / fusion.distance_scale)
@@ -76,17 +79,20 @@ def gather(bundle_path: Path, data_root: Path, engine: str) -> Evidence:
     return Evidence(name=bundle_path.parent.name if bundle_path.name == "bundle" else bundle_path.name,
                     distance=np.stack(dist), swin=np.stack(swin), verdict=np.array(verdict),
                     masks=np.stack(masks), labels=np.array([s.is_defective for s in samples]),
-                    types=[s.defect_type for s in samples], blur_sigma=scorer.blur_sigma)
+                    types=[s.defect_type for s in samples], blur_sigma=scorer.blur_sigma, guides=np.stack(guides))
 
 
-def heatmaps(ev: Evidence, blocks: np.ndarray) -> np.ndarray:
+def heatmaps(ev: Evidence, blocks: np.ndarray, refiner: HeatmapRefiner | None = None) -> np.ndarray:
     hw = ev.masks.shape[1:]
-    return np.stack([heatmap_from_blocks(b.astype(np.float32), hw, ev.blur_sigma) for b in blocks])
+    maps = [heatmap_from_blocks(b.astype(np.float32), hw, ev.blur_sigma) for b in blocks]
+    if refiner is not None:
+        maps = [refiner(h, g) for h, g in zip(maps, ev.guides, strict=True)]
+    return np.stack(maps)
 
 
-def score(ev: Evidence, blocks: np.ndarray) -> dict:
+def score(ev: Evidence, blocks: np.ndarray, refiner: HeatmapRefiner | None = None) -> dict:
     """Pixel metrics of a block map, overall and per defect type (image scores are the bundle's verdict)."""
-    return evaluate_maps(ev.labels, ev.verdict, ev.masks, heatmaps(ev, blocks), ev.types)
+    return evaluate_maps(ev.labels, ev.verdict, ev.masks, heatmaps(ev, blocks, refiner), ev.types)
 
 
 def _gate(ev: Evidence) -> np.ndarray:
@@ -94,6 +100,14 @@ def _gate(ev: Evidence) -> np.ndarray:
     good = ev.verdict[~ev.labels]
     return 1.0 / (1.0 + np.exp(-(ev.verdict - np.quantile(good, 0.9)) / good.std()))
 
+
+#: the refinements scored on the profile's map: each step alone, and both (the defaults, as the fast profile has them)
+REFINERS: dict[str, HeatmapRefiner] = {
+    "guided filter": HeatmapRefiner(contrast_weight=0.0),
+    "local contrast": HeatmapRefiner(guide_radius=0),
+    "guided filter + local contrast (scoring.refine)": HeatmapRefiner(),
+    "guided filter + local contrast 0.3": HeatmapRefiner(contrast_weight=0.3),
+}
 
 RULES: dict[str, Callable[[Evidence], np.ndarray]] = {
     "distance": lambda e: e.distance,
@@ -114,10 +128,10 @@ def row(name: str, result: dict) -> dict:
     return out
 
 
-def where_top_pixels(ev: Evidence, blocks: np.ndarray) -> list[dict]:
+def where_top_pixels(ev: Evidence, blocks: np.ndarray, refiner: HeatmapRefiner | None = None) -> list[dict]:
     """The map's highest pixels, as many as there are defect pixels in all: inside a mask, within NEAR_PX of
     one, or elsewhere (and how many of those lie in the 16-px border band), per image type."""
-    maps = heatmaps(ev, blocks)
+    maps = heatmaps(ev, blocks, refiner)
     top = maps >= np.quantile(maps, 1.0 - ev.masks.mean())
     kernel = np.ones((2 * NEAR_PX + 1,) * 2, np.uint8)
     near = np.stack([cv2.dilate(m.astype(np.uint8), kernel) > 0 for m in ev.masks]) & ~ev.masks
@@ -156,12 +170,17 @@ def main() -> int:
     evidence = [gather(b, args.data, args.engine) for b in args.bundle]
     sections = []
     all_rows = []
+
+    def add(name: str, result: dict) -> None:
+        all_rows.append(row(name, result))
+        print(f"{name:66s} AP {result['pixel_ap']:.3f}  PRO {result['pro']:.3f}  "
+              f"pixel AUROC {result['pixel_auroc']:.3f}", flush=True)
+
     for ev in evidence:
         for name, rule in RULES.items():
-            r = row(f"{ev.name}: {name}", score(ev, rule(ev)))
-            all_rows.append(r)
-            print(f"{r['rule']:60s} AP {r['pixel_ap']:.3f}  PRO {r['pro']:.3f}  pixel AUROC {r['pixel_auroc']:.3f}",
-                  flush=True)
+            add(f"{ev.name}: {name}", score(ev, rule(ev)))
+        for name, refiner in REFINERS.items():
+            add(f"{ev.name}: mean, refined: {name}", score(ev, RULES["mean (the profile's)"](ev), refiner))
     if len(evidence) > 1:
         first = evidence[0]
         if any(e.masks.shape != first.masks.shape or e.types != first.types for e in evidence[1:]):
@@ -170,16 +189,16 @@ def main() -> int:
         for ev in evidence:
             for name, blocks in ((f"swin of {len(evidence)} seeds", swin),
                                  (f"mean of distance and swin of {len(evidence)} seeds", 0.5 * (swin + ev.distance))):
-                r = row(f"{ev.name}: {name}", score(ev, blocks))
-                all_rows.append(r)
-                print(f"{r['rule']:60s} AP {r['pixel_ap']:.3f}  PRO {r['pro']:.3f}", flush=True)
+                add(f"{ev.name}: {name}", score(ev, blocks))
     types = list(dict.fromkeys(t for t in evidence[0].types if t != "good"))
     keys = ["rule", "pixel_ap", "pro", "pixel_auroc"] + [f"{t}_{k}" for t in types for k in ("ap", "pro")]
     sections.append("## Final-map rules (pixel metrics; the fusion scales are each bundle's own)\n\n"
                     + markdown(all_rows, keys))
-    top = where_top_pixels(evidence[0], RULES["mean (the profile's)"](evidence[0]))
-    sections.append(f"## Where {evidence[0].name}'s map puts its highest pixels (as many as all defect pixels)\n\n"
-                    + markdown(top, list(top[0])))
+    first = evidence[0]
+    for label, refiner in (("unrefined", None), ("refined (scoring.refine)", HeatmapRefiner())):
+        top = where_top_pixels(first, RULES["mean (the profile's)"](first), refiner)
+        sections.append(f"## Where {first.name}'s map, {label}, puts its highest pixels (as many as all defect "
+                        f"pixels)\n\n" + markdown(top, list(top[0])))
     text = "\n\n".join(sections) + "\n"
     print(text)
     if args.out:

@@ -159,7 +159,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     metrics = evaluate_bundle(Path(args.bundle), Path(args.data), Path(args.out), overlays=args.overlays,
                               progress=not args.json, anomaly_map=args.anomaly_map,
                               use_foreground=not args.no_foreground, fusion_rule=args.fusion_rule,
-                              image_score=args.image_score, logical_verdict=args.verdict, engine=args.engine)
+                              image_score=args.image_score, logical_verdict=args.verdict, engine=args.engine,
+                              refine=not args.no_refine)
     if args.json:
         print(json.dumps(metrics))
         return 0
@@ -298,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "standardised per position (against all reference images, or the K retrieved) "
                                       "instead of the bundle's way")
     p.add_argument("--no-foreground", action="store_true", help="ignore the bundle's foreground maps (ablation)")
+    p.add_argument("--no-refine", action="store_true",
+                   help="leave out the bundle's heatmap refinement by the frame, scoring.refine (ablation)")
     p.add_argument("--verdict", choices=["fused", "structural", "logical"], default="fused",
                    help="with a logical score in the bundle: its fused verdict (default), or the structural or the "
                         "logical score alone (ablation)")

@@ -53,6 +53,16 @@ class PosFARConfig(_Section):
     thetas: list[float] = [1.0, 2.0]
 
 
+class RefineConfig(_Section):
+    """The heatmap shaped back onto the frame's pixels (``edge_runtime.core.scoring.HeatmapRefiner``)."""
+
+    guide_radius: int = Field(default=8, ge=0, description="guided filter radius in input pixels (0: none)")
+    guide_eps: float = Field(default=1e-3, gt=0.0, description="guided filter regularisation (grey in [0, 1])")
+    contrast_weight: float = Field(default=0.15, ge=0.0, description="heat times 1 + this x local contrast")
+    contrast_sigma: float = Field(default=4.0, gt=0.0, description="local contrast against a Gaussian mean of "
+                                                                   "twice this sigma")
+
+
 class ScoringConfig(_Section):
     blur_sigma: float = Field(default=4.0, ge=0.0)
     score_pool: int = Field(default=24, ge=1)
@@ -65,6 +75,9 @@ class ScoringConfig(_Section):
                                    "map's with each block standardised against the good images' distances at its "
                                    "position: all reference images' ('standardised') or the K retrieved ones' "
                                    "('reference_standardised'); with or without a Swin")
+    refine: RefineConfig | None = Field(
+        default=None, description="the heatmap refined by the frame's own pixels (a guided filter, then local "
+                                  "contrast); null: the blurred block map")
 
 
 class SwinConfig(_Section):

@@ -31,10 +31,12 @@ if TYPE_CHECKING:
 
 SCHEMA_VERSION = 2
 #: schema 1 is the distance-only slice (no swin, foreground or training sections); still served as it was
-SUPPORTED_SCHEMAS = (1, 2, 3)
+SUPPORTED_SCHEMAS = (1, 2, 3, 4)
 #: schema 3 adds the logical (component) score; a bundle carries it only when it has that section, so a bundle
 #: without one stays readable by schema-2 runtimes, and one with it is refused by them by its version
 LOGICAL_SCHEMA_VERSION = 3
+#: schema 4 adds the heatmap refinement (scoring.refine), likewise only in the bundles that have it
+REFINE_SCHEMA_VERSION = 4
 MANIFEST = "manifest.json"
 BACKBONE = "backbone.onnx"
 SWIN = "swin.onnx"
@@ -171,6 +173,15 @@ class FusionInfo(_Strict):
     quantile: float = Field(gt=0, lt=1)
 
 
+class RefineInfo(_Strict):
+    """The heatmap refined by the frame itself (``scoring.HeatmapRefiner``): a guided filter, then local contrast."""
+
+    guide_radius: int = Field(ge=0)
+    guide_eps: float = Field(gt=0)
+    contrast_weight: float = Field(ge=0)
+    contrast_sigma: float = Field(gt=0)
+
+
 class ScoringInfo(_Strict):
     anomaly_map: Literal["nn_distance", "swin", "fused"] = "nn_distance"
     blur_sigma: float
@@ -181,6 +192,7 @@ class ScoringInfo(_Strict):
     # map's standardised per position against the array reference_distances: all reference images
     # ("standardised") or the K retrieved for the image ("reference_standardised")
     image_score: Literal["map", "distance", "standardised", "reference_standardised"] = "map"
+    refine: RefineInfo | None = None  # absent: the heatmap is the blurred block map, as before
 
 
 class Thresholds(_Strict):
@@ -334,6 +346,9 @@ def _read_manifest(root: Path) -> Manifest:
     if manifest.logical is not None and manifest.schema_version < LOGICAL_SCHEMA_VERSION:
         raise BundleError(MANIFEST, f"a logical section needs schema version {LOGICAL_SCHEMA_VERSION}, the manifest "
                                     f"says {manifest.schema_version}")
+    if manifest.scoring.refine is not None and manifest.schema_version < REFINE_SCHEMA_VERSION:
+        raise BundleError(MANIFEST, f"scoring.refine needs schema version {REFINE_SCHEMA_VERSION}, the manifest says "
+                                    f"{manifest.schema_version}")
     if (manifest.scoring.anomaly_map in ("swin", "fused")) != (manifest.swin is not None):
         raise BundleError(MANIFEST, f"scoring.anomaly_map is '{manifest.scoring.anomaly_map}' but the swin section "
                                     f"is {'present' if manifest.swin else 'absent'}")

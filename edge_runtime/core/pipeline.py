@@ -34,7 +34,7 @@ from .matching import MemoryBank, NearestSearch, posfar_residual
 from .pca import PCA
 from .preprocess import to_input_tensor
 from .retrieval import ReferenceIndex
-from .scoring import DistanceStandardiser, Region, block_map_score, defect_regions, heatmap_from_blocks
+from .scoring import DistanceStandardiser, HeatmapRefiner, Region, block_map_score, defect_regions, heatmap_from_blocks
 
 if TYPE_CHECKING:
     from .device_pipeline import DeviceGraphs, DevicePipeline
@@ -332,6 +332,7 @@ class Extracted:
     pcf: np.ndarray | None
     descriptor: np.ndarray | None
     timings_ms: dict[str, float]
+    guide: np.ndarray | None = None  # the frame's grey input (H, W), when the bundle refines its heatmap
 
 
 @dataclass
@@ -368,7 +369,8 @@ class Inspector:
     ``fused`` with ``fusion_rule``), or ``image_score`` other than its own (``map``: the heatmap's pooled max;
     ``distance``: the distance map's, with the heatmap still from the Swin; ``standardised`` and
     ``reference_standardised``: the distance map's standardised per position), is for evaluation: the bundle's
-    thresholds belong to its own scores and must then be read as unset.
+    thresholds belong to its own scores and must then be read as unset.  ``refine=False`` leaves out the
+    bundle's heatmap refinement (``scoring.refine``), to measure what it does.
 
     ``engine`` is the engine switch (``engines.ENGINE_NAMES``; ``auto`` picks by ``engines.AUTO_ORDER``); the
     choice is in ``engines`` (None when the caller hands in its own ``backbone``).
@@ -379,7 +381,7 @@ class Inspector:
                  use_foreground: bool = True, fusion_rule: Literal["mean", "geometric", "max"] | None = None,
                  image_score: ImageScore | None = None,
                  logical_verdict: Literal["fused", "structural", "logical"] = "fused", engine: str = "cpu",
-                 device: str = "CPU", engines: EngineSet | None = None) -> None:
+                 device: str = "CPU", engines: EngineSet | None = None, refine: bool = True) -> None:
         self.bundle = bundle
         m = bundle.manifest
         self.input_hw = tuple(m.preprocessing.input_size)
@@ -420,6 +422,8 @@ class Inspector:
         self.logical_verdict = logical_verdict if m.logical is not None else "structural"
         self.threshold = m.thresholds.image
         self.pixel_threshold = m.thresholds.pixel
+        r = m.scoring.refine
+        self.refiner = HeatmapRefiner(**r.model_dump()) if (refine and r is not None) else None
         self.budget_ms = m.latency_budget_ms
         self.device_pipeline = None
         if self.engines is not None and self.engines.device is not None:
@@ -461,13 +465,15 @@ class Inspector:
         :meth:`conclude` when ``overlap_frames`` is on."""
         t0 = time.perf_counter()
         tensor = to_input_tensor(image_rgb, self.input_hw, self.scale)
+        guide = tensor[0].mean(axis=0) if self.refiner is not None else None
         t1 = time.perf_counter()
         if self.device_pipeline is not None:
-            return Extracted(tensor=tensor, pcf=None, descriptor=None, timings_ms={"preprocess": (t1 - t0) * 1e3})
+            return Extracted(tensor=tensor, pcf=None, descriptor=None, timings_ms={"preprocess": (t1 - t0) * 1e3},
+                             guide=guide)
         out = self.backbone.run({"image": tensor})
         t2 = time.perf_counter()
         return Extracted(tensor=None, pcf=out["pcf"][0], descriptor=out["descriptor"][0],
-                         timings_ms={"preprocess": (t1 - t0) * 1e3, "backbone": (t2 - t1) * 1e3})
+                         timings_ms={"preprocess": (t1 - t0) * 1e3, "backbone": (t2 - t1) * 1e3}, guide=guide)
 
     def conclude(self, extracted: Extracted) -> InspectionResult:
         """A frame's second half: retrieval, matching, Swin, heatmap, score, verdict and regions."""
@@ -476,8 +482,13 @@ class Inspector:
             scored = self._device_scored(extracted.tensor)
         else:
             scored = self.scorer.score(extracted.pcf, extracted.descriptor)
+        heatmap = scored.heatmap
+        if self.refiner is not None:
+            if extracted.guide is None:
+                raise ValueError("this bundle refines its heatmap by the frame: extract the frame with this inspector")
+            heatmap = self.refiner(heatmap, extracted.guide)
         fail = scored.score >= self.threshold
-        regions = defect_regions(scored.heatmap, self.pixel_threshold) if fail else []
+        regions = defect_regions(heatmap, self.pixel_threshold) if fail else []
         t3 = time.perf_counter()
         timings = {**extracted.timings_ms, **scored.timings_ms}
         timings["postprocess"] += (t3 - t2) * 1e3 - sum(scored.timings_ms.values())
@@ -489,7 +500,7 @@ class Inspector:
                         "components": scored.component_areas}
         return InspectionResult(
             score=scored.score, verdict="fail" if fail else "pass", threshold=self.threshold,
-            heatmap=scored.heatmap, regions=regions, timings_ms=timings,
+            heatmap=heatmap, regions=regions, timings_ms=timings,
             over_budget=timings["total"] > self.budget_ms, evidence=evidence,
         )
 

@@ -55,6 +55,91 @@ def block_map_score(block_map: np.ndarray, size_hw: tuple[int, int], sigma: floa
     return float(_filtered(block_map, size_hw, sigma, pool).max())
 
 
+@dataclass(frozen=True)
+class HeatmapRefiner:
+    """The heatmap shaped back onto the frame's own pixels, so that small defects rank first inside it.
+
+    Blocks are 8 px and the heatmap is their bilinear upsampling, blurred: a pit or a thin crack becomes a
+    blob several times its size, centred near it, and pixel AP and PRO score the pixels.  Two steps use the
+    frame itself (its grey input, the guide):
+
+    1. a guided filter (He et al., TPAMI 2013) of ``guide_radius`` px and regularisation ``guide_eps``: an
+       edge-aware smoothing that keeps each window's mean heat but lets it follow the image's edges;
+    2. each pixel's heat times ``1 + contrast_weight * c``, where ``c`` is the pixel's local contrast
+       (``|grey - its Gaussian mean of 2 * contrast_sigma|``, blurred by 1.5 px) over the frame's own 99th
+       percentile (at least ``CONTRAST_FLOOR``), clipped at ``CONTRAST_CLIP``: within a hot region the dark pit or the crack line comes
+       first, and a flat region keeps its heat.
+
+    The threshold on heat (``thresholds.pixel``) and the image score stay on the unrefined map's scale, which
+    the refinement changes by at most the factor ``1 + contrast_weight * CONTRAST_CLIP``.  Measured on MTD
+    (fast profile, seeds 0 / 1 / 2, ``tools/map_study.py``): pixel AP +1.0 / +0.7 / +1.1 points, PRO +1.5 /
+    +1.6 / +1.5, blowhole AP 0.22 -> 0.43 at seed 0.
+    """
+
+    guide_radius: int = 8
+    guide_eps: float = 1e-3
+    contrast_weight: float = 0.15
+    contrast_sigma: float = 4.0
+
+    #: a pixel's contrast counts at most this many times the frame's 99th percentile
+    CONTRAST_CLIP = 3.0
+    #: ... and that percentile is at least 2 grey levels, so a flat frame's sensor noise is not made contrast
+    CONTRAST_FLOOR = 2.0 / 255.0
+
+    def __post_init__(self) -> None:
+        if self.guide_radius < 0 or not self.guide_eps > 0:
+            raise ValueError(f"guide_radius must be >= 0 and guide_eps > 0, got {self.guide_radius}, "
+                             f"{self.guide_eps}")
+        if self.contrast_weight < 0 or not self.contrast_sigma > 0:
+            raise ValueError(f"contrast_weight must be >= 0 and contrast_sigma > 0, got {self.contrast_weight}, "
+                             f"{self.contrast_sigma}")
+
+    def __call__(self, heatmap: np.ndarray, guide: np.ndarray) -> np.ndarray:
+        """``heatmap`` (H, W) float32 and ``guide`` (H, W), the frame's grey input in [0, 1]."""
+        h = np.asarray(heatmap, dtype=np.float32)
+        g = np.asarray(guide, dtype=np.float32)
+        if g.shape != h.shape:
+            raise ValueError(f"the guide {g.shape} must have the heatmap's shape {h.shape}")
+        if self.guide_radius > 0:
+            h = self._guided(h, g)
+        if self.contrast_weight > 0:
+            h = h * (1.0 + np.float32(self.contrast_weight) * self._contrast(g))
+        return h
+
+    def _guided(self, p: np.ndarray, g: np.ndarray) -> np.ndarray:
+        """He and Sun's fast guided filter: the local linear model (a, b) at half resolution, applied to the
+        full-resolution guide (the heat is smooth at that scale; 0.2 ms instead of 0.7 ms at 256x256)."""
+        h, w = g.shape
+        small = (max(1, w // 2), max(1, h // 2))
+        gs = cv2.resize(g, small, interpolation=cv2.INTER_AREA)
+        ps = cv2.resize(p, small, interpolation=cv2.INTER_AREA)
+        k = (2 * max(1, self.guide_radius // 2) + 1,) * 2
+
+        def box(x: np.ndarray) -> np.ndarray:
+            return cv2.boxFilter(x, -1, k, borderType=cv2.BORDER_REFLECT)
+
+        mean_g, mean_p = box(gs), box(ps)
+        var_g = box(gs * gs) - mean_g * mean_g
+        a = (box(gs * ps) - mean_g * mean_p) / (var_g + np.float32(self.guide_eps))
+        b = mean_p - a * mean_g
+        a = cv2.resize(box(a), (w, h), interpolation=cv2.INTER_LINEAR)
+        b = cv2.resize(box(b), (w, h), interpolation=cv2.INTER_LINEAR)
+        return a * g + b
+
+    def _contrast(self, g: np.ndarray) -> np.ndarray:
+        h, w = g.shape
+        # the local mean is smooth: a quarter-size blur, upsampled, is the full-size one to a fraction of a grey level
+        small = cv2.resize(g, (max(1, w // 4), max(1, h // 4)), interpolation=cv2.INTER_AREA)
+        mean = cv2.resize(cv2.GaussianBlur(small, (0, 0), 0.5 * self.contrast_sigma, borderType=cv2.BORDER_REFLECT),
+                          (w, h), interpolation=cv2.INTER_LINEAR)
+        dev = np.abs(g - mean)
+        sample = dev[::2, ::2].ravel()
+        rank = int(0.99 * (sample.size - 1))
+        q = float(np.partition(sample, rank)[rank])
+        c = np.minimum(dev / np.float32(max(q, self.CONTRAST_FLOOR)), np.float32(self.CONTRAST_CLIP))
+        return cv2.GaussianBlur(c, (0, 0), 1.5, borderType=cv2.BORDER_REFLECT)
+
+
 class DistanceStandardiser:
     """Each block's distance as a z-score against good images' distances at that position.
 

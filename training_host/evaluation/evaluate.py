@@ -71,7 +71,7 @@ def curve_data(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: 
 def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int = 0, progress: bool = True,
                     anomaly_map: str | None = None, use_foreground: bool = True, logical_verdict: str = "fused",
                     also_exclude: set[str] | frozenset[str] = frozenset(), fusion_rule: str | None = None,
-                    image_score: str | None = None, engine: str = "cpu") -> dict:
+                    image_score: str | None = None, engine: str = "cpu", refine: bool = True) -> dict:
     """Run every test image through the bundle; return and write the metrics.
 
     Defective images the bundle was trained on (listed with their sha256 in its manifest) are left out,
@@ -82,7 +82,7 @@ def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int
     inspector = Inspector(bundle, anomaly_map=anomaly_map, use_foreground=use_foreground,
                           logical_verdict=logical_verdict,
                           fusion_rule=fusion_rule,
-                          image_score=image_score, engine=engine)
+                          image_score=image_score, engine=engine, refine=refine)
     dataset = scan_dataset(data_root)
     m = bundle.manifest
     trained_on = {d.sha256 for d in m.training.defect_images} if m.training else set()
@@ -160,6 +160,7 @@ def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int
         "anomaly_map": inspector.anomaly_map,
         "fusion_rule": inspector.fusion.rule if inspector.fusion is not None else None,
         "image_score": inspector.image_score,
+        "heatmap_refined": inspector.refiner is not None,
         "engine": inspector.engines.name if inspector.engines is not None else None,
         "foreground": bool(m.foreground is not None and use_foreground),
         "logical_verdict": inspector.logical_verdict if m.logical is not None else None,
@@ -179,7 +180,8 @@ def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int
                                       + (f"residual Swin (depth {m.swin.depth})" if m.swin else "distance only")
                                       + (f", trained {m.training.mode}" if m.training else "")),
              ("map evaluated", f"{inspector.anomaly_map}, image score from {inspector.image_score}"
-                               + (f", fusion {metrics['fusion_rule']}" if metrics["fusion_rule"] else "")),
+                               + (f", fusion {metrics['fusion_rule']}" if metrics["fusion_rule"] else "")
+                               + (", heatmap refined by the frame" if inspector.refiner is not None else "")),
              ("supervision", supervision), ("data", metrics["data"]), ("evaluated at", metrics["evaluated_at"]),
              ("threshold", f"{inspector.threshold:.6g} (bundle, target false-reject rate "
                            f"{m.thresholds.target_false_reject:.2%})" if own_map else "none for this map"),

@@ -465,7 +465,8 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
                                    onnx_max_abs_diff=trained.onnx_diff)
             files[B.SWIN] = trained.onnx_path
         manifest = B.Manifest(
-            schema_version=B.LOGICAL_SCHEMA_VERSION if logical_info is not None else B.SCHEMA_VERSION,
+            schema_version=(B.REFINE_SCHEMA_VERSION if cfg.scoring.refine is not None
+                            else B.LOGICAL_SCHEMA_VERSION if logical_info is not None else B.SCHEMA_VERSION),
             product=cfg.product,
             bundle_version=time.strftime("%Y%m%d-%H%M%S"),
             created_at=B.now_iso(),
@@ -484,7 +485,9 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
                                 n_bank=int(fitted.bank.shape[0])),
             scoring=B.ScoringInfo(anomaly_map=("fused" if fusion else "swin") if trained else "nn_distance",
                                   blur_sigma=cfg.scoring.blur_sigma, score_pool=cfg.scoring.score_pool,
-                                  fusion=fusion_info, image_score=image_score),
+                                  fusion=fusion_info, image_score=image_score,
+                                  refine=(B.RefineInfo(**cfg.scoring.refine.model_dump())
+                                          if cfg.scoring.refine is not None else None)),
             thresholds=B.Thresholds.from_estimate(choice, pixel_choice),
             latency_budget_ms=cfg.latency_budget_ms,
             swin=swin_info,
