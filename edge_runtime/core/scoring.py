@@ -67,8 +67,8 @@ class HeatmapRefiner:
        edge-aware smoothing that keeps each window's mean heat but lets it follow the image's edges;
     2. each pixel's heat times ``1 + contrast_weight * c``, where ``c`` is the pixel's local contrast
        (``|grey - its Gaussian mean of 2 * contrast_sigma|``, blurred by 1.5 px) over the frame's own 99th
-       percentile (at least ``CONTRAST_FLOOR``), clipped at ``CONTRAST_CLIP``: within a hot region the dark pit or the crack line comes
-       first, and a flat region keeps its heat.
+       percentile (at least ``CONTRAST_FLOOR``), clipped at ``CONTRAST_CLIP``: within a hot region the dark
+       pit or the crack line comes first, and a flat region keeps its heat.
 
     The threshold on heat (``thresholds.pixel``) and the image score stay on the unrefined map's scale, which
     the refinement changes by at most the factor ``1 + contrast_weight * CONTRAST_CLIP``.  Measured on MTD
