@@ -107,6 +107,7 @@ REFINERS: dict[str, HeatmapRefiner] = {
     "local contrast": HeatmapRefiner(guide_radius=0),
     "guided filter + local contrast (scoring.refine)": HeatmapRefiner(),
     "guided filter + local contrast 0.3": HeatmapRefiner(contrast_weight=0.3),
+    "guided filter radius 16 + local contrast": HeatmapRefiner(guide_radius=16),
 }
 
 RULES: dict[str, Callable[[Evidence], np.ndarray]] = {
