@@ -258,7 +258,7 @@ def test_a_bundle_that_refines_its_heatmap_refines_it_by_the_frame(fitted, demo_
     refined = Inspector(bundle).inspect(image)
     plain = Inspector(bundle, refine=False).inspect(image)
     assert Inspector(load_bundle(fitted[0])).refiner is None  # a bundle without the section: as before
-    guide = to_input_tensor(image, tuple(bundle.manifest.preprocessing.input_size))[0].mean(axis=0)
+    guide = to_input_tensor(image, tuple(bundle.manifest.preprocessing.input_size))[0].mean(axis=0)  # numpy's own
     assert np.allclose(refined.heatmap, HeatmapRefiner(**settings)(plain.heatmap, guide), atol=1e-6)
     assert not np.allclose(refined.heatmap, plain.heatmap)
     assert refined.score == plain.score and refined.verdict == plain.verdict  # the verdict is not the heatmap's

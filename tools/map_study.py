@@ -67,7 +67,7 @@ def gather(bundle_path: Path, data_root: Path, engine: str) -> Evidence:
     dist, swin, verdict, masks, guides = [], [], [], [], []
     for sample in samples:
         image = read_image(sample.path)
-        guides.append(to_input_tensor(image, hw, inspector.scale)[0].mean(axis=0))
+        guides.append(HeatmapRefiner.guide_of(to_input_tensor(image, hw, inspector.scale)))
         extracted = inspector.extract(image)
         ev = scorer.evidence(extracted.pcf, extracted.descriptor)
         d = ev.distance.reshape(scorer.grid)

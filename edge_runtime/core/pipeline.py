@@ -465,7 +465,7 @@ class Inspector:
         :meth:`conclude` when ``overlap_frames`` is on."""
         t0 = time.perf_counter()
         tensor = to_input_tensor(image_rgb, self.input_hw, self.scale)
-        guide = tensor[0].mean(axis=0) if self.refiner is not None else None
+        guide = HeatmapRefiner.guide_of(tensor) if self.refiner is not None else None
         t1 = time.perf_counter()
         if self.device_pipeline is not None:
             return Extracted(tensor=tensor, pcf=None, descriptor=None, timings_ms={"preprocess": (t1 - t0) * 1e3},

@@ -66,9 +66,9 @@ class HeatmapRefiner:
     1. a guided filter (He et al., TPAMI 2013) of ``guide_radius`` px and regularisation ``guide_eps``: an
        edge-aware smoothing that keeps each window's mean heat but lets it follow the image's edges;
     2. each pixel's heat times ``1 + contrast_weight * c``, where ``c`` is the pixel's local contrast
-       (``|grey - its Gaussian mean of 2 * contrast_sigma|``, blurred by 1.5 px) over the frame's own 99th
-       percentile (at least ``CONTRAST_FLOOR``), clipped at ``CONTRAST_CLIP``: within a hot region the dark
-       pit or the crack line comes first, and a flat region keeps its heat.
+       (``|grey - its Gaussian mean of 2 * contrast_sigma|``, averaged over 2x2 pixels and blurred by 1.5 px)
+       over the frame's own 99th percentile (at least ``CONTRAST_FLOOR``), clipped at ``CONTRAST_CLIP``: within a
+       hot region the dark pit or the crack line comes first, and a flat region keeps its heat.
 
     The threshold on heat (``thresholds.pixel``) and the image score stay on the unrefined map's scale, which
     the refinement changes by at most the factor ``1 + contrast_weight * CONTRAST_CLIP``.  Measured on MTD
@@ -94,50 +94,67 @@ class HeatmapRefiner:
             raise ValueError(f"contrast_weight must be >= 0 and contrast_sigma > 0, got {self.contrast_weight}, "
                              f"{self.contrast_sigma}")
 
+    @staticmethod
+    def guide_of(tensor: np.ndarray) -> np.ndarray:
+        """The guide of a backbone input (1, 3, H, W) in [0, 1]: its channels' mean (H, W).  By three strided
+        slices, not ``mean(axis=0)``: the input keeps the decoded image's pixel-interleaved layout, where numpy's
+        reduction takes 0.8 ms at 256x256 against 0.05 ms."""
+        return (tensor[0, 0] + tensor[0, 1] + tensor[0, 2]) * np.float32(1.0 / 3.0)
+
     def __call__(self, heatmap: np.ndarray, guide: np.ndarray) -> np.ndarray:
-        """``heatmap`` (H, W) float32 and ``guide`` (H, W), the frame's grey input in [0, 1]."""
+        """``heatmap`` (H, W) float32 and ``guide`` (H, W), the frame's grey input in [0, 1] (:meth:`guide_of`).
+
+        The local models and the contrast are computed at half resolution and applied to the full-resolution
+        guide and heat in place (He and Sun's fast guided filter): four full-size arrays per frame instead of a
+        dozen, 0.3 ms at 256x256 (the heat and the contrast weight are smooth at that scale; a pit's contrast is
+        taken at full resolution before it is averaged down)."""
         h = np.asarray(heatmap, dtype=np.float32)
         g = np.asarray(guide, dtype=np.float32)
         if g.shape != h.shape:
             raise ValueError(f"the guide {g.shape} must have the heatmap's shape {h.shape}")
+        rows, cols = g.shape
+        half = (max(1, cols // 2), max(1, rows // 2))
+        g_half = cv2.resize(g, half, interpolation=cv2.INTER_AREA)
         if self.guide_radius > 0:
-            h = self._guided(h, g)
+            a, b = self._linear_model(cv2.resize(h, half, interpolation=cv2.INTER_AREA), g_half)
+            out = cv2.resize(a, (cols, rows), interpolation=cv2.INTER_LINEAR)
+            out *= g
+            out += cv2.resize(b, (cols, rows), interpolation=cv2.INTER_LINEAR)
+        else:
+            out = h.copy()
         if self.contrast_weight > 0:
-            h = h * (1.0 + np.float32(self.contrast_weight) * self._contrast(g))
-        return h
+            out *= cv2.resize(self._contrast_factor(g, half), (cols, rows), interpolation=cv2.INTER_LINEAR)
+        return out
 
-    def _guided(self, p: np.ndarray, g: np.ndarray) -> np.ndarray:
-        """He and Sun's fast guided filter: the local linear model (a, b) at half resolution, applied to the
-        full-resolution guide (the heat is smooth at that scale; 0.2 ms instead of 0.7 ms at 256x256)."""
-        h, w = g.shape
-        small = (max(1, w // 2), max(1, h // 2))
-        gs = cv2.resize(g, small, interpolation=cv2.INTER_AREA)
-        ps = cv2.resize(p, small, interpolation=cv2.INTER_AREA)
+    def _linear_model(self, p: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The guided filter's per-pixel (a, b), box-averaged, of heat ``p`` on guide ``g`` (both half size)."""
         k = (2 * max(1, self.guide_radius // 2) + 1,) * 2
 
         def box(x: np.ndarray) -> np.ndarray:
             return cv2.boxFilter(x, -1, k, borderType=cv2.BORDER_REFLECT)
 
-        mean_g, mean_p = box(gs), box(ps)
-        var_g = box(gs * gs) - mean_g * mean_g
-        a = (box(gs * ps) - mean_g * mean_p) / (var_g + np.float32(self.guide_eps))
+        mean_g, mean_p = box(g), box(p)
+        var_g = box(g * g) - mean_g * mean_g
+        a = (box(g * p) - mean_g * mean_p) / (var_g + np.float32(self.guide_eps))
         b = mean_p - a * mean_g
-        a = cv2.resize(box(a), (w, h), interpolation=cv2.INTER_LINEAR)
-        b = cv2.resize(box(b), (w, h), interpolation=cv2.INTER_LINEAR)
-        return a * g + b
+        return box(a), box(b)
 
-    def _contrast(self, g: np.ndarray) -> np.ndarray:
-        h, w = g.shape
-        # the local mean is smooth: a quarter-size blur, upsampled, is the full-size one to a fraction of a grey level
-        small = cv2.resize(g, (max(1, w // 4), max(1, h // 4)), interpolation=cv2.INTER_AREA)
-        mean = cv2.resize(cv2.GaussianBlur(small, (0, 0), 0.5 * self.contrast_sigma, borderType=cv2.BORDER_REFLECT),
-                          (w, h), interpolation=cv2.INTER_LINEAR)
-        dev = np.abs(g - mean)
-        sample = dev[::2, ::2].ravel()
-        rank = int(0.99 * (sample.size - 1))
-        q = float(np.partition(sample, rank)[rank])
-        c = np.minimum(dev / np.float32(max(q, self.CONTRAST_FLOOR)), np.float32(self.CONTRAST_CLIP))
-        return cv2.GaussianBlur(c, (0, 0), 1.5, borderType=cv2.BORDER_REFLECT)
+    def _contrast_factor(self, g: np.ndarray, half: tuple[int, int]) -> np.ndarray:
+        """``1 + contrast_weight * c`` at half size: |g - local mean| at full size, then averaged down."""
+        rows, cols = g.shape
+        quarter = cv2.resize(g, (max(1, cols // 4), max(1, rows // 4)), interpolation=cv2.INTER_AREA)
+        dev = cv2.resize(cv2.GaussianBlur(quarter, (0, 0), 0.5 * self.contrast_sigma, borderType=cv2.BORDER_REFLECT),
+                         (cols, rows), interpolation=cv2.INTER_LINEAR)
+        np.subtract(g, dev, out=dev)
+        np.abs(dev, out=dev)
+        c = cv2.resize(dev, half, interpolation=cv2.INTER_AREA)
+        rank = int(0.99 * (c.size - 1))
+        q = max(float(np.partition(c.ravel(), rank)[rank]), self.CONTRAST_FLOOR)
+        np.minimum(c, np.float32(self.CONTRAST_CLIP * q), out=c)
+        c = cv2.GaussianBlur(c, (0, 0), 0.75, borderType=cv2.BORDER_REFLECT)
+        c *= np.float32(self.contrast_weight / q)
+        c += np.float32(1.0)
+        return c
 
 
 class DistanceStandardiser:
