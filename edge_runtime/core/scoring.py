@@ -72,8 +72,8 @@ class HeatmapRefiner:
 
     The threshold on heat (``thresholds.pixel``) and the image score stay on the unrefined map's scale, which
     the refinement changes by at most the factor ``1 + contrast_weight * CONTRAST_CLIP``.  Measured on MTD
-    (fast profile, seeds 0 / 1 / 2, ``tools/map_study.py``): pixel AP +1.1 / +0.7 / +1.1 points, PRO +1.4 /
-    +1.5 / +1.5, blowhole AP 0.22 -> 0.45 at seed 0.
+    (fast profile, seeds 0 / 1 / 2, ``tools/map_study.py``): pixel AP +1.1 / +0.7 / +1.2 points, PRO +1.6 /
+    +1.7 / +1.6, blowhole AP 0.22 -> 0.46 at seed 0.
     """
 
     guide_radius: int = 8
