@@ -113,17 +113,18 @@ class HeatmapRefiner:
         if g.shape != h.shape:
             raise ValueError(f"the guide {g.shape} must have the heatmap's shape {h.shape}")
         rows, cols = g.shape
-        half = (max(1, cols // 2), max(1, rows // 2))
+        full, half = (cols, rows), (max(1, cols // 2), max(1, rows // 2))
+        factor = self._contrast_factor(g, half) if self.contrast_weight > 0 else None
+        if self.guide_radius == 0:
+            return h * cv2.resize(factor, full, interpolation=cv2.INTER_LINEAR) if factor is not None else h.copy()
         g_half = cv2.resize(g, half, interpolation=cv2.INTER_AREA)
-        if self.guide_radius > 0:
-            a, b = self._linear_model(cv2.resize(h, half, interpolation=cv2.INTER_AREA), g_half)
-            out = cv2.resize(a, (cols, rows), interpolation=cv2.INTER_LINEAR)
-            out *= g
-            out += cv2.resize(b, (cols, rows), interpolation=cv2.INTER_LINEAR)
-        else:
-            out = h.copy()
-        if self.contrast_weight > 0:
-            out *= cv2.resize(self._contrast_factor(g, half), (cols, rows), interpolation=cv2.INTER_LINEAR)
+        a, b = self._linear_model(cv2.resize(h, half, interpolation=cv2.INTER_AREA), g_half)
+        if factor is not None:  # (a g + b) f = (a f) g + (b f): the smooth factor folded in at half size
+            a *= factor
+            b *= factor
+        out = cv2.resize(a, full, interpolation=cv2.INTER_LINEAR)
+        out *= g
+        out += cv2.resize(b, full, interpolation=cv2.INTER_LINEAR)
         return out
 
     def _linear_model(self, p: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
