@@ -70,8 +70,9 @@ class HeatmapRefiner:
        over the frame's own 99th percentile (at least ``CONTRAST_FLOOR``), clipped at ``CONTRAST_CLIP``: within a
        hot region the dark pit or the crack line comes first, and a flat region keeps its heat.
 
-    The threshold on heat (``thresholds.pixel``) and the image score stay on the unrefined map's scale, which
-    the refinement changes by at most the factor ``1 + contrast_weight * CONTRAST_CLIP``.  Measured on MTD
+    The threshold on heat (``thresholds.pixel``) and the image score stay on the unrefined map's scale: the
+    guided filter keeps each window's mean heat and the contrast factor is at most ``1 + contrast_weight *
+    CONTRAST_CLIP``.  Measured on MTD
     (fast profile, seeds 0 / 1 / 2, ``tools/map_study.py``): pixel AP +1.1 / +0.7 / +1.2 points, PRO +1.6 /
     +1.7 / +1.6, blowhole AP 0.22 -> 0.46 at seed 0.
     """
