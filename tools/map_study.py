@@ -182,6 +182,8 @@ def main() -> int:
             add(f"{ev.name}: {name}", score(ev, rule(ev)))
         for name, refiner in REFINERS.items():
             add(f"{ev.name}: mean, refined: {name}", score(ev, RULES["mean (the profile's)"](ev), refiner))
+        for name in ("0.4 swin + 0.6 distance", "0.3 swin + 0.7 distance"):
+            add(f"{ev.name}: {name}, refined (scoring.refine)", score(ev, RULES[name](ev), HeatmapRefiner()))
     if len(evidence) > 1:
         first = evidence[0]
         if any(e.masks.shape != first.masks.shape or e.types != first.types for e in evidence[1:]):
