@@ -30,7 +30,14 @@ from edge_runtime.core.components import Components, LogicalScoring, Standardisa
 from edge_runtime.core.fitting import BankBuilder, split_holdout
 from edge_runtime.core.foreground import ForegroundBuilder
 from edge_runtime.core.matching import matcher_graph_rows, rows_per_image
-from edge_runtime.core.pipeline import STANDARDISED, Inspector, MapFusion, PosFARScorer, open_inspector
+from edge_runtime.core.pipeline import (
+    DEFAULT_SWIN_WEIGHT,
+    STANDARDISED,
+    Inspector,
+    MapFusion,
+    PosFARScorer,
+    open_inspector,
+)
 from edge_runtime.core.scoring import DistanceStandardiser
 from edge_runtime.core.signing import sign_bundle
 from edge_runtime.core.thresholds import ThresholdEstimate, estimate_threshold
@@ -184,8 +191,10 @@ def calibrate(base: Path, images: Path, out: Path | None, *, holdout: float = 0.
         scorer = scorer.with_standardiser(standardiser)
     scorer = scorer.with_standardiser(scorer.standardiser, m.scoring.image_score)
     if classifier is not None and m.scoring.fusion is not None:  # the new bank moves the distances: rescale
-        rescaled = MapFusion.calibrate(m.scoring.fusion.rule, np.stack([e.distance for e in holdout_evidence]),
-                                       np.stack([e.probability for e in holdout_evidence]))
+        f = m.scoring.fusion
+        rescaled = MapFusion.calibrate(f.rule, np.stack([e.distance for e in holdout_evidence]),
+                                       np.stack([e.probability for e in holdout_evidence]),
+                                       f.swin_weight if f.swin_weight is not None else DEFAULT_SWIN_WEIGHT)
         manifest = manifest.model_copy(update={"scoring": m.scoring.model_copy(update={
             "fusion": m.scoring.fusion.model_copy(update={"distance_scale": rescaled.distance_scale,
                                                           "swin_scale": rescaled.swin_scale})})})

@@ -231,6 +231,40 @@ def test_fused_map_uses_the_scales_stored_at_fit(fitted, demo_data):
         MapFusion("median", 1.0, 1.0)
 
 
+def test_a_weighted_fusion_is_stored_used_and_kept_by_calibration(fitted, demo_data, tmp_path):
+    """scoring.fusion.swin_weight: the Swin's share of the fused map (schema 4); absent, an equal share."""
+    from calibration.fit import calibrate
+    from edge_runtime.core.pipeline import MapFusion
+
+    p, d = np.array([0.2, 0.8, 0.0], np.float32), np.array([0.5, 0.1, 0.4], np.float32)
+    assert np.allclose(MapFusion("mean", 1.0, 1.0, swin_weight=0.3)(p, d), 0.3 * p + 0.7 * d)
+    assert np.allclose(MapFusion("geometric", 1.0, 1.0, swin_weight=0.3)(p, d), p ** 0.3 * d ** 0.7)
+    assert np.array_equal(MapFusion("mean", 1.0, 1.0)(p, d), (p + d) / 2)  # the bundles before: bit for bit
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="swin_weight"):
+            MapFusion("mean", 1.0, 1.0, swin_weight=bad)
+    path = tmp_path / "b"
+    shutil.copytree(fitted[0], path)
+    _rewrite_manifest(path, lambda m: m["scoring"]["fusion"].update(swin_weight=0.3))
+    with pytest.raises(BundleError, match="swin_weight needs schema version 4"):
+        load_bundle(path)
+    _rewrite_manifest(path, lambda m: m.update(schema_version=4))
+    bundle = load_bundle(path)
+    f = bundle.manifest.scoring.fusion
+    inspector = Inspector(bundle, anomaly_map="fused", fusion_rule="mean")  # the demo bundle's own rule: geometric
+    assert inspector.fusion.swin_weight == 0.3
+    assert Inspector(load_bundle(fitted[0]), anomaly_map="fused").fusion.swin_weight == 0.5
+    image = read_image(list_images(demo_data / "test" / "scratch")[0])
+    pcf, desc = inspector.features(image)
+    distance, probability = inspector.scorer.block_evidence(pcf, desc)
+    expected = 0.3 * probability / f.swin_scale + 0.7 * distance / f.distance_scale
+    assert np.allclose(inspector.scorer.score(pcf, desc).block_map.ravel(), expected, atol=1e-5)
+    calibrate(path, demo_data / "train" / "good", tmp_path / "cal", holdout=0.25, quiet=True)
+    cal = load_bundle(tmp_path / "cal")
+    assert cal.manifest.scoring.fusion.swin_weight == 0.3 and cal.manifest.schema_version == 4
+    assert Inspector(cal, anomaly_map="fused").fusion.swin_weight == 0.3
+
+
 def test_fused_manifest_without_scales_is_refused(fitted, tmp_path):
     path = tmp_path / "b"
     shutil.copytree(fitted[0], path)

@@ -69,6 +69,9 @@ class ScoringConfig(_Section):
     fusion: Literal["none", "mean", "geometric", "max"] = Field(
         default="none", description="with a Swin: 'none' scores by its probability alone; otherwise the final "
                                     "map fuses it with the nearest-normal distance by this rule")
+    fusion_swin_weight: float = Field(
+        default=0.5, gt=0.0, lt=1.0, description="the Swin's share of the fused map (mean: weighted mean; geometric: "
+                                                 "weighted geometric mean), the distance's the rest")
     image_score: Literal["map", "distance", "standardised", "reference_standardised"] = Field(
         default="map", description="the verdict on the heatmap's pooled max ('map'), on the distance map's "
                                    "('distance', with a Swin; the heatmap still comes from it), or on the distance "

@@ -35,7 +35,8 @@ SUPPORTED_SCHEMAS = (1, 2, 3, 4)
 #: schema 3 adds the logical (component) score; a bundle carries it only when it has that section, so a bundle
 #: without one stays readable by schema-2 runtimes, and one with it is refused by them by its version
 LOGICAL_SCHEMA_VERSION = 3
-#: schema 4 adds the heatmap refinement (scoring.refine), likewise only in the bundles that have it
+#: schema 4 adds the heatmap refinement (scoring.refine) and the fusion's weight (scoring.fusion.swin_weight),
+#: likewise only in the bundles that have them
 REFINE_SCHEMA_VERSION = 4
 MANIFEST = "manifest.json"
 BACKBONE = "backbone.onnx"
@@ -171,6 +172,7 @@ class FusionInfo(_Strict):
     distance_scale: float = Field(gt=0)
     swin_scale: float = Field(gt=0)
     quantile: float = Field(gt=0, lt=1)
+    swin_weight: float | None = Field(default=None, gt=0, lt=1)  # the Swin's share; absent: an equal one (0.5)
 
 
 class RefineInfo(_Strict):
@@ -346,9 +348,12 @@ def _read_manifest(root: Path) -> Manifest:
     if manifest.logical is not None and manifest.schema_version < LOGICAL_SCHEMA_VERSION:
         raise BundleError(MANIFEST, f"a logical section needs schema version {LOGICAL_SCHEMA_VERSION}, the manifest "
                                     f"says {manifest.schema_version}")
-    if manifest.scoring.refine is not None and manifest.schema_version < REFINE_SCHEMA_VERSION:
-        raise BundleError(MANIFEST, f"scoring.refine needs schema version {REFINE_SCHEMA_VERSION}, the manifest says "
-                                    f"{manifest.schema_version}")
+    for name, present in (("scoring.refine", manifest.scoring.refine is not None),
+                          ("scoring.fusion.swin_weight", manifest.scoring.fusion is not None
+                           and manifest.scoring.fusion.swin_weight is not None)):
+        if present and manifest.schema_version < REFINE_SCHEMA_VERSION:
+            raise BundleError(MANIFEST, f"{name} needs schema version {REFINE_SCHEMA_VERSION}, the manifest says "
+                                        f"{manifest.schema_version}")
     if (manifest.scoring.anomaly_map in ("swin", "fused")) != (manifest.swin is not None):
         raise BundleError(MANIFEST, f"scoring.anomaly_map is '{manifest.scoring.anomaly_map}' but the swin section "
                                     f"is {'present' if manifest.swin else 'absent'}")

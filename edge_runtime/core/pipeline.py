@@ -91,6 +91,7 @@ IMAGE_SCORES: tuple[str, ...] = ("map", "distance", "standardised", "reference_s
 STANDARDISED: tuple[str, ...] = ("standardised", "reference_standardised")
 
 FUSION_QUANTILE = 0.999  # each map is divided by this quantile of its values on held-out good blocks
+DEFAULT_SWIN_WEIGHT = 0.5  # the Swin's share of the final map where a bundle does not say (bundles before schema 4)
 
 
 @dataclass(frozen=True)
@@ -100,43 +101,52 @@ class MapFusion:
     Measured on MTD, the Swin trained on synthetic anomalies removes false alarms of the distance but also
     erases small defects that only the distance sees (blowholes); fused, each keeps what the other misses.
     Both maps are first divided by their ``FUSION_QUANTILE`` on held-out good blocks, so 1.0 means "as high
-    as the most extreme normal blocks" in either, then combined by ``rule``.
+    as the most extreme normal blocks" in either, then combined by ``rule``, the Swin weighted by
+    ``swin_weight`` and the distance by the rest (a weighted mean, or a weighted geometric mean; ``max`` takes
+    no weight).
     """
 
     rule: Literal["mean", "geometric", "max"]
     distance_scale: float
     swin_scale: float
+    swin_weight: float = DEFAULT_SWIN_WEIGHT
 
     def __post_init__(self) -> None:
         if self.rule not in ("mean", "geometric", "max"):
             raise ValueError(f"fusion rule must be mean, geometric or max, got {self.rule!r}")
         if not (self.distance_scale > 0 and self.swin_scale > 0):
             raise ValueError(f"fusion scales must be positive, got {self.distance_scale}, {self.swin_scale}")
+        if not 0.0 < self.swin_weight < 1.0:
+            raise ValueError(f"fusion swin_weight must be in (0, 1), got {self.swin_weight}")
 
     @classmethod
     def calibrate(cls, rule: Literal["mean", "geometric", "max"], distances: np.ndarray,
-                  probabilities: np.ndarray) -> MapFusion:
+                  probabilities: np.ndarray, swin_weight: float = DEFAULT_SWIN_WEIGHT) -> MapFusion:
         """Scales from the block values of held-out good images (any shape, pooled)."""
         eps = 1e-6
         d = float(np.quantile(np.asarray(distances, dtype=np.float64).ravel(), FUSION_QUANTILE))
         p = float(np.quantile(np.asarray(probabilities, dtype=np.float64).ravel(), FUSION_QUANTILE))
-        return cls(rule=rule, distance_scale=max(d, eps), swin_scale=max(p, eps))
+        return cls(rule=rule, distance_scale=max(d, eps), swin_scale=max(p, eps), swin_weight=swin_weight)
 
     @classmethod
     def from_scorer(cls, rule: Literal["mean", "geometric", "max"], scorer: PosFARScorer,
-                    good_features: list[tuple[np.ndarray, np.ndarray]]) -> MapFusion:
+                    good_features: list[tuple[np.ndarray, np.ndarray]],
+                    swin_weight: float = DEFAULT_SWIN_WEIGHT) -> MapFusion:
         """Scales from a Swin scorer's raw block evidence on held-out good images ((pcf, descriptor) pairs)."""
         evidence = [scorer.block_evidence(pcf, descriptor) for pcf, descriptor in good_features]
-        return cls.calibrate(rule, np.stack([e[0] for e in evidence]), np.stack([e[1] for e in evidence]))
+        return cls.calibrate(rule, np.stack([e[0] for e in evidence]), np.stack([e[1] for e in evidence]),
+                             swin_weight)
 
     def __call__(self, probability: np.ndarray, distance: np.ndarray) -> np.ndarray:
         p = np.asarray(probability, dtype=np.float32) / np.float32(self.swin_scale)
         d = np.asarray(distance, dtype=np.float32) / np.float32(self.distance_scale)
+        w = self.swin_weight
         if self.rule == "mean":
-            return 0.5 * (p + d)
+            return 0.5 * (p + d) if w == DEFAULT_SWIN_WEIGHT else np.float32(w) * p + np.float32(1.0 - w) * d
         if self.rule == "max":
             return np.maximum(p, d)
-        return np.sqrt(np.maximum(p, 0.0) * np.maximum(d, 0.0))
+        p, d = np.maximum(p, 0.0), np.maximum(d, 0.0)
+        return np.sqrt(p * d) if w == DEFAULT_SWIN_WEIGHT else p ** np.float32(w) * d ** np.float32(1.0 - w)
 
 
 @dataclass(frozen=True)
@@ -405,7 +415,8 @@ class Inspector:
             f = m.scoring.fusion
             if f is None:
                 raise ValueError(f"bundle {bundle.root} has no fusion scales (fitted before fused maps existed)")
-            fusion = MapFusion(rule=fusion_rule or f.rule, distance_scale=f.distance_scale, swin_scale=f.swin_scale)
+            fusion = MapFusion(rule=fusion_rule or f.rule, distance_scale=f.distance_scale, swin_scale=f.swin_scale,
+                               swin_weight=f.swin_weight if f.swin_weight is not None else DEFAULT_SWIN_WEIGHT)
         self.fusion = fusion
         self.swin = None
         if self.anomaly_map in ("swin", "fused"):

@@ -27,7 +27,7 @@ from edge_runtime.core.components import (
 from edge_runtime.core.engines import OnnxRuntimeEngine
 from edge_runtime.core.fitting import BankBuilder, FittedPosFAR, split_holdout
 from edge_runtime.core.foreground import ForegroundBuilder
-from edge_runtime.core.pipeline import FUSION_QUANTILE, MapFusion, SwinClassifier
+from edge_runtime.core.pipeline import DEFAULT_SWIN_WEIGHT, FUSION_QUANTILE, MapFusion, SwinClassifier
 from edge_runtime.core.scoring import DistanceStandardiser
 from edge_runtime.core.thresholds import estimate_threshold
 from training_host.config import ProductConfig
@@ -393,10 +393,12 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
         fusion = fusion_info = None
         if classifier is not None:  # the scales are always stored, so every map can be evaluated
             rule = cfg.scoring.fusion if cfg.scoring.fusion != "none" else "geometric"
+            weight = cfg.scoring.fusion_swin_weight
             calibrated = MapFusion.calibrate(rule, np.stack([e.distance for e in holdout_evidence]),
-                                             np.stack([e.probability for e in holdout_evidence]))
+                                             np.stack([e.probability for e in holdout_evidence]), weight)
             fusion_info = B.FusionInfo(rule=rule, distance_scale=calibrated.distance_scale,
-                                       swin_scale=calibrated.swin_scale, quantile=FUSION_QUANTILE)
+                                       swin_scale=calibrated.swin_scale, quantile=FUSION_QUANTILE,
+                                       swin_weight=None if weight == DEFAULT_SWIN_WEIGHT else weight)
             if cfg.scoring.fusion != "none":
                 fusion = calibrated
                 scorer = scorer.with_fusion(fusion)
@@ -465,7 +467,8 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
                                    onnx_max_abs_diff=trained.onnx_diff)
             files[B.SWIN] = trained.onnx_path
         manifest = B.Manifest(
-            schema_version=(B.REFINE_SCHEMA_VERSION if cfg.scoring.refine is not None
+            schema_version=(B.REFINE_SCHEMA_VERSION
+                            if cfg.scoring.refine is not None or (fusion_info and fusion_info.swin_weight)
                             else B.LOGICAL_SCHEMA_VERSION if logical_info is not None else B.SCHEMA_VERSION),
             product=cfg.product,
             bundle_version=time.strftime("%Y%m%d-%H%M%S"),
