@@ -263,12 +263,16 @@ def test_a_station_refuses_bad_releases_and_keeps_serving(tmp_path, fitted, demo
     service.start()
     try:
         _wait(lambda: _fleet_status(sub, prefix).get("state") == "idle", 30, "the fleet agent's first status")
-        # 1. a byte altered in the registry: refused, naming the digest
-        v2 = release("v2", derive(bundle, tmp_path / "v2", "v2"))
+        # 1. a byte altered in the registry: refused, naming the digest. Altered before the release is announced: the
+        # station pulls as soon as it hears of it, and a pull before the alteration would rightly find v2 intact
+        pushed_v2 = push_bundle(derive(bundle, tmp_path / "v2", "v2"), f"{registry.host}/weakrest/demo:v2",
+                                insecure=True)
         blob = next(p for p in registry.storage.rglob("data") if p.stat().st_size > 1_000_000)
         data = bytearray(blob.read_bytes())
         data[-100] ^= 0xFF
         blob.write_bytes(bytes(data))
+        v2 = ReleaseMessage(product="demo", version="v2", repository=pushed_v2.repository, digest=pushed_v2.digest)
+        announce(v2, mqtt, SITE)
         _wait(lambda: _fleet_status(sub, prefix).get("state") == "refused", 30, "v2 refused")
         fleet = _fleet_status(sub, prefix)
         assert "do not match its digest" in fleet["detail"] and fleet["release"]["digest"] == v2.digest
