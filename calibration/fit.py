@@ -30,14 +30,7 @@ from edge_runtime.core.components import Components, LogicalScoring, Standardisa
 from edge_runtime.core.fitting import BankBuilder, split_holdout
 from edge_runtime.core.foreground import ForegroundBuilder
 from edge_runtime.core.matching import matcher_graph_rows, rows_per_image
-from edge_runtime.core.pipeline import (
-    DEFAULT_SWIN_WEIGHT,
-    STANDARDISED,
-    Inspector,
-    MapFusion,
-    PosFARScorer,
-    open_inspector,
-)
+from edge_runtime.core.pipeline import STANDARDISED, Inspector, MapFusion, PosFARScorer, open_inspector
 from edge_runtime.core.scoring import DistanceStandardiser
 from edge_runtime.core.signing import sign_bundle
 from edge_runtime.core.thresholds import ThresholdEstimate, estimate_threshold
@@ -194,7 +187,7 @@ def calibrate(base: Path, images: Path, out: Path | None, *, holdout: float = 0.
         f = m.scoring.fusion
         rescaled = MapFusion.calibrate(f.rule, np.stack([e.distance for e in holdout_evidence]),
                                        np.stack([e.probability for e in holdout_evidence]),
-                                       f.swin_weight if f.swin_weight is not None else DEFAULT_SWIN_WEIGHT)
+                                       f.weight)
         manifest = manifest.model_copy(update={"scoring": m.scoring.model_copy(update={
             "fusion": m.scoring.fusion.model_copy(update={"distance_scale": rescaled.distance_scale,
                                                           "swin_scale": rescaled.swin_scale})})})

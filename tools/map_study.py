@@ -27,11 +27,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge_runtime.core.bundle import load_bundle, sha256_of  # noqa: E402
+from edge_runtime.core.bundle import load_bundle  # noqa: E402
 from edge_runtime.core.pipeline import Inspector  # noqa: E402
 from edge_runtime.core.preprocess import read_image, to_input_tensor  # noqa: E402
 from edge_runtime.core.scoring import HeatmapRefiner, block_map_score, heatmap_from_blocks  # noqa: E402
-from training_host.data.dataset import load_mask, scan_dataset  # noqa: E402
+from training_host.data.dataset import load_mask  # noqa: E402
+from training_host.evaluation.evaluate import scored_test_split  # noqa: E402
 from training_host.evaluation.metrics import evaluate_maps  # noqa: E402
 
 NEAR_PX = 7  # "next to a defect": within this many pixels of its mask
@@ -59,10 +60,7 @@ def gather(bundle_path: Path, data_root: Path, engine: str) -> Evidence:
     scorer, fusion = inspector.scorer, inspector.fusion
     if fusion is None or scorer.standardiser is None:
         raise SystemExit(f"{bundle_path}: needs a bundle with a Swin, fusion scales and reference distances")
-    m = bundle.manifest
-    trained_on = {d.sha256 for d in m.training.defect_images} if m.training else set()
-    samples = [s for s in scan_dataset(data_root).test
-               if not (s.is_defective and trained_on and sha256_of(s.path) in trained_on)]
+    samples = scored_test_split(bundle, data_root)[0].test
     hw = inspector.input_hw
     dist, swin, verdict, masks, guides = [], [], [], [], []
     for sample in samples:

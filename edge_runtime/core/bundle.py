@@ -38,6 +38,8 @@ LOGICAL_SCHEMA_VERSION = 3
 #: schema 4 adds the heatmap refinement (scoring.refine) and the fusion's weight (scoring.fusion.swin_weight),
 #: likewise only in the bundles that have them
 REFINE_SCHEMA_VERSION = 4
+#: the Swin's share of a fused map whose manifest does not say (every bundle before schema 4)
+DEFAULT_SWIN_WEIGHT = 0.5
 MANIFEST = "manifest.json"
 BACKBONE = "backbone.onnx"
 SWIN = "swin.onnx"
@@ -172,7 +174,12 @@ class FusionInfo(_Strict):
     distance_scale: float = Field(gt=0)
     swin_scale: float = Field(gt=0)
     quantile: float = Field(gt=0, lt=1)
-    swin_weight: float | None = Field(default=None, gt=0, lt=1)  # the Swin's share; absent: an equal one (0.5)
+    swin_weight: float | None = Field(default=None, gt=0, lt=1)  # the Swin's share; absent: an equal one
+
+    @property
+    def weight(self) -> float:
+        """The Swin's share of the fused map (``DEFAULT_SWIN_WEIGHT`` where the manifest does not say)."""
+        return self.swin_weight if self.swin_weight is not None else DEFAULT_SWIN_WEIGHT
 
 
 class RefineInfo(_Strict):
@@ -195,6 +202,13 @@ class ScoringInfo(_Strict):
     # ("standardised") or the K retrieved for the image ("reference_standardised")
     image_score: Literal["map", "distance", "standardised", "reference_standardised"] = "map"
     refine: RefineInfo | None = None  # absent: the heatmap is the blurred block map, as before
+
+    def schema4_sections(self) -> list[str]:
+        """The sections present that only schema 4 has: a manifest with any of them says schema 4."""
+        return ([name for name, present in (("scoring.refine", self.refine is not None),
+                                             ("scoring.fusion.swin_weight",
+                                              self.fusion is not None and self.fusion.swin_weight is not None))
+                 if present])
 
 
 class Thresholds(_Strict):
@@ -348,10 +362,8 @@ def _read_manifest(root: Path) -> Manifest:
     if manifest.logical is not None and manifest.schema_version < LOGICAL_SCHEMA_VERSION:
         raise BundleError(MANIFEST, f"a logical section needs schema version {LOGICAL_SCHEMA_VERSION}, the manifest "
                                     f"says {manifest.schema_version}")
-    for name, present in (("scoring.refine", manifest.scoring.refine is not None),
-                          ("scoring.fusion.swin_weight", manifest.scoring.fusion is not None
-                           and manifest.scoring.fusion.swin_weight is not None)):
-        if present and manifest.schema_version < REFINE_SCHEMA_VERSION:
+    for name in manifest.scoring.schema4_sections():
+        if manifest.schema_version < REFINE_SCHEMA_VERSION:
             raise BundleError(MANIFEST, f"{name} needs schema version {REFINE_SCHEMA_VERSION}, the manifest says "
                                         f"{manifest.schema_version}")
     if (manifest.scoring.anomaly_map in ("swin", "fused")) != (manifest.swin is not None):

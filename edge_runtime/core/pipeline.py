@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from .bundle import BACKBONE, SWIN, Bundle, BundleError, load_bundle
+from .bundle import BACKBONE, DEFAULT_SWIN_WEIGHT, SWIN, Bundle, BundleError, load_bundle
 from .components import Components, LogicalModel, LogicalScoring, Standardisation
 from .engines import (
     Engine,
@@ -91,7 +91,6 @@ IMAGE_SCORES: tuple[str, ...] = ("map", "distance", "standardised", "reference_s
 STANDARDISED: tuple[str, ...] = ("standardised", "reference_standardised")
 
 FUSION_QUANTILE = 0.999  # each map is divided by this quantile of its values on held-out good blocks
-DEFAULT_SWIN_WEIGHT = 0.5  # the Swin's share of the final map where a bundle does not say (bundles before schema 4)
 
 
 @dataclass(frozen=True)
@@ -416,7 +415,7 @@ class Inspector:
             if f is None:
                 raise ValueError(f"bundle {bundle.root} has no fusion scales (fitted before fused maps existed)")
             fusion = MapFusion(rule=fusion_rule or f.rule, distance_scale=f.distance_scale, swin_scale=f.swin_scale,
-                               swin_weight=f.swin_weight if f.swin_weight is not None else DEFAULT_SWIN_WEIGHT)
+                               swin_weight=f.weight)
         self.fusion = fusion
         self.swin = None
         if self.anomaly_map in ("swin", "fused"):

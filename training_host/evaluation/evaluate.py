@@ -68,6 +68,24 @@ def curve_data(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: 
                   xlim=(0.0, max_fpr), note=note("PRO-AUC", "pro"))]
 
 
+def scored_test_split(bundle, data_root: Path, also_exclude: set[str] | frozenset[str] = frozenset()):
+    """The dataset with its test split less the defective images the bundle was trained on (listed with their
+    sha256 in its manifest) and ``also_exclude``; and the left-out images' relative paths."""
+    dataset = scan_dataset(data_root)
+    m = bundle.manifest
+    left_out = ({d.sha256 for d in m.training.defect_images} if m.training else set()) | set(also_exclude)
+    excluded = []
+    if left_out:
+        kept = []
+        for sample in dataset.test:
+            if sample.is_defective and sha256_of(sample.path) in left_out:
+                excluded.append(str(sample.path.relative_to(dataset.root)))
+            else:
+                kept.append(sample)
+        dataset.test = kept
+    return dataset, excluded
+
+
 def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int = 0, progress: bool = True,
                     anomaly_map: str | None = None, use_foreground: bool = True, logical_verdict: str = "fused",
                     also_exclude: set[str] | frozenset[str] = frozenset(), fusion_rule: str | None = None,
@@ -83,19 +101,8 @@ def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int
                           logical_verdict=logical_verdict,
                           fusion_rule=fusion_rule,
                           image_score=image_score, engine=engine, refine=refine)
-    dataset = scan_dataset(data_root)
     m = bundle.manifest
-    trained_on = {d.sha256 for d in m.training.defect_images} if m.training else set()
-    trained_on |= set(also_exclude)
-    excluded = []
-    if trained_on:
-        kept = []
-        for sample in dataset.test:
-            if sample.is_defective and sha256_of(sample.path) in trained_on:
-                excluded.append(str(sample.path.relative_to(dataset.root)))
-            else:
-                kept.append(sample)
-        dataset.test = kept
+    dataset, excluded = scored_test_split(bundle, data_root, also_exclude)
     if not dataset.test:
         raise FileNotFoundError(f"{data_root}: no test images to evaluate on")
     out.mkdir(parents=True, exist_ok=True)

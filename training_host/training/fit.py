@@ -27,7 +27,7 @@ from edge_runtime.core.components import (
 from edge_runtime.core.engines import OnnxRuntimeEngine
 from edge_runtime.core.fitting import BankBuilder, FittedPosFAR, split_holdout
 from edge_runtime.core.foreground import ForegroundBuilder
-from edge_runtime.core.pipeline import DEFAULT_SWIN_WEIGHT, FUSION_QUANTILE, MapFusion, SwinClassifier
+from edge_runtime.core.pipeline import FUSION_QUANTILE, MapFusion, SwinClassifier
 from edge_runtime.core.scoring import DistanceStandardiser
 from edge_runtime.core.thresholds import estimate_threshold
 from training_host.config import ProductConfig
@@ -398,7 +398,7 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
                                              np.stack([e.probability for e in holdout_evidence]), weight)
             fusion_info = B.FusionInfo(rule=rule, distance_scale=calibrated.distance_scale,
                                        swin_scale=calibrated.swin_scale, quantile=FUSION_QUANTILE,
-                                       swin_weight=None if weight == DEFAULT_SWIN_WEIGHT else weight)
+                                       swin_weight=None if weight == B.DEFAULT_SWIN_WEIGHT else weight)
             if cfg.scoring.fusion != "none":
                 fusion = calibrated
                 scorer = scorer.with_fusion(fusion)
@@ -466,9 +466,13 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
                                    log_input=sc.log_input, magnitude_skip=sc.magnitude_skip,
                                    onnx_max_abs_diff=trained.onnx_diff)
             files[B.SWIN] = trained.onnx_path
+        scoring = B.ScoringInfo(anomaly_map=("fused" if fusion else "swin") if trained else "nn_distance",
+                                blur_sigma=cfg.scoring.blur_sigma, score_pool=cfg.scoring.score_pool,
+                                fusion=fusion_info, image_score=image_score,
+                                refine=(B.RefineInfo(**cfg.scoring.refine.model_dump())
+                                        if cfg.scoring.refine is not None else None))
         manifest = B.Manifest(
-            schema_version=(B.REFINE_SCHEMA_VERSION
-                            if cfg.scoring.refine is not None or (fusion_info and fusion_info.swin_weight)
+            schema_version=(B.REFINE_SCHEMA_VERSION if scoring.schema4_sections()
                             else B.LOGICAL_SCHEMA_VERSION if logical_info is not None else B.SCHEMA_VERSION),
             product=cfg.product,
             bundle_version=time.strftime("%Y%m%d-%H%M%S"),
@@ -486,11 +490,7 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
                                 coreset_ratio=cfg.posfar.coreset_ratio,
                                 n_reference_images=int(fitted.descriptors.shape[0]),
                                 n_bank=int(fitted.bank.shape[0])),
-            scoring=B.ScoringInfo(anomaly_map=("fused" if fusion else "swin") if trained else "nn_distance",
-                                  blur_sigma=cfg.scoring.blur_sigma, score_pool=cfg.scoring.score_pool,
-                                  fusion=fusion_info, image_score=image_score,
-                                  refine=(B.RefineInfo(**cfg.scoring.refine.model_dump())
-                                          if cfg.scoring.refine is not None else None)),
+            scoring=scoring,
             thresholds=B.Thresholds.from_estimate(choice, pixel_choice),
             latency_budget_ms=cfg.latency_budget_ms,
             swin=swin_info,
