@@ -46,6 +46,7 @@ class Evidence:
     distance: np.ndarray  # (n, h_f, w_f), divided by the fusion's distance scale
     swin: np.ndarray  # (n, h_f, w_f), divided by the fusion's Swin scale
     verdict: np.ndarray  # (n,) the bundle's image score (the distance standardised against the K references)
+    standardised: np.ndarray  # (n, h_f, w_f) that standardised distance, over its good images' 99.9 % quantile
     masks: np.ndarray  # (n, H, W) bool
     labels: np.ndarray  # (n,) bool
     types: list[str]
@@ -62,7 +63,7 @@ def gather(bundle_path: Path, data_root: Path, engine: str) -> Evidence:
         raise SystemExit(f"{bundle_path}: needs a bundle with a Swin, fusion scales and reference distances")
     samples = scored_test_split(bundle, data_root)[0].test
     hw = inspector.input_hw
-    dist, swin, verdict, masks, guides = [], [], [], [], []
+    dist, swin, verdict, masks, guides, zs = [], [], [], [], [], []
     for sample in samples:
         image = read_image(sample.path)
         guides.append(HeatmapRefiner.guide_of(to_input_tensor(image, hw, inspector.scale)))
@@ -73,10 +74,14 @@ def gather(bundle_path: Path, data_root: Path, engine: str) -> Evidence:
         swin.append(ev.probability.reshape(scorer.grid) / fusion.swin_scale)
         z = scorer.standardiser(d, ev.references)
         verdict.append(block_map_score(z, hw, scorer.blur_sigma, scorer.score_pool))
+        zs.append(z)
         masks.append(load_mask(sample, hw) > 0)
+    labels = np.array([s.is_defective for s in samples])
+    z = np.stack(zs)
+    z /= max(float(np.quantile(z[~labels], 0.999)), 1e-6)
     return Evidence(name=bundle_path.parent.name if bundle_path.name == "bundle" else bundle_path.name,
-                    distance=np.stack(dist), swin=np.stack(swin), verdict=np.array(verdict),
-                    masks=np.stack(masks), labels=np.array([s.is_defective for s in samples]),
+                    distance=np.stack(dist), swin=np.stack(swin), verdict=np.array(verdict), standardised=z,
+                    masks=np.stack(masks), labels=labels,
                     types=[s.defect_type for s in samples], blur_sigma=scorer.blur_sigma, guides=np.stack(guides))
 
 
@@ -99,7 +104,7 @@ def _gate(ev: Evidence) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-(ev.verdict - np.quantile(good, 0.9)) / good.std()))
 
 
-#: the refinements scored on the profile's map: each step alone, and both (the defaults, as the fast profile has them)
+#: the refinements scored on the equal-share map: each step alone, and both (the defaults, as the fast profile has them)
 REFINERS: dict[str, HeatmapRefiner] = {
     "guided filter": HeatmapRefiner(contrast_weight=0.0),
     "local contrast": HeatmapRefiner(guide_radius=0),
@@ -111,13 +116,46 @@ REFINERS: dict[str, HeatmapRefiner] = {
 RULES: dict[str, Callable[[Evidence], np.ndarray]] = {
     "distance": lambda e: e.distance,
     "swin": lambda e: e.swin,
-    "mean (the profile's)": lambda e: 0.5 * (e.swin + e.distance),
+    "mean": lambda e: 0.5 * (e.swin + e.distance),
     "0.4 swin + 0.6 distance": lambda e: 0.4 * e.swin + 0.6 * e.distance,
     "0.3 swin + 0.7 distance": lambda e: 0.3 * e.swin + 0.7 * e.distance,
     "max": lambda e: np.maximum(e.swin, e.distance),
     "mean, gated by the verdict": lambda e: 0.5 * (e.swin + e.distance) * _gate(e)[:, None, None],
     "mean, good images zeroed (oracle bound)": lambda e: 0.5 * (e.swin + e.distance) * e.labels[:, None, None],
 }
+
+
+PROFILE_RULE = "0.3 swin + 0.7 distance"  # the fast profile's fusion (scoring.fusion_swin_weight)
+
+
+def _guided(p: np.ndarray, g: np.ndarray, radius: int, eps: float) -> np.ndarray:
+    """A plain full-size guided filter (He et al.), for a second, wider scale than the runtime's."""
+    k = (2 * radius + 1,) * 2
+
+    def box(x: np.ndarray) -> np.ndarray:
+        return cv2.boxFilter(x, -1, k, borderType=cv2.BORDER_REFLECT)
+
+    mean_g, mean_p = box(g), box(p)
+    a = (box(g * p) - mean_g * mean_p) / (box(g * g) - mean_g * mean_g + np.float32(eps))
+    return box(a) * g + box(mean_p - a * mean_g)
+
+
+def profile_variants(ev: Evidence) -> dict[str, np.ndarray]:
+    """The profile's refined heatmaps, and changes to it that use more of the evidence or a wider scale:
+    large uneven regions want a wide smoothing, pits and cracks a narrow one."""
+    blocks = RULES[PROFILE_RULE](ev)
+    refined = heatmaps(ev, blocks, HeatmapRefiner())
+    wide = np.stack([_guided(h, cv2.GaussianBlur(g, (0, 0), 3.0), 32, 1e-4)
+                     for h, g in zip(heatmaps(ev, blocks), ev.guides, strict=True)])
+    return {
+        "the profile (refined)": refined,
+        "+ 0.2 x the standardised distance": heatmaps(ev, blocks + 0.2 * np.maximum(ev.standardised, 0.0),
+                                                      HeatmapRefiner()),
+        "x a soft verdict gate (3/4 + 1/4 gate)": refined * (0.75 + 0.25 * _gate(ev))[:, None, None],
+        "+ 0.5 x a radius-32 guided filter on the frame blurred by 3 px": refined + 0.5 * wide,
+        "max with that radius-32 filter": np.maximum(refined, wide),
+        "that radius-32 filter alone": wide,
+    }
 
 
 def row(name: str, result: dict) -> dict:
@@ -179,9 +217,12 @@ def main() -> int:
         for name, rule in RULES.items():
             add(f"{ev.name}: {name}", score(ev, rule(ev)))
         for name, refiner in REFINERS.items():
-            add(f"{ev.name}: mean, refined: {name}", score(ev, RULES["mean (the profile's)"](ev), refiner))
+            add(f"{ev.name}: mean, refined: {name}", score(ev, RULES["mean"](ev), refiner))
         for name in ("0.4 swin + 0.6 distance", "0.3 swin + 0.7 distance"):
             add(f"{ev.name}: {name}, refined (scoring.refine)", score(ev, RULES[name](ev), HeatmapRefiner()))
+        for name, maps in profile_variants(ev).items():
+            add(f"{ev.name}: {PROFILE_RULE}, refined: {name}",
+                evaluate_maps(ev.labels, ev.verdict, ev.masks, maps, ev.types))
     if len(evidence) > 1:
         first = evidence[0]
         if any(e.masks.shape != first.masks.shape or e.types != first.types for e in evidence[1:]):
@@ -197,7 +238,7 @@ def main() -> int:
                     + markdown(all_rows, keys))
     first = evidence[0]
     for label, refiner in (("unrefined", None), ("refined (scoring.refine)", HeatmapRefiner())):
-        top = where_top_pixels(first, RULES["mean (the profile's)"](first), refiner)
+        top = where_top_pixels(first, RULES[PROFILE_RULE](first), refiner)
         sections.append(f"## Where {first.name}'s map, {label}, puts its highest pixels (as many as all defect "
                         f"pixels)\n\n" + markdown(top, list(top[0])))
     text = "\n\n".join(sections) + "\n"
