@@ -1,0 +1,67 @@
+"""tools/map_study.py's rules on the profile's refined map, on small made-up evidence: the first row is the
+runtime's own refined heatmap, and the wide guided filter keeps what a guided filter must keep."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.core.scoring import HeatmapRefiner, heatmap_from_blocks
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _map_study():
+    spec = importlib.util.spec_from_file_location("map_study_tool", REPO / "tools" / "map_study.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def _evidence(module):
+    rng = np.random.default_rng(0)
+    n, grid, size = 4, (8, 8), (64, 64)
+    labels = np.array([False, False, True, True])
+    masks = np.zeros((n, *size), bool)
+    masks[2, 8:24, 8:24] = masks[3, 40:56, 16:48] = True
+    guides = rng.uniform(0.3, 0.6, (n, *size)).astype(np.float32)
+    guides[masks] -= 0.2  # the defects are darker than the tile
+    distance = rng.uniform(0.0, 0.5, (n, *grid)).astype(np.float32)
+    distance[2, 1:3, 1:3] += 1.0
+    distance[3, 5:7, 2:6] += 1.0
+    return module.Evidence(name="tiny", distance=distance, swin=0.5 * distance, verdict=np.array([0.1, 0.2, 0.9, 0.8]),
+                           standardised=distance - 0.25, masks=masks, labels=labels,
+                           types=["good", "good", "pit", "scratch"], blur_sigma=2.0, guides=guides)
+
+
+def test_profile_variants_start_from_the_runtimes_refined_map():
+    module = _map_study()
+    ev = _evidence(module)
+    variants = module.profile_variants(ev)
+    blocks = 0.3 * ev.swin + 0.7 * ev.distance
+    expected = np.stack([HeatmapRefiner()(heatmap_from_blocks(b, (64, 64), 2.0), g)
+                         for b, g in zip(blocks, ev.guides, strict=True)])
+    np.testing.assert_allclose(variants["the profile (refined)"], expected, rtol=1e-5, atol=1e-6)
+    for name, maps in variants.items():
+        assert maps.shape == (4, 64, 64) and np.isfinite(maps).all(), name
+    assert (variants["max with that radius-32 filter"] >= variants["the profile (refined)"]).all()
+    # every variant still ranks the defects' own pixels above the good images' on this easy evidence
+    for name, maps in variants.items():
+        result = module.evaluate_maps(ev.labels, ev.verdict, ev.masks, maps, ev.types)
+        assert result["pixel_auroc"] > 0.8, name
+
+
+def test_the_wide_guided_filter_keeps_a_constant_map_and_follows_the_guide():
+    module = _map_study()
+    flat = np.full((64, 64), 0.7, np.float32)
+    guide = np.zeros((64, 64), np.float32)
+    guide[:, 32:] = 1.0  # two finishes side by side
+    np.testing.assert_allclose(module._guided(flat, guide, 8, 1e-4), flat, atol=1e-4)
+    heat = np.zeros((64, 64), np.float32)
+    heat[:, 36:44] = 1.0  # heat inside the right-hand finish only
+    out = module._guided(heat, guide, 16, 1e-4)
+    assert out[:, 33:].mean() > 5 * max(out[:, :31].mean(), 1e-3)  # it spreads within a finish, not across the edge
