@@ -35,13 +35,15 @@ def _evidence(module):
     distance[3, 5:7, 2:6] += 1.0
     return module.Evidence(name="tiny", distance=distance, swin=0.5 * distance, verdict=np.array([0.1, 0.2, 0.9, 0.8]),
                            standardised=distance - 0.25, masks=masks, labels=labels,
-                           types=["good", "good", "pit", "scratch"], blur_sigma=2.0, guides=guides)
+                           types=["good", "good", "pit", "scratch"], blur_sigma=2.0, guides=guides,
+                           swin_weight=0.3)
 
 
 def test_profile_variants_start_from_the_runtimes_refined_map():
     module = _map_study()
     ev = _evidence(module)
     variants = module.profile_variants(ev)
+    assert ev.profile_rule == "0.3 swin + 0.7 distance"
     blocks = 0.3 * ev.swin + 0.7 * ev.distance
     expected = np.stack([HeatmapRefiner()(heatmap_from_blocks(b, (64, 64), 2.0), g)
                          for b, g in zip(blocks, ev.guides, strict=True)])

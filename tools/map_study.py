@@ -52,6 +52,15 @@ class Evidence:
     types: list[str]
     blur_sigma: float
     guides: np.ndarray  # (n, H, W) the frames' grey inputs, for the heatmap refinement
+    swin_weight: float = 0.5  # the bundle's own share of the Swin in its fused map (scoring.fusion.swin_weight)
+
+    @property
+    def profile_rule(self) -> str:
+        """The bundle's own fusion, named as the weighted rules are."""
+        return f"{self.swin_weight:g} swin + {1.0 - self.swin_weight:g} distance"
+
+    def profile_blocks(self) -> np.ndarray:
+        return self.swin_weight * self.swin + (1.0 - self.swin_weight) * self.distance
 
 
 def gather(bundle_path: Path, data_root: Path, engine: str) -> Evidence:
@@ -82,7 +91,8 @@ def gather(bundle_path: Path, data_root: Path, engine: str) -> Evidence:
     return Evidence(name=bundle_path.parent.name if bundle_path.name == "bundle" else bundle_path.name,
                     distance=np.stack(dist), swin=np.stack(swin), verdict=np.array(verdict), standardised=z,
                     masks=np.stack(masks), labels=labels,
-                    types=[s.defect_type for s in samples], blur_sigma=scorer.blur_sigma, guides=np.stack(guides))
+                    types=[s.defect_type for s in samples], blur_sigma=scorer.blur_sigma, guides=np.stack(guides),
+                    swin_weight=fusion.swin_weight)
 
 
 def heatmaps(ev: Evidence, blocks: np.ndarray, refiner: HeatmapRefiner | None = None) -> np.ndarray:
@@ -125,9 +135,6 @@ RULES: dict[str, Callable[[Evidence], np.ndarray]] = {
 }
 
 
-PROFILE_RULE = "0.3 swin + 0.7 distance"  # the fast profile's fusion (scoring.fusion_swin_weight)
-
-
 def _guided(p: np.ndarray, g: np.ndarray, radius: int, eps: float) -> np.ndarray:
     """A plain full-size guided filter (He et al.), for a second, wider scale than the runtime's."""
     k = (2 * radius + 1,) * 2
@@ -141,9 +148,9 @@ def _guided(p: np.ndarray, g: np.ndarray, radius: int, eps: float) -> np.ndarray
 
 
 def profile_variants(ev: Evidence) -> dict[str, np.ndarray]:
-    """The profile's refined heatmaps, and changes to it that use more of the evidence or a wider scale:
+    """The bundle's own refined heatmaps, and changes to them that use more of the evidence or a wider scale:
     large uneven regions want a wide smoothing, pits and cracks a narrow one."""
-    blocks = RULES[PROFILE_RULE](ev)
+    blocks = ev.profile_blocks()
     refined = heatmaps(ev, blocks, HeatmapRefiner())
     wide = np.stack([_guided(h, cv2.GaussianBlur(g, (0, 0), 3.0), 32, 1e-4)
                      for h, g in zip(heatmaps(ev, blocks), ev.guides, strict=True)])
@@ -221,7 +228,7 @@ def main() -> int:
         for name in ("0.4 swin + 0.6 distance", "0.3 swin + 0.7 distance"):
             add(f"{ev.name}: {name}, refined (scoring.refine)", score(ev, RULES[name](ev), HeatmapRefiner()))
         for name, maps in profile_variants(ev).items():
-            add(f"{ev.name}: {PROFILE_RULE}, refined: {name}",
+            add(f"{ev.name}: {ev.profile_rule}, refined: {name}",
                 evaluate_maps(ev.labels, ev.verdict, ev.masks, maps, ev.types))
     if len(evidence) > 1:
         first = evidence[0]
@@ -238,7 +245,7 @@ def main() -> int:
                     + markdown(all_rows, keys))
     first = evidence[0]
     for label, refiner in (("unrefined", None), ("refined (scoring.refine)", HeatmapRefiner())):
-        top = where_top_pixels(first, RULES[PROFILE_RULE](first), refiner)
+        top = where_top_pixels(first, first.profile_blocks(), refiner)
         sections.append(f"## Where {first.name}'s map, {label}, puts its highest pixels (as many as all defect "
                         f"pixels)\n\n" + markdown(top, list(top[0])))
     text = "\n\n".join(sections) + "\n"
