@@ -35,6 +35,7 @@ HAS_OPENVINO = "CPU" in openvino_devices()
 #: within ``score_rel`` of the threshold must stay the same
 EXACT = {"score_rel": 1e-4, "heatmap_rel": 1e-4}
 BF16 = {"score_rel": 0.02, "heatmap_rel": 0.05}
+INT8 = {"score_rel": 0.05, "heatmap_rel": 0.1}  # about 3x what an AVX2-only CPU measures (1.7e-2, 3.7e-2)
 
 
 @pytest.fixture(scope="module")
@@ -259,11 +260,12 @@ def test_cpu_int8_runs_the_int8_graphs_close_to_fp32(quantized, images, referenc
     assert inspector.engines.graphs == {"backbone": BACKBONE_INT8, "swin": SWIN_INT8}
     results = [inspector.inspect(img) for img in images]
     diff = _compare(results, reference, "cpu-int8")
-    # int8 moves the features: no equality, but the same images must stand out (the gate judges the accuracy)
-    assert diff["heatmap_corr"] > 0.5
-    ref = np.array([r.score for r in reference])
-    got = np.array([r.score for r in results])
-    assert np.corrcoef(ref, got)[0, 1] > 0.8
+    # int8 moves the features: no equality, but scores and heat stay close (the gate judges the accuracy on labelled
+    # defects).  Not correlations: the demo bundle's maps are flat (their std is about 1 % of their maximum) and its
+    # scores lie within 4 % of each other, so correlations measure rounding noise, and ONNX Runtime's int8 kernels
+    # round differently with and without VNNI (an AVX2-only CPU: heatmap correlation 0.36, score correlation 0.62,
+    # while every score is within 1.7 % and the heat within 4 % of the reference's maximum)
+    assert diff["score_rel"] <= INT8["score_rel"] and diff["heatmap_rel"] <= INT8["heatmap_rel"], diff
 
 
 def test_field_calibration_of_a_quantized_bundle_drops_its_int8_graphs(quantized, demo_data, tmp_path):
