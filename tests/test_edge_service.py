@@ -282,7 +282,8 @@ class _Service:
         self.path = tmp_path / f"{name}.yaml"
         self.path.write_text(yaml.safe_dump(cfg))
         self.notify_path = tmp_path / f"{name}.notify"
-        self.log = open(tmp_path / f"{name}.log", "ab")
+        self.log_path = tmp_path / f"{name}.log"
+        self.log = open(self.log_path, "ab")
         self.proc: subprocess.Popen | None = None
         self.notes: list[str] = []
 
@@ -294,7 +295,10 @@ class _Service:
         self.sock.settimeout(0.2)
         self._reader = threading.Thread(target=self._read_notify, daemon=True)
         self._reader.start()
-        env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path), "WATCHDOG_USEC": "2000000"}
+        # PYTHONFAULTHANDLER: a service that does not stop in time is sent SIGABRT by wait(), and writes every
+        # thread's stack into its log first, so that a rare hang says where it hangs
+        env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path), "WATCHDOG_USEC": "2000000",
+               "PYTHONFAULTHANDLER": "1"}
         self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "edge_runtime.cli", "run", "--config",
                                       str(self.path)],
                                      stdout=self.log, stderr=self.log, env=env, cwd=REPO)
@@ -325,7 +329,17 @@ class _Service:
 
     def wait(self, timeout: float = 60) -> int:
         assert self.proc is not None
-        code = self.proc.wait(timeout)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGABRT)  # the fault handler writes every thread's stack to the log
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            self.log.flush()
+            tail = self.log_path.read_text(errors="replace")[-6000:]
+            raise AssertionError(f"the service did not end within {timeout} s; its log ends:\n{tail}") from None
         time.sleep(0.3)  # the reader takes the last datagrams
         self.sock.close()
         return code
