@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge_runtime.core.bundle import load_bundle  # noqa: E402
+from edge_runtime.core.bundle import DEFAULT_SWIN_WEIGHT, load_bundle  # noqa: E402
 from edge_runtime.core.pipeline import Inspector  # noqa: E402
 from edge_runtime.core.preprocess import read_image, to_input_tensor  # noqa: E402
 from edge_runtime.core.scoring import HeatmapRefiner, block_map_score, heatmap_from_blocks  # noqa: E402
@@ -52,7 +52,7 @@ class Evidence:
     types: list[str]
     blur_sigma: float
     guides: np.ndarray  # (n, H, W) the frames' grey inputs, for the heatmap refinement
-    swin_weight: float = 0.5  # the bundle's own share of the Swin in its fused map (scoring.fusion.swin_weight)
+    swin_weight: float = DEFAULT_SWIN_WEIGHT  # the Swin's share of the bundle's fused map (scoring.fusion)
 
     @property
     def profile_rule(self) -> str:
@@ -151,13 +151,15 @@ def profile_variants(ev: Evidence) -> dict[str, np.ndarray]:
     """The bundle's own refined heatmaps, and changes to them that use more of the evidence or a wider scale:
     large uneven regions want a wide smoothing, pits and cracks a narrow one."""
     blocks = ev.profile_blocks()
-    refined = heatmaps(ev, blocks, HeatmapRefiner())
+    unrefined = heatmaps(ev, blocks)
+    refiner = HeatmapRefiner()
+    refined = np.stack([refiner(h, g) for h, g in zip(unrefined, ev.guides, strict=True)])
     wide = np.stack([_guided(h, cv2.GaussianBlur(g, (0, 0), 3.0), 32, 1e-4)
-                     for h, g in zip(heatmaps(ev, blocks), ev.guides, strict=True)])
+                     for h, g in zip(unrefined, ev.guides, strict=True)])
     return {
         "the profile (refined)": refined,
         "+ 0.2 x the standardised distance": heatmaps(ev, blocks + 0.2 * np.maximum(ev.standardised, 0.0),
-                                                      HeatmapRefiner()),
+                                                      refiner),
         "x a soft verdict gate (3/4 + 1/4 gate)": refined * (0.75 + 0.25 * _gate(ev))[:, None, None],
         "+ 0.5 x a radius-32 guided filter on the frame blurred by 3 px": refined + 0.5 * wide,
         "max with that radius-32 filter": np.maximum(refined, wide),
