@@ -9,6 +9,7 @@ import pytest
 from training_host.data.synthetic import (
     AnomalySynthesizer,
     SyntheticConfig,
+    band_mask,
     block_labels,
     crack_mask,
     packaged_textures,
@@ -236,6 +237,34 @@ def test_pits_and_cracks_change_exactly_the_mask(shapes):
         assert changed[mask > 0].mean() > 0.9  # darkened or brightened, almost nowhere left equal
     with pytest.raises(ValueError, match="shape_weights"):
         AnomalySynthesizer([], SyntheticConfig(shape_weights=(0, 0, 0)))
+
+
+def test_band_masks_are_large_straight_sided_and_one_piece():
+    rng = np.random.default_rng(0)
+    from_edge = 0
+    for _ in range(40):
+        band = band_mask((256, 192), rng)
+        area = band.mean()
+        assert set(np.unique(band)) <= {0.0, 1.0} and 0.02 <= area <= 0.6
+        n, _ = cv2.connectedComponents(band.astype(np.uint8))
+        assert n - 1 == 1
+        # straight-sided: the mask is its own convex hull, to within the rasterised border
+        contours, _ = cv2.findContours(band.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        hull = cv2.contourArea(cv2.convexHull(contours[0]))
+        assert band.sum() >= 0.97 * hull
+        from_edge += bool(band[0].any() or band[-1].any() or band[:, 0].any() or band[:, -1].any())
+    assert from_edge >= 20  # two in three run in from a side (a quadrilateral may touch one too)
+
+
+def test_finish_bands_change_exactly_the_mask(image, donors):
+    syn = AnomalySynthesizer(donors, SyntheticConfig(band_fraction=1.0), seed=3)
+    for _ in range(6):
+        out, mask = syn.make(image)
+        changed = np.any(out != image, axis=2)
+        assert mask.mean() >= 0.02 and not changed[mask == 0].any()
+        assert np.abs(out[mask > 0].astype(int) - image[mask > 0]).mean() >= 6  # another finish, not a copy
+    with pytest.raises(ValueError, match="band_fraction"):
+        AnomalySynthesizer(donors, SyntheticConfig(band_fraction=1.5))
 
 
 @pytest.mark.parametrize(

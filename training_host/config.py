@@ -188,6 +188,9 @@ class SyntheticSection(_Section):
                                              "brighter than the image itself)")
     match_colour: bool = Field(default=False, description="on a grey product, paste foreign textures in grey too "
                                                           "(a colour shift it can never show teaches the Swin nothing)")
+    band_fraction: float = Field(default=0.0, ge=0.0, le=1.0,
+                                 description="share of anomalies that are finish bands: a large straight-sided region "
+                                             "with another finish of the surface (an uneven surface)")
 
 
 class ForegroundConfig(_Section):

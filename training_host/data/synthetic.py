@@ -10,7 +10,11 @@ The texture is one of
 (c) a texture bundled with scikit-image (``skimage.data``; the files ship inside the wheel, no download).
 
 Besides these Perlin blobs, ``shape_weights`` draws small pits (filled ellipses) and thin curved cracks, which
-darken or brighten the image itself: the shapes of the small defects that blobs cannot imitate.
+darken or brighten the image itself: the shapes of the small defects that blobs cannot imitate.  ``band_fraction``
+draws *finish bands*: a large region with straight, slightly tilted sides, often running in from the image's edge,
+where the surface has another finish (another good image at the same orientation, or the image's own texture with
+its contrast and brightness changed).  That is what an "uneven" surface looks like on a ground or pressed part:
+two normal finishes on one part, which no Perlin blob of foreign texture imitates.
 
 The returned mask is exactly the set of pixels that were changed; :func:`block_labels` turns it into block
 targets (paper Eq. 15).  Everything is numpy + OpenCV and deterministic under a seed / ``np.random.Generator``.
@@ -39,6 +43,7 @@ _PASTE_TRIES = 4  # ... and the texture while the paste is fainter than min_cont
 _MIN_CELL_PX = 4  # Perlin cells are at least this many pixels, else the "noise" is just salt and pepper
 _JITTER_CONTRAST = (0.7, 1.3)
 _JITTER_BRIGHTNESS = (-40.0, 40.0)
+_BAND_AREA = (0.05, 0.5)  # a finish band's share of the image
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -252,6 +257,48 @@ def pit_mask(shape: tuple[int, int], rng: np.random.Generator, radius_px: tuple[
     return mask.astype(np.float32)
 
 
+def band_mask(shape: tuple[int, int], rng: np.random.Generator, area: tuple[float, float] = _BAND_AREA
+              ) -> np.ndarray:
+    """A large region with straight, slightly tilted sides (a finish band): float32 {0, 1} (H, W).
+
+    Two times in three it runs in from one of the image's sides, to a depth that gives ``area``, its inner side
+    tilted by up to 10 degrees and sometimes spanning only part of the side; else it is a tilted quadrilateral
+    inside the image.  Uneven finishes on real parts are bounded by the tool's path, not by noise."""
+    h, w = int(shape[0]), int(shape[1])
+    mask = np.zeros((h, w), np.uint8)
+    frac = rng.uniform(*area)
+    if rng.random() < 2 / 3:
+        side = int(rng.integers(4))  # 0 top, 1 bottom, 2 left, 3 right
+        along, across = (w, h) if side < 2 else (h, w)
+        start, stop = 0.0, float(along)
+        if rng.random() < 0.4:  # only part of the side
+            span = rng.uniform(0.4, 0.9) * along
+            start = rng.uniform(0, along - span)
+            stop = start + span
+        depth = min(0.95, frac * along / (stop - start)) * across
+        tilt = math.tan(math.radians(rng.uniform(-10.0, 10.0)))
+        mid = (start + stop) / 2
+        inner = [depth + tilt * (start - mid), depth + tilt * (stop - mid)]
+        pts = np.array([[start, 0.0], [stop, 0.0], [stop, inner[1]], [start, inner[0]]])
+        if side == 1:
+            pts[:, 1] = across - pts[:, 1]
+        elif side in (2, 3):
+            pts = pts[:, ::-1]
+            if side == 3:
+                pts[:, 0] = across - pts[:, 0]
+    else:
+        bh = math.sqrt(frac * h * w * rng.uniform(0.4, 2.5))
+        bw = frac * h * w / bh
+        cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+        angle = math.radians(rng.uniform(-15.0, 15.0))
+        corners = np.array([[-bw, -bh], [bw, -bh], [bw, bh], [-bw, bh]]) / 2
+        corners += rng.uniform(-0.1, 0.1, corners.shape) * np.array([bw, bh])
+        rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+        pts = corners @ rot.T + [cx, cy]
+    cv2.fillPoly(mask, [np.round(pts).astype(np.int32).reshape(-1, 1, 2)], 1)
+    return mask.astype(np.float32)
+
+
 def crack_mask(shape: tuple[int, int], rng: np.random.Generator, length_px: tuple[float, float] = (24.0, 120.0),
                width_px: tuple[int, int] = (1, 3)) -> np.ndarray:
     """A thin curved line, sometimes branched (cracks, scratches, hairlines): float32 {0, 1} (H, W).
@@ -280,6 +327,25 @@ def crack_mask(shape: tuple[int, int], rng: np.random.Generator, length_px: tupl
     return mask.astype(np.float32)
 
 
+def _finish_texture(image: np.ndarray, donors: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """Another finish of the same surface: a donor at the image's own orientation (flips only, since a ground or
+    brushed finish has a direction), or the image's own texture with its contrast and brightness changed."""
+    h, w = image.shape[:2]
+    if donors and rng.random() < 0.5:
+        donor = donors[int(rng.integers(len(donors)))]
+        crop = _random_crop(donor, h, w, (0.6, 1.0), rng)
+        if rng.random() < 0.5:
+            crop = cv2.flip(crop, int(rng.integers(0, 2)))
+        src = _resize(crop, h, w)
+    else:
+        src = image
+    img = src.astype(np.float32)
+    local = cv2.GaussianBlur(img, (0, 0), sigmaX=max(2.0, min(h, w) / 32))
+    gain = rng.uniform(1.3, 2.5) if rng.random() < 0.7 else rng.uniform(0.3, 0.7)  # stronger or flatter texture
+    offset = rng.uniform(-25.0, 40.0)
+    return np.clip(local + gain * (img - local) + offset, 0, 255).astype(np.uint8)
+
+
 def _intensity_texture(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """The image itself, darker (three times in four: pits and cracks are mostly shadowed) or brighter."""
     gain = rng.uniform(0.15, 0.6) if rng.random() < 0.75 else rng.uniform(1.4, 2.2)
@@ -292,7 +358,6 @@ def _is_grey(image: np.ndarray) -> bool:
 
 
 SHAPES = ("blob", "pit", "crack")
-
 
 # ----------------------------------------------------------------------------------------------- synthesis
 @dataclass
@@ -314,6 +379,9 @@ class SyntheticConfig:
     # a grey image (R = G = B) gets its foreign texture in grey too: a grey product never shows colour, and a colour
     # shift the Swin learns to flag teaches it nothing about the product's real defects
     match_colour: bool = False
+    # share of anomalies that are finish bands (:func:`band_mask` filled by :func:`_finish_texture`), drawn before
+    # the shape above: two normal finishes on one part, as an "uneven" surface shows
+    band_fraction: float = 0.0
 
 
 def _validate(cfg: SyntheticConfig) -> None:
@@ -330,6 +398,8 @@ def _validate(cfg: SyntheticConfig) -> None:
     if len(cfg.shape_weights) != 3 or min(cfg.shape_weights) < 0 or sum(cfg.shape_weights) <= 0:
         raise ValueError(f"shape_weights (blob, pit, crack) must be three non-negative numbers with a positive sum, "
                          f"got {cfg.shape_weights}")
+    if not 0.0 <= cfg.band_fraction <= 1.0:
+        raise ValueError(f"band_fraction must be in [0, 1], got {cfg.band_fraction}")
 
 
 class AnomalySynthesizer:
@@ -418,11 +488,18 @@ class AnomalySynthesizer:
         mask = None
         min_px = int(min(self.config.min_area_px, max_px))
         max_exp = max(0, int(np.floor(np.log2(max(1.0, min(h, w) / max(1, self.config.min_feature_px))))))
-        shape = SHAPES[int(rng.choice(3, p=self._shape_weights))] if self._shape_weights[0] < 1 else "blob"
+        # no draw at band_fraction 0: a profile without bands makes exactly the anomalies (and cache keys' content)
+        # it made before bands existed
+        if self.config.band_fraction > 0 and rng.random() < self.config.band_fraction:
+            shape = "band"
+        else:
+            shape = SHAPES[int(rng.choice(3, p=self._shape_weights))] if self._shape_weights[0] < 1 else "blob"
         scale = min(h, w) / 256.0  # pit and crack sizes are given for a 256-px image
         for _ in range(_MAKE_TRIES):
             if shape == "pit":
                 m = pit_mask((h, w), rng, (2.5 * scale, 10.0 * scale))
+            elif shape == "band":
+                m = band_mask((h, w), rng)
             elif shape == "crack":
                 m = crack_mask((h, w), rng, (24.0 * scale, 120.0 * scale), (1, max(1, round(3 * scale))))
             else:
@@ -446,7 +523,9 @@ class AnomalySynthesizer:
         best, best_change = None, -1.0
         for _ in range(_PASTE_TRIES):
             source = int(rng.choice(3, p=self._weights)) if shape == "blob" else -1
-            if source == -1:
+            if shape == "band":
+                tex = _finish_texture(img, self.donors, rng)
+            elif source == -1:
                 tex = _intensity_texture(img, rng)
             elif source == 0:
                 tex = self._donor_texture(h, w, rng)
