@@ -164,6 +164,9 @@ def profile_variants(ev: Evidence) -> dict[str, np.ndarray]:
         "+ 0.5 x a radius-32 guided filter on the frame blurred by 3 px": refined + 0.5 * wide,
         "max with that radius-32 filter": np.maximum(refined, wide),
         "that radius-32 filter alone": wide,
+        # the two knobs that trade AP for PRO, for a Swin that finds large regions better than small ones
+        "the Swin's share 0.2": heatmaps(ev, 0.2 * ev.swin + 0.8 * ev.distance, refiner),
+        "local contrast 0.3": heatmaps(ev, blocks, HeatmapRefiner(contrast_weight=0.3)),
     }
 
 
