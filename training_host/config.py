@@ -177,7 +177,8 @@ class SyntheticSection(_Section):
     opacity: tuple[float, float] = (0.5, 1.0)
     source_weights: tuple[float, float, float] = Field(
         default=(0.4, 0.3, 0.3), description="other good image / shuffled tiles of itself / packaged texture")
-    max_area: float = Field(default=0.25, gt=0.0, le=1.0)
+    max_area: float = Field(default=0.25, gt=0.0, le=1.0, description="largest Perlin mask, fraction of the image "
+                                                                      "(finish bands cover 5 to 50 %)")
     small_fraction: float = Field(default=0.5, ge=0.0, le=1.0,
                                   description="share of masks cut down to one to three small pieces")
     min_feature_px: int = Field(default=12, ge=1, description="finest Perlin cell in pixels")

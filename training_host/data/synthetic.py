@@ -359,6 +359,7 @@ def _is_grey(image: np.ndarray) -> bool:
 
 SHAPES = ("blob", "pit", "crack")
 
+
 # ----------------------------------------------------------------------------------------------- synthesis
 @dataclass
 class SyntheticConfig:
@@ -366,7 +367,7 @@ class SyntheticConfig:
 
     opacity: tuple[float, float] = (0.5, 1.0)  # range of the foreign texture's weight inside the mask
     source_weights: tuple[float, float, float] = (0.4, 0.3, 0.3)  # donor image / own shuffled tiles / packaged
-    max_area: float = 0.25  # largest mask, fraction of the image
+    max_area: float = 0.25  # largest Perlin mask, fraction of the image (finish bands: _BAND_AREA)
     small_fraction: float = 0.5  # share of masks cut down to one to three connected pieces (small defects)
     min_feature_px: int = 12  # finest Perlin cell: thinner streaks vanish in the 8-px blocks the labels use
     min_area_px: int = 48  # smallest mask, about the area that can make an 8x8 block positive
