@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -53,6 +53,7 @@ class Evidence:
     blur_sigma: float
     guides: np.ndarray  # (n, H, W) the frames' grey inputs, for the heatmap refinement
     swin_weight: float = DEFAULT_SWIN_WEIGHT  # the Swin's share of the bundle's fused map (scoring.fusion)
+    refiner: HeatmapRefiner = HeatmapRefiner()  # the bundle's own heatmap refinement (scoring.refine)
 
     @property
     def profile_rule(self) -> str:
@@ -92,7 +93,14 @@ def gather(bundle_path: Path, data_root: Path, engine: str) -> Evidence:
                     distance=np.stack(dist), swin=np.stack(swin), verdict=np.array(verdict), standardised=z,
                     masks=np.stack(masks), labels=labels,
                     types=[s.defect_type for s in samples], blur_sigma=scorer.blur_sigma, guides=np.stack(guides),
-                    swin_weight=fusion.swin_weight)
+                    swin_weight=fusion.swin_weight, refiner=_refiner_of(bundle))
+
+
+def _refiner_of(bundle) -> HeatmapRefiner:
+    """The bundle's own refinement settings, so that "the profile" rows score the map the bundle serves (a bundle
+    without them is scored with the runtime's defaults)."""
+    info = bundle.manifest.scoring.refine
+    return HeatmapRefiner(**info.model_dump()) if info is not None else HeatmapRefiner()
 
 
 def heatmaps(ev: Evidence, blocks: np.ndarray, refiner: HeatmapRefiner | None = None) -> np.ndarray:
@@ -152,7 +160,7 @@ def profile_variants(ev: Evidence) -> dict[str, np.ndarray]:
     large uneven regions want a wide smoothing, pits and cracks a narrow one."""
     blocks = ev.profile_blocks()
     unrefined = heatmaps(ev, blocks)
-    refiner = HeatmapRefiner()
+    refiner = ev.refiner
     refined = np.stack([refiner(h, g) for h, g in zip(unrefined, ev.guides, strict=True)])
     wide = np.stack([_guided(h, cv2.GaussianBlur(g, (0, 0), 3.0), 32, 1e-4)
                      for h, g in zip(unrefined, ev.guides, strict=True)])
@@ -166,7 +174,7 @@ def profile_variants(ev: Evidence) -> dict[str, np.ndarray]:
         "that radius-32 filter alone": wide,
         # the two knobs that trade AP for PRO, for a Swin that finds large regions better than small ones
         "the Swin's share 0.2": heatmaps(ev, 0.2 * ev.swin + 0.8 * ev.distance, refiner),
-        "local contrast 0.3": heatmaps(ev, blocks, HeatmapRefiner(contrast_weight=0.3)),
+        "local contrast 0.3": heatmaps(ev, blocks, replace(refiner, contrast_weight=0.3)),
     }
 
 
@@ -231,7 +239,7 @@ def main() -> int:
         for name, refiner in REFINERS.items():
             add(f"{ev.name}: mean, refined: {name}", score(ev, RULES["mean"](ev), refiner))
         for name in ("0.4 swin + 0.6 distance", "0.3 swin + 0.7 distance"):
-            add(f"{ev.name}: {name}, refined (scoring.refine)", score(ev, RULES[name](ev), HeatmapRefiner()))
+            add(f"{ev.name}: {name}, refined (scoring.refine)", score(ev, RULES[name](ev), ev.refiner))
         for name, maps in profile_variants(ev).items():
             add(f"{ev.name}: {ev.profile_rule}, refined: {name}",
                 evaluate_maps(ev.labels, ev.verdict, ev.masks, maps, ev.types))
@@ -249,7 +257,7 @@ def main() -> int:
     sections.append("## Final-map rules (pixel metrics; the fusion scales are each bundle's own)\n\n"
                     + markdown(all_rows, keys))
     first = evidence[0]
-    for label, refiner in (("unrefined", None), ("refined (scoring.refine)", HeatmapRefiner())):
+    for label, refiner in (("unrefined", None), ("refined (scoring.refine)", first.refiner)):
         top = where_top_pixels(first, first.profile_blocks(), refiner)
         sections.append(f"## Where {first.name}'s map, {label}, puts its highest pixels (as many as all defect "
                         f"pixels)\n\n" + markdown(top, list(top[0])))
