@@ -15,6 +15,7 @@ from training_host.models.swin import (
     _window_partition,
     focal_loss,
     mask_and_jitter,
+    region_balanced_weights,
 )
 from training_host.training.residual_data import ResidualSet
 from training_host.training.train_swin import CheckpointError, SwinTrainer
@@ -102,6 +103,46 @@ def test_focal_loss_ignores_unlabelled_tokens_and_reduces_to_cross_entropy():
     easy = torch.tensor([[4.0, -4.0]]).expand(10, 2)
     focal, plain = focal_loss(easy, torch.zeros(10), 0.5, 2.0), focal_loss(easy, torch.zeros(10), 0.5, 0.0)
     assert float(focal) < 1e-3 * float(plain)
+
+
+def test_region_balanced_weights_give_each_region_its_share_and_keep_the_anomalous_total():
+    labels = torch.zeros(2, 12, 12, dtype=torch.long)
+    labels[0, :6, :6] = 1  # a band of 36 blocks
+    labels[0, 9, 9] = 1  # a pit of one block
+    labels[0, 10, 10] = 1  # ... touching it diagonally: one region of two (8-connected)
+    labels[0, 0, 11] = -1  # ignored
+    labels[1, 8:10, 2:4] = 1  # another field's region of 4
+    positive = labels == 1
+    assert torch.equal(region_balanced_weights(labels, 0.0), torch.ones(2, 12, 12))  # off: the plain loss
+    for power in (0.5, 1.0):
+        w = region_balanced_weights(labels, power)
+        assert float(w[positive].sum()) == pytest.approx(float(positive.sum()))  # class balance as before
+        assert torch.all(w[~positive] == 1.0)
+        band, pit, other = w[0, 0, 0], w[0, 9, 9], w[1, 8, 2]
+        assert float(w[0, 10, 10]) == pytest.approx(float(pit))  # one region, one weight
+        assert float(pit / band) == pytest.approx((36 / 2) ** power, rel=1e-5)
+        assert float(other / band) == pytest.approx((36 / 4) ** power, rel=1e-5)
+    regions = [float(w[0, :6, :6].sum()), float(w[0, 9, 9] + w[0, 10, 10]), float(w[1, 8:10, 2:4].sum())]
+    assert max(regions) == pytest.approx(min(regions), rel=1e-5)  # power 1: every region weighs the same
+    none = torch.zeros(1, 4, 4, dtype=torch.long)
+    assert torch.equal(region_balanced_weights(none, 1.0), torch.ones(1, 4, 4))  # no anomalous block: unchanged
+
+
+def test_focal_loss_token_weights_scale_each_token_term():
+    logits = torch.randn(2, 4, 4, 2)
+    labels = torch.randint(0, 2, (2, 4, 4))
+    labels[0, 0, 0] = -1
+    plain = focal_loss(logits, labels, 0.5, 2.0)
+    assert torch.allclose(focal_loss(logits, labels, 0.5, 2.0, torch.ones(2, 4, 4)), plain)
+    doubled = focal_loss(logits, labels, 0.5, 2.0, torch.full((2, 4, 4), 2.0))
+    assert torch.allclose(doubled, 2 * focal_loss(logits, labels, 0.5, 2.0))
+    only_first = torch.zeros(2, 4, 4)
+    only_first[0] = 1.0
+    first = labels.clone()
+    first[1] = -1
+    n_all, n_first = int((labels >= 0).sum()), int((first >= 0).sum())
+    assert torch.allclose(focal_loss(logits, labels, 0.5, 2.0, only_first) * n_all / n_first,
+                          focal_loss(logits, first, 0.5, 2.0), atol=1e-6)
 
 
 def test_mask_and_jitter_is_seeded_and_masks_the_asked_share():

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from training_host.config import SwinConfig
 from training_host.errors import CheckpointError  # noqa: F401  (raised here; importable without torch)
-from training_host.models.swin import ResidualSwin, focal_loss, mask_and_jitter
+from training_host.models.swin import ResidualSwin, focal_loss, mask_and_jitter, region_balanced_weights
 from training_host.training.distributed import SINGLE, Distributed
 from training_host.training.residual_data import ResidualSet
 
@@ -57,7 +57,8 @@ class Objective(Protocol):
 
 
 class FocalObjective:
-    """Hard block labels (1, 0, -1 ignored): focal loss on masked and jittered residual tokens (Eq. 18)."""
+    """Hard block labels (1, 0, -1 ignored): focal loss on masked and jittered residual tokens (Eq. 18), its
+    anomalous blocks weighed by the size of their region when ``swin.region_balance`` is set."""
 
     def __init__(self, cfg: SwinConfig) -> None:
         self.cfg = cfg
@@ -65,7 +66,9 @@ class FocalObjective:
     def __call__(self, model: ResidualSwin, x: torch.Tensor, y: torch.Tensor, offset: tuple[int, int], step: int,
                  gen: torch.Generator, bags: torch.Tensor | None = None) -> torch.Tensor:
         x = mask_and_jitter(x, self.cfg.mask_ratio, self.cfg.jitter, gen)
-        return focal_loss(model.logits(x, offset), y, self.cfg.focal_alpha, self.cfg.focal_gamma)
+        balance = self.cfg.region_balance
+        weight = region_balanced_weights(y, balance) if balance else None
+        return focal_loss(model.logits(x, offset), y, self.cfg.focal_alpha, self.cfg.focal_gamma, weight)
 
 
 class _Logits(torch.nn.Module):
