@@ -252,6 +252,13 @@ def main() -> int:
             for name, blocks in ((f"swin of {len(evidence)} seeds", swin),
                                  (f"mean of distance and swin of {len(evidence)} seeds", 0.5 * (swin + ev.distance))):
                 add(f"{ev.name}: {name}", score(ev, blocks))
+            # the ensemble in the bundle's own final map: what a profile with N Swins would serve
+            fused = ev.swin_weight * swin + (1.0 - ev.swin_weight) * ev.distance
+            n = len(evidence)
+            add(f"{ev.name}: {ev.profile_rule} with the swin of {n} seeds, refined (scoring.refine)",
+                score(ev, fused, ev.refiner))
+            add(f"{ev.name}: {ev.profile_rule} with the swin of {n} seeds, refined: local contrast 0.3",
+                score(ev, fused, replace(ev.refiner, contrast_weight=0.3)))
     types = list(dict.fromkeys(t for t in evidence[0].types if t != "good"))
     keys = ["rule", "pixel_ap", "pro", "pixel_auroc"] + [f"{t}_{k}" for t in types for k in ("ap", "pro")]
     sections.append("## Final-map rules (pixel metrics; the fusion scales are each bundle's own)\n\n"
