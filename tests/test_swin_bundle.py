@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import cv2
 import numpy as np
 import pytest
 
@@ -120,7 +121,7 @@ def object_bundle(tmp_path_factory, object_data):
         "fit", "--data", str(object_data), "--out", str(out), "--mode", "supervised",
         "--supervised-from", str(object_data), "--n-defects", "3", "--defect-seed", "1",
         "--synthetic-preview", str(out.parent / "synthetic.png"), "--json",
-        *OBJECT_SETTINGS,
+        *OBJECT_SETTINGS, "--set", "swin.defect_transplants=2",
     ])
     assert code == 0
     return out
@@ -130,6 +131,7 @@ def test_supervised_object_bundle_records_its_training_and_foreground(object_bun
     m = load_bundle(object_bundle).manifest
     assert m.training.mode == "supervised" and len(m.training.defect_images) == 3
     assert m.training.steps == 90 and "3 defective images" in m.training.supervision
+    assert "each also pasted into 2 good images" in m.training.supervision
     assert m.foreground is not None and m.foreground.power == 0.15
     assert m.swin.train_window == 8 and m.swin.window == 4 and m.swin.onnx_max_abs_diff < 1e-4  # sliding windows
     maps = load_bundle(object_bundle).arrays["foreground_maps"].astype(np.float32)
@@ -421,3 +423,51 @@ def test_standardised_verdict_without_its_maps_is_refused(fitted_slice, tmp_path
     bundle = load_bundle(path)  # a bundle fitted before the maps existed still loads and serves
     with pytest.raises(ValueError, match="reference distance maps"):
         Inspector(bundle, image_score="standardised")
+
+
+class _RecordingMaker:
+    """Stands in for the residual-field maker (a fitted bank is beside the point here): keeps what it was given
+    and returns one field per image whose labels are the masks' block labels."""
+
+    input_hw = (128, 128)
+    grid = (16, 16)
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list, list, list, str]] = []
+
+    def make(self, images, masks, exclude, kind):
+        import torch
+
+        from training_host.data.synthetic import block_labels
+        from training_host.training.residual_data import ResidualSet
+
+        self.calls.append((images, masks, exclude, kind))
+        labels = np.stack([block_labels(m, self.grid) for m in masks]) if images else np.zeros((0, *self.grid))
+        return ResidualSet(torch.zeros((len(images), *self.grid, 2), dtype=torch.float16),
+                           torch.from_numpy(labels.astype(np.int8)), [kind] * len(images))
+
+
+def test_real_defects_are_also_transplanted_into_good_bank_images(object_data):
+    from training_host.training.residual_data import defect_fields, pick_defects, read_resized
+
+    defects = pick_defects(object_data, 3, seed=1)
+    bank = sorted((object_data / "train" / "good").iterdir())
+    maker = _RecordingMaker()
+    plain, errors = defect_fields(maker, defects)
+    assert len(plain) == 3 and not errors and len(maker.calls) == 1  # no transplants unless asked
+    maker = _RecordingMaker()
+    data, errors = defect_fields(maker, defects, bank, transplants=4, seed=0)
+    assert not errors and len(data) == 3 + 12 and data.count("defect") == 15
+    (real, real_masks, real_exclude, _), (pasted, pasted_masks, exclude, kind) = maker.calls
+    assert real_exclude == [None] * 3 and kind == "defect" and len(pasted) == 12
+    targets = read_resized([bank[j] for j in exclude], maker.input_hw)[0]
+    for k, (image, mask, target) in enumerate(zip(pasted, pasted_masks, targets, strict=True)):
+        source_mask = real_masks[k // 4]
+        assert mask.sum() == pytest.approx((source_mask > 0.5).sum())  # defect k // 4, whole
+        near = cv2.dilate(mask, np.ones((5, 5), np.uint8)) > 0
+        assert np.array_equal(image[~near], target[~near])  # the bank image it names, changed only there
+        assert not np.array_equal(image, target)
+    again = _RecordingMaker()
+    defect_fields(again, defects, bank, transplants=4, seed=0)
+    assert again.calls[1][2] == exclude  # seeded: the same bank images ...
+    assert all(np.array_equal(a, b) for a, b in zip(again.calls[1][1], pasted_masks, strict=True))  # ... and places

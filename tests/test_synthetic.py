@@ -17,6 +17,7 @@ from training_host.data.synthetic import (
     perlin_noise,
     pit_mask,
     save_sample_grid,
+    transplant_defect,
 )
 
 SIZE = 128
@@ -265,6 +266,30 @@ def test_finish_bands_change_exactly_the_mask(image, donors):
         assert np.abs(out[mask > 0].astype(int) - image[mask > 0]).mean() >= 6  # another finish, not a copy
     with pytest.raises(ValueError, match="band_fraction"):
         AnomalySynthesizer(donors, SyntheticConfig(band_fraction=1.5))
+
+
+def test_a_transplanted_defect_keeps_its_shape_and_look_at_a_new_place(image):
+    source = _texture(5)
+    mask = np.zeros((SIZE, SIZE), np.float32)
+    cv2.ellipse(mask, (30, 40), (12, 5), 30, 0, 360, 1.0, -1)  # a dark elongated pit
+    source[mask > 0] = (source[mask > 0] * 0.3).astype(np.uint8)
+    rng = np.random.default_rng(0)
+    places = set()
+    for _ in range(12):
+        out, moved = transplant_defect(source, mask, image, rng)
+        assert moved.dtype == np.float32 and set(np.unique(moved)) == {0.0, 1.0}
+        assert moved.sum() == mask.sum()  # the whole defect, nothing cut off at the border
+        ys, xs = np.nonzero(moved)
+        places.add((int(ys.min()), int(xs.min())))
+        near = cv2.dilate(moved, np.ones((5, 5), np.uint8)) > 0  # a feathered edge of about a pixel
+        assert np.array_equal(out[~near], image[~near])  # the rest of the target is untouched
+        inside = out[moved > 0].astype(float).mean()
+        assert inside < image.astype(float).mean() - 40  # still a dark pit in its new image
+    assert len(places) >= 8  # it moves
+    empty, none = transplant_defect(source, np.zeros_like(mask), image, rng)
+    assert np.array_equal(empty, image) and not none.any()
+    with pytest.raises(ValueError, match="same size"):
+        transplant_defect(source[:64], mask[:64], image, rng)
 
 
 @pytest.mark.parametrize(

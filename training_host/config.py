@@ -116,6 +116,8 @@ class SwinConfig(_Section):
     synthetic_per_image: int = Field(default=2, ge=0, description="synthetic anomalies made from each good image")
     defect_fraction: float = Field(default=0.25, ge=0.0, le=1.0,
                                    description="share of each fine-tuning batch drawn from real defects")
+    defect_transplants: int = Field(default=0, ge=0, description="supervised mode: each real defect is also pasted "
+                                    "into this many good images at other places (its mask moved with it)")
     checkpoint_every: int = Field(default=250, gt=0)
 
     @field_validator("heads")

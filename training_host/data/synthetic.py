@@ -547,6 +547,48 @@ class AnomalySynthesizer:
         return img, sel.astype(np.float32)
 
 
+# ----------------------------------------------------------------------------------------------- real defects
+_TRANSPLANT_RING_PX = 4  # the ring around a defect whose brightness is matched to the target's at the new place
+
+
+def transplant_defect(source: np.ndarray, mask: np.ndarray, target: np.ndarray, rng: np.random.Generator
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """A real defect (``source`` RGB uint8 and its pixel ``mask``) pasted into another good image ``target`` of
+    the same size, flipped at random and moved to a random place where it fits whole.
+
+    Why: ten labelled defects are ten fixed fields, which a fine-tuned model learns by heart (place included);
+    the same defects in other images and places teach what the defect looks like.  The defect's brightness is
+    matched to the target's around the new place (a ring of a few pixels), and its edge is feathered by a pixel,
+    so the seam does not become the lesson.  Returns ``(image, mask float32 in {0, 1})``, the mask moved with the
+    defect; an empty mask returns the target unchanged.
+    """
+    src = _as_rgb_uint8(source, "source")
+    dst = _as_rgb_uint8(target, "target")
+    if src.shape != dst.shape or mask.shape != dst.shape[:2]:
+        raise ValueError(f"source {src.shape}, mask {mask.shape} and target {dst.shape} must be the same size")
+    m = np.asarray(mask) > 0.5
+    if not m.any():
+        return dst.copy(), np.zeros(m.shape, np.float32)
+    if rng.random() < 0.5:
+        src, m = src[:, ::-1], m[:, ::-1]
+    if rng.random() < 0.5:
+        src, m = src[::-1], m[::-1]
+    h, w = m.shape
+    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * _TRANSPLANT_RING_PX + 1,) * 2)
+    grown = cv2.dilate(m.astype(np.uint8), k) > 0
+    ys, xs = np.nonzero(grown)
+    dy = int(rng.integers(0, h - (ys.max() - ys.min()))) - int(ys.min())
+    dx = int(rng.integers(0, w - (xs.max() - xs.min()))) - int(xs.min())
+    moved = np.stack([_shift(np.ascontiguousarray(src[..., c]), dy, dx) for c in range(3)], -1).astype(np.float32)
+    m_new, grown_new = _shift(m, dy, dx), _shift(grown, dy, dx)
+    ring = grown_new & ~m_new
+    if ring.any():  # the defect's surroundings there as bright as here
+        moved += dst[ring].astype(np.float32).mean(0) - moved[ring].mean(0)
+    alpha = np.maximum(cv2.GaussianBlur(m_new.astype(np.float32), (5, 5), 1.0), m_new)[..., None]  # 2 px at most
+    out = dst.astype(np.float32) * (1.0 - alpha) + moved * alpha
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8), m_new.astype(np.float32)
+
+
 # ----------------------------------------------------------------------------------------------- labels
 def block_labels(mask: np.ndarray, grid: tuple[int, int], eps_pos: float = 0.5, eps_neg: float = 0.1,
                  min_positive_px: int = 0) -> np.ndarray:

@@ -246,7 +246,7 @@ def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatu
     labelled: list[B.LabelledImage] = []
     steps = sc.steps if opts.init is None else 0
     if opts.mode == "supervised":
-        real, errors = defect_fields(maker, defects)
+        real, errors = defect_fields(maker, defects, bank_paths, sc.defect_transplants, cfg.seed)
         skipped.extend(errors)
         if not len(real):
             raise ValueError(f"{opts.supervised_from}: none of the {len(defects)} picked defective images is readable")
@@ -283,6 +283,8 @@ def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatu
     supervision = "good images + synthetic anomalies"
     if opts.mode == "supervised":
         supervision += f" + {len(labelled)} defective images with pixel masks"
+        if sc.defect_transplants:
+            supervision += f" (each also pasted into {sc.defect_transplants} good images)"
     elif opts.mode == "weak" and weak is not None:
         kinds = ", ".join(f"{n} {k}" for k, n in weak.counts().items() if k != "total" and n)
         supervision += f" + {len(labelled)} weakly labelled defective images ({kinds}; ResMixMatch)"

@@ -24,7 +24,7 @@ from edge_runtime.core.bundle import sha256_of
 from edge_runtime.core.pipeline import PosFARScorer
 from edge_runtime.core.preprocess import ImageReadError, read_image, resize_rgb, to_input_tensor
 from training_host.data.dataset import TestSample, load_mask, scan_dataset
-from training_host.data.synthetic import AnomalySynthesizer, block_labels
+from training_host.data.synthetic import AnomalySynthesizer, block_labels, transplant_defect
 from training_host.labels.weak_labels import LabelSet, block_labels_from_weak, weak_bags
 from training_host.models.features import PatchFeatureExtractor, extract
 from training_host.training.distributed import SINGLE, Distributed
@@ -195,16 +195,44 @@ def pick_defects(source: Path, n: int, seed: int) -> list[LabelledDefect]:
     return [LabelledDefect(s, str(s.path.relative_to(dataset.root)), sha256_of(s.path)) for s in picked]
 
 
-def defect_fields(maker: ResidualFieldMaker, defects: list[LabelledDefect]) -> tuple[ResidualSet, list[str]]:
-    """Residual fields of real defects, labelled from their masks; unreadable ones are reported and skipped."""
+def _read_defects(defects: list[LabelledDefect], size_hw: tuple[int, int]
+                  ) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
+    """Images and masks of real defects at ``size_hw``; unreadable ones are reported and skipped."""
     images, masks, errors = [], [], []
     for d in defects:
         try:
-            images.append(resize_rgb(read_image(d.sample.path), maker.input_hw))
-            masks.append(load_mask(d.sample, maker.input_hw).astype(np.float32))
+            images.append(resize_rgb(read_image(d.sample.path), size_hw))
+            masks.append(load_mask(d.sample, size_hw).astype(np.float32))
         except ImageReadError as exc:
             errors.append(str(exc))
-    return maker.make(images, masks, [None] * len(images), "defect"), errors
+    return images, masks, errors
+
+
+def defect_fields(maker: ResidualFieldMaker, defects: list[LabelledDefect], bank_paths: list[Path] | None = None,
+                  transplants: int = 0, seed: int = 0) -> tuple[ResidualSet, list[str]]:
+    """Residual fields of real defects, labelled from their masks; unreadable ones are reported and skipped.
+
+    With ``transplants`` > 0, each defect is also pasted (:func:`transplant_defect`) into that many good bank
+    images drawn at random (seeded), each field left out of its own image's references as the synthetic ones are.
+    """
+    images, masks, errors = _read_defects(defects, maker.input_hw)
+    real = maker.make(images, masks, [None] * len(images), "defect")
+    if not transplants or not images or not bank_paths:
+        return real, errors
+    rng = np.random.default_rng([seed, 0x7A5])
+    picks = rng.choice(len(bank_paths), size=len(images) * transplants, replace=len(images) * transplants
+                       > len(bank_paths))
+    targets, ok, failed = read_resized([bank_paths[int(j)] for j in picks], maker.input_hw)
+    errors.extend(failed)
+    pasted, pasted_masks, exclude = [], [], []
+    for k, t in zip(ok, targets, strict=True):
+        d = k // transplants
+        image, mask = transplant_defect(images[d], masks[d], t, rng)
+        pasted.append(image)
+        pasted_masks.append(mask)
+        exclude.append(int(picks[k]))
+    moved = maker.make(pasted, pasted_masks, exclude, "defect")
+    return ResidualSet.concat([real, moved]), errors
 
 
 
