@@ -9,6 +9,7 @@ import torch
 from training_host.config import SwinConfig
 from training_host.models.swin import (
     ResidualSwin,
+    SwinEnsemble,
     SwinShape,
     _shift_mask,
     _window_merge,
@@ -87,6 +88,18 @@ def test_position_embedding_makes_the_same_residual_score_differently_by_place()
     with torch.no_grad():
         flat = plain(torch.ones(1, 8, 8, 12))[0]  # one window, no shift, no position: all tokens alike
     assert float(flat.std()) < 1e-5
+
+
+def test_an_ensemble_averages_its_members_and_refuses_mixed_shapes():
+    a, b = _model(), ResidualSwin(SwinShape(in_dim=12, embed_dim=16, depth=2, heads=2)).eval()
+    field = torch.rand(2, 8, 8, 12)
+    with torch.no_grad():
+        assert torch.allclose(SwinEnsemble([a, b])(field), (a(field) + b(field)) / 2, atol=1e-6)
+        assert torch.allclose(SwinEnsemble([a])(field), a(field))
+    with pytest.raises(ValueError, match="same shape"):
+        SwinEnsemble([a, ResidualSwin(SwinShape(in_dim=12, embed_dim=8, depth=2, heads=2))])
+    with pytest.raises(ValueError, match="same shape"):
+        SwinEnsemble([])
 
 
 def test_focal_loss_ignores_unlabelled_tokens_and_reduces_to_cross_entropy():

@@ -471,3 +471,41 @@ def test_real_defects_are_also_transplanted_into_good_bank_images(object_data):
     defect_fields(again, defects, bank, transplants=4, seed=0)
     assert again.calls[1][2] == exclude  # seeded: the same bank images ...
     assert all(np.array_equal(a, b) for a, b in zip(again.calls[1][1], pasted_masks, strict=True))  # ... and places
+
+
+def test_an_ensemble_bundle_serves_the_mean_of_its_swins(tmp_path, demo_data, small_config):
+    import torch
+    from safetensors.torch import load_file
+
+    from edge_runtime.core.engines import OnnxRuntimeEngine
+    from training_host.models.swin import ResidualSwin, SwinShape
+    from training_host.training.fit import TrainingOptions, fit_product
+
+    swin = small_config.swin.model_copy(update={"members": 2, "steps": 30})
+    cfg = small_config.model_copy(update={"swin": swin})
+    out = tmp_path / "bundle"
+    summary = fit_product(cfg, demo_data, out, progress=False, options=TrainingOptions(cache_dir=tmp_path / "cache"))
+    m = load_bundle(out).manifest
+    assert m.swin.members == 2 and "2 Swins averaged" in m.training.supervision
+    assert [p["member"] for p in summary.swin["phases"]] == [0, 1]
+    ckpt = tmp_path / "bundle.ckpt"
+    members = []
+    for path in (ckpt / "unsupervised.safetensors", ckpt / "member1" / "unsupervised.safetensors"):
+        tensors = load_file(str(path))
+        grid = tensors["ema.pos_embed"].shape[1:3]
+        model = ResidualSwin(SwinShape(in_dim=summary.d_f, embed_dim=swin.embed_dim,
+                                       depth=swin.depth, heads=swin.heads, window=swin.window,
+                                       mlp_ratio=swin.mlp_ratio, train_window=swin.train_window,
+                                       window_stride=swin.window_stride, grid=tuple(grid)))
+        model.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        members.append(model.eval())
+    field = torch.rand(1, *grid, summary.d_f) * 3
+    with torch.no_grad():
+        probs = [mm(field).reshape(1, -1).numpy() for mm in members]
+    engine = OnnxRuntimeEngine(out / SWIN)
+    served = engine.run({"residual": field.reshape(1, -1, summary.d_f).numpy()})["probability"]
+    assert not np.allclose(probs[0], probs[1], atol=1e-3)  # two different Swins ...
+    assert np.allclose(served, (probs[0] + probs[1]) / 2, atol=1e-4)  # ... and the bundle serves their mean
+    with pytest.raises(ValueError, match="members"):
+        fit_product(cfg, demo_data, tmp_path / "again", progress=False,
+                    options=TrainingOptions(init=ckpt / "unsupervised.safetensors"))

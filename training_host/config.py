@@ -114,6 +114,8 @@ class SwinConfig(_Section):
     mask_ratio: float = Field(default=0.1, ge=0.0, lt=1.0, description="residual tokens zeroed (Eq. 18)")
     jitter: float = Field(default=0.1, ge=0.0, description="log-scale jitter of residual tokens (Eq. 18)")
     synthetic_per_image: int = Field(default=2, ge=0, description="synthetic anomalies made from each good image")
+    members: int = Field(default=1, ge=1, le=8, description="Swins trained, each on its own synthetic anomalies "
+                         "and from its own start; swin.onnx averages their probabilities (fit and Swin time x N)")
     defect_fraction: float = Field(default=0.25, ge=0.0, le=1.0,
                                    description="share of each fine-tuning batch drawn from real defects")
     defect_transplants: int = Field(default=0, ge=0, description="supervised mode: each real defect is also pasted "

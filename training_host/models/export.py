@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from training_host.models.features import PatchFeatureExtractor
-from training_host.models.swin import ResidualSwin, SwinForExport
+from training_host.models.swin import ResidualSwin, SwinEnsemble, SwinForExport
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ def _export(module: torch.nn.Module, example: torch.Tensor, path: Path, input_na
                           opset_version=opset, dynamo=True, external_data=False, verbose=False)
 
 
-def export_swin(model: ResidualSwin, grid: tuple[int, int], path: Path, residuals: np.ndarray,
+def export_swin(model: ResidualSwin | SwinEnsemble, grid: tuple[int, int], path: Path, residuals: np.ndarray,
                 opset: int = 18) -> float:
     """Write ``swin.onnx`` (residual (1, M, d_f) -> probability (1, M)) and return the max abs difference
     of ONNX Runtime's probabilities from torch's on the given real residual fields (N, M, d_f)."""

@@ -251,10 +251,29 @@ class ResidualSwin(nn.Module):
         return total / count
 
 
+class SwinEnsemble(nn.Module):
+    """Several residual Swins of one shape, their probabilities averaged: one graph, the same contract as one Swin.
+
+    Why: Swins trained on other synthetic anomalies and from other starts err in different places; their mean
+    is steadier from one fit to the next (MTD: the PRO of three seeds' maps 0.803 / 0.786 / 0.809 alone, 0.807 /
+    0.806 / 0.807 with the three Swins averaged; docs/sweeps/map_study_ensemble.md).
+    """
+
+    def __init__(self, members: list[ResidualSwin]) -> None:
+        super().__init__()
+        if not members or len({m.shape for m in members}) != 1:
+            raise ValueError("an ensemble needs one or more Swins of the same shape")
+        self.members = nn.ModuleList(members)
+        self.shape = members[0].shape
+
+    def forward(self, field: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(field) for m in self.members]).mean(0)
+
+
 class SwinForExport(nn.Module):
     """The graph in ``swin.onnx``: residual tokens (1, M, d_f) on a fixed grid -> probabilities (1, M)."""
 
-    def __init__(self, model: ResidualSwin, grid: tuple[int, int]) -> None:
+    def __init__(self, model: ResidualSwin | SwinEnsemble, grid: tuple[int, int]) -> None:
         super().__init__()
         self.model = model
         self.grid = grid

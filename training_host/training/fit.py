@@ -37,7 +37,7 @@ from training_host.labels.weak_labels import LabelSet, load_labels
 from training_host.models.export import export_backbone, export_swin
 from training_host.models.features import PatchFeatureExtractor, build_extractor, extract
 from training_host.models.matcher_graph import write_matcher_graph
-from training_host.models.swin import ResidualSwin, SwinShape
+from training_host.models.swin import ResidualSwin, SwinEnsemble, SwinShape
 from training_host.training.cache import FitCache, features_key, residuals_key
 from training_host.training.distributed import SINGLE, Distributed
 from training_host.training.residual_data import (
@@ -171,7 +171,7 @@ def producer_versions() -> dict[str, str]:
 
 @dataclass
 class _TrainedSwin:
-    model: ResidualSwin
+    model: ResidualSwin | SwinEnsemble
     onnx_path: Path
     onnx_diff: float
     info: B.TrainingInfo
@@ -218,9 +218,15 @@ def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatu
                 bank_paths: list[Path], defects: list[LabelledDefect], weak: LabelSet | None, weak_root: Path,
                 out: Path, tmp: Path, skipped: list[str], progress: bool,
                 cache: FitCache | None = None) -> _TrainedSwin | None:
-    """Residual fields (good, synthetic, real defects) -> trained, exported, checked ``swin.onnx``."""
+    """Residual fields (good, synthetic, real defects) -> trained, exported, checked ``swin.onnx``.
+
+    With ``swin.members`` > 1 that many Swins are trained, each on its own synthetic anomalies (drawn with its own
+    seed, on the same bank) and from its own initialisation, and ``swin.onnx`` averages their probabilities.
+    """
     t0 = time.perf_counter()
     sc = cfg.swin
+    if opts.init is not None and sc.members > 1:
+        raise ValueError(f"--init gives one Swin's weights; swin.members is {sc.members}")
     nn_scorer = fitted.scorer(cfg.posfar.k_references, extractor.grid, cfg.input_size, cfg.posfar.retrieval_trim,
                               cfg.scoring.blur_sigma, cfg.scoring.score_pool, tuple(cfg.posfar.thetas))
     maker = ResidualFieldMaker(extractor, nn_scorer, cfg.labels.eps_pos, cfg.labels.eps_neg, cfg.batch_size,
@@ -228,53 +234,45 @@ def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatu
     good, synthetic, preview = _training_fields(cfg, maker, fitted, bank_paths, cache, progress)
     if opts.synthetic_preview is not None and preview and opts.dist.is_main:
         save_sample_grid(preview, opts.synthetic_preview)
-    data = ResidualSet.concat([good, synthetic])
     shape = SwinShape(in_dim=extractor.d_f, embed_dim=sc.embed_dim, depth=sc.depth, heads=sc.heads, window=sc.window,
                       mlp_ratio=sc.mlp_ratio, train_window=sc.train_window, window_stride=sc.window_stride,
                       log_input=sc.log_input, grid=extractor.grid if sc.position_embedding else None,
                       magnitude_skip=sc.magnitude_skip)
-    torch.manual_seed(cfg.seed)
-    model = ResidualSwin(shape)
-    model.set_input_scale(good.fields.float())
     ckpt = opts.checkpoint_dir or out.parent / f"{out.name}.ckpt"
-    trainer = SwinTrainer(model, sc, ckpt, seed=cfg.seed, resume=opts.resume, dist=opts.dist)
-    phases = []
-    if opts.init is not None:
-        trainer.load_weights(opts.init)
-    else:
-        phases.append(trainer.run_phase("unsupervised", data, sc.steps, sc.lr, progress=progress).to_json())
     labelled: list[B.LabelledImage] = []
-    steps = sc.steps if opts.init is None else 0
+    real = weak_set = None
     if opts.mode == "supervised":
         real, errors = defect_fields(maker, defects, bank_paths, sc.defect_transplants, cfg.seed)
         skipped.extend(errors)
         if not len(real):
             raise ValueError(f"{opts.supervised_from}: none of the {len(defects)} picked defective images is readable")
-        trainer.model.load_state_dict(trainer.ema.state_dict())  # fine-tune the unsupervised (EMA) model
-        phases.append(trainer.run_phase("supervised", data, sc.finetune_steps, sc.finetune_lr, defects=real,
-                                        progress=progress).to_json())
-        steps += sc.finetune_steps
         labelled = [B.LabelledImage(name=d.name, sha256=d.sha256, defect_type=d.sample.defect_type) for d in defects]
     if opts.mode == "weak" and weak is not None:
         wc = cfg.weak
-        weak_set, used, errors = weak_fields(maker, weak, weak_root, wc.box_overlap, wc.box_lines,
-                                               wc.tag_top_k)
+        weak_set, used, errors = weak_fields(maker, weak, weak_root, wc.box_overlap, wc.box_lines, wc.tag_top_k)
         skipped.extend(errors)
         if not len(weak_set):
             raise ValueError(f"{opts.labels}: none of the {len(weak.images)} labelled images is readable")
-        trainer.model.load_state_dict(trainer.ema.state_dict())  # start from the unsupervised (EMA) model
-        objective = ResMixMatch(ResMixMatchConfig(
-            augmentations=wc.augmentations, temperature=wc.temperature, mixup_alpha=wc.mixup_alpha,
-            alpha_x=wc.alpha_x, alpha_u=wc.alpha_u, gamma_x=wc.gamma_x, gamma_u=wc.gamma_u, lambda_u=wc.lambda_u,
-            rampup_steps=wc.rampup_steps, mask_ratio=sc.mask_ratio, jitter=sc.jitter,
-            region_prior=wc.region_prior, peak_from=wc.peak_from, guess_rest=wc.guess_rest))
-        phases.append(trainer.run_phase("weak", data, wc.steps, wc.lr, defects=weak_set, progress=progress,
-                                        objective=objective).to_json())
-        steps += wc.steps
         labelled = [B.LabelledImage(name=d.name, sha256=d.sha256, defect_type=d.sample.defect_type) for d in used]
+    members, phases, n_synthetic = [], [], 0
+    for m in range(sc.members):
+        if m:  # another member: its own synthetic anomalies on the same bank, its own start and batches
+            member_cfg = cfg.model_copy(update={"seed": cfg.seed + _MEMBER_SEED_STEP * m})
+            synthetic = _training_fields(member_cfg, maker, fitted, bank_paths, cache, progress)[1]
+        n_synthetic += synthetic.count("synthetic")
+        data = ResidualSet.concat([good, synthetic])
+        seed = cfg.seed + _MEMBER_SEED_STEP * m
+        torch.manual_seed(seed)
+        model = ResidualSwin(shape)
+        model.set_input_scale(good.fields.float())
+        trainer = SwinTrainer(model, sc, ckpt / f"member{m}" if m else ckpt, seed=seed, resume=opts.resume,
+                              dist=opts.dist)
+        member_phases, steps = _train_member(cfg, opts, trainer, data, real, weak_set, progress)
+        phases.extend({**p, "member": m} if sc.members > 1 else p for p in member_phases)
+        members.append(trainer.ema.eval().cpu())
     if not opts.dist.is_main:  # rank 0 exports and writes; the others are done once training is
         return None
-    final = trainer.ema.eval().cpu()
+    final = members[0] if len(members) == 1 else SwinEnsemble(members).eval()
     onnx_path = tmp / B.SWIN
     check = good.fields[:2].float().reshape(min(2, len(good)), -1, extractor.d_f).numpy()
     if synthetic.count("synthetic"):
@@ -288,10 +286,45 @@ def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatu
     elif opts.mode == "weak" and weak is not None:
         kinds = ", ".join(f"{n} {k}" for k, n in weak.counts().items() if k != "total" and n)
         supervision += f" + {len(labelled)} weakly labelled defective images ({kinds}; ResMixMatch)"
+    if sc.members > 1:
+        supervision += f"; {sc.members} Swins averaged, each with its own synthetic anomalies"
     info = B.TrainingInfo(mode=opts.mode, supervision=supervision, steps=steps, good_fields=good.count("good"),
-                          synthetic_fields=synthetic.count("synthetic"), defect_images=labelled,
+                          synthetic_fields=n_synthetic, defect_images=labelled,
                           seconds=round(time.perf_counter() - t0, 2))
     return _TrainedSwin(final, onnx_path, diff, info, phases)
+
+
+_MEMBER_SEED_STEP = 1_000  # member m of an ensemble trains with seed + 1000 m (its anomalies, start and batches)
+
+
+def _train_member(cfg: ProductConfig, opts: TrainingOptions, trainer: SwinTrainer, data: ResidualSet,
+                  real: ResidualSet | None, weak_set: ResidualSet | None, progress: bool) -> tuple[list[dict], int]:
+    """One Swin's phases: unsupervised (unless ``--init``), then fine-tuning on real defects or weak labels.
+    Returns the phase reports and the number of steps trained."""
+    sc = cfg.swin
+    phases = []
+    if opts.init is not None:
+        trainer.load_weights(opts.init)
+    else:
+        phases.append(trainer.run_phase("unsupervised", data, sc.steps, sc.lr, progress=progress).to_json())
+    steps = sc.steps if opts.init is None else 0
+    if real is not None:
+        trainer.model.load_state_dict(trainer.ema.state_dict())  # fine-tune the unsupervised (EMA) model
+        phases.append(trainer.run_phase("supervised", data, sc.finetune_steps, sc.finetune_lr, defects=real,
+                                        progress=progress).to_json())
+        steps += sc.finetune_steps
+    if weak_set is not None:
+        wc = cfg.weak
+        trainer.model.load_state_dict(trainer.ema.state_dict())  # start from the unsupervised (EMA) model
+        objective = ResMixMatch(ResMixMatchConfig(
+            augmentations=wc.augmentations, temperature=wc.temperature, mixup_alpha=wc.mixup_alpha,
+            alpha_x=wc.alpha_x, alpha_u=wc.alpha_u, gamma_x=wc.gamma_x, gamma_u=wc.gamma_u, lambda_u=wc.lambda_u,
+            rampup_steps=wc.rampup_steps, mask_ratio=sc.mask_ratio, jitter=sc.jitter,
+            region_prior=wc.region_prior, peak_from=wc.peak_from, guess_rest=wc.guess_rest))
+        phases.append(trainer.run_phase("weak", data, wc.steps, wc.lr, defects=weak_set, progress=progress,
+                                        objective=objective).to_json())
+        steps += wc.steps
+    return phases, steps
 
 
 def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool = True,
@@ -466,7 +499,7 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
                                    mlp_ratio=sc.mlp_ratio, train_window=sc.train_window,
                                    window_stride=sc.window_stride, position_embedding=sc.position_embedding,
                                    log_input=sc.log_input, magnitude_skip=sc.magnitude_skip,
-                                   onnx_max_abs_diff=trained.onnx_diff)
+                                   members=sc.members, onnx_max_abs_diff=trained.onnx_diff)
             files[B.SWIN] = trained.onnx_path
         scoring = B.ScoringInfo(anomaly_map=("fused" if fusion else "swin") if trained else "nn_distance",
                                 blur_sigma=cfg.scoring.blur_sigma, score_pool=cfg.scoring.score_pool,
