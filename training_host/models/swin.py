@@ -256,7 +256,8 @@ class SwinEnsemble(nn.Module):
 
     Why: Swins trained on other synthetic anomalies and from other starts err in different places; their mean
     is steadier from one fit to the next (MTD: the PRO of three seeds' maps 0.803 / 0.786 / 0.809 alone, 0.807 /
-    0.806 / 0.807 with the three Swins averaged; docs/sweeps/map_study_ensemble.md).
+    0.806 / 0.807 with the three Swins averaged: docs/sweeps/map_study_bands.md, rows "with the swin of 3
+    seeds"; the fine profile, three members in one bundle: docs/sweeps/fine_ensemble.md).
     """
 
     def __init__(self, members: list[ResidualSwin]) -> None:
