@@ -133,7 +133,6 @@ class SwinInfo(_Strict):
     position_embedding: bool = False
     log_input: bool = False
     magnitude_skip: bool = False
-    members: int = Field(default=1, ge=1, description="Swins whose probabilities swin.onnx averages")
     inputs: list[str] = ["residual"]
     outputs: list[str] = ["probability"]
     onnx_max_abs_diff: float = Field(description="ONNX Runtime vs torch on real residual fields at export")

@@ -286,7 +286,8 @@ def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatu
     elif opts.mode == "weak" and weak is not None:
         kinds = ", ".join(f"{n} {k}" for k, n in weak.counts().items() if k != "total" and n)
         supervision += f" + {len(labelled)} weakly labelled defective images ({kinds}; ResMixMatch)"
-    if sc.members > 1:
+    if sc.members > 1:  # said here, not in a manifest field: swin.onnx keeps one Swin's contract, so a runtime
+        # that predates ensembles serves the bundle as it is
         supervision += f"; {sc.members} Swins averaged, each with its own synthetic anomalies"
     info = B.TrainingInfo(mode=opts.mode, supervision=supervision, steps=steps, good_fields=good.count("good"),
                           synthetic_fields=n_synthetic, defect_images=labelled,
@@ -499,7 +500,7 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
                                    mlp_ratio=sc.mlp_ratio, train_window=sc.train_window,
                                    window_stride=sc.window_stride, position_embedding=sc.position_embedding,
                                    log_input=sc.log_input, magnitude_skip=sc.magnitude_skip,
-                                   members=sc.members, onnx_max_abs_diff=trained.onnx_diff)
+                                   onnx_max_abs_diff=trained.onnx_diff)
             files[B.SWIN] = trained.onnx_path
         scoring = B.ScoringInfo(anomaly_map=("fused" if fusion else "swin") if trained else "nn_distance",
                                 blur_sigma=cfg.scoring.blur_sigma, score_pool=cfg.scoring.score_pool,
