@@ -558,7 +558,7 @@ def transplant_defect(source: np.ndarray, mask: np.ndarray, target: np.ndarray, 
 
     Why: ten labelled defects are ten fixed fields, which a fine-tuned model learns by heart (place included);
     the same defects in other images and places teach what the defect looks like.  The defect's brightness is
-    matched to the target's around the new place (a ring of a few pixels), and its edge is feathered by a pixel,
+    matched to the target's around the new place (a ring of a few pixels), and its edge is feathered (2 px at most),
     so the seam does not become the lesson.  Returns ``(image, mask float32 in {0, 1})``, the mask moved with the
     defect; an empty mask returns the target unchanged.
     """
