@@ -179,10 +179,11 @@ class _TrainedSwin:
 
 
 def _training_fields(cfg: ProductConfig, maker: ResidualFieldMaker, fitted: FittedPosFAR,
-                     bank_paths: list[Path], cache: FitCache | None, progress: bool
+                     bank_paths: list[Path], cache: FitCache | None, progress: bool, good: ResidualSet | None = None
                      ) -> tuple[ResidualSet, ResidualSet, list[tuple[np.ndarray, np.ndarray]]]:
     """Good and synthetic residual fields of the bank images (and a few synthetic samples for a preview),
-    through the fit cache when one is given."""
+    through the fit cache when one is given.  ``good``: the bank's good fields made already (they depend on the
+    bank only, not on the seed), so another ensemble member makes only its synthetic ones."""
     key = residuals_key(cfg, features_key(cfg, bank_paths)) if cache is not None else None
     hit = cache.load("residuals", key) if cache is not None and key is not None else None
     if hit is not None:
@@ -197,7 +198,8 @@ def _training_fields(cfg: ProductConfig, maker: ResidualFieldMaker, fitted: Fitt
     images, ok, errors = read_resized(bank_paths, cfg.input_size)
     if len(ok) != len(bank_paths):  # these all loaded for the bank: image j must stay bank image j
         raise ValueError(f"bank images became unreadable during the fit: {'; '.join(errors)}")
-    good = maker.make(images, [None] * len(images), list(range(len(images))), "good", progress)
+    if good is None:
+        good = maker.make(images, [None] * len(images), list(range(len(images))), "good", progress)
     rng = np.random.default_rng(cfg.seed)
     donors = [images[i] for i in rng.permutation(len(images))[:32]]
     synth_cfg = SyntheticConfig(**cfg.synthetic.model_dump())  # the config section holds its knobs, one to one
@@ -212,6 +214,9 @@ def _training_fields(cfg: ProductConfig, maker: ResidualFieldMaker, fitted: Fitt
             arrays["preview_masks"] = np.stack([p[1] for p in preview])
         cache.save("residuals", key, arrays, {"good": len(good), "synthetic": len(synthetic)})
     return good, synthetic, preview
+
+
+_MEMBER_SEED_STEP = 1_000  # member m of an ensemble trains with seed + 1000 m (its anomalies, start and batches)
 
 
 def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatureExtractor, fitted: FittedPosFAR,
@@ -256,12 +261,12 @@ def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatu
         labelled = [B.LabelledImage(name=d.name, sha256=d.sha256, defect_type=d.sample.defect_type) for d in used]
     members, phases, n_synthetic = [], [], 0
     for m in range(sc.members):
+        seed = cfg.seed + _MEMBER_SEED_STEP * m
         if m:  # another member: its own synthetic anomalies on the same bank, its own start and batches
-            member_cfg = cfg.model_copy(update={"seed": cfg.seed + _MEMBER_SEED_STEP * m})
-            synthetic = _training_fields(member_cfg, maker, fitted, bank_paths, cache, progress)[1]
+            member_cfg = cfg.model_copy(update={"seed": seed})
+            synthetic = _training_fields(member_cfg, maker, fitted, bank_paths, cache, progress, good)[1]
         n_synthetic += synthetic.count("synthetic")
         data = ResidualSet.concat([good, synthetic])
-        seed = cfg.seed + _MEMBER_SEED_STEP * m
         torch.manual_seed(seed)
         model = ResidualSwin(shape)
         model.set_input_scale(good.fields.float())
@@ -293,9 +298,6 @@ def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatu
                           synthetic_fields=n_synthetic, defect_images=labelled,
                           seconds=round(time.perf_counter() - t0, 2))
     return _TrainedSwin(final, onnx_path, diff, info, phases)
-
-
-_MEMBER_SEED_STEP = 1_000  # member m of an ensemble trains with seed + 1000 m (its anomalies, start and batches)
 
 
 def _train_member(cfg: ProductConfig, opts: TrainingOptions, trainer: SwinTrainer, data: ResidualSet,
