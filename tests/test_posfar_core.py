@@ -16,6 +16,9 @@ from edge_runtime.core.scoring import (
     defect_regions,
     heatmap_from_blocks,
     image_score,
+    shift_offsets,
+    shifted_frame,
+    unshifted_heatmap,
 )
 
 
@@ -253,3 +256,25 @@ def test_heatmap_refiner_needs_a_guide_of_the_heatmaps_size():
 def test_pca_transform_dtype():
     pca = PCA(components=np.eye(3, dtype=np.float32)[:2], mean=np.zeros(3, np.float32))
     assert pca.transform(np.ones((4, 3))).dtype == np.float32
+
+
+def test_shifted_frames_and_their_heatmaps_move_back_onto_the_frame():
+    """The shift-averaged heatmap's geometry: a frame moved down and right, its heatmap moved back, lands where
+    the frame's own heatmap is; the strips the move uncovers are filled, never wrapped around."""
+    assert shift_offsets(0) == ((0, 0),)
+    assert shift_offsets(4) == ((0, 0), (0, 4), (4, 0), (4, 4))
+    with pytest.raises(ValueError, match="shift_px"):
+        shift_offsets(-1)
+    rng = np.random.default_rng(3)
+    frame = rng.random((1, 3, 32, 40)).astype(np.float32)
+    for dy, dx in shift_offsets(4):
+        moved = shifted_frame(frame, dy, dx)
+        assert moved.shape == frame.shape and moved.flags["C_CONTIGUOUS"]
+        assert np.array_equal(moved[..., dy:, dx:], frame[..., : 32 - dy, : 40 - dx])  # content moved, not wrapped
+        assert np.array_equal(moved[..., :dy, dx:], frame[..., dy:0:-1, : 40 - dx])  # the top strip mirrors the edge
+        # a per-pixel "heatmap" of the moved frame, moved back, is the frame's own wherever the moved frame showed it
+        back = unshifted_heatmap(moved[0, 0], dy, dx)
+        assert back.shape == (32, 40)
+        assert np.array_equal(back[: 32 - dy, : 40 - dx], frame[0, 0, : 32 - dy, : 40 - dx])
+        if dy:
+            assert np.array_equal(back[32 - dy:], np.repeat(back[31 - dy: 32 - dy], dy, axis=0))

@@ -7,6 +7,7 @@ import csv
 import importlib.util
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,9 +56,15 @@ def test_sweep_runs_variants_writes_the_table_and_resumes(tmp_path, demo_data, c
     mixed = next(r for r in rows if r["variant"] == "base: fused:mean@distance")
     assert mixed["image_auroc"] == nn["image_auroc"]  # the verdict's score is the distance map's
     # a distance-only variant is scored only by the maps it has: the distance, with each verdict
-    maps = "fused:mean@distance,nn_distance@reference_standardised"
+    maps = "fused:mean@distance,nn_distance@reference_standardised,/shift4"
     assert sweep.main(["--grid", str(grid), "--out", str(out), "--frames", "0", "--variant",
                        "dist=swin.enabled=false", "--maps", maps]) == 0
     rows = {r["variant"]: r for r in csv.DictReader((out / "table.csv").open())}
     assert "dist: nn_distance@reference_standardised" in rows and "dist: fused:mean@distance" not in rows
     assert rows["dist"]["pixel_ap"] == rows["dist: nn_distance@reference_standardised"]["pixel_ap"]  # same heatmap
+    # "/shift4": the bundle's own map, its heatmap averaged over the frame shifted by 4 px; the verdict unchanged
+    assert rows["dist: /shift4"]["image_auroc"] == rows["dist"]["image_auroc"]
+    assert rows["dist: /shift4"]["pixel_ap"] != rows["dist"]["pixel_ap"]
+    for bad in ("fused/shift", "median", "/"):
+        with pytest.raises(SystemExit, match="unknown map"):
+            sweep.main(["--grid", str(grid), "--out", str(out), "--frames", "0", "--maps", bad])

@@ -190,6 +190,9 @@ def test_fit_cli_refuses_bad_requests_with_clear_messages(demo_data, tmp_path, c
     assert train_cli.main(["fit", "--data", str(demo_data), "--out", str(tmp_path / "b"), "--mode", "supervised",
                            "--supervised-from", str(demo_data), "--n-defects", "500"]) == 2
     assert "asked for 500 defective images" in capsys.readouterr().err
+    assert train_cli.main(["fit", "--data", str(demo_data), "--out", str(tmp_path / "b"),
+                           "--set", "scoring.heatmap_shift=8"]) == 2
+    assert "heatmap_shift is 8 px, not less than the backbone's stride 8" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
 
 
@@ -307,6 +310,45 @@ def test_a_bundle_that_refines_its_heatmap_refines_it_by_the_frame(fitted, demo_
         load_bundle(path)
 
 
+def test_a_bundle_that_averages_shifted_heatmaps_serves_that_average(fitted, demo_data, tmp_path):
+    """scoring.heatmap_shift (schema 5): the heatmap is the mean of the frame's and of the frame moved by half a
+    block down, right and both, each moved back; the verdict stays the frame's own score."""
+    from edge_runtime.core.preprocess import to_input_tensor
+    from edge_runtime.core.scoring import shifted_frame, unshifted_heatmap
+
+    path = tmp_path / "b"
+    shutil.copytree(fitted[0], path)
+    _rewrite_manifest(path, lambda m: m["scoring"].update(heatmap_shift=4))
+    with pytest.raises(BundleError, match="scoring.heatmap_shift needs schema version 5"):
+        load_bundle(path)  # a runtime before schema 5 refuses it by its version, not by an unknown field
+    _rewrite_manifest(path, lambda m: m.update(schema_version=5))
+    bundle = load_bundle(path)
+    image = read_image(list_images(demo_data / "test" / "scratch")[0])
+    shifted = Inspector(bundle).inspect(image)
+    plain = Inspector(bundle, heatmap_shift=0).inspect(image)
+    assert Inspector(load_bundle(fitted[0])).shift_offsets == ()  # a bundle without the section: as before
+    assert shifted.score == plain.score and shifted.verdict == plain.verdict
+    assert "shifts" in shifted.timings_ms and "shifts" not in plain.timings_ms
+    # the same average, made by hand from the scorer's heatmaps of the moved frames
+    reference = Inspector(bundle, heatmap_shift=0)
+    tensor = to_input_tensor(image, tuple(bundle.manifest.preprocessing.input_size))
+    expected = plain.heatmap.copy()
+    for dy, dx in ((0, 4), (4, 0), (4, 4)):
+        out = reference.backbone.run({"image": shifted_frame(tensor, dy, dx)})
+        expected += unshifted_heatmap(reference.scorer.score(out["pcf"][0], out["descriptor"][0]).heatmap, dy, dx)
+    assert np.allclose(shifted.heatmap, expected / 4, atol=1e-5)
+    assert not np.allclose(shifted.heatmap, plain.heatmap)
+    metrics = evaluate_bundle(path, demo_data, tmp_path / "eval", overlays=0, progress=False)
+    ablation = evaluate_bundle(path, demo_data, tmp_path / "eval_plain", overlays=0, progress=False, heatmap_shift=0)
+    assert metrics["heatmap_shift"] == 4 and ablation["heatmap_shift"] == 0
+    assert metrics["image_auroc"] == ablation["image_auroc"] and metrics["pixel_ap"] != ablation["pixel_ap"]
+    with pytest.raises(ValueError, match="heatmap_shift"):
+        Inspector(bundle, heatmap_shift=8)  # a whole block (the stride): no finer grid
+    _rewrite_manifest(path, lambda m: m["scoring"].update(heatmap_shift=8))
+    with pytest.raises(BundleError, match="heatmap_shift is 8 px, not less than the backbone's stride 8"):
+        load_bundle(path)
+
+
 def test_verdict_on_the_distance_with_the_swin_heatmap(fitted, demo_data):
     """image_score: distance takes the verdict's score from the distance map and keeps the Swin's heatmap."""
     bundle = load_bundle(fitted[0])
@@ -326,15 +368,16 @@ def test_fused_bundle_with_the_verdict_on_the_distance(tmp_path, demo_data, smal
     from training_host.training.fit import fit_product
 
     cfg = small_config.model_copy(update={"scoring": small_config.scoring.model_copy(
-        update={"fusion": "mean", "image_score": "distance"})})
+        update={"fusion": "mean", "image_score": "distance", "heatmap_shift": 4})})
     out = tmp_path / "fused"
     summary = fit_product(cfg, demo_data, out, progress=False)
     m = load_bundle(out).manifest
     assert summary.anomaly_map == "fused" and m.scoring.image_score == "distance" and m.scoring.fusion.rule == "mean"
+    assert m.scoring.heatmap_shift == 4 and m.schema_version == 5  # the shift needs schema 5, nothing else does here
     assert 0 < m.thresholds.pixel < 5 < m.thresholds.image  # fused units (1 = most extreme normal); a distance
     inspector = open_inspector(out)
     result = inspector.inspect(read_image(list_images(demo_data / "test" / "scratch")[0]))
-    assert result.threshold == m.thresholds.image and "swin" in result.timings_ms
+    assert result.threshold == m.thresholds.image and "swin" in result.timings_ms and "shifts" in result.timings_ms
     if result.verdict == "fail":
         assert all(r.peak >= m.thresholds.pixel for r in result.regions)
     # the verdict does not rest on the Swin: the threshold also uses the 24 bank images' leave-one-out scores
@@ -346,7 +389,7 @@ def test_fused_bundle_with_the_verdict_on_the_distance(tmp_path, demo_data, smal
     assert report.threshold.n_leave_one_out == 22 and report.threshold.n_scores == 30  # 8 held out + 22 bank frames
     cal = load_bundle(tmp_path / "cal").manifest
     assert report.threshold.threshold == cal.thresholds.image and cal.thresholds.pixel != cal.thresholds.image
-    assert cal.scoring.image_score == "distance"
+    assert cal.scoring.image_score == "distance" and cal.scoring.heatmap_shift == 4 and cal.schema_version == 5
     assert cal.scoring.fusion.distance_scale != m.scoring.fusion.distance_scale  # rescaled on the new bank
 
 

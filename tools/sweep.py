@@ -22,9 +22,10 @@ AUROC, PRO, pixel AP overall and per defect type, detection at FRR 0.5 / 1 / 2 %
 ``--maps``) is one more row per variant with a Swin (``nn_distance``: the distance alone; ``swin``;
 ``fused:RULE``: the two fused, with the scales stored at fit; ``...@distance``: with the image score taken from
 the distance map; ``...@standardised`` or ``...@reference_standardised``: from the distance map standardised per
-position); without ``maps``, the first variant's distance is one more row.  Results go to
-``OUT/<variant>/result.json`` (a variant whose result exists with the same overrides is not fitted again;
-maps it lacks are evaluated from its bundle) and to ``OUT/table.csv`` and ``OUT/table.md``.
+position; ``.../shiftN``: with the heatmap averaged over the frame shifted by N px, ``scoring.heatmap_shift``,
+and ``/shiftN`` alone: the bundle's own map so); without ``maps``, the first variant's distance is one more row.
+Results go to ``OUT/<variant>/result.json`` (a variant whose result exists with the same overrides is not fitted
+again; maps it lacks are evaluated from its bundle) and to ``OUT/table.csv`` and ``OUT/table.md``.
 """
 
 from __future__ import annotations
@@ -89,22 +90,38 @@ def bench(bundle: Path, images: Path, frames: int) -> dict | None:
     return {"frame_ms_p50": total, "backbone_ms_p50": backbone, "frame_over_backbone": total / backbone}
 
 
+IMAGE_SCORES = ("map", "distance", "standardised", "reference_standardised")
+
+
+def parse_map(map_name: str) -> dict:
+    """``[KIND[:RULE][@IMAGE_SCORE]][/shiftN]`` (see above) as ``evaluate_bundle``'s keyword arguments; an empty
+    part is the bundle's own.  A name it cannot read is refused, naming what it can."""
+    spec, _, shift = map_name.partition("/")
+    spec, at, verdict = spec.partition("@")
+    kind, _, rule = spec.partition(":")
+    if (kind not in ("", "nn_distance", "swin", "fused") or (at and verdict not in IMAGE_SCORES)
+            or (shift and not (shift.startswith("shift") and shift[5:].isdigit())) or map_name in ("", "/")):
+        raise SystemExit(f"maps: unknown map {map_name!r} (nn_distance, swin, fused:mean|geometric|max, each "
+                         "optionally @distance, @standardised, @reference_standardised or @map, and /shiftN; "
+                         "/shiftN alone: the bundle's own map)")
+    return {"anomaly_map": kind or None, "fusion_rule": rule or None, "image_score": verdict or None,
+            "heatmap_shift": int(shift[5:]) if shift else None}
+
+
 def evaluate_map(folder: Path, data: Path, map_name: str) -> dict:
-    """Metrics of a variant's bundle scored by another map: ``KIND[:RULE][@IMAGE_SCORE]`` (see above)."""
+    """Metrics of a variant's bundle scored by another map (``parse_map``)."""
     from training_host.evaluation.evaluate import evaluate_bundle
 
-    spec, _, verdict = map_name.partition("@")
-    kind, _, rule = spec.partition(":")
-    out = folder / f"eval_{map_name.replace(':', '_').replace('@', '_at_')}"
-    return evaluate_bundle(folder / "bundle", data, out, progress=False, anomaly_map=kind, fusion_rule=rule or None,
-                           image_score=verdict or None)
+    out = folder / f"eval_{map_name.replace(':', '_').replace('@', '_at_').replace('/', '_')}"
+    return evaluate_bundle(folder / "bundle", data, out, progress=False, **parse_map(map_name))
 
 
 def applicable(maps: list[str], anomaly_map: str) -> list[str]:
     """The extra maps a variant can be scored by: a distance-only bundle has no Swin to fuse or score with."""
     if anomaly_map != "nn_distance":
         return maps
-    return [m for m in maps if m.startswith("nn_distance@")]
+    return [m for m in maps if (p := parse_map(m))["anomaly_map"] is None
+            or (p["anomaly_map"] == "nn_distance" and (p["image_score"] or p["heatmap_shift"] is not None))]
 
 
 def row_of(name: str, overrides: list[str], metrics: dict, fit: dict | None, speed: dict | None) -> dict:
@@ -170,11 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = args.cache or out / "cache"
     maps = args.maps.split(",") if args.maps else list(grid.get("maps") or [])
     for name in maps:
-        spec, at, verdict = name.partition("@")
-        if spec.partition(":")[0] not in ("nn_distance", "swin", "fused") or (at and verdict not in (
-                "map", "distance", "standardised", "reference_standardised")):
-            raise SystemExit(f"maps: unknown map {name!r} (nn_distance, swin, fused:mean|geometric|max, each "
-                             "optionally @distance, @standardised, @reference_standardised or @map)")
+        parse_map(name)  # refused before any fit
     rows = []
     for i, (name, overrides) in enumerate(variants.items()):
         folder = out / name.replace("/", "_")

@@ -31,13 +31,15 @@ if TYPE_CHECKING:
 
 SCHEMA_VERSION = 2
 #: schema 1 is the distance-only slice (no swin, foreground or training sections); still served as it was
-SUPPORTED_SCHEMAS = (1, 2, 3, 4)
+SUPPORTED_SCHEMAS = (1, 2, 3, 4, 5)
 #: schema 3 adds the logical (component) score; a bundle carries it only when it has that section, so a bundle
 #: without one stays readable by schema-2 runtimes, and one with it is refused by them by its version
 LOGICAL_SCHEMA_VERSION = 3
 #: schema 4 adds the heatmap refinement (scoring.refine) and the fusion's weight (scoring.fusion.swin_weight),
 #: likewise only in the bundles that have them
 REFINE_SCHEMA_VERSION = 4
+#: schema 5 adds the shift-averaged heatmap (scoring.heatmap_shift), likewise only in the bundles that have it
+SHIFT_SCHEMA_VERSION = 5
 #: the Swin's share of a fused map whose manifest does not say (every bundle before schema 4)
 DEFAULT_SWIN_WEIGHT = 0.5
 MANIFEST = "manifest.json"
@@ -202,13 +204,18 @@ class ScoringInfo(_Strict):
     # ("standardised") or the K retrieved for the image ("reference_standardised")
     image_score: Literal["map", "distance", "standardised", "reference_standardised"] = "map"
     refine: RefineInfo | None = None  # absent: the heatmap is the blurred block map, as before
+    # the heatmap averaged over the frame and the frame moved by this many pixels down, right and both
+    # (scoring.shift_offsets; half the backbone's stride); absent: the frame's own heatmap, as before
+    heatmap_shift: int | None = Field(default=None, ge=1)
 
-    def schema4_sections(self) -> list[str]:
-        """The sections present that only schema 4 has: a manifest with any of them says schema 4."""
-        return ([name for name, present in (("scoring.refine", self.refine is not None),
-                                             ("scoring.fusion.swin_weight",
-                                              self.fusion is not None and self.fusion.swin_weight is not None))
-                 if present])
+    def versioned_sections(self) -> list[tuple[str, int]]:
+        """The sections present that only a later schema has, each with the schema that added it: a manifest
+        with any of them says at least that schema, so that an older runtime refuses it by its version."""
+        present = (("scoring.refine", self.refine is not None, REFINE_SCHEMA_VERSION),
+                   ("scoring.fusion.swin_weight", self.fusion is not None and self.fusion.swin_weight is not None,
+                    REFINE_SCHEMA_VERSION),
+                   ("scoring.heatmap_shift", self.heatmap_shift is not None, SHIFT_SCHEMA_VERSION))
+        return [(name, version) for name, there, version in present if there]
 
 
 class Thresholds(_Strict):
@@ -362,10 +369,14 @@ def _read_manifest(root: Path) -> Manifest:
     if manifest.logical is not None and manifest.schema_version < LOGICAL_SCHEMA_VERSION:
         raise BundleError(MANIFEST, f"a logical section needs schema version {LOGICAL_SCHEMA_VERSION}, the manifest "
                                     f"says {manifest.schema_version}")
-    for name in manifest.scoring.schema4_sections():
-        if manifest.schema_version < REFINE_SCHEMA_VERSION:
-            raise BundleError(MANIFEST, f"{name} needs schema version {REFINE_SCHEMA_VERSION}, the manifest says "
+    for name, needed in manifest.scoring.versioned_sections():
+        if manifest.schema_version < needed:
+            raise BundleError(MANIFEST, f"{name} needs schema version {needed}, the manifest says "
                                         f"{manifest.schema_version}")
+    shift = manifest.scoring.heatmap_shift
+    if shift is not None and shift >= manifest.backbone.stride:
+        raise BundleError(MANIFEST, f"scoring.heatmap_shift is {shift} px, not less than the backbone's stride "
+                                    f"{manifest.backbone.stride} (a whole block's shift makes no finer grid)")
     if (manifest.scoring.anomaly_map in ("swin", "fused")) != (manifest.swin is not None):
         raise BundleError(MANIFEST, f"scoring.anomaly_map is '{manifest.scoring.anomaly_map}' but the swin section "
                                     f"is {'present' if manifest.swin else 'absent'}")

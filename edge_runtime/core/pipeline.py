@@ -34,7 +34,17 @@ from .matching import MemoryBank, NearestSearch, posfar_residual
 from .pca import PCA
 from .preprocess import to_input_tensor
 from .retrieval import ReferenceIndex
-from .scoring import DistanceStandardiser, HeatmapRefiner, Region, block_map_score, defect_regions, heatmap_from_blocks
+from .scoring import (
+    DistanceStandardiser,
+    HeatmapRefiner,
+    Region,
+    block_map_score,
+    defect_regions,
+    heatmap_from_blocks,
+    shift_offsets,
+    shifted_frame,
+    unshifted_heatmap,
+)
 
 if TYPE_CHECKING:
     from .device_pipeline import DeviceGraphs, DevicePipeline
@@ -379,7 +389,8 @@ class Inspector:
     ``distance``: the distance map's, with the heatmap still from the Swin; ``standardised`` and
     ``reference_standardised``: the distance map's standardised per position), is for evaluation: the bundle's
     thresholds belong to its own scores and must then be read as unset.  ``refine=False`` leaves out the
-    bundle's heatmap refinement (``scoring.refine``), to measure what it does.
+    bundle's heatmap refinement (``scoring.refine``), to measure what it does; ``heatmap_shift`` overrides the
+    bundle's shift-averaged heatmap (``scoring.heatmap_shift``; 0: off), likewise.
 
     ``engine`` is the engine switch (``engines.ENGINE_NAMES``; ``auto`` picks by ``engines.AUTO_ORDER``); the
     choice is in ``engines`` (None when the caller hands in its own ``backbone``).
@@ -390,7 +401,8 @@ class Inspector:
                  use_foreground: bool = True, fusion_rule: Literal["mean", "geometric", "max"] | None = None,
                  image_score: ImageScore | None = None,
                  logical_verdict: Literal["fused", "structural", "logical"] = "fused", engine: str = "cpu",
-                 device: str = "CPU", engines: EngineSet | None = None, refine: bool = True) -> None:
+                 device: str = "CPU", engines: EngineSet | None = None, refine: bool = True,
+                 heatmap_shift: int | None = None) -> None:
         self.bundle = bundle
         m = bundle.manifest
         self.input_hw = tuple(m.preprocessing.input_size)
@@ -434,6 +446,11 @@ class Inspector:
         self.pixel_threshold = m.thresholds.pixel
         r = m.scoring.refine
         self.refiner = HeatmapRefiner(**r.model_dump()) if (refine and r is not None) else None
+        shift = (m.scoring.heatmap_shift or 0) if heatmap_shift is None else heatmap_shift
+        if not 0 <= shift < m.backbone.stride:
+            raise ValueError(f"heatmap_shift must be in [0, {m.backbone.stride}) px (the backbone's stride), "
+                             f"got {shift}")
+        self.shift_offsets = shift_offsets(shift)[1:]  # the frame's own offset is the frame itself
         self.budget_ms = m.latency_budget_ms
         self.device_pipeline = None
         if self.engines is not None and self.engines.device is not None:
@@ -464,6 +481,23 @@ class Inspector:
                       timings_ms=timings, logical_score=logical_score, component_areas=areas)
         return self.scorer.finish(ev)
 
+    def _shift_averaged(self, tensor: np.ndarray | None, heatmap: np.ndarray) -> np.ndarray:
+        """The frame's heatmap averaged with those of the frame moved by ``scoring.heatmap_shift`` (each moved back
+        onto the frame's pixels).  Only the heatmap: the verdict stays the frame's own score, so the bundle's
+        image threshold keeps meaning what it was estimated for."""
+        if tensor is None:
+            raise ValueError("this bundle averages shifted heatmaps: extract the frame with this inspector")
+        total = heatmap.astype(np.float32, copy=True)
+        for dy, dx in self.shift_offsets:
+            moved = shifted_frame(tensor, dy, dx)
+            if self.device_pipeline is not None:
+                scored = self._device_scored(moved)
+            else:
+                out = self.backbone.run({"image": moved})
+                scored = self.scorer.score(out["pcf"][0], out["descriptor"][0])
+            total += unshifted_heatmap(scored.heatmap, dy, dx)
+        return total / np.float32(len(self.shift_offsets) + 1)
+
     def features(self, image_rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Backbone outputs for one image: PCFs (M, d_f) and the retrieval descriptor (cells, C)."""
         out = self.backbone.run({"image": to_input_tensor(image_rgb, self.input_hw, self.scale)})
@@ -482,7 +516,8 @@ class Inspector:
                              guide=guide)
         out = self.backbone.run({"image": tensor})
         t2 = time.perf_counter()
-        return Extracted(tensor=None, pcf=out["pcf"][0], descriptor=out["descriptor"][0],
+        return Extracted(tensor=tensor if self.shift_offsets else None, pcf=out["pcf"][0],
+                         descriptor=out["descriptor"][0],
                          timings_ms={"preprocess": (t1 - t0) * 1e3, "backbone": (t2 - t1) * 1e3}, guide=guide)
 
     def conclude(self, extracted: Extracted) -> InspectionResult:
@@ -493,6 +528,11 @@ class Inspector:
         else:
             scored = self.scorer.score(extracted.pcf, extracted.descriptor)
         heatmap = scored.heatmap
+        timings = {**extracted.timings_ms, **scored.timings_ms}
+        if self.shift_offsets:
+            t_shift = time.perf_counter()
+            heatmap = self._shift_averaged(extracted.tensor, heatmap)
+            timings["shifts"] = (time.perf_counter() - t_shift) * 1e3
         if self.refiner is not None:
             if extracted.guide is None:
                 raise ValueError("this bundle refines its heatmap by the frame: extract the frame with this inspector")
@@ -500,8 +540,7 @@ class Inspector:
         fail = scored.score >= self.threshold
         regions = defect_regions(heatmap, self.pixel_threshold) if fail else []
         t3 = time.perf_counter()
-        timings = {**extracted.timings_ms, **scored.timings_ms}
-        timings["postprocess"] += (t3 - t2) * 1e3 - sum(scored.timings_ms.values())
+        timings["postprocess"] += (t3 - t2) * 1e3 - sum(scored.timings_ms.values()) - timings.get("shifts", 0.0)
         # the time this frame was worked on (a wait between the two halves, when overlapped, is not in it)
         timings["total"] = sum(extracted.timings_ms.values()) + (t3 - t2) * 1e3
         evidence = None

@@ -89,7 +89,8 @@ def scored_test_split(bundle, data_root: Path, also_exclude: set[str] | frozense
 def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int = 0, progress: bool = True,
                     anomaly_map: str | None = None, use_foreground: bool = True, logical_verdict: str = "fused",
                     also_exclude: set[str] | frozenset[str] = frozenset(), fusion_rule: str | None = None,
-                    image_score: str | None = None, engine: str = "cpu", refine: bool = True) -> dict:
+                    image_score: str | None = None, engine: str = "cpu", refine: bool = True,
+                    heatmap_shift: int | None = None) -> dict:
     """Run every test image through the bundle; return and write the metrics.
 
     Defective images the bundle was trained on (listed with their sha256 in its manifest) are left out,
@@ -100,7 +101,7 @@ def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int
     inspector = Inspector(bundle, anomaly_map=anomaly_map, use_foreground=use_foreground,
                           logical_verdict=logical_verdict,
                           fusion_rule=fusion_rule,
-                          image_score=image_score, engine=engine, refine=refine)
+                          image_score=image_score, engine=engine, refine=refine, heatmap_shift=heatmap_shift)
     m = bundle.manifest
     dataset, excluded = scored_test_split(bundle, data_root, also_exclude)
     if not dataset.test:
@@ -168,6 +169,7 @@ def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int
         "fusion_rule": inspector.fusion.rule if inspector.fusion is not None else None,
         "image_score": inspector.image_score,
         "heatmap_refined": inspector.refiner is not None,
+        "heatmap_shift": inspector.shift_offsets[0][1] if inspector.shift_offsets else 0,
         "engine": inspector.engines.name if inspector.engines is not None else None,
         "foreground": bool(m.foreground is not None and use_foreground),
         "logical_verdict": inspector.logical_verdict if m.logical is not None else None,
@@ -188,7 +190,9 @@ def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int
                                       + (f", trained {m.training.mode}" if m.training else "")),
              ("map evaluated", f"{inspector.anomaly_map}, image score from {inspector.image_score}"
                                + (f", fusion {metrics['fusion_rule']}" if metrics["fusion_rule"] else "")
-                               + (", heatmap refined by the frame" if inspector.refiner is not None else "")),
+                               + (", heatmap refined by the frame" if inspector.refiner is not None else "")
+                               + (f", averaged over the frame shifted by {metrics['heatmap_shift']} px"
+                                  if metrics["heatmap_shift"] else "")),
              ("supervision", supervision), ("data", metrics["data"]), ("evaluated at", metrics["evaluated_at"]),
              ("threshold", f"{inspector.threshold:.6g} (bundle, target false-reject rate "
                            f"{m.thresholds.target_false_reject:.2%})" if own_map else "none for this map"),

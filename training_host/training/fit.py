@@ -370,6 +370,10 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
 
     t0 = time.perf_counter()
     extractor = build_extractor(cfg.backbone, cfg.input_size, cfg.posfar.lambda_p)
+    if cfg.scoring.heatmap_shift >= extractor.stride:
+        raise ValueError(f"scoring.heatmap_shift is {cfg.scoring.heatmap_shift} px, not less than the backbone's "
+                         f"stride {extractor.stride}: a whole block's shift makes no finer grid (half the stride is "
+                         f"{extractor.stride // 2})")
     fg_cfg = cfg.foreground
     foreground = (ForegroundBuilder(extractor.grid, fg_cfg.fit_images, fg_cfg.per_image, fg_cfg.quantile,
                                     seed=cfg.seed) if fg_cfg.enabled else None)
@@ -508,10 +512,12 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
                                 blur_sigma=cfg.scoring.blur_sigma, score_pool=cfg.scoring.score_pool,
                                 fusion=fusion_info, image_score=image_score,
                                 refine=(B.RefineInfo(**cfg.scoring.refine.model_dump())
-                                        if cfg.scoring.refine is not None else None))
+                                        if cfg.scoring.refine is not None else None),
+                                heatmap_shift=cfg.scoring.heatmap_shift or None)
         manifest = B.Manifest(
-            schema_version=(B.REFINE_SCHEMA_VERSION if scoring.schema4_sections()
-                            else B.LOGICAL_SCHEMA_VERSION if logical_info is not None else B.SCHEMA_VERSION),
+            # the oldest schema that holds every section this bundle has, so older runtimes still read the rest
+            schema_version=max([B.SCHEMA_VERSION, B.LOGICAL_SCHEMA_VERSION if logical_info is not None else 0]
+                               + [version for _, version in scoring.versioned_sections()]),
             product=cfg.product,
             bundle_version=time.strftime("%Y%m%d-%H%M%S"),
             created_at=B.now_iso(),
