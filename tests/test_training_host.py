@@ -27,6 +27,21 @@ def test_shipped_configs_validate():
     assert paper.posfar.k_references == 64
 
 
+def test_the_fine_profile_is_the_fast_profile_with_its_documented_additions():
+    """fine.yaml says it is the fast profile setting for setting, plus the Swin ensemble and the shifted heatmap:
+    a change to one profile that is not carried to the other fails here."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    fast = flat(load_config(REPO / "configs" / "products" / "fast.yaml").model_dump())
+    fine = flat(load_config(REPO / "configs" / "products" / "fine.yaml").model_dump())
+    differ = {k: (fast.get(k), fine.get(k)) for k in fast.keys() | fine.keys() if fast.get(k) != fine.get(k)}
+    assert differ == {"profile": ("fast", "fine"), "swin.members": (1, 3), "scoring.heatmap_shift": (0, 4)}
+
+
 @pytest.mark.parametrize(
     "text, words",
     [
