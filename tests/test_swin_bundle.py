@@ -23,6 +23,18 @@ def _rewrite_manifest(path, edit) -> None:
     (path / MANIFEST).write_text(json.dumps(manifest))
 
 
+def _with_later_section(source, path, edit, name: str, version: int):
+    """A copy of the bundle ``source`` at ``path`` with a section that schema ``version`` added: refused while the
+    manifest says an older version (by its version, as a runtime before it would, not by an unknown field), read
+    once it says that one."""
+    shutil.copytree(source, path)
+    _rewrite_manifest(path, edit)
+    with pytest.raises(BundleError, match=f"{name} needs schema version {version}"):
+        load_bundle(path)
+    _rewrite_manifest(path, lambda m: m.update(schema_version=version))
+    return load_bundle(path)
+
+
 def test_swin_bundle_inspects_with_a_swin_stage(fitted, demo_data):
     inspector = open_inspector(fitted[0])
     image = read_image(list_images(demo_data / "test" / "scratch")[0])
@@ -249,12 +261,8 @@ def test_a_weighted_fusion_is_stored_used_and_kept_by_calibration(fitted, demo_d
         with pytest.raises(ValueError, match="swin_weight"):
             MapFusion("mean", 1.0, 1.0, swin_weight=bad)
     path = tmp_path / "b"
-    shutil.copytree(fitted[0], path)
-    _rewrite_manifest(path, lambda m: m["scoring"]["fusion"].update(swin_weight=0.3))
-    with pytest.raises(BundleError, match="swin_weight needs schema version 4"):
-        load_bundle(path)
-    _rewrite_manifest(path, lambda m: m.update(schema_version=4))
-    bundle = load_bundle(path)
+    bundle = _with_later_section(fitted[0], path, lambda m: m["scoring"]["fusion"].update(swin_weight=0.3),
+                                 "swin_weight", 4)
     f = bundle.manifest.scoring.fusion
     inspector = Inspector(bundle, anomaly_map="fused", fusion_rule="mean")  # the demo bundle's own rule: geometric
     assert inspector.fusion.swin_weight == 0.3
@@ -286,13 +294,8 @@ def test_a_bundle_that_refines_its_heatmap_refines_it_by_the_frame(fitted, demo_
     from edge_runtime.core.scoring import HeatmapRefiner
 
     path = tmp_path / "b"
-    shutil.copytree(fitted[0], path)
     settings = {"guide_radius": 4, "guide_eps": 0.001, "contrast_weight": 0.15, "contrast_sigma": 2.0}
-    _rewrite_manifest(path, lambda m: m["scoring"].update(refine=settings))
-    with pytest.raises(BundleError, match="scoring.refine needs schema version 4"):
-        load_bundle(path)  # a runtime before schema 4 refuses it by its version, not by an unknown field
-    _rewrite_manifest(path, lambda m: m.update(schema_version=4))
-    bundle = load_bundle(path)
+    bundle = _with_later_section(fitted[0], path, lambda m: m["scoring"].update(refine=settings), "scoring.refine", 4)
     image = read_image(list_images(demo_data / "test" / "scratch")[0])
     refined = Inspector(bundle).inspect(image)
     plain = Inspector(bundle, refine=False).inspect(image)
@@ -317,12 +320,8 @@ def test_a_bundle_that_averages_shifted_heatmaps_serves_that_average(fitted, dem
     from edge_runtime.core.scoring import shifted_frame, unshifted_heatmap
 
     path = tmp_path / "b"
-    shutil.copytree(fitted[0], path)
-    _rewrite_manifest(path, lambda m: m["scoring"].update(heatmap_shift=4))
-    with pytest.raises(BundleError, match="scoring.heatmap_shift needs schema version 5"):
-        load_bundle(path)  # a runtime before schema 5 refuses it by its version, not by an unknown field
-    _rewrite_manifest(path, lambda m: m.update(schema_version=5))
-    bundle = load_bundle(path)
+    bundle = _with_later_section(fitted[0], path, lambda m: m["scoring"].update(heatmap_shift=4),
+                                 "scoring.heatmap_shift", 5)
     image = read_image(list_images(demo_data / "test" / "scratch")[0])
     shifted = Inspector(bundle).inspect(image)
     plain = Inspector(bundle, heatmap_shift=0).inspect(image)
