@@ -30,7 +30,14 @@ from edge_runtime.core.components import Components, LogicalScoring, Standardisa
 from edge_runtime.core.fitting import BankBuilder, split_holdout
 from edge_runtime.core.foreground import ForegroundBuilder
 from edge_runtime.core.matching import matcher_graph_rows, rows_per_image
-from edge_runtime.core.pipeline import STANDARDISED, Inspector, MapFusion, PosFARScorer, open_inspector
+from edge_runtime.core.pipeline import (
+    STANDARDISED,
+    Inspector,
+    MapFusion,
+    PosFARScorer,
+    open_inspector,
+    shift_averaged,
+)
 from edge_runtime.core.scoring import DistanceStandardiser
 from edge_runtime.core.signing import sign_bundle
 from edge_runtime.core.thresholds import ThresholdEstimate, estimate_threshold
@@ -218,6 +225,14 @@ def calibrate(base: Path, images: Path, out: Path | None, *, holdout: float = 0.
         manifest = manifest.model_copy(update={"logical": lg.model_copy(update={
             "structural_mean": structural.mean, "structural_std": structural.std,
             "logical_mean": logical_std.mean, "logical_std": logical_std.std})})
+    if m.scoring.frame_shift:  # each frame's scores the mean of four, as the edge computes them
+        holdout_scored = shift_averaged(
+            holdout_scored, lambda dy, dx: (scorer.score(*inspector.features(f.image, (dy, dx)))
+                                            for f in holdout_frames), m.scoring.frame_shift, m.scoring.score_pool)
+        if loo:
+            loo = shift_averaged(
+                loo, lambda dy, dx: (scorer.score(*inspector.features(f.image, (dy, dx)), exclude=j)
+                                     for j, f in enumerate(bank_frames)), m.scoring.frame_shift, m.scoring.score_pool)
     scores = np.array([s.score for s in holdout_scored])
     thr = estimate_threshold(np.concatenate([scores, [s.score for s in loo]]), target, m.thresholds.margin,
                              n_leave_one_out=len(loo))

@@ -11,6 +11,7 @@ import pytest
 
 from edge_runtime import cli as edge_cli
 from edge_runtime.core.bundle import ARRAYS, MANIFEST, SWIN, BundleError, load_bundle, sha256_of
+from edge_runtime.core.fitting import split_holdout
 from edge_runtime.core.pipeline import Inspector, open_inspector
 from edge_runtime.core.preprocess import list_images, read_image
 from training_host import cli as train_cli
@@ -203,8 +204,8 @@ def test_fit_cli_refuses_bad_requests_with_clear_messages(demo_data, tmp_path, c
                            "--supervised-from", str(demo_data), "--n-defects", "500"]) == 2
     assert "asked for 500 defective images" in capsys.readouterr().err
     assert train_cli.main(["fit", "--data", str(demo_data), "--out", str(tmp_path / "b"),
-                           "--set", "scoring.heatmap_shift=8"]) == 2
-    assert "heatmap_shift is 8 px, not less than the backbone's stride 8" in capsys.readouterr().err
+                           "--set", "scoring.frame_shift=8"]) == 2
+    assert "frame_shift is 8 px, not less than the backbone's stride 8" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
 
 
@@ -313,38 +314,41 @@ def test_a_bundle_that_refines_its_heatmap_refines_it_by_the_frame(fitted, demo_
         load_bundle(path)
 
 
-def test_a_bundle_that_averages_shifted_heatmaps_serves_that_average(fitted, demo_data, tmp_path):
-    """scoring.heatmap_shift (schema 5): the heatmap is the mean of the frame's and of the frame moved by half a
-    block down, right and both, each moved back; the verdict stays the frame's own score."""
+def test_a_bundle_that_inspects_shifted_frames_serves_their_average(fitted, demo_data, tmp_path):
+    """scoring.frame_shift (schema 5): the heatmap is the mean of the frame's and of the frame moved by half a
+    block down, right and both, each moved back, and the verdict's score the mean of the four scores."""
     from edge_runtime.core.preprocess import to_input_tensor
     from edge_runtime.core.scoring import shifted_frame, unshifted_heatmap
 
     path = tmp_path / "b"
-    bundle = _with_later_section(fitted[0], path, lambda m: m["scoring"].update(heatmap_shift=4),
-                                 "scoring.heatmap_shift", 5)
+    bundle = _with_later_section(fitted[0], path, lambda m: m["scoring"].update(frame_shift=4),
+                                 "scoring.frame_shift", 5)
     image = read_image(list_images(demo_data / "test" / "scratch")[0])
     shifted = Inspector(bundle).inspect(image)
-    plain = Inspector(bundle, heatmap_shift=0).inspect(image)
+    plain = Inspector(bundle, frame_shift=0).inspect(image)
     assert Inspector(load_bundle(fitted[0])).shift_offsets == ()  # a bundle without the section: as before
-    assert shifted.score == plain.score and shifted.verdict == plain.verdict
     assert "shifts" in shifted.timings_ms and "shifts" not in plain.timings_ms
-    # the same average, made by hand from the scorer's heatmaps of the moved frames
-    reference = Inspector(bundle, heatmap_shift=0)
+    # the same averages, made by hand from the scorer's heatmaps and scores of the moved frames
+    reference = Inspector(bundle, frame_shift=0)
     tensor = to_input_tensor(image, tuple(bundle.manifest.preprocessing.input_size))
-    expected = plain.heatmap.copy()
+    heatmap, scores = plain.heatmap.copy(), [plain.score]
     for dy, dx in ((0, 4), (4, 0), (4, 4)):
         out = reference.backbone.run({"image": shifted_frame(tensor, dy, dx)})
-        expected += unshifted_heatmap(reference.scorer.score(out["pcf"][0], out["descriptor"][0]).heatmap, dy, dx)
-    assert np.allclose(shifted.heatmap, expected / 4, atol=1e-5)
-    assert not np.allclose(shifted.heatmap, plain.heatmap)
+        moved = reference.scorer.score(out["pcf"][0], out["descriptor"][0])
+        heatmap += unshifted_heatmap(moved.heatmap, dy, dx)
+        scores.append(moved.score)
+    assert np.allclose(shifted.heatmap, heatmap / 4, atol=1e-5) and not np.allclose(shifted.heatmap, plain.heatmap)
+    assert shifted.score == pytest.approx(np.mean(scores), rel=1e-6) and shifted.score != plain.score
+    assert shifted.verdict == ("fail" if shifted.score >= bundle.manifest.thresholds.image else "pass")
     metrics = evaluate_bundle(path, demo_data, tmp_path / "eval", overlays=0, progress=False)
-    ablation = evaluate_bundle(path, demo_data, tmp_path / "eval_plain", overlays=0, progress=False, heatmap_shift=0)
-    assert metrics["heatmap_shift"] == 4 and ablation["heatmap_shift"] == 0
-    assert metrics["image_auroc"] == ablation["image_auroc"] and metrics["pixel_ap"] != ablation["pixel_ap"]
-    with pytest.raises(ValueError, match="heatmap_shift"):
-        Inspector(bundle, heatmap_shift=8)  # a whole block (the stride): no finer grid
-    _rewrite_manifest(path, lambda m: m["scoring"].update(heatmap_shift=8))
-    with pytest.raises(BundleError, match="heatmap_shift is 8 px, not less than the backbone's stride 8"):
+    ablation = evaluate_bundle(path, demo_data, tmp_path / "eval_plain", overlays=0, progress=False, frame_shift=0)
+    assert metrics["frame_shift"] == 4 and ablation["frame_shift"] == 0 and metrics["pixel_ap"] != ablation["pixel_ap"]
+    # the bundle's threshold belongs to the scores it was estimated on: none is reported for the frames alone
+    assert metrics["threshold"] == bundle.manifest.thresholds.image and ablation["threshold"] is None
+    with pytest.raises(ValueError, match="frame_shift"):
+        Inspector(bundle, frame_shift=8)  # a whole block (the stride): no finer grid
+    _rewrite_manifest(path, lambda m: m["scoring"].update(frame_shift=8))
+    with pytest.raises(BundleError, match="frame_shift is 8 px, not less than the backbone's stride 8"):
         load_bundle(path)
 
 
@@ -367,12 +371,12 @@ def test_fused_bundle_with_the_verdict_on_the_distance(tmp_path, demo_data, smal
     from training_host.training.fit import fit_product
 
     cfg = small_config.model_copy(update={"scoring": small_config.scoring.model_copy(
-        update={"fusion": "mean", "image_score": "distance", "heatmap_shift": 4})})
+        update={"fusion": "mean", "image_score": "distance", "frame_shift": 4})})
     out = tmp_path / "fused"
     summary = fit_product(cfg, demo_data, out, progress=False)
     m = load_bundle(out).manifest
     assert summary.anomaly_map == "fused" and m.scoring.image_score == "distance" and m.scoring.fusion.rule == "mean"
-    assert m.scoring.heatmap_shift == 4 and m.schema_version == 5  # the shift needs schema 5, nothing else does here
+    assert m.scoring.frame_shift == 4 and m.schema_version == 5  # the shift needs schema 5, nothing else does here
     assert 0 < m.thresholds.pixel < 5 < m.thresholds.image  # fused units (1 = most extreme normal); a distance
     inspector = open_inspector(out)
     result = inspector.inspect(read_image(list_images(demo_data / "test" / "scratch")[0]))
@@ -383,12 +387,19 @@ def test_fused_bundle_with_the_verdict_on_the_distance(tmp_path, demo_data, smal
     t = summary.threshold_estimate
     assert t["n_scores"] == 30 and t["n_leave_one_out"] == 24 and t["n_holdout_images"] == 6
     assert t["source"] == "holdout+loo" and 0 <= t["holdout_above_threshold"] <= 6
+    # the threshold rests on the scores the edge computes, each the mean of four shifted frames: the highest
+    # held-out score the fit used is the edge's own for those images
+    _, holdout = split_holdout(list_images(demo_data / "train" / "good"), cfg.threshold.holdout_fraction, cfg.seed)
+    edge = [inspector.inspect(read_image(p)).score for p in holdout]
+    assert max(edge) == pytest.approx(t["holdout_quantile"], rel=2e-3)
+    frames_alone = [Inspector(load_bundle(out), frame_shift=0).inspect(read_image(p)).score for p in holdout]
+    assert max(frames_alone) != pytest.approx(t["holdout_quantile"], rel=2e-3)
     assert m.thresholds.n_holdout_images == 6 and m.thresholds.n_leave_one_out == 24
     report = calibrate(out, demo_data / "train" / "good", tmp_path / "cal", holdout=0.25, quiet=True)
     assert report.threshold.n_leave_one_out == 22 and report.threshold.n_scores == 30  # 8 held out + 22 bank frames
     cal = load_bundle(tmp_path / "cal").manifest
     assert report.threshold.threshold == cal.thresholds.image and cal.thresholds.pixel != cal.thresholds.image
-    assert cal.scoring.image_score == "distance" and cal.scoring.heatmap_shift == 4 and cal.schema_version == 5
+    assert cal.scoring.image_score == "distance" and cal.scoring.frame_shift == 4 and cal.schema_version == 5
     assert cal.scoring.fusion.distance_scale != m.scoring.fusion.distance_scale  # rescaled on the new bank
 
 

@@ -39,7 +39,7 @@ def test_the_fine_profile_is_the_fast_profile_with_its_documented_additions():
     fast = flat(load_config(REPO / "configs" / "products" / "fast.yaml").model_dump())
     fine = flat(load_config(REPO / "configs" / "products" / "fine.yaml").model_dump())
     differ = {k: (fast.get(k), fine.get(k)) for k in fast.keys() | fine.keys() if fast.get(k) != fine.get(k)}
-    assert differ == {"profile": ("fast", "fine"), "swin.members": (1, 3), "scoring.heatmap_shift": (0, 4)}
+    assert differ == {"profile": ("fast", "fine"), "swin.members": (1, 3), "scoring.frame_shift": (0, 4)}
 
 
 @pytest.mark.parametrize(

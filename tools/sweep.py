@@ -22,7 +22,7 @@ AUROC, PRO, pixel AP overall and per defect type, detection at FRR 0.5 / 1 / 2 %
 ``--maps``) is one more row per variant with a Swin (``nn_distance``: the distance alone; ``swin``;
 ``fused:RULE``: the two fused, with the scales stored at fit; ``...@distance``: with the image score taken from
 the distance map; ``...@standardised`` or ``...@reference_standardised``: from the distance map standardised per
-position; ``.../shiftN``: with the heatmap averaged over the frame shifted by N px, ``scoring.heatmap_shift``,
+position; ``.../shiftN``: with the heatmap averaged over the frame shifted by N px, ``scoring.frame_shift``,
 and ``/shiftN`` alone: the bundle's own map so); without ``maps``, the first variant's distance is one more row.
 Results go to ``OUT/<variant>/result.json`` (a variant whose result exists with the same overrides is not fitted
 again; maps it lacks are evaluated from its bundle) and to ``OUT/table.csv`` and ``OUT/table.md``.
@@ -105,7 +105,7 @@ def parse_map(map_name: str) -> dict:
                          "optionally @distance, @standardised, @reference_standardised or @map, and /shiftN; "
                          "/shiftN alone: the bundle's own map)")
     return {"anomaly_map": kind or None, "fusion_rule": rule or None, "image_score": verdict or None,
-            "heatmap_shift": int(shift[5:]) if shift else None}
+            "frame_shift": int(shift[5:]) if shift else None}
 
 
 def evaluate_map(folder: Path, data: Path, map_name: str) -> dict:
@@ -121,7 +121,7 @@ def applicable(maps: list[str], anomaly_map: str) -> list[str]:
     if anomaly_map != "nn_distance":
         return maps
     return [m for m in maps if (p := parse_map(m))["anomaly_map"] is None
-            or (p["anomaly_map"] == "nn_distance" and (p["image_score"] or p["heatmap_shift"] is not None))]
+            or (p["anomaly_map"] == "nn_distance" and (p["image_score"] or p["frame_shift"] is not None))]
 
 
 def row_of(name: str, overrides: list[str], metrics: dict, fit: dict | None, speed: dict | None) -> dict:

@@ -160,7 +160,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                               progress=not args.json, anomaly_map=args.anomaly_map,
                               use_foreground=not args.no_foreground, fusion_rule=args.fusion_rule,
                               image_score=args.image_score, logical_verdict=args.verdict, engine=args.engine,
-                              refine=not args.no_refine, heatmap_shift=args.heatmap_shift)
+                              refine=not args.no_refine, frame_shift=args.frame_shift)
     if args.json:
         print(json.dumps(metrics))
         return 0
@@ -301,10 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-foreground", action="store_true", help="ignore the bundle's foreground maps (ablation)")
     p.add_argument("--no-refine", action="store_true",
                    help="leave out the bundle's heatmap refinement by the frame, scoring.refine (ablation)")
-    p.add_argument("--heatmap-shift", type=int, default=None, metavar="PX",
-                   help="average the heatmap over the frame shifted by PX pixels down, right and both instead of the "
-                        "bundle's scoring.heatmap_shift (0: the frame's own heatmap; ablation, or to measure a "
-                        "fitted bundle with it)")
+    p.add_argument("--frame-shift", type=int, default=None, metavar="PX",
+                   help="average the heatmap and the score over the frame shifted by PX pixels down, right and both "
+                        "instead of the bundle's scoring.frame_shift (0: the frame's own; ablation, or to measure a "
+                        "bundle fitted without it; the bundle's threshold then belongs to other scores: none is "
+                        "reported)")
     p.add_argument("--verdict", choices=["fused", "structural", "logical"], default="fused",
                    help="with a logical score in the bundle: its fused verdict (default), or the structural or the "
                         "logical score alone (ablation)")

@@ -81,10 +81,11 @@ class ScoringConfig(_Section):
     refine: RefineConfig | None = Field(
         default=None, description="the heatmap refined by the frame's own pixels (a guided filter, then local "
                                   "contrast); null: the blurred block map")
-    heatmap_shift: int = Field(
-        default=0, ge=0, description="> 0: the heatmap averaged over the frame and the frame moved by this many "
-                                     "pixels down, right and both (half the backbone's stride interleaves the "
-                                     "block grids into one of twice the resolution; 4 frames' work); 0: off")
+    frame_shift: int = Field(
+        default=0, ge=0, description="> 0: the frame also scored moved by this many pixels down, right and both, "
+                                     "the heatmap and the verdict's score the four's means (half the backbone's "
+                                     "stride interleaves the block grids into one of twice the resolution; 4 "
+                                     "frames' work at the edge, 3 more feature passes at fit); 0: off")
 
 
 class SwinConfig(_Section):

@@ -38,7 +38,7 @@ LOGICAL_SCHEMA_VERSION = 3
 #: schema 4 adds the heatmap refinement (scoring.refine) and the fusion's weight (scoring.fusion.swin_weight),
 #: likewise only in the bundles that have them
 REFINE_SCHEMA_VERSION = 4
-#: schema 5 adds the shift-averaged heatmap (scoring.heatmap_shift), likewise only in the bundles that have it
+#: schema 5 adds the shift-averaged heatmap (scoring.frame_shift), likewise only in the bundles that have it
 SHIFT_SCHEMA_VERSION = 5
 #: the Swin's share of a fused map whose manifest does not say (every bundle before schema 4)
 DEFAULT_SWIN_WEIGHT = 0.5
@@ -204,9 +204,10 @@ class ScoringInfo(_Strict):
     # ("standardised") or the K retrieved for the image ("reference_standardised")
     image_score: Literal["map", "distance", "standardised", "reference_standardised"] = "map"
     refine: RefineInfo | None = None  # absent: the heatmap is the blurred block map, as before
-    # the heatmap averaged over the frame and the frame moved by this many pixels down, right and both
-    # (scoring.shift_offsets; half the backbone's stride); absent: the frame's own heatmap, as before
-    heatmap_shift: int | None = Field(default=None, ge=1)
+    # the frame also scored moved by this many pixels down, right and both (scoring.shift_offsets; half the
+    # backbone's stride): heatmap and verdict score are the four's means (pipeline.ShiftedMean), and the thresholds
+    # were estimated on such means; absent: the frame's own, as before
+    frame_shift: int | None = Field(default=None, ge=1)
 
     def versioned_sections(self) -> list[tuple[str, int]]:
         """The sections present that only a later schema has, each with the schema that added it: a manifest
@@ -214,7 +215,7 @@ class ScoringInfo(_Strict):
         present = (("scoring.refine", self.refine is not None, REFINE_SCHEMA_VERSION),
                    ("scoring.fusion.swin_weight", self.fusion is not None and self.fusion.swin_weight is not None,
                     REFINE_SCHEMA_VERSION),
-                   ("scoring.heatmap_shift", self.heatmap_shift is not None, SHIFT_SCHEMA_VERSION))
+                   ("scoring.frame_shift", self.frame_shift is not None, SHIFT_SCHEMA_VERSION))
         return [(name, version) for name, there, version in present if there]
 
 
@@ -373,10 +374,13 @@ def _read_manifest(root: Path) -> Manifest:
         if manifest.schema_version < needed:
             raise BundleError(MANIFEST, f"{name} needs schema version {needed}, the manifest says "
                                         f"{manifest.schema_version}")
-    shift = manifest.scoring.heatmap_shift
+    shift = manifest.scoring.frame_shift
     if shift is not None and shift >= manifest.backbone.stride:
-        raise BundleError(MANIFEST, f"scoring.heatmap_shift is {shift} px, not less than the backbone's stride "
+        raise BundleError(MANIFEST, f"scoring.frame_shift is {shift} px, not less than the backbone's stride "
                                     f"{manifest.backbone.stride} (a whole block's shift makes no finer grid)")
+    if shift is not None and manifest.logical is not None:
+        raise BundleError(MANIFEST, "scoring.frame_shift with a logical section: the logical score is the frame's "
+                                    "own and is not averaged over shifted frames")
     if (manifest.scoring.anomaly_map in ("swin", "fused")) != (manifest.swin is not None):
         raise BundleError(MANIFEST, f"scoring.anomaly_map is '{manifest.scoring.anomaly_map}' but the swin section "
                                     f"is {'present' if manifest.swin else 'absent'}")

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -45,6 +45,7 @@ from .scoring import (
     shifted_frame,
     unshifted_heatmap,
 )
+from .scoring import image_score as pooled_max  # the name image_score is the verdict's kind in this module
 
 if TYPE_CHECKING:
     from .device_pipeline import DeviceGraphs, DevicePipeline
@@ -64,6 +65,42 @@ class Scored:
     structural: float | None = None
     logical: float | None = None
     component_areas: list[float] | None = None
+
+
+class ShiftedMean:
+    """One frame scored at the offsets of ``scoring.frame_shift`` (``scoring.shift_offsets``), averaged: the
+    heatmaps moved back onto the frame's pixels, and the verdict's score.  Averaging the four stride-8 grids
+    gives a stride-4 map and a steadier score; the runtime, the fit and field calibration all average the same
+    way here, so the thresholds are estimated on the scores the edge computes."""
+
+    def __init__(self, frame: Scored) -> None:
+        self.frame = frame
+        self.heatmap = frame.heatmap.astype(np.float32, copy=True)
+        self.score = float(frame.score)
+        self.n = 1
+
+    def add(self, moved: Scored, dy: int, dx: int) -> None:
+        """The score of the frame moved ``dy`` px down and ``dx`` px right."""
+        self.heatmap += unshifted_heatmap(moved.heatmap, dy, dx)
+        self.score += float(moved.score)
+        self.n += 1
+
+    def result(self, score_pool: int) -> Scored:
+        """The frame's Scored with the means (its block map, references and timings stay the frame's own)."""
+        heatmap = self.heatmap / np.float32(self.n)
+        return replace(self.frame, heatmap=heatmap, score=self.score / self.n,
+                       map_score=pooled_max(heatmap, score_pool))
+
+
+def shift_averaged(scored: list[Scored], moved: Callable[[int, int], Iterable[Scored]], shift_px: int,
+                   score_pool: int) -> list[Scored]:
+    """Many frames' ``ShiftedMean``: ``moved(dy, dx)`` yields the same frames' Scored, in order, moved by that
+    offset.  How the fit and field calibration score their good images as the edge scores a frame."""
+    means = [ShiftedMean(s) for s in scored]
+    for dy, dx in shift_offsets(shift_px)[1:]:
+        for mean, frame in zip(means, moved(dy, dx), strict=True):
+            mean.add(frame, dy, dx)
+    return [m.result(score_pool) for m in means]
 
 
 #: residual tokens (M, d_f) float32 -> anomaly probability per block (M,)
@@ -389,8 +426,8 @@ class Inspector:
     ``distance``: the distance map's, with the heatmap still from the Swin; ``standardised`` and
     ``reference_standardised``: the distance map's standardised per position), is for evaluation: the bundle's
     thresholds belong to its own scores and must then be read as unset.  ``refine=False`` leaves out the
-    bundle's heatmap refinement (``scoring.refine``), to measure what it does; ``heatmap_shift`` overrides the
-    bundle's shift-averaged heatmap (``scoring.heatmap_shift``; 0: off), likewise.
+    bundle's heatmap refinement (``scoring.refine``), to measure what it does; ``frame_shift`` overrides the
+    bundle's shifted frames (``scoring.frame_shift``; 0: off), likewise (the thresholds then belong to other scores).
 
     ``engine`` is the engine switch (``engines.ENGINE_NAMES``; ``auto`` picks by ``engines.AUTO_ORDER``); the
     choice is in ``engines`` (None when the caller hands in its own ``backbone``).
@@ -402,7 +439,7 @@ class Inspector:
                  image_score: ImageScore | None = None,
                  logical_verdict: Literal["fused", "structural", "logical"] = "fused", engine: str = "cpu",
                  device: str = "CPU", engines: EngineSet | None = None, refine: bool = True,
-                 heatmap_shift: int | None = None) -> None:
+                 frame_shift: int | None = None) -> None:
         self.bundle = bundle
         m = bundle.manifest
         self.input_hw = tuple(m.preprocessing.input_size)
@@ -446,10 +483,11 @@ class Inspector:
         self.pixel_threshold = m.thresholds.pixel
         r = m.scoring.refine
         self.refiner = HeatmapRefiner(**r.model_dump()) if (refine and r is not None) else None
-        shift = (m.scoring.heatmap_shift or 0) if heatmap_shift is None else heatmap_shift
+        shift = (m.scoring.frame_shift or 0) if frame_shift is None else frame_shift
         if not 0 <= shift < m.backbone.stride:
-            raise ValueError(f"heatmap_shift must be in [0, {m.backbone.stride}) px (the backbone's stride), "
+            raise ValueError(f"frame_shift must be in [0, {m.backbone.stride}) px (the backbone's stride), "
                              f"got {shift}")
+        self.frame_shift = shift
         self.shift_offsets = shift_offsets(shift)[1:]  # the frame's own offset is the frame itself
         self.budget_ms = m.latency_budget_ms
         self.device_pipeline = None
@@ -481,26 +519,26 @@ class Inspector:
                       timings_ms=timings, logical_score=logical_score, component_areas=areas)
         return self.scorer.finish(ev)
 
-    def _shift_averaged(self, tensor: np.ndarray | None, heatmap: np.ndarray) -> np.ndarray:
-        """The frame's heatmap averaged with those of the frame moved by ``scoring.heatmap_shift`` (each moved back
-        onto the frame's pixels).  Only the heatmap: the verdict stays the frame's own score, so the bundle's
-        image threshold keeps meaning what it was estimated for."""
+    def _shift_averaged(self, tensor: np.ndarray | None, frame: Scored) -> Scored:
+        """The frame's Scored averaged with those of the frame moved by ``scoring.frame_shift`` (``ShiftedMean``):
+        the heatmap and the verdict's score, as the bundle's thresholds were estimated."""
         if tensor is None:
-            raise ValueError("this bundle averages shifted heatmaps: extract the frame with this inspector")
-        total = heatmap.astype(np.float32, copy=True)
+            raise ValueError("this bundle inspects shifted frames: extract the frame with this inspector")
+        mean = ShiftedMean(frame)
         for dy, dx in self.shift_offsets:
             moved = shifted_frame(tensor, dy, dx)
             if self.device_pipeline is not None:
-                scored = self._device_scored(moved)
+                mean.add(self._device_scored(moved), dy, dx)
             else:
                 out = self.backbone.run({"image": moved})
-                scored = self.scorer.score(out["pcf"][0], out["descriptor"][0])
-            total += unshifted_heatmap(scored.heatmap, dy, dx)
-        return total / np.float32(len(self.shift_offsets) + 1)
+                mean.add(self.scorer.score(out["pcf"][0], out["descriptor"][0]), dy, dx)
+        return mean.result(self.scorer.score_pool)
 
-    def features(self, image_rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Backbone outputs for one image: PCFs (M, d_f) and the retrieval descriptor (cells, C)."""
-        out = self.backbone.run({"image": to_input_tensor(image_rgb, self.input_hw, self.scale)})
+    def features(self, image_rgb: np.ndarray, shift: tuple[int, int] = (0, 0)) -> tuple[np.ndarray, np.ndarray]:
+        """Backbone outputs for one image: PCFs (M, d_f) and the retrieval descriptor (cells, C); ``shift``:
+        of the image moved that many pixels down and right (``scoring.shifted_frame``)."""
+        tensor = to_input_tensor(image_rgb, self.input_hw, self.scale)
+        out = self.backbone.run({"image": shifted_frame(tensor, *shift) if shift != (0, 0) else tensor})
         return out["pcf"][0], out["descriptor"][0]
 
     def extract(self, image_rgb: np.ndarray) -> Extracted:
@@ -527,12 +565,12 @@ class Inspector:
             scored = self._device_scored(extracted.tensor)
         else:
             scored = self.scorer.score(extracted.pcf, extracted.descriptor)
-        heatmap = scored.heatmap
         timings = {**extracted.timings_ms, **scored.timings_ms}
         if self.shift_offsets:
             t_shift = time.perf_counter()
-            heatmap = self._shift_averaged(extracted.tensor, heatmap)
+            scored = self._shift_averaged(extracted.tensor, scored)
             timings["shifts"] = (time.perf_counter() - t_shift) * 1e3
+        heatmap = scored.heatmap
         if self.refiner is not None:
             if extracted.guide is None:
                 raise ValueError("this bundle refines its heatmap by the frame: extract the frame with this inspector")

@@ -90,7 +90,7 @@ def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int
                     anomaly_map: str | None = None, use_foreground: bool = True, logical_verdict: str = "fused",
                     also_exclude: set[str] | frozenset[str] = frozenset(), fusion_rule: str | None = None,
                     image_score: str | None = None, engine: str = "cpu", refine: bool = True,
-                    heatmap_shift: int | None = None) -> dict:
+                    frame_shift: int | None = None) -> dict:
     """Run every test image through the bundle; return and write the metrics.
 
     Defective images the bundle was trained on (listed with their sha256 in its manifest) are left out,
@@ -101,7 +101,7 @@ def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int
     inspector = Inspector(bundle, anomaly_map=anomaly_map, use_foreground=use_foreground,
                           logical_verdict=logical_verdict,
                           fusion_rule=fusion_rule,
-                          image_score=image_score, engine=engine, refine=refine, heatmap_shift=heatmap_shift)
+                          image_score=image_score, engine=engine, refine=refine, frame_shift=frame_shift)
     m = bundle.manifest
     dataset, excluded = scored_test_split(bundle, data_root, also_exclude)
     if not dataset.test:
@@ -139,7 +139,8 @@ def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int
     own_rule = inspector.fusion is None or m.scoring.fusion is None or inspector.fusion.rule == m.scoring.fusion.rule
     own_map = (inspector.anomaly_map == m.scoring.anomaly_map and (use_foreground or m.foreground is None)
                and (logical_verdict == "fused" or m.logical is None)
-               and own_rule and inspector.image_score == m.scoring.image_score)
+               and own_rule and inspector.image_score == m.scoring.image_score
+               and inspector.frame_shift == (m.scoring.frame_shift or 0))  # the threshold is on the bundle's scores
     predicted = scores_a >= inspector.threshold
     at_threshold = None
     good, bad = ~labels_a, labels_a
@@ -169,7 +170,7 @@ def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int
         "fusion_rule": inspector.fusion.rule if inspector.fusion is not None else None,
         "image_score": inspector.image_score,
         "heatmap_refined": inspector.refiner is not None,
-        "heatmap_shift": inspector.shift_offsets[0][1] if inspector.shift_offsets else 0,
+        "frame_shift": inspector.frame_shift,
         "engine": inspector.engines.name if inspector.engines is not None else None,
         "foreground": bool(m.foreground is not None and use_foreground),
         "logical_verdict": inspector.logical_verdict if m.logical is not None else None,
@@ -191,8 +192,8 @@ def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int
              ("map evaluated", f"{inspector.anomaly_map}, image score from {inspector.image_score}"
                                + (f", fusion {metrics['fusion_rule']}" if metrics["fusion_rule"] else "")
                                + (", heatmap refined by the frame" if inspector.refiner is not None else "")
-                               + (f", averaged over the frame shifted by {metrics['heatmap_shift']} px"
-                                  if metrics["heatmap_shift"] else "")),
+                               + (f", heatmap and score averaged over the frame shifted by "
+                                  f"{metrics['frame_shift']} px" if metrics["frame_shift"] else "")),
              ("supervision", supervision), ("data", metrics["data"]), ("evaluated at", metrics["evaluated_at"]),
              ("threshold", f"{inspector.threshold:.6g} (bundle, target false-reject rate "
                            f"{m.thresholds.target_false_reject:.2%})" if own_map else "none for this map"),

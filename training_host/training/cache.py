@@ -58,12 +58,17 @@ def images_digest(paths: list[Path]) -> str:
     return h.hexdigest()[:24]
 
 
-def features_key(cfg: ProductConfig, paths: list[Path]) -> str:
+def features_key(cfg: ProductConfig, paths: list[Path], shift: tuple[int, int] = (0, 0)) -> str:
+    """``shift``: the images moved that many pixels down and right (scoring.frame_shift); the unmoved images'
+    key is the one it always was."""
     b = cfg.backbone
     weights = sha256_of(Path(b.weights)) if b.weights else None
-    return digest({"format": FORMAT, "kind": "features", "backbone": b.model_dump(mode="json"),
-                   "weights_sha256": weights, "input_size": list(cfg.input_size),
-                   "lambda_p": cfg.posfar.lambda_p, "images": images_digest(paths), "n": len(paths)})
+    raw = {"format": FORMAT, "kind": "features", "backbone": b.model_dump(mode="json"),
+           "weights_sha256": weights, "input_size": list(cfg.input_size),
+           "lambda_p": cfg.posfar.lambda_p, "images": images_digest(paths), "n": len(paths)}
+    if shift != (0, 0):
+        raw["shift"] = list(shift)
+    return digest(raw)
 
 
 def residuals_key(cfg: ProductConfig, bank_features_key: str) -> str:

@@ -27,8 +27,15 @@ from edge_runtime.core.components import (
 from edge_runtime.core.engines import OnnxRuntimeEngine
 from edge_runtime.core.fitting import BankBuilder, FittedPosFAR, split_holdout
 from edge_runtime.core.foreground import ForegroundBuilder
-from edge_runtime.core.pipeline import FUSION_QUANTILE, MapFusion, SwinClassifier
-from edge_runtime.core.scoring import DistanceStandardiser
+from edge_runtime.core.pipeline import (
+    FUSION_QUANTILE,
+    MapFusion,
+    PosFARScorer,
+    Scored,
+    SwinClassifier,
+    shift_averaged,
+)
+from edge_runtime.core.scoring import DistanceStandardiser, shifted_frame
 from edge_runtime.core.thresholds import estimate_threshold
 from training_host.config import ProductConfig
 from training_host.data.dataset import load_batch, scan_dataset
@@ -105,14 +112,18 @@ def _batches(paths: list[Path], size: int):
 
 
 def _features(extractor: PatchFeatureExtractor, paths: list[Path], cfg: ProductConfig, desc: str,
-              skipped: list[str], progress: bool, loaded: list[Path] | None = None, dist: Distributed = SINGLE):
+              skipped: list[str], progress: bool, loaded: list[Path] | None = None, dist: Distributed = SINGLE,
+              shift: tuple[int, int] = (0, 0)):
     """Patch features of ``paths`` in batches; unreadable images are reported in ``skipped`` and the ones
     that loaded are appended to ``loaded`` (their order is the bank's image index).  Under torchrun each
-    rank extracts its share of the batches and every rank gets all of them, in order."""
+    rank extracts its share of the batches and every rank gets all of them, in order.  ``shift``: of the images
+    moved that many pixels down and right (``scoring.frame_shift``)."""
     chunks = list(_batches(paths, cfg.batch_size))
 
     def compute(b: int):
         batch, ok, errors = load_batch(chunks[b], cfg.input_size)
+        if shift != (0, 0):
+            batch = shifted_frame(batch, *shift)
         arrays = {"ok": np.asarray(ok, dtype=np.int64)}
         if len(ok):
             arrays["pcf"], arrays["descriptor"] = extract(extractor, batch)
@@ -131,13 +142,13 @@ def _features(extractor: PatchFeatureExtractor, paths: list[Path], cfg: ProductC
 
 def _cached_features(cache: FitCache | None, extractor: PatchFeatureExtractor, paths: list[Path],
                      cfg: ProductConfig, desc: str, skipped: list[str], progress: bool,
-                     loaded: list[Path] | None = None, dist: Distributed = SINGLE):
+                     loaded: list[Path] | None = None, dist: Distributed = SINGLE, shift: tuple[int, int] = (0, 0)):
     """:func:`_features` through the fit cache: the same batches, from disk when these images' features at
     these settings were computed before."""
     if cache is None:
-        yield from _features(extractor, paths, cfg, desc, skipped, progress, loaded, dist)
+        yield from _features(extractor, paths, cfg, desc, skipped, progress, loaded, dist, shift)
         return
-    key = features_key(cfg, paths)
+    key = features_key(cfg, paths, shift)
     hit = cache.load("features", key)
     if hit is not None:
         arrays, meta = hit
@@ -149,7 +160,7 @@ def _cached_features(cache: FitCache | None, extractor: PatchFeatureExtractor, p
             yield pcf[lo : lo + cfg.batch_size], descriptor[lo : lo + cfg.batch_size]
         return
     pcfs, descs, ok_paths, errors = [], [], [], []
-    for pcf, descriptor in _features(extractor, paths, cfg, desc, errors, progress, ok_paths):
+    for pcf, descriptor in _features(extractor, paths, cfg, desc, errors, progress, ok_paths, shift=shift):
         pcfs.append(pcf)
         descs.append(descriptor)
         yield pcf, descriptor
@@ -160,6 +171,23 @@ def _cached_features(cache: FitCache | None, extractor: PatchFeatureExtractor, p
         index = {p: i for i, p in enumerate(paths)}
         cache.save("features", key, {"pcf": np.concatenate(pcfs), "descriptor": np.concatenate(descs)},
                    {"ok": [index[p] for p in ok_paths], "skipped": errors})
+
+
+def _shift_averaged(scored: list[Scored], scorer: PosFARScorer, extractor: PatchFeatureExtractor,
+                    cache: FitCache | None, paths: list[Path], cfg: ProductConfig, progress: bool,
+                    leave_one_out: bool) -> list[Scored]:
+    """``scored`` (one per image of ``paths`` that loaded, in order) averaged with the same images moved by
+    ``scoring.frame_shift``, as the edge does; ``leave_one_out``: image j is left out of its own retrieval, as the
+    bank images' scores are."""
+    def moved(dy: int, dx: int):
+        j = 0
+        for pcf, descriptor in _cached_features(cache, extractor, paths, cfg, f"frames moved by ({dy}, {dx})", [],
+                                                progress, shift=(dy, dx)):
+            for p, d in zip(pcf, descriptor, strict=True):
+                yield scorer.score(p, d, exclude=j if leave_one_out else None)
+                j += 1
+
+    return shift_averaged(scored, moved, cfg.scoring.frame_shift, cfg.scoring.score_pool)
 
 
 def producer_versions() -> dict[str, str]:
@@ -370,10 +398,13 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
 
     t0 = time.perf_counter()
     extractor = build_extractor(cfg.backbone, cfg.input_size, cfg.posfar.lambda_p)
-    if cfg.scoring.heatmap_shift >= extractor.stride:
-        raise ValueError(f"scoring.heatmap_shift is {cfg.scoring.heatmap_shift} px, not less than the backbone's "
+    if cfg.scoring.frame_shift >= extractor.stride:
+        raise ValueError(f"scoring.frame_shift is {cfg.scoring.frame_shift} px, not less than the backbone's "
                          f"stride {extractor.stride}: a whole block's shift makes no finer grid (half the stride is "
                          f"{extractor.stride // 2})")
+    if cfg.scoring.frame_shift and cfg.logical.enabled:
+        raise ValueError("scoring.frame_shift with logical.enabled: the logical score is the frame's own and is not "
+                         "averaged over shifted frames; use one or the other")
     fg_cfg = cfg.foreground
     foreground = (ForegroundBuilder(extractor.grid, fg_cfg.fit_images, fg_cfg.per_image, fg_cfg.quantile,
                                     seed=cfg.seed) if fg_cfg.enabled else None)
@@ -449,6 +480,11 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
         if loo == "auto":  # the Swin was trained on the bank images' fields: their scores by it run optimistic
             loo = classifier is None or image_score != "map"
         loo_scored = [scorer.finish(e) for e in loo_evidence] if loo else []
+        if cfg.scoring.frame_shift:  # the thresholds on the scores the edge computes: each the mean of four frames
+            holdout_scored = _shift_averaged(holdout_scored, scorer, extractor, cache, holdout_paths, cfg, progress,
+                                             leave_one_out=False)
+            loo_scored = _shift_averaged(loo_scored, scorer, extractor, cache, loaded, cfg, progress,
+                                         leave_one_out=True) if loo_scored else []
         logical_info = logical_arrays = None
         if components is not None:  # the verdict fuses the structural score with the logical one
             model, bank_logical, holdout_logical = fit_logical(
@@ -513,7 +549,7 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
                                 fusion=fusion_info, image_score=image_score,
                                 refine=(B.RefineInfo(**cfg.scoring.refine.model_dump())
                                         if cfg.scoring.refine is not None else None),
-                                heatmap_shift=cfg.scoring.heatmap_shift or None)
+                                frame_shift=cfg.scoring.frame_shift or None)
         manifest = B.Manifest(
             # the oldest schema that holds every section this bundle has, so older runtimes still read the rest
             schema_version=max([B.SCHEMA_VERSION, B.LOGICAL_SCHEMA_VERSION if logical_info is not None else 0]
