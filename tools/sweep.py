@@ -22,10 +22,11 @@ AUROC, PRO, pixel AP overall and per defect type, detection at FRR 0.5 / 1 / 2 %
 ``--maps``) is one more row per variant with a Swin (``nn_distance``: the distance alone; ``swin``;
 ``fused:RULE``: the two fused, with the scales stored at fit; ``...@distance``: with the image score taken from
 the distance map; ``...@standardised`` or ``...@reference_standardised``: from the distance map standardised per
-position; ``.../shiftN``: with the heatmap averaged over the frame shifted by N px, ``scoring.frame_shift``,
-and ``/shiftN`` alone: the bundle's own map so); without ``maps``, the first variant's distance is one more row.
-Results go to ``OUT/<variant>/result.json`` (a variant whose result exists with the same overrides is not fitted
-again; maps it lacks are evaluated from its bundle) and to ``OUT/table.csv`` and ``OUT/table.md``.
+position; ``.../shiftN``: each frame also scored shifted by N px, heatmap and score averaged,
+``scoring.frame_shift``, and ``/shiftN`` alone: the bundle's own map so); without ``maps``, the first variant's
+distance is one more row.  Results go to ``OUT/<variant>/result.json`` (a variant whose result exists with the
+same overrides is not fitted again; maps it lacks are evaluated from its bundle) and to ``OUT/table.csv`` and
+``OUT/table.md``.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ LOGICAL_SCHEMA_VERSION = 3
 #: schema 4 adds the heatmap refinement (scoring.refine) and the fusion's weight (scoring.fusion.swin_weight),
 #: likewise only in the bundles that have them
 REFINE_SCHEMA_VERSION = 4
-#: schema 5 adds the shift-averaged heatmap (scoring.frame_shift), likewise only in the bundles that have it
+#: schema 5 adds the shifted frames (scoring.frame_shift), likewise only in the bundles that have them
 SHIFT_SCHEMA_VERSION = 5
 #: the Swin's share of a fused map whose manifest does not say (every bundle before schema 4)
 DEFAULT_SWIN_WEIGHT = 0.5

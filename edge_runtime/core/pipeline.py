@@ -80,7 +80,7 @@ class ShiftedMean:
         self.n = 1
 
     def add(self, moved: Scored, dy: int, dx: int) -> None:
-        """The score of the frame moved ``dy`` px down and ``dx`` px right."""
+        """The Scored of the frame moved ``dy`` px down and ``dx`` px right."""
         self.heatmap += unshifted_heatmap(moved.heatmap, dy, dx)
         self.score += float(moved.score)
         self.n += 1

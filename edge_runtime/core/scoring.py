@@ -56,16 +56,17 @@ def block_map_score(block_map: np.ndarray, size_hw: tuple[int, int], sigma: floa
 
 
 def shift_offsets(shift_px: int) -> tuple[tuple[int, int], ...]:
-    """The frame offsets (down, right) a shift-averaged heatmap is made from: the frame itself and the frame moved
-    by ``shift_px`` down, right and both.  With half the backbone's stride, the four block grids interleave into
-    one of twice the resolution, so a small defect is no longer smeared over the one stride-8 block it falls in."""
+    """The offsets (down, right) a frame is scored at with ``scoring.frame_shift``: the frame itself and the frame
+    moved by ``shift_px`` down, right and both.  With half the backbone's stride, the four block grids interleave
+    into one of twice the resolution, so a small defect is no longer smeared over the one stride-8 block it falls
+    in."""
     if shift_px < 0:
         raise ValueError(f"shift_px must be >= 0, got {shift_px}")
     return ((0, 0),) if shift_px == 0 else ((0, 0), (0, shift_px), (shift_px, 0), (shift_px, shift_px))
 
 
 def shifted_frame(tensor: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    """The (1, 3, H, W) input with its content moved ``dy`` px down and ``dx`` px right; the strip uncovered at
+    """The (B, 3, H, W) input with its content moved ``dy`` px down and ``dx`` px right; the strip uncovered at
     the top and left is the frame's own edge mirrored (a constant fill would be an edge the bank never saw)."""
     height, width = tensor.shape[-2:]
     padded = np.pad(tensor, ((0, 0), (0, 0), (dy, 0), (dx, 0)), mode="reflect")
