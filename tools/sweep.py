@@ -91,12 +91,11 @@ def bench(bundle: Path, images: Path, frames: int) -> dict | None:
     return {"frame_ms_p50": total, "backbone_ms_p50": backbone, "frame_over_backbone": total / backbone}
 
 
-IMAGE_SCORES = ("map", "distance", "standardised", "reference_standardised")
-
-
 def parse_map(map_name: str) -> dict:
     """``[KIND[:RULE][@IMAGE_SCORE]][/shiftN]`` (see above) as ``evaluate_bundle``'s keyword arguments; an empty
     part is the bundle's own.  A name it cannot read is refused, naming what it can."""
+    from edge_runtime.core.pipeline import IMAGE_SCORES
+
     spec, _, shift = map_name.partition("/")
     spec, at, verdict = spec.partition("@")
     kind, _, rule = spec.partition(":")

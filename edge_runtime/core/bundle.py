@@ -25,6 +25,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .components import summary_groups
+from .scoring import check_frame_shift
 
 if TYPE_CHECKING:
     from edge_runtime.core.thresholds import ThresholdEstimate
@@ -375,9 +376,11 @@ def _read_manifest(root: Path) -> Manifest:
             raise BundleError(MANIFEST, f"{name} needs schema version {needed}, the manifest says "
                                         f"{manifest.schema_version}")
     shift = manifest.scoring.frame_shift
-    if shift is not None and shift >= manifest.backbone.stride:
-        raise BundleError(MANIFEST, f"scoring.frame_shift is {shift} px, not less than the backbone's stride "
-                                    f"{manifest.backbone.stride} (a whole block's shift makes no finer grid)")
+    if shift is not None:
+        try:
+            check_frame_shift(shift, manifest.backbone.stride)
+        except ValueError as exc:
+            raise BundleError(MANIFEST, str(exc)) from None
     if shift is not None and manifest.logical is not None:
         raise BundleError(MANIFEST, "scoring.frame_shift with a logical section: the logical score is the frame's "
                                     "own and is not averaged over shifted frames")

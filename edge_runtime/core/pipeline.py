@@ -39,6 +39,7 @@ from .scoring import (
     HeatmapRefiner,
     Region,
     block_map_score,
+    check_frame_shift,
     defect_regions,
     heatmap_from_blocks,
     shift_offsets,
@@ -484,9 +485,7 @@ class Inspector:
         r = m.scoring.refine
         self.refiner = HeatmapRefiner(**r.model_dump()) if (refine and r is not None) else None
         shift = (m.scoring.frame_shift or 0) if frame_shift is None else frame_shift
-        if not 0 <= shift < m.backbone.stride:
-            raise ValueError(f"frame_shift must be in [0, {m.backbone.stride}) px (the backbone's stride), "
-                             f"got {shift}")
+        check_frame_shift(shift, m.backbone.stride)
         self.frame_shift = shift
         self.shift_offsets = shift_offsets(shift)[1:]  # the frame's own offset is the frame itself
         self.budget_ms = m.latency_budget_ms

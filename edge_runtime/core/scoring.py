@@ -65,6 +65,16 @@ def shift_offsets(shift_px: int) -> tuple[tuple[int, int], ...]:
     return ((0, 0),) if shift_px == 0 else ((0, 0), (0, shift_px), (shift_px, 0), (shift_px, shift_px))
 
 
+def check_frame_shift(shift_px: int, stride: int) -> None:
+    """``scoring.frame_shift`` must be at least 0 and less than the backbone's stride: a whole block's shift makes no
+    finer grid.  One check for the fit, the bundle and the inspector's override."""
+    if shift_px < 0:
+        raise ValueError(f"scoring.frame_shift is {shift_px} px: it must be at least 0 (0: off)")
+    if shift_px >= stride:
+        raise ValueError(f"scoring.frame_shift is {shift_px} px, not less than the backbone's stride {stride}: a "
+                         f"whole block's shift makes no finer grid (half the stride is {stride // 2})")
+
+
 def shifted_frame(tensor: np.ndarray, dy: int, dx: int) -> np.ndarray:
     """The (B, 3, H, W) input with its content moved ``dy`` px down and ``dx`` px right; the strip uncovered at
     the top and left is the frame's own edge mirrored (a constant fill would be an edge the bank never saw)."""

@@ -35,7 +35,7 @@ from edge_runtime.core.pipeline import (
     SwinClassifier,
     shift_averaged,
 )
-from edge_runtime.core.scoring import DistanceStandardiser, shifted_frame
+from edge_runtime.core.scoring import DistanceStandardiser, check_frame_shift, shifted_frame
 from edge_runtime.core.thresholds import estimate_threshold
 from training_host.config import ProductConfig
 from training_host.data.dataset import load_batch, scan_dataset
@@ -398,10 +398,7 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
 
     t0 = time.perf_counter()
     extractor = build_extractor(cfg.backbone, cfg.input_size, cfg.posfar.lambda_p)
-    if cfg.scoring.frame_shift >= extractor.stride:
-        raise ValueError(f"scoring.frame_shift is {cfg.scoring.frame_shift} px, not less than the backbone's "
-                         f"stride {extractor.stride}: a whole block's shift makes no finer grid (half the stride is "
-                         f"{extractor.stride // 2})")
+    check_frame_shift(cfg.scoring.frame_shift, extractor.stride)
     if cfg.scoring.frame_shift and cfg.logical.enabled:
         raise ValueError("scoring.frame_shift with logical.enabled: the logical score is the frame's own and is not "
                          "averaged over shifted frames; use one or the other")
