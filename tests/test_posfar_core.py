@@ -241,8 +241,26 @@ def test_heatmap_refinement_keeps_flat_frames_and_flat_maps_as_they_are():
     assert scaled.min() >= 1.0 - 1e-6 and scaled.max() <= 1.0 + 0.2 * r.CONTRAST_CLIP + 1e-5
 
 
+def test_a_heatmap_scaled_by_its_own_peak_keeps_its_ranking_and_the_reference_frame():
+    heat, guide, _ = _pit_scene()
+    r = HeatmapRefiner(peak_power=0.25)
+    assert HeatmapRefiner().relative(heat, 0.1) is heat  # off by default
+    strong = 16.0 * 0.1 * heat / heat.max()  # a frame whose peak is 16 times the reference
+    assert np.allclose(r.relative(strong, 0.1), strong / 2.0, rtol=1e-6)  # 16 ** 0.25 = 2
+    at_reference = 0.1 * heat / heat.max()
+    assert np.allclose(r.relative(at_reference, 0.1), at_reference, rtol=1e-6)
+    faint = 0.0625 * at_reference  # a sixteenth of it: raised by 2
+    assert np.allclose(r.relative(faint, 0.1), 2.0 * faint, rtol=1e-6)
+    # between frames the strong one stays above the faint one, but by less
+    assert r.relative(strong, 0.1).max() / r.relative(faint, 0.1).max() == pytest.approx(256 ** 0.75, rel=1e-5)
+    refined = r(heat, guide)
+    assert (np.diff(r.relative(refined, 0.1).ravel()[np.argsort(refined, axis=None)]) >= 0).all()  # same order
+    blank = np.zeros_like(heat)
+    assert np.isfinite(r.relative(blank, 0.1)).all() and not r.relative(blank, 0.1).any()
+
+
 @pytest.mark.parametrize("kwargs", [{"guide_radius": -1}, {"guide_eps": 0.0}, {"contrast_weight": -0.1},
-                                    {"contrast_sigma": 0.0}])
+                                    {"contrast_sigma": 0.0}, {"peak_power": -0.1}, {"peak_power": 1.0}])
 def test_heatmap_refiner_refuses_bad_settings(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         HeatmapRefiner(**kwargs)

@@ -314,6 +314,39 @@ def test_a_bundle_that_refines_its_heatmap_refines_it_by_the_frame(fitted, demo_
         load_bundle(path)
 
 
+def test_a_bundle_that_scales_its_heatmap_by_its_peak_keeps_its_regions(fitted, demo_data, tmp_path):
+    """scoring.refine.peak_power (schema 6): the refined heatmap times (thresholds.pixel / its own peak) ** power,
+    served after the regions are taken on the refined map, so the regions and the verdict are those without it."""
+    settings = {"guide_radius": 4, "guide_eps": 0.001, "contrast_weight": 0.15, "contrast_sigma": 2.0}
+    refined = _with_later_section(fitted[0], tmp_path / "refined", lambda m: m["scoring"].update(refine=settings),
+                                  "scoring.refine", 4)
+    path = tmp_path / "peak"
+    bundle = _with_later_section(tmp_path / "refined", path,
+                                 lambda m: m["scoring"]["refine"].update(peak_power=0.25),
+                                 "scoring.refine.peak_power", 6)
+    assert refined.manifest.scoring.refine.peak_power is None  # absent: not scaled, as before
+    pixel = bundle.manifest.thresholds.pixel
+    failing = 0
+    defective = [p for d in sorted((demo_data / "test").iterdir()) if d.name != "good" for p in list_images(d)]
+    for path_image in defective[::2]:
+        image = read_image(path_image)
+        scaled, plain = Inspector(bundle).inspect(image), Inspector(refined).inspect(image)
+        factor = (pixel / plain.heatmap.max()) ** 0.25
+        assert np.allclose(scaled.heatmap, plain.heatmap * factor, rtol=1e-5, atol=1e-7) and factor != 1
+        assert (np.diff(scaled.heatmap.ravel()[np.argsort(plain.heatmap, axis=None)]) >= 0).all()  # same order
+        assert scaled.score == plain.score and scaled.verdict == plain.verdict
+        assert [r.to_json() for r in scaled.regions] == [r.to_json() for r in plain.regions]
+        failing += plain.verdict == "fail" and bool(plain.regions)
+    assert failing  # the regions compared include some
+    metrics = evaluate_bundle(path, demo_data, tmp_path / "eval", overlays=0, progress=False)
+    before = evaluate_bundle(tmp_path / "refined", demo_data, tmp_path / "eval_before", overlays=0, progress=False)
+    assert metrics["image_auroc"] == before["image_auroc"] and metrics["pixel_ap"] != before["pixel_ap"]
+    for power in (0, 1):
+        _rewrite_manifest(path, lambda m, p=power: m["scoring"]["refine"].update(peak_power=p))
+        with pytest.raises(BundleError, match="peak_power"):
+            load_bundle(path)
+
+
 def test_a_bundle_that_inspects_shifted_frames_serves_their_average(fitted, demo_data, tmp_path):
     """scoring.frame_shift (schema 5): the heatmap is the mean of the frame's and of the frame moved by half a
     block down, right and both, each moved back, and the verdict's score the mean of the four scores."""
@@ -368,15 +401,18 @@ def test_fused_bundle_with_the_verdict_on_the_distance(tmp_path, demo_data, smal
     """The recommended way to fit: fused map, verdict on the distance; two thresholds, each on its own scale,
     and field calibration keeps both."""
     from calibration.fit import calibrate
+    from training_host.config import RefineConfig
     from training_host.training.fit import fit_product
 
     cfg = small_config.model_copy(update={"scoring": small_config.scoring.model_copy(
-        update={"fusion": "mean", "image_score": "distance", "frame_shift": 4})})
+        update={"fusion": "mean", "image_score": "distance", "frame_shift": 4,
+                "refine": RefineConfig(guide_radius=4, peak_power=0.25)})})
     out = tmp_path / "fused"
     summary = fit_product(cfg, demo_data, out, progress=False)
     m = load_bundle(out).manifest
     assert summary.anomaly_map == "fused" and m.scoring.image_score == "distance" and m.scoring.fusion.rule == "mean"
-    assert m.scoring.frame_shift == 4 and m.schema_version == 5  # the shift needs schema 5, nothing else does here
+    assert m.scoring.frame_shift == 4 and m.scoring.refine.peak_power == 0.25
+    assert m.schema_version == 6  # the peak scaling needs schema 6 (the shift 5, the refinement 4)
     assert 0 < m.thresholds.pixel < 5 < m.thresholds.image  # fused units (1 = most extreme normal); a distance
     inspector = open_inspector(out)
     result = inspector.inspect(read_image(list_images(demo_data / "test" / "scratch")[0]))
@@ -399,7 +435,8 @@ def test_fused_bundle_with_the_verdict_on_the_distance(tmp_path, demo_data, smal
     assert report.threshold.n_leave_one_out == 22 and report.threshold.n_scores == 30  # 8 held out + 22 bank frames
     cal = load_bundle(tmp_path / "cal").manifest
     assert report.threshold.threshold == cal.thresholds.image and cal.thresholds.pixel != cal.thresholds.image
-    assert cal.scoring.image_score == "distance" and cal.scoring.frame_shift == 4 and cal.schema_version == 5
+    assert cal.scoring.image_score == "distance" and cal.scoring.frame_shift == 4 and cal.schema_version == 6
+    assert cal.scoring.refine == m.scoring.refine
     assert cal.scoring.fusion.distance_scale != m.scoring.fusion.distance_scale  # rescaled on the new bank
 
 
@@ -423,6 +460,7 @@ def test_standardised_verdict_fits_scores_and_recalibrates(tmp_path, demo_data, 
     rd = a["reference_distances"]
     assert m.scoring.image_score == "reference_standardised" and m.schema_version == 4
     assert m.scoring.refine.guide_radius == 4 and m.scoring.refine.contrast_weight == RefineConfig().contrast_weight
+    assert m.scoring.refine.peak_power is None  # off in the config: absent, so schema 4 is enough
     assert rd.shape == (m.posfar.n_reference_images, *m.backbone.grid) and rd.dtype == np.float16
     assert summary.threshold_estimate["n_leave_one_out"] == 24
     assert m.thresholds.pixel != m.thresholds.image  # the heatmap (raw distance) has a threshold of its own

@@ -100,15 +100,21 @@ def _refiner_of(bundle) -> HeatmapRefiner:
     """The bundle's own refinement settings, so that "the profile" rows score the map the bundle serves (a bundle
     without them is scored with the runtime's defaults)."""
     info = bundle.manifest.scoring.refine
-    return HeatmapRefiner(**info.model_dump()) if info is not None else HeatmapRefiner()
+    return HeatmapRefiner(**info.model_dump(exclude_none=True)) if info is not None else HeatmapRefiner()
 
 
 def heatmaps(ev: Evidence, blocks: np.ndarray, refiner: HeatmapRefiner | None = None) -> np.ndarray:
     hw = ev.masks.shape[1:]
     maps = [heatmap_from_blocks(b.astype(np.float32), hw, ev.blur_sigma) for b in blocks]
     if refiner is not None:
-        maps = [refiner(h, g) for h, g in zip(maps, ev.guides, strict=True)]
+        maps = [_refined(refiner, h, g) for h, g in zip(maps, ev.guides, strict=True)]
     return np.stack(maps)
+
+
+def _refined(refiner: HeatmapRefiner, heatmap: np.ndarray, guide: np.ndarray) -> np.ndarray:
+    """The refined heatmap as the runtime serves it, scaled by its own peak where the refiner says so (against a
+    reference of 1: a constant factor over every frame changes no metric)."""
+    return refiner.relative(refiner(heatmap, guide), 1.0)
 
 
 def score(ev: Evidence, blocks: np.ndarray, refiner: HeatmapRefiner | None = None) -> dict:
@@ -161,7 +167,7 @@ def profile_variants(ev: Evidence) -> dict[str, np.ndarray]:
     blocks = ev.profile_blocks()
     unrefined = heatmaps(ev, blocks)
     refiner = ev.refiner
-    refined = np.stack([refiner(h, g) for h, g in zip(unrefined, ev.guides, strict=True)])
+    refined = np.stack([_refined(refiner, h, g) for h, g in zip(unrefined, ev.guides, strict=True)])
     wide = np.stack([_guided(h, cv2.GaussianBlur(g, (0, 0), 3.0), 32, 1e-4)
                      for h, g in zip(unrefined, ev.guides, strict=True)])
     return {
@@ -175,6 +181,14 @@ def profile_variants(ev: Evidence) -> dict[str, np.ndarray]:
         # the two knobs that trade AP for PRO, for a Swin that finds large regions better than small ones
         "the Swin's share 0.2": heatmaps(ev, 0.2 * ev.swin + 0.8 * ev.distance, refiner),
         "local contrast 0.3": heatmaps(ev, blocks, replace(refiner, contrast_weight=0.3)),
+        # each frame's heatmap scaled by its own peak (scoring.refine.peak_power), with the guided filter's two
+        # radii, local contrast 0.3 (the profiles' since the finish bands) whatever the bundle's own
+        **{f"contrast 0.3, radius {radius}, peak power {power:g}": heatmaps(
+            ev, blocks, replace(refiner, contrast_weight=0.3, guide_radius=radius, peak_power=power))
+           for radius in (8, 16) for power in (0.0, 0.25, 0.35)},
+        "contrast 0.3, radius 16, peak power 0.35, the Swin's share 0.4": heatmaps(
+            ev, 0.4 * ev.swin + 0.6 * ev.distance,
+            replace(refiner, contrast_weight=0.3, guide_radius=16, peak_power=0.35)),
     }
 
 

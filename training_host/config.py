@@ -61,6 +61,9 @@ class RefineConfig(_Section):
     contrast_weight: float = Field(default=0.15, ge=0.0, description="heat times 1 + this x local contrast")
     contrast_sigma: float = Field(default=4.0, gt=0.0, description="local contrast against a Gaussian mean of "
                                                                    "twice this sigma")
+    peak_power: float = Field(default=0.0, ge=0.0, lt=1.0, description="the heatmap times (the pixel threshold / "
+                              "the frame's own peak heat) to this power, after its regions are taken: frames with "
+                              "strong defects compressed towards the threshold (0: off)")
 
 
 class ScoringConfig(_Section):

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 SCHEMA_VERSION = 2
 #: schema 1 is the distance-only slice (no swin, foreground or training sections); still served as it was
-SUPPORTED_SCHEMAS = (1, 2, 3, 4, 5)
+SUPPORTED_SCHEMAS = (1, 2, 3, 4, 5, 6)
 #: schema 3 adds the logical (component) score; a bundle carries it only when it has that section, so a bundle
 #: without one stays readable by schema-2 runtimes, and one with it is refused by them by its version
 LOGICAL_SCHEMA_VERSION = 3
@@ -41,6 +41,8 @@ LOGICAL_SCHEMA_VERSION = 3
 REFINE_SCHEMA_VERSION = 4
 #: schema 5 adds the shifted frames (scoring.frame_shift), likewise only in the bundles that have them
 SHIFT_SCHEMA_VERSION = 5
+#: schema 6 adds the heatmap scaled by the frame's own peak (scoring.refine.peak_power), likewise
+PEAK_SCHEMA_VERSION = 6
 #: the Swin's share of a fused map whose manifest does not say (every bundle before schema 4)
 DEFAULT_SWIN_WEIGHT = 0.5
 MANIFEST = "manifest.json"
@@ -186,12 +188,15 @@ class FusionInfo(_Strict):
 
 
 class RefineInfo(_Strict):
-    """The heatmap refined by the frame itself (``scoring.HeatmapRefiner``): a guided filter, then local contrast."""
+    """The heatmap refined by the frame itself (``scoring.HeatmapRefiner``): a guided filter, local contrast, and
+    the frame's own peak."""
 
     guide_radius: int = Field(ge=0)
     guide_eps: float = Field(gt=0)
     contrast_weight: float = Field(ge=0)
     contrast_sigma: float = Field(gt=0)
+    # then the heatmap times (thresholds.pixel / its own peak) ** peak_power; absent: not scaled, as before
+    peak_power: float | None = Field(default=None, gt=0, lt=1)
 
 
 class ScoringInfo(_Strict):
@@ -216,7 +221,9 @@ class ScoringInfo(_Strict):
         present = (("scoring.refine", self.refine is not None, REFINE_SCHEMA_VERSION),
                    ("scoring.fusion.swin_weight", self.fusion is not None and self.fusion.swin_weight is not None,
                     REFINE_SCHEMA_VERSION),
-                   ("scoring.frame_shift", self.frame_shift is not None, SHIFT_SCHEMA_VERSION))
+                   ("scoring.frame_shift", self.frame_shift is not None, SHIFT_SCHEMA_VERSION),
+                   ("scoring.refine.peak_power", self.refine is not None and self.refine.peak_power is not None,
+                    PEAK_SCHEMA_VERSION))
         return [(name, version) for name, there, version in present if there]
 
 

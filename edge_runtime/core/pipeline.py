@@ -483,7 +483,7 @@ class Inspector:
         self.threshold = m.thresholds.image
         self.pixel_threshold = m.thresholds.pixel
         r = m.scoring.refine
-        self.refiner = HeatmapRefiner(**r.model_dump()) if (refine and r is not None) else None
+        self.refiner = HeatmapRefiner(**r.model_dump(exclude_none=True)) if (refine and r is not None) else None
         shift = (m.scoring.frame_shift or 0) if frame_shift is None else frame_shift
         check_frame_shift(shift, m.backbone.stride)
         self.frame_shift = shift
@@ -576,6 +576,8 @@ class Inspector:
             heatmap = self.refiner(heatmap, extracted.guide)
         fail = scored.score >= self.threshold
         regions = defect_regions(heatmap, self.pixel_threshold) if fail else []
+        if self.refiner is not None:
+            heatmap = self.refiner.relative(heatmap, self.pixel_threshold)
         t3 = time.perf_counter()
         timings["postprocess"] += (t3 - t2) * 1e3 - sum(scored.timings_ms.values()) - timings.get("shifts", 0.0)
         # the time this frame was worked on (a wait between the two halves, when overlapped, is not in it)

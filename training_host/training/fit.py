@@ -190,6 +190,13 @@ def _shift_averaged(scored: list[Scored], scorer: PosFARScorer, extractor: Patch
     return shift_averaged(scored, moved, cfg.scoring.frame_shift, cfg.scoring.score_pool)
 
 
+def _refine_info(refine) -> B.RefineInfo | None:
+    """The manifest's refinement: ``peak_power`` only when it is on, so a bundle without it keeps its schema."""
+    if refine is None:
+        return None
+    return B.RefineInfo(**{**refine.model_dump(), "peak_power": refine.peak_power or None})
+
+
 def producer_versions() -> dict[str, str]:
     import onnx
 
@@ -544,8 +551,7 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
         scoring = B.ScoringInfo(anomaly_map=("fused" if fusion else "swin") if trained else "nn_distance",
                                 blur_sigma=cfg.scoring.blur_sigma, score_pool=cfg.scoring.score_pool,
                                 fusion=fusion_info, image_score=image_score,
-                                refine=(B.RefineInfo(**cfg.scoring.refine.model_dump())
-                                        if cfg.scoring.refine is not None else None),
+                                refine=_refine_info(cfg.scoring.refine),
                                 frame_shift=cfg.scoring.frame_shift or None)
         manifest = B.Manifest(
             # the oldest schema that holds every section this bundle has, so older runtimes still read the rest
