@@ -114,7 +114,9 @@ class HeatmapRefiner:
     peak_power``, ``peak`` the frame's own highest heat: a frame at the reference keeps its scale, a frame with a
     strong defect is compressed towards it.  The ranking inside a frame does not change, only the ranking between
     frames, and pixel AP and PRO rank the pixels of all frames together: without it, the halo around a strong break
-    outranks the core of a faint finish defect in another frame.  FIGURES
+    outranks the core of a faint finish defect in another frame.  Measured on MTD (``peak_power`` 0.25 with
+    ``guide_radius`` 16, the profiles', against radius 8 without it; fast profile, seeds 0 / 1 / 2,
+    ``docs/sweeps/peak.yaml``): pixel AP +1.6 / +1.8 / +2.0 points, PRO +1.2 / +1.4 / +1.1.
     """
 
     guide_radius: int = 8
