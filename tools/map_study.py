@@ -100,7 +100,7 @@ def _refiner_of(bundle) -> HeatmapRefiner:
     """The bundle's own refinement settings, so that "the profile" rows score the map the bundle serves (a bundle
     without them is scored with the runtime's defaults)."""
     info = bundle.manifest.scoring.refine
-    return HeatmapRefiner(**info.model_dump(exclude_none=True)) if info is not None else HeatmapRefiner()
+    return info.refiner() if info is not None else HeatmapRefiner()
 
 
 def heatmaps(ev: Evidence, blocks: np.ndarray, refiner: HeatmapRefiner | None = None) -> np.ndarray:

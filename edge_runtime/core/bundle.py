@@ -25,7 +25,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .components import summary_groups
-from .scoring import check_frame_shift
+from .scoring import HeatmapRefiner, check_frame_shift
 
 if TYPE_CHECKING:
     from edge_runtime.core.thresholds import ThresholdEstimate
@@ -197,6 +197,10 @@ class RefineInfo(_Strict):
     contrast_sigma: float = Field(gt=0)
     # then the heatmap times (thresholds.pixel / its own peak) ** peak_power; absent: not scaled, as before
     peak_power: float | None = Field(default=None, gt=0, lt=1)
+
+    def refiner(self) -> HeatmapRefiner:
+        """The runtime's refiner with these settings (an absent ``peak_power``: the refiner's own, off)."""
+        return HeatmapRefiner(**self.model_dump(exclude_none=True))
 
 
 class ScoringInfo(_Strict):

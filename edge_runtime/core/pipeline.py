@@ -483,7 +483,7 @@ class Inspector:
         self.threshold = m.thresholds.image
         self.pixel_threshold = m.thresholds.pixel
         r = m.scoring.refine
-        self.refiner = HeatmapRefiner(**r.model_dump(exclude_none=True)) if (refine and r is not None) else None
+        self.refiner = r.refiner() if (refine and r is not None) else None
         shift = (m.scoring.frame_shift or 0) if frame_shift is None else frame_shift
         check_frame_shift(shift, m.backbone.stride)
         self.frame_shift = shift
