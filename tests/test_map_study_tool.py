@@ -67,3 +67,24 @@ def test_the_wide_guided_filter_keeps_a_constant_map_and_follows_the_guide():
     heat[:, 36:44] = 1.0  # heat inside the right-hand finish only
     out = module._guided(heat, guide, 16, 1e-4)
     assert out[:, 33:].mean() > 5 * max(out[:, :31].mean(), 1e-3)  # it spreads within a finish, not across the edge
+
+
+def test_the_border_table_splits_the_pixels_at_the_frames_edge():
+    """border_rows: the share of defect pixels and of area in the border band, and pixel AP over all pixels, the
+    inside and the band, for the served map and the distance alone; the whole frame's AP is evaluate_maps' own."""
+    module = _map_study()
+    ev = _evidence(module)
+    rows = module.border_rows(ev, px=12)
+    assert [r["map"] for r in rows] == ["0.3 swin + 0.7 distance", "distance"]
+    band = np.ones((64, 64), bool)
+    band[12:-12, 12:-12] = False
+    expected_share = (ev.masks[:, band].sum()) / ev.masks.sum()
+    for r in rows:
+        assert r["border_px"] == 12 and r["area_in_border"] == band.mean()
+        assert r["defect_px_in_border"] == expected_share and 0 < expected_share < 1
+        assert 0 < r["ap_border"] <= 1 and 0 < r["ap_inside"] <= 1
+    maps = module.heatmaps(ev, ev.profile_blocks(), ev.refiner)
+    whole = module.evaluate_maps(ev.labels, ev.verdict, ev.masks, maps, ev.types)["pixel_ap"]
+    assert abs(rows[0]["ap_all"] - whole) < 1e-9
+    inside = module.average_precision(ev.masks[:, ~band].ravel(), maps[:, ~band].ravel())
+    assert abs(rows[0]["ap_inside"] - inside) < 1e-9

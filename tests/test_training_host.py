@@ -142,30 +142,6 @@ def test_extractor_shapes_and_position_code():
         PatchFeatureExtractor(trunk, (100, 96), 176, 0.0, trunk.mean, trunk.std)
 
 
-def test_a_mirrored_margin_keeps_the_grid_and_its_alignment():
-    """backbone.input_padding: the same grid and descriptor, the interior patches where they were (nearer the
-    unpadded patches at the same place than at the next one), the border patches changed; a margin that is not
-    a multiple of the deepest stride, or not smaller than the frame, is refused."""
-    trunk = load_efficientnet_lite("efficientnet_lite0", (4, 10))
-    plain = PatchFeatureExtractor(trunk, (256, 256), 152, 0.0, trunk.mean, trunk.std)
-    padded = PatchFeatureExtractor(trunk, (256, 256), 152, 0.0, trunk.mean, trunk.std, input_padding=32)
-    torch.manual_seed(0)
-    image = torch.nn.functional.interpolate(torch.rand(1, 3, 16, 16), size=(256, 256), mode="bilinear")
-    with torch.no_grad():
-        (a, desc_a), (b, desc_b) = plain.patch_features(image), padded.patch_features(image)
-    assert a.shape == b.shape == (1, 152, 32, 32) and desc_a.shape == desc_b.shape
-    same = float((a[..., 8:24, 8:24] - b[..., 8:24, 8:24]).abs().mean())
-    moved = float((a[..., 8:24, 8:24] - b[..., 8:24, 9:25]).abs().mean())
-    border = float((a[..., 0, :] - b[..., 0, :]).abs().mean())
-    assert same < 0.25 * moved and border > 5 * same
-    with pytest.raises(ValueError, match="multiple of the deepest layer's stride"):
-        PatchFeatureExtractor(trunk, (128, 96), 152, 0.0, trunk.mean, trunk.std, descriptor_grid=(8, 4),
-                              input_padding=8)
-    with pytest.raises(ValueError, match="below the input size"):
-        PatchFeatureExtractor(trunk, (128, 96), 152, 0.0, trunk.mean, trunk.std, descriptor_grid=(8, 4),
-                              input_padding=96)
-
-
 def test_fit_summary(fitted):
     _, s = fitted
     assert s.n_train == 24 and s.n_holdout == 6

@@ -33,9 +33,10 @@ from edge_runtime.core.preprocess import read_image, to_input_tensor  # noqa: E4
 from edge_runtime.core.scoring import HeatmapRefiner, block_map_score, heatmap_from_blocks  # noqa: E402
 from training_host.data.dataset import load_mask  # noqa: E402
 from training_host.evaluation.evaluate import scored_test_split  # noqa: E402
-from training_host.evaluation.metrics import evaluate_maps  # noqa: E402
+from training_host.evaluation.metrics import average_precision, evaluate_maps  # noqa: E402
 
 NEAR_PX = 7  # "next to a defect": within this many pixels of its mask
+BORDER_PX = 16  # "the border": within this many pixels of the frame's edge
 
 
 @dataclass
@@ -220,6 +221,25 @@ def where_top_pixels(ev: Evidence, blocks: np.ndarray, refiner: HeatmapRefiner |
     return rows
 
 
+def border_rows(ev: Evidence, px: int = BORDER_PX) -> list[dict]:
+    """Pixel AP of the bundle's served map and of its distance map alone (refined the same way), over all pixels,
+    over the frame's inside and over its ``px``-wide border apart: how much of the loss sits at the frame's edge,
+    where the backbone's convolutions see their zero padding."""
+    inside = np.zeros(ev.masks.shape[1:], bool)
+    inside[px:-px, px:-px] = True
+    border = np.broadcast_to(~inside, ev.masks.shape)
+    rows = []
+    for name, blocks in ((ev.profile_rule, ev.profile_blocks()), ("distance", ev.distance)):
+        maps = heatmaps(ev, blocks, ev.refiner)
+        rows.append({"bundle": ev.name, "map": name, "border_px": px,
+                     "defect_px_in_border": float(ev.masks[border].sum() / ev.masks.sum()),
+                     "area_in_border": float(border.mean()),
+                     "ap_all": average_precision(ev.masks.ravel(), maps.ravel()),
+                     "ap_inside": average_precision(ev.masks[~border], maps[~border]),
+                     "ap_border": average_precision(ev.masks[border], maps[border])})
+    return rows
+
+
 def markdown(rows: list[dict], keys: list[str]) -> str:
     def cell(v):
         return f"{v:.3f}" if isinstance(v, float) else str(v)
@@ -235,10 +255,17 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=Path("../shared/data/mtd"))
     parser.add_argument("--engine", default="cpu")
     parser.add_argument("--out", type=Path, help="write the tables as Markdown here too")
+    parser.add_argument("--border-only", action="store_true",
+                        help="only the table of pixel AP inside the frame and at its border (seconds per bundle)")
     args = parser.parse_args()
     if not args.data.is_dir():
         raise SystemExit(f"{args.data}: no dataset there")
     evidence = [gather(b, args.data, args.engine) for b in args.bundle]
+    border = [r for ev in evidence for r in border_rows(ev)]
+    border_section = (f"## Pixel AP inside the frame and in its {BORDER_PX}-px border (each bundle's refinement)\n\n"
+                      + markdown(border, list(border[0])))
+    if args.border_only:
+        return _report([border_section], args.out)
     sections = []
     all_rows = []
 
@@ -282,10 +309,14 @@ def main() -> int:
         top = where_top_pixels(first, first.profile_blocks(), refiner)
         sections.append(f"## Where {first.name}'s map, {label}, puts its highest pixels (as many as all defect "
                         f"pixels)\n\n" + markdown(top, list(top[0])))
+    return _report([*sections, border_section], args.out)
+
+
+def _report(sections: list[str], out: Path | None) -> int:
     text = "\n\n".join(sections) + "\n"
     print(text)
-    if args.out:
-        args.out.write_text(f"`{' '.join(sys.argv)}`\n\n" + text, encoding="utf-8")
+    if out:
+        out.write_text(f"`{' '.join(sys.argv)}`\n\n" + text, encoding="utf-8")
     return 0
 
 

@@ -33,11 +33,6 @@ class BackboneConfig(_Section):
         default="zeros", description="3x3 local average at the map border: 'zeros' counts the zero padding "
                                      "(as PatchCore does), so border patches do not dominate the distances; "
                                      "'excluded' averages only the pixels inside the map")
-    input_padding: int = Field(
-        default=0, ge=0, description="the frame mirrored outwards by this many pixels before the trunk, its "
-                                     "feature maps cut back to the frame's own grid: the border patches see "
-                                     "the part's own surface instead of the convolutions' zero padding (a "
-                                     "multiple of the deepest layer's stride; backbone work x ((H + 2p) / H)^2)")
 
     @field_validator("layers")
     @classmethod

@@ -24,8 +24,7 @@ class PatchFeatureExtractor(nn.Module):
 
     def __init__(self, trunk: nn.Module, input_hw: tuple[int, int], d_f: int, lambda_p: float,
                  mean: tuple[float, ...], std: tuple[float, ...], stride: int = 8,
-                 descriptor_grid: tuple[int, int] = (8, 8), pool_padding: str = "zeros",
-                 input_padding: int = 0) -> None:
+                 descriptor_grid: tuple[int, int] = (8, 8), pool_padding: str = "zeros") -> None:
         super().__init__()
         self.trunk = trunk.eval().requires_grad_(False)
         height, width = input_hw
@@ -42,11 +41,6 @@ class PatchFeatureExtractor(nn.Module):
         if pool_padding not in ("zeros", "excluded"):
             raise ValueError(f"pool_padding must be 'zeros' or 'excluded', got {pool_padding!r}")
         self.count_include_pad = pool_padding == "zeros"
-        deepest = max(trunk.out_strides)
-        if input_padding < 0 or input_padding % deepest or input_padding >= min(height, width):
-            raise ValueError(f"input_padding must be a multiple of the deepest layer's stride ({deepest}) below the "
-                             f"input size {input_hw}, got {input_padding}")
-        self.input_padding = input_padding
         first_stride = trunk.out_strides[0]
         gh, gw = descriptor_grid
         fh, fw = height // first_stride, width // first_stride
@@ -68,14 +62,10 @@ class PatchFeatureExtractor(nn.Module):
     def patch_features(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Aggregated features (B, d_f, h, w) without the position code, and the descriptor."""
         x = (image - self.mean) / self.std
-        pad = self.input_padding
-        if pad:
-            x = F.pad(x, (pad, pad, pad, pad), mode="reflect")
         stages = self.trunk(x)
         maps = []
-        for feat, stride in zip(stages, self.trunk.out_strides, strict=True):
+        for feat in stages:
             feat = F.avg_pool2d(feat, kernel_size=3, stride=1, padding=1, count_include_pad=self.count_include_pad)
-            feat = _cut(feat, pad // stride)
             if feat.shape[-2:] != self.grid:
                 feat = F.interpolate(feat, size=self.grid, mode="bilinear", align_corners=False)
             maps.append(feat)
@@ -84,7 +74,7 @@ class PatchFeatureExtractor(nn.Module):
             b, c, h, w = feats.shape
             pooled = F.adaptive_avg_pool1d(feats.reshape(b, c, h * w).transpose(1, 2), self.d_f)
             feats = pooled.transpose(1, 2).reshape(b, self.d_f, h, w)
-        desc = F.avg_pool2d(_cut(stages[0], pad // self.trunk.out_strides[0]), kernel_size=self.descriptor_kernel, stride=self.descriptor_kernel)
+        desc = F.avg_pool2d(stages[0], kernel_size=self.descriptor_kernel, stride=self.descriptor_kernel)
         descriptor = desc.flatten(2).transpose(1, 2)  # (B, cells, C)
         return feats, descriptor
 
@@ -92,11 +82,6 @@ class PatchFeatureExtractor(nn.Module):
         feats, descriptor = self.patch_features(image)
         pcf = feats.flatten(2).transpose(1, 2) + self.lambda_p * self.position
         return pcf, descriptor
-
-
-def _cut(feat: torch.Tensor, cells: int) -> torch.Tensor:
-    """A feature map without its outer ``cells`` rows and columns: the mirrored margin cut back off."""
-    return feat[..., cells:feat.shape[-2] - cells, cells:feat.shape[-1] - cells] if cells else feat
 
 
 def build_trunk(cfg: BackboneConfig) -> nn.Module:
@@ -120,8 +105,7 @@ def build_extractor(cfg: BackboneConfig, input_hw: tuple[int, int], lambda_p: fl
     trunk = build_trunk(cfg)
     mean, std = (trunk.mean, trunk.std) if hasattr(trunk, "mean") else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     return PatchFeatureExtractor(trunk, input_hw, cfg.d_f, lambda_p, mean, std,
-                                 descriptor_grid=tuple(cfg.descriptor_grid), pool_padding=cfg.pool_padding,
-                                 input_padding=cfg.input_padding)
+                                 descriptor_grid=tuple(cfg.descriptor_grid), pool_padding=cfg.pool_padding)
 
 
 @torch.inference_mode()

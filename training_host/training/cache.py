@@ -58,21 +58,12 @@ def images_digest(paths: list[Path]) -> str:
     return h.hexdigest()[:24]
 
 
-def _backbone_settings(cfg: ProductConfig) -> dict:
-    """The backbone section as keys hold it: a setting added later is left out at its off value, so the keys of
-    the fits before it are the ones they always were."""
-    raw = cfg.backbone.model_dump(mode="json")
-    if not raw["input_padding"]:
-        del raw["input_padding"]
-    return raw
-
-
 def features_key(cfg: ProductConfig, paths: list[Path], shift: tuple[int, int] = (0, 0)) -> str:
     """``shift``: the images moved that many pixels down and right (scoring.frame_shift); the unmoved images'
     key is the one it always was."""
     b = cfg.backbone
     weights = sha256_of(Path(b.weights)) if b.weights else None
-    raw = {"format": FORMAT, "kind": "features", "backbone": _backbone_settings(cfg),
+    raw = {"format": FORMAT, "kind": "features", "backbone": b.model_dump(mode="json"),
            "weights_sha256": weights, "input_size": list(cfg.input_size),
            "lambda_p": cfg.posfar.lambda_p, "images": images_digest(paths), "n": len(paths)}
     if shift != (0, 0):
@@ -82,7 +73,6 @@ def features_key(cfg: ProductConfig, paths: list[Path], shift: tuple[int, int] =
 
 def residuals_key(cfg: ProductConfig, bank_features_key: str) -> str:
     raw = cfg.model_dump(mode="json")
-    raw["backbone"] = _backbone_settings(cfg)
     raw["swin"] = {k: v for k, v in raw["swin"].items() if k not in SWIN_TRAINING_ONLY}
     for unrelated in ("product", "profile", "latency_budget_ms", "weak", "scoring"):
         raw.pop(unrelated, None)
