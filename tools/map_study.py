@@ -5,7 +5,8 @@ distances, the distances standardised against the K references) are cheap to com
 each refit costs minutes. This runs every test image once per bundle, keeps its block evidence, and scores
 each rule with the project's own evaluator (heatmaps as the runtime makes them, ``evaluate_maps``). It also
 says where the profile's map puts its highest pixels (inside the masks, next to them, elsewhere) and how
-the defect pixels are shared between defect types, since pixel AP weighs every defect pixel alike.
+the defect pixels are shared between defect types, since pixel AP weighs every defect pixel alike, and how
+pixel AP inside the frame compares with that in its border band.
 
     .venv/bin/python tools/map_study.py --data ../shared/data/mtd --out docs/sweeps/map_study.md \\
         --bundle runs/verdict/grey_textures/bundle --bundle runs/verdict/grey_textures_seed1/bundle \\
@@ -223,8 +224,8 @@ def where_top_pixels(ev: Evidence, blocks: np.ndarray, refiner: HeatmapRefiner |
 
 def border_rows(ev: Evidence, px: int = BORDER_PX) -> list[dict]:
     """Pixel AP of the bundle's served map and of its distance map alone (refined the same way), over all pixels,
-    over the frame's inside and over its ``px``-wide border apart: how much of the loss sits at the frame's edge,
-    where the backbone's convolutions see their zero padding."""
+    over the frame's inside and over its ``px``-wide border apart: how much of the loss sits at the frame's edge
+    (``--border-only`` prints this table alone)."""
     inside = np.zeros(ev.masks.shape[1:], bool)
     inside[px:-px, px:-px] = True
     border = np.broadcast_to(~inside, ev.masks.shape)
