@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="demo_out", help="working folder")
     parser.add_argument("--product", choices=["texture", "object"], default="texture")
     parser.add_argument("--config", default=str(ROOT / "configs" / "products" / "fast.yaml"))
-    parser.add_argument("--swin-steps", type=int, default=500, help="Swin training steps (the profile has 1500)")
+    parser.add_argument("--swin-steps", type=int, default=500, help="Swin training steps (the fast profile has 3000)")
     parser.add_argument("--service-seconds", type=float, default=15.0, help="how long the edge service runs")
     parser.add_argument("--broker", choices=["auto", "mosquitto", "amqtt"], default="auto")
     args = parser.parse_args(argv)
