@@ -403,7 +403,7 @@ def test_commands_valid_malformed_and_failing(broker, subscriber, queue, publish
 
     replies = subscriber(REPLY)
     pub = publishers(config(broker), queue, on_command=handler)
-    assert wait_until(lambda: pub.connected)
+    assert wait_until(lambda: pub.commands_ready)  # the broker holds the subscription: a command now arrives
     sender = replies.client
 
     def ask(payload: bytes | str, n: int) -> dict:
@@ -436,13 +436,30 @@ def test_commands_valid_malformed_and_failing(broker, subscriber, queue, publish
     assert results.wait_count(RESULT, 1) and pub.flush(5)
 
 
+def test_commands_are_ready_only_while_the_broker_holds_the_subscription(broker, subscriber, queue, publishers):
+    """``connected`` comes at CONNACK, ``commands_ready`` at the command subscription's SUBACK; it goes with the
+    connection and comes back with the next one, and a command sent once it is set is answered."""
+    replies = subscriber(REPLY)
+    pub = publishers(config(broker), queue, on_command=lambda c: {"detail": "done"})
+    assert wait_until(lambda: pub.commands_ready) and pub.connected and pub.stats()["commands_ready"] is True
+    broker.stop()
+    assert wait_until(lambda: not pub.connected)
+    assert not pub.commands_ready and pub.stats()["commands_ready"] is False
+    broker.start()
+    assert wait_until(lambda: pub.commands_ready, 30)
+    assert wait_until(lambda: replies.wait_subscribed(0.1), 30)  # the reply subscriber reconnects by itself
+    replies.client.publish(CMD, '{"command": "status", "id": "after"}', qos=1)
+    assert replies.wait_for(lambda ms: any(json.loads(m.payload)["id"] == "after" for m in ms if m.topic == REPLY),
+                            15)
+
+
 def test_invalid_utf8_and_bad_json_commands_are_refused_in_plain_words(broker, subscriber, queue, publishers):
     """Bytes that are not UTF-8 reach a running publisher through the broker: the reply names the byte, never a
     codec that ``json.loads`` guessed (``b"{\\x00..."`` used to be read as UTF-16-LE)."""
     calls = []
     replies = subscriber(REPLY)
     pub = publishers(config(broker), queue, on_command=lambda c: calls.append(c) or {"detail": "done"})
-    assert wait_until(lambda: pub.connected)
+    assert wait_until(lambda: pub.commands_ready)
 
     def ask(payload: bytes, n: int) -> dict:
         replies.client.publish(CMD, payload, qos=1)

@@ -230,7 +230,7 @@ def test_a_client_allowed_results_but_not_commands_cannot_switch_products(secure
     operator = Client(secure_broker.port, pki, "operator").connect()
     operator.client.subscribe(f"{PREFIX}/cmd/reply", qos=1)
     try:
-        wait_until(lambda: pub.connected, 15, "the service to connect")
+        wait_until(lambda: pub.commands_ready, 15, "the service to subscribe to its commands")
         switch = json.dumps({"command": "switch_product", "product": "other", "id": "from-mes"})
         assert mes.publish(f"{PREFIX}/cmd", switch).value == 0x87  # the broker refuses it: never delivered
         # the operator may: the service runs it and replies (which also shows the refused one never came)
@@ -298,7 +298,7 @@ def test_service_with_require_auth_runs_only_signed_commands(broker, subscriber,
     pub.start()
     replies = subscriber(f"{PREFIX}/cmd/reply")
     try:
-        wait_until(lambda: pub.connected, 15, "the service to connect")
+        wait_until(lambda: pub.commands_ready, 15, "the service to subscribe to its commands")
         send = [json.dumps({"command": "switch_product", "product": "x", "id": "unsigned"}),
                 json.dumps(auth.sign({"command": "status", "id": "signed"})),
                 json.dumps(CommandAuth(b"not-the-line-secret!").sign({"command": "reload", "id": "forged"}))]

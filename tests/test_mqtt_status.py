@@ -91,8 +91,8 @@ def test_retained_command_arriving_live_is_refused(broker, subscriber, queue, pu
     calls = []
     replies = subscriber(REPLY)
     pub = publishers(config(broker, protocol="5"), queue, on_command=lambda c: calls.append(c) or {})
-    wait_until(lambda: pub.connected, 10, "the publisher to connect")
-    # a live, non-retained command first: it runs (and proves the subscription is in place)
+    wait_until(lambda: pub.commands_ready, 10, "the publisher to subscribe to its commands")
+    # a live, non-retained command first: it runs
     replies.client.publish(CMD, '{"command": "status", "id": "live"}', qos=1).wait_for_publish(5)
     replies.wait_count(REPLY, 1)
     replies.client.publish(CMD, '{"command": "reload", "id": "r1"}', qos=1, retain=True).wait_for_publish(5)

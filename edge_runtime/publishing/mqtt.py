@@ -557,6 +557,8 @@ class MqttPublisher(DurableMqttClient):
         self._held_status: deque[bytes] = deque(maxlen=MAX_HELD_STATUS)
         self._status_sent = time.monotonic()  # last online status handed to paho (for the refresh)
         self._commands: ThreadPoolExecutor | None = None
+        self._commands_ready = threading.Event()  # the broker acknowledged the command subscription
+        self._command_subscription: int | None = None  # the SUBSCRIBE's packet id, to match its SUBACK
         self.heatmaps = 0
         self.commands = 0
 
@@ -569,8 +571,17 @@ class MqttPublisher(DurableMqttClient):
     def __enter__(self) -> MqttPublisher:
         return self.start()
 
+    @property
+    def commands_ready(self) -> bool:
+        """True once the broker has acknowledged the command subscription of the current connection.
+
+        ``connected`` comes first (at CONNACK): a command published by another client between the two is not
+        delivered on a first connect (a persistent session keeps the subscription across reconnects)."""
+        return self._commands_ready.is_set()
+
     def stats(self) -> dict[str, Any]:
-        return {**super().stats(), "heatmaps": self.heatmaps, "commands": self.commands}
+        return {**super().stats(), "heatmaps": self.heatmaps, "commands": self.commands,
+                "commands_ready": self.commands_ready}
 
     # ------------------------------------------------------------------ publishing API
 
@@ -637,14 +648,32 @@ class MqttPublisher(DurableMqttClient):
 
     def _configure(self, client: mqtt.Client) -> None:
         client.will_set(self.topics.status, WILL_PAYLOAD, qos=1, retain=True)
+        client.on_subscribe = self._on_subscribe
 
     def _subscribe(self, client: mqtt.Client) -> None:
+        self._commands_ready.clear()
         if client.protocol == mqtt.MQTTv5:
             # retain-as-published: a command published with the retain flag keeps it when it arrives live,
             # so it is refused like one delivered from the broker's store at subscribe time
-            client.subscribe(self.topics.cmd, options=SubscribeOptions(qos=1, retainAsPublished=True))
+            _, mid = client.subscribe(self.topics.cmd, options=SubscribeOptions(qos=1, retainAsPublished=True))
         else:
-            client.subscribe(self.topics.cmd, qos=1)
+            _, mid = client.subscribe(self.topics.cmd, qos=1)
+        self._command_subscription = mid
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: list[mqtt.ReasonCode],
+                      properties: Properties | None) -> None:
+        if client is not self._client or mid != self._command_subscription:
+            return
+        refused = [str(code) for code in reason_codes if code.is_failure]
+        if refused:
+            log.error("MQTT: the broker refused the subscription to %s (%s): commands will not arrive; check the "
+                      "broker's ACL for this client", self.topics.cmd, ", ".join(refused))
+        else:
+            self._commands_ready.set()
+
+    def _connection_changed(self, connected: bool) -> None:
+        if not connected:
+            self._commands_ready.clear()
 
     def _session_started(self, client: mqtt.Client, flags: mqtt.ConnectFlags) -> None:
         if self._held_status:

@@ -44,6 +44,7 @@ class Subscriber:
         self.client.reconnect_delay_set(0.1, 0.5)  # type: ignore[arg-type]
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = lambda *a: self._subscribed.set()
+        self.client.on_disconnect = lambda *a: self._subscribed.clear()
         self.client.on_message = self._on_message
         if v5:
             props = Properties(PacketTypes.CONNECT)
@@ -61,6 +62,10 @@ class Subscriber:
         self.connects += 1
         self.sessions_present.append(bool(flags.session_present))
         client.subscribe([(t, 1) for t in self.topics])
+
+    def wait_subscribed(self, timeout: float = 10.0) -> bool:
+        """Wait until the current connection's subscription is acknowledged (cleared at every disconnect)."""
+        return self._subscribed.wait(timeout) and self.client.is_connected()
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
         props = getattr(msg, "properties", None)
