@@ -189,6 +189,7 @@ def test_camera_loss_reconnects_and_commands_are_answered(tmp_path, store, broke
         assert ok, why
 
         _wait(lambda: service.publisher.commands_ready, 30, "the command subscription")
+        assert service.health_report()["mqtt_commands_ready"] is True
         bad = command(b"{not json")
         assert bad["ok"] is False and "json" in bad["error"].lower()
         bad = command(json.dumps({"command": "reboot", "id": "x1"}))

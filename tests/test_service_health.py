@@ -481,10 +481,11 @@ def test_service_health_reads_the_oldest_queued_result_and_the_sinks(tmp_path, m
         svc = Fake()
         svc.cfg, svc.queue, svc.metrics = cfg, q, metrics
         svc._started_mono = time.monotonic()
-        svc.publisher = SimpleNamespace(connected=True)
+        svc.publisher = SimpleNamespace(connected=True, commands_ready=True)
         svc.camera_state, svc.camera_detail = "streaming", ""
         svc.sinks = [_Sink("opcua", {"state": "ok", "clients": 1})]
-        assert svc._health_state() == ("ok", [], {"mqtt_connected": True, "queue_depth": 0,
+        assert svc._health_state() == ("ok", [], {"mqtt_connected": True, "mqtt_commands_ready": True,
+                                                  "queue_depth": 0,
                                                   "queue_oldest_age_s": None, "queue_held": 0,
                                                   "queue_disk_error": None,
                                                   "sinks": {"opcua": {"state": "ok", "clients": 1}}})

@@ -474,7 +474,10 @@ class EdgeService:
                                 queue_held=held, queue_dir=str(self.cfg.queue.dir), camera=self.cfg.camera.name,
                                 camera_state=self.camera_state, camera_detail=self.camera_detail, sinks=sinks)
         self.metrics.health_state(state)
-        return state, reasons, {"mqtt_connected": connected, "queue_depth": depth, "queue_oldest_age_s": age,
+        return state, reasons, {"mqtt_connected": connected,
+                                # false while connected: the broker has not (or has refused to) let commands in
+                                "mqtt_commands_ready": bool(self.publisher.commands_ready), "queue_depth": depth,
+                                "queue_oldest_age_s": age,
                                 "queue_held": held, "queue_disk_error": disk_error, "sinks": sinks}
 
     def health_report(self) -> dict:
