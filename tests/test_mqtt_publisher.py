@@ -453,6 +453,24 @@ def test_commands_are_ready_only_while_the_broker_holds_the_subscription(broker,
                             15)
 
 
+def test_a_refused_command_subscription_is_logged_and_leaves_commands_not_ready(broker, queue, publishers, caplog):
+    """Brokers that check their ACL at subscribe time answer the SUBSCRIBE with a failure code (Mosquitto grants it
+    and filters at delivery, so the refusal is handed to the running publisher's callback as such a broker sends it)."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    pub = publishers(config(broker), queue, on_command=lambda c: {})
+    assert wait_until(lambda: pub.commands_ready)
+    with caplog.at_level("ERROR", logger="edge_runtime.publishing.mqtt"):
+        pub._on_subscribe(pub._client, None, pub._command_subscription,
+                          [ReasonCode(PacketTypes.SUBACK, identifier=0x87)], None)
+    assert not pub.commands_ready and pub.connected
+    assert f"refused the subscription to {CMD} (Not authorized)" in caplog.text
+    pub._on_subscribe(pub._client, None, pub._command_subscription + 1, [ReasonCode(PacketTypes.SUBACK, identifier=1)],
+                      None)
+    assert not pub.commands_ready  # another packet's SUBACK says nothing about the command subscription
+
+
 def test_invalid_utf8_and_bad_json_commands_are_refused_in_plain_words(broker, subscriber, queue, publishers):
     """Bytes that are not UTF-8 reach a running publisher through the broker: the reply names the byte, never a
     codec that ``json.loads`` guessed (``b"{\\x00..."`` used to be read as UTF-16-LE)."""

@@ -666,6 +666,7 @@ class MqttPublisher(DurableMqttClient):
             return
         refused = [str(code) for code in reason_codes if code.is_failure]
         if refused:
+            self._commands_ready.clear()
             log.error("MQTT: the broker refused the subscription to %s (%s): commands will not arrive; check the "
                       "broker's ACL for this client", self.topics.cmd, ", ".join(refused))
         else:
