@@ -651,7 +651,6 @@ class MqttPublisher(DurableMqttClient):
         client.on_subscribe = self._on_subscribe
 
     def _subscribe(self, client: mqtt.Client) -> None:
-        self._commands_ready.clear()
         if client.protocol == mqtt.MQTTv5:
             # retain-as-published: a command published with the retain flag keeps it when it arrives live,
             # so it is refused like one delivered from the broker's store at subscribe time
