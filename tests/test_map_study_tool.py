@@ -88,3 +88,18 @@ def test_the_border_table_splits_the_pixels_at_the_frames_edge():
     assert abs(rows[0]["ap_all"] - whole) < 1e-9
     inside = module.average_precision(ev.masks[:, ~band].ravel(), maps[:, ~band].ravel())
     assert abs(rows[0]["ap_inside"] - inside) < 1e-9
+
+
+def test_the_share_table_scores_the_served_map_at_each_swin_share():
+    """share_rows: at the bundle's own share the row is the served map's own metrics; at share 0 it is the distance
+    alone, refined the same way; one row per share, in the order given."""
+    module = _map_study()
+    ev = _evidence(module)
+    ev.swin = np.flip(ev.distance, axis=2).copy()  # a Swin that disagrees, so the share changes the map
+    rows = module.share_rows(ev, [0.0, 0.3, 1.0])
+    assert [r["swin_share"] for r in rows] == [0.0, 0.3, 1.0] and {r["bundle"] for r in rows} == {"tiny"}
+    served = module.score(ev, ev.profile_blocks(), ev.refiner)
+    assert abs(rows[1]["pixel_ap"] - served["pixel_ap"]) < 1e-9 and abs(rows[1]["pro"] - served["pro"]) < 1e-9
+    distance = module.score(ev, ev.distance, ev.refiner)
+    assert abs(rows[0]["pixel_ap"] - distance["pixel_ap"]) < 1e-9
+    assert rows[2]["pixel_ap"] != rows[0]["pixel_ap"]

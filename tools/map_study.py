@@ -12,7 +12,9 @@ pixel AP inside the frame compares with that in its border band.
         --bundle runs/verdict/grey_textures/bundle --bundle runs/verdict/grey_textures_seed1/bundle \\
         --bundle runs/verdict/grey_textures_seed2/bundle
 
-With several bundles (the same profile fitted at other seeds) it also scores their Swins averaged.
+With several bundles (the same profile fitted at other seeds) it also scores their Swins averaged. With
+``--shares W ...`` it prints only the served map at each Swin share of the fusion, e.g. for bundles fine-tuned on
+labels beside the unsupervised one scored on the same images (``--split-of``, once per ``--bundle``).
 """
 
 from __future__ import annotations
@@ -66,14 +68,15 @@ class Evidence:
         return self.swin_weight * self.swin + (1.0 - self.swin_weight) * self.distance
 
 
-def gather(bundle_path: Path, data_root: Path, engine: str) -> Evidence:
-    """Each test image once through the bundle; the bundle's own training defects are left out, as eval does."""
+def gather(bundle_path: Path, data_root: Path, engine: str, split_of: Path | None = None) -> Evidence:
+    """Each test image once through the bundle; the bundle's own training defects are left out, as eval does
+    (those of ``split_of`` instead where given: an unsupervised bundle scored on a labelled one's images)."""
     bundle = load_bundle(bundle_path)
     inspector = Inspector(bundle, engine=engine, refine=False)
     scorer, fusion = inspector.scorer, inspector.fusion
     if fusion is None or scorer.standardiser is None:
         raise SystemExit(f"{bundle_path}: needs a bundle with a Swin, fusion scales and reference distances")
-    samples = scored_test_split(bundle, data_root)[0].test
+    samples = scored_test_split(load_bundle(split_of) if split_of else bundle, data_root)[0].test
     hw = inspector.input_hw
     dist, swin, verdict, masks, guides, zs = [], [], [], [], [], []
     for sample in samples:
@@ -91,7 +94,8 @@ def gather(bundle_path: Path, data_root: Path, engine: str) -> Evidence:
     labels = np.array([s.is_defective for s in samples])
     z = np.stack(zs)
     z /= max(float(np.quantile(z[~labels], 0.999)), 1e-6)
-    return Evidence(name=bundle_path.parent.name if bundle_path.name == "bundle" else bundle_path.name,
+    name = bundle_path.parent.name if bundle_path.name == "bundle" else bundle_path.name
+    return Evidence(name=f"{name} on {split_of.name}'s images" if split_of else name,
                     distance=np.stack(dist), swin=np.stack(swin), verdict=np.array(verdict), standardised=z,
                     masks=np.stack(masks), labels=labels,
                     types=[s.defect_type for s in samples], blur_sigma=scorer.blur_sigma, guides=np.stack(guides),
@@ -241,6 +245,17 @@ def border_rows(ev: Evidence, px: int = BORDER_PX) -> list[dict]:
     return rows
 
 
+def share_rows(ev: Evidence, shares: list[float]) -> list[dict]:
+    """The bundle's served map (its own refinement) with the Swin's share of the fusion at each of ``shares``:
+    what a larger share buys in AP and costs in PRO, e.g. once the Swin was fine-tuned on labelled defects."""
+    rows = []
+    for w in shares:
+        r = score(ev, w * ev.swin + (1.0 - w) * ev.distance, ev.refiner)
+        rows.append({"bundle": ev.name, "swin_share": w, "pixel_ap": r["pixel_ap"], "pro": r["pro"],
+                     "pixel_auroc": r["pixel_auroc"]})
+    return rows
+
+
 def markdown(rows: list[dict], keys: list[str]) -> str:
     def cell(v):
         return f"{v:.3f}" if isinstance(v, float) else str(v)
@@ -258,10 +273,22 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="write the tables as Markdown here too")
     parser.add_argument("--border-only", action="store_true",
                         help="only the table of pixel AP inside the frame and at its border (seconds per bundle)")
+    parser.add_argument("--shares", type=float, nargs="+", metavar="W",
+                        help="only the table of the served map with the Swin's share of the fusion at each W")
+    parser.add_argument("--split-of", type=Path, action="append",
+                        help="score the bundle of the same position on this bundle's test images (its training "
+                             "defects left out); repeat once per --bundle")
     args = parser.parse_args()
     if not args.data.is_dir():
         raise SystemExit(f"{args.data}: no dataset there")
-    evidence = [gather(b, args.data, args.engine) for b in args.bundle]
+    if args.split_of and len(args.split_of) != len(args.bundle):
+        raise SystemExit("--split-of: give one per --bundle, in the same order")
+    splits = args.split_of or [None] * len(args.bundle)
+    evidence = [gather(b, args.data, args.engine, s) for b, s in zip(args.bundle, splits, strict=True)]
+    if args.shares:
+        rows = [r for ev in evidence for r in share_rows(ev, args.shares)]
+        return _report(["## The served map with the Swin's share of the fusion at each value\n\n"
+                        + markdown(rows, list(rows[0]))], args.out)
     border = [r for ev in evidence for r in border_rows(ev)]
     border_section = (f"## Pixel AP inside the frame and in its {BORDER_PX}-px border (each bundle's refinement)\n\n"
                       + markdown(border, list(border[0])))
