@@ -279,6 +279,30 @@ def test_a_weighted_fusion_is_stored_used_and_kept_by_calibration(fitted, demo_d
     assert Inspector(cal, anomaly_map="fused").fusion.swin_weight == 0.3
 
 
+def test_eval_can_score_another_swin_share_and_then_reports_no_threshold(fitted, demo_data, tmp_path):
+    """swin_share (``weakrest-train eval --swin-share``): the fused map with the Swin's share replaced, for
+    studies; the bundle's threshold belongs to its own map, so none is reported then."""
+    from training_host.evaluation.evaluate import evaluate_bundle
+
+    bundle = load_bundle(fitted[0])
+    f = bundle.manifest.scoring.fusion
+    inspector = Inspector(bundle, anomaly_map="fused", fusion_rule="mean", swin_share=0.8)
+    image = read_image(list_images(demo_data / "test" / "scratch")[0])
+    pcf, desc = inspector.features(image)
+    distance, probability = inspector.scorer.block_evidence(pcf, desc)
+    expected = 0.8 * probability / f.swin_scale + 0.2 * distance / f.distance_scale
+    assert np.allclose(inspector.scorer.score(pcf, desc).block_map.ravel(), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="swin_weight"):
+        Inspector(bundle, anomaly_map="fused", swin_share=1.0)
+    path = tmp_path / "fused"  # a bundle that serves its fused map, so that its threshold is its own map's
+    shutil.copytree(fitted[0], path)
+    _rewrite_manifest(path, lambda m: m["scoring"].update(anomaly_map="fused"))
+    own = evaluate_bundle(path, demo_data, tmp_path / "own", overlays=0, progress=False)
+    other = evaluate_bundle(path, demo_data, tmp_path / "other", overlays=0, progress=False, swin_share=0.8)
+    assert own["fusion_swin_share"] == f.weight and own["threshold"] is not None
+    assert other["fusion_swin_share"] == 0.8 and other["threshold"] is None and other["at_threshold"] is None
+
+
 def test_fused_manifest_without_scales_is_refused(fitted, tmp_path):
     path = tmp_path / "b"
     shutil.copytree(fitted[0], path)

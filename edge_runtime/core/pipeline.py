@@ -428,7 +428,8 @@ class Inspector:
     ``reference_standardised``: the distance map's standardised per position), is for evaluation: the bundle's
     thresholds belong to its own scores and must then be read as unset.  ``refine=False`` leaves out the
     bundle's heatmap refinement (``scoring.refine``), to measure what it does; ``frame_shift`` overrides the
-    bundle's shifted frames (``scoring.frame_shift``; 0: off), likewise (the thresholds then belong to other scores).
+    bundle's shifted frames (``scoring.frame_shift``; 0: off), likewise (the thresholds then belong to other scores);
+    ``swin_share`` the Swin's share of a fused map (``scoring.fusion_swin_weight``), likewise.
 
     ``engine`` is the engine switch (``engines.ENGINE_NAMES``; ``auto`` picks by ``engines.AUTO_ORDER``); the
     choice is in ``engines`` (None when the caller hands in its own ``backbone``).
@@ -440,7 +441,7 @@ class Inspector:
                  image_score: ImageScore | None = None,
                  logical_verdict: Literal["fused", "structural", "logical"] = "fused", engine: str = "cpu",
                  device: str = "CPU", engines: EngineSet | None = None, refine: bool = True,
-                 frame_shift: int | None = None) -> None:
+                 frame_shift: int | None = None, swin_share: float | None = None) -> None:
         self.bundle = bundle
         m = bundle.manifest
         self.input_hw = tuple(m.preprocessing.input_size)
@@ -465,7 +466,7 @@ class Inspector:
             if f is None:
                 raise ValueError(f"bundle {bundle.root} has no fusion scales (fitted before fused maps existed)")
             fusion = MapFusion(rule=fusion_rule or f.rule, distance_scale=f.distance_scale, swin_scale=f.swin_scale,
-                               swin_weight=f.weight)
+                               swin_weight=f.weight if swin_share is None else swin_share)
         self.fusion = fusion
         self.swin = None
         if self.anomaly_map in ("swin", "fused"):

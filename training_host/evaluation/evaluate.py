@@ -90,7 +90,7 @@ def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int
                     anomaly_map: str | None = None, use_foreground: bool = True, logical_verdict: str = "fused",
                     also_exclude: set[str] | frozenset[str] = frozenset(), fusion_rule: str | None = None,
                     image_score: str | None = None, engine: str = "cpu", refine: bool = True,
-                    frame_shift: int | None = None) -> dict:
+                    frame_shift: int | None = None, swin_share: float | None = None) -> dict:
     """Run every test image through the bundle; return and write the metrics.
 
     Defective images the bundle was trained on (listed with their sha256 in its manifest) are left out,
@@ -101,7 +101,8 @@ def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int
     inspector = Inspector(bundle, anomaly_map=anomaly_map, use_foreground=use_foreground,
                           logical_verdict=logical_verdict,
                           fusion_rule=fusion_rule,
-                          image_score=image_score, engine=engine, refine=refine, frame_shift=frame_shift)
+                          image_score=image_score, engine=engine, refine=refine, frame_shift=frame_shift,
+                          swin_share=swin_share)
     m = bundle.manifest
     dataset, excluded = scored_test_split(bundle, data_root, also_exclude)
     if not dataset.test:
@@ -136,7 +137,8 @@ def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int
     labels_a, scores_a = np.array(labels), np.array(scores)
     metrics = evaluate_maps(labels_a, scores_a, masks_a, maps_a, types)
     # the bundle's threshold belongs to its own anomaly map; with another map there is no verdict to report
-    own_rule = inspector.fusion is None or m.scoring.fusion is None or inspector.fusion.rule == m.scoring.fusion.rule
+    own_rule = inspector.fusion is None or m.scoring.fusion is None or (
+        inspector.fusion.rule == m.scoring.fusion.rule and inspector.fusion.swin_weight == m.scoring.fusion.weight)
     own_map = (inspector.anomaly_map == m.scoring.anomaly_map and (use_foreground or m.foreground is None)
                and (logical_verdict == "fused" or m.logical is None)
                and own_rule and inspector.image_score == m.scoring.image_score
@@ -168,6 +170,7 @@ def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int
         "bundle_version": m.bundle_version,
         "anomaly_map": inspector.anomaly_map,
         "fusion_rule": inspector.fusion.rule if inspector.fusion is not None else None,
+        "fusion_swin_share": inspector.fusion.swin_weight if inspector.fusion is not None else None,
         "image_score": inspector.image_score,
         "heatmap_refined": inspector.refiner is not None,
         "frame_shift": inspector.frame_shift,
@@ -190,7 +193,8 @@ def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int
                                       + (f"residual Swin (depth {m.swin.depth})" if m.swin else "distance only")
                                       + (f", trained {m.training.mode}" if m.training else "")),
              ("map evaluated", f"{inspector.anomaly_map}, image score from {inspector.image_score}"
-                               + (f", fusion {metrics['fusion_rule']}" if metrics["fusion_rule"] else "")
+                               + (f", fusion {metrics['fusion_rule']} (the Swin's share "
+                                  f"{metrics['fusion_swin_share']:g})" if metrics["fusion_rule"] else "")
                                + (", heatmap refined by the frame" if inspector.refiner is not None else "")
                                + (f", heatmap and score averaged over the frame shifted by "
                                   f"{metrics['frame_shift']} px" if metrics["frame_shift"] else "")),
