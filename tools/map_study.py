@@ -64,8 +64,12 @@ class Evidence:
         """The bundle's own fusion, named as the weighted rules are."""
         return f"{self.swin_weight:g} swin + {1.0 - self.swin_weight:g} distance"
 
+    def blocks_at(self, share: float) -> np.ndarray:
+        """The fused block map with the Swin's share ``share`` (the bundle's rule: a weighted mean)."""
+        return share * self.swin + (1.0 - share) * self.distance
+
     def profile_blocks(self) -> np.ndarray:
-        return self.swin_weight * self.swin + (1.0 - self.swin_weight) * self.distance
+        return self.blocks_at(self.swin_weight)
 
 
 def gather(bundle_path: Path, data_root: Path, engine: str, split_of: Path | None = None) -> Evidence:
@@ -250,7 +254,7 @@ def share_rows(ev: Evidence, shares: list[float]) -> list[dict]:
     what a larger share buys in AP and costs in PRO, e.g. once the Swin was fine-tuned on labelled defects."""
     rows = []
     for w in shares:
-        r = score(ev, w * ev.swin + (1.0 - w) * ev.distance, ev.refiner)
+        r = score(ev, ev.blocks_at(w), ev.refiner)
         rows.append({"bundle": ev.name, "swin_share": w, "pixel_ap": r["pixel_ap"], "pro": r["pro"],
                      "pixel_auroc": r["pixel_auroc"]})
     return rows
