@@ -103,3 +103,21 @@ def test_the_share_table_scores_the_served_map_at_each_swin_share():
     distance = module.score(ev, ev.distance, ev.refiner)
     assert abs(rows[0]["pixel_ap"] - distance["pixel_ap"]) < 1e-9
     assert rows[2]["pixel_ap"] != rows[0]["pixel_ap"]
+
+
+def test_the_share_table_also_scores_the_swin_excess_as_the_runtime_fuses_it():
+    """share_rows with excesses: one row per share and excess; each row's block map is the runtime's MapFusion
+    (mean rule, the Swin's excess over 1.0 added) on the same scaled evidence, and excess 0 is the plain share."""
+    from edge_runtime.core.pipeline import MapFusion
+
+    module = _map_study()
+    ev = _evidence(module)
+    ev.swin = 1.6 * np.flip(ev.distance, axis=2)  # above 1.0 where the flipped defects lie, below elsewhere
+    rows = module.share_rows(ev, [0.3], [0.0, 0.8])
+    assert [(r["swin_share"], r["swin_excess"]) for r in rows] == [(0.3, 0.0), (0.3, 0.8)]
+    fused = MapFusion("mean", 1.0, 1.0, swin_weight=0.3, swin_excess=0.8)(ev.swin, ev.distance)
+    assert np.allclose(ev.blocks_at(0.3, 0.8), fused, atol=1e-6)
+    assert abs(rows[1]["pixel_ap"] - module.score(ev, fused, ev.refiner)["pixel_ap"]) < 1e-6
+    plain = module.share_rows(ev, [0.3])[0]  # the bundle's own excess: none in this evidence
+    assert plain["swin_excess"] == 0.0 and abs(plain["pixel_ap"] - rows[0]["pixel_ap"]) < 1e-9
+    assert rows[1]["pixel_ap"] != rows[0]["pixel_ap"]

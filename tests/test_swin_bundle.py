@@ -303,6 +303,59 @@ def test_eval_can_score_another_swin_share_and_then_reports_no_threshold(fitted,
     assert other["fusion_swin_share"] == 0.8 and other["threshold"] is None and other["at_threshold"] is None
 
 
+def test_the_swin_excess_over_its_normal_extreme_counts_more_and_is_kept(fitted, demo_data, tmp_path):
+    """scoring.fusion.swin_excess (schema 7): the fused map plus that weight times the scaled Swin's excess over 1.0
+    (its held-out good blocks' extreme), nothing added below; used by the inspector, kept by field calibration, and
+    replaceable in eval (``--swin-excess``), which then reports no threshold."""
+    from calibration.fit import calibrate
+    from edge_runtime.core.pipeline import MapFusion
+    from training_host.evaluation.evaluate import evaluate_bundle
+
+    p, d = np.array([0.2, 0.9, 1.0, 1.5, 2.0], np.float32), np.array([0.5, 0.1, 0.4, 0.3, 0.0], np.float32)
+    plain = MapFusion("mean", 1.0, 1.0, swin_weight=0.3)
+    assert np.allclose(MapFusion("mean", 1.0, 1.0, swin_weight=0.3, swin_excess=0.8)(p, d),
+                       0.3 * p + 0.7 * d + 0.8 * np.array([0, 0, 0, 0.5, 1.0]))
+    assert np.array_equal(MapFusion("mean", 1.0, 1.0, swin_weight=0.3, swin_excess=0.0)(p, d), plain(p, d))
+    assert np.allclose(MapFusion("max", 1.0, 1.0, swin_excess=2.0)(p, d), np.maximum(p, d) + 2 * np.maximum(p - 1, 0))
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="swin_excess"):
+            MapFusion("mean", 1.0, 1.0, swin_excess=bad)
+    image = read_image(list_images(demo_data / "test" / "scratch")[0])
+    swin = Inspector(load_bundle(fitted[0]), anomaly_map="swin")
+    median = float(np.median(swin.scorer.block_evidence(*swin.features(image))[1]))
+
+    def served_with_excess(m: dict) -> None:  # a schema-6 bundle serving its fused map, the excess added, its
+        m.update(schema_version=6)            # Swin scale at this image's median block (the demo's Swin is weak)
+        m["scoring"].update(anomaly_map="fused")
+        m["scoring"]["fusion"].update(rule="mean", swin_weight=0.3, swin_excess=0.8, swin_scale=median)
+
+    path = tmp_path / "b"
+    bundle = _with_later_section(fitted[0], path, served_with_excess, "scoring.fusion.swin_excess", 7)
+    f = bundle.manifest.scoring.fusion
+    assert f.excess == 0.8 and load_bundle(fitted[0]).manifest.scoring.fusion.excess == 0.0  # absent: nothing added
+    inspector = Inspector(bundle)
+    assert inspector.fusion.swin_excess == 0.8
+    pcf, desc = inspector.features(image)
+    distance, probability = inspector.scorer.block_evidence(pcf, desc)
+    scaled = probability / f.swin_scale
+    assert (scaled > 1.0).any() and (scaled < 1.0).any()
+    expected = 0.3 * scaled + 0.7 * distance / f.distance_scale + 0.8 * np.maximum(scaled - 1.0, 0.0)
+    assert np.allclose(inspector.scorer.score(pcf, desc).block_map.ravel(), expected, atol=1e-5)
+    own = evaluate_bundle(path, demo_data, tmp_path / "own", overlays=0, progress=False)
+    other = evaluate_bundle(path, demo_data, tmp_path / "other", overlays=0, progress=False, swin_excess=0.0)
+    assert own["fusion_swin_excess"] == 0.8 and own["threshold"] is not None
+    assert other["fusion_swin_excess"] == 0.0 and other["threshold"] is None and other["pixel_ap"] != own["pixel_ap"]
+    with pytest.raises(ValueError, match="swin_excess"):
+        Inspector(bundle, swin_excess=-1.0)
+    calibrate(path, demo_data / "train" / "good", tmp_path / "cal", holdout=0.25, quiet=True)
+    cal = load_bundle(tmp_path / "cal")
+    assert cal.manifest.scoring.fusion.swin_excess == 0.8 and cal.manifest.schema_version == 7
+    assert Inspector(cal).fusion.swin_excess == 0.8
+    _rewrite_manifest(path, lambda m: m["scoring"]["fusion"].update(swin_excess=0))
+    with pytest.raises(BundleError, match="swin_excess"):
+        load_bundle(path)
+
+
 def test_fused_manifest_without_scales_is_refused(fitted, tmp_path):
     path = tmp_path / "b"
     shutil.copytree(fitted[0], path)

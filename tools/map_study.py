@@ -14,7 +14,8 @@ pixel AP inside the frame compares with that in its border band.
 
 With several bundles (the same profile fitted at other seeds) it also scores their Swins averaged. With
 ``--shares W ...`` it prints only the served map at each Swin share of the fusion, e.g. for bundles fine-tuned on
-labels beside the unsupervised one scored on the same images (``--split-of``, once per ``--bundle``).
+labels beside the unsupervised one scored on the same images (``--split-of``, once per ``--bundle``), and with
+``--excess A ...`` at each weight of the Swin's excess over 1.0 too (``scoring.fusion_swin_excess``).
 """
 
 from __future__ import annotations
@@ -57,16 +58,22 @@ class Evidence:
     blur_sigma: float
     guides: np.ndarray  # (n, H, W) the frames' grey inputs, for the heatmap refinement
     swin_weight: float = DEFAULT_SWIN_WEIGHT  # the Swin's share of the bundle's fused map (scoring.fusion)
+    swin_excess: float = 0.0  # the weight of the Swin's excess over 1.0 in that map (scoring.fusion.swin_excess)
     refiner: HeatmapRefiner = HeatmapRefiner()  # the bundle's own heatmap refinement (scoring.refine)
 
     @property
     def profile_rule(self) -> str:
         """The bundle's own fusion, named as the weighted rules are."""
-        return f"{self.swin_weight:g} swin + {1.0 - self.swin_weight:g} distance"
+        excess = f" + {self.swin_excess:g} x swin excess" if self.swin_excess else ""
+        return f"{self.swin_weight:g} swin + {1.0 - self.swin_weight:g} distance{excess}"
 
-    def blocks_at(self, share: float) -> np.ndarray:
-        """The fused block map with the Swin's share ``share`` (the bundle's rule: a weighted mean)."""
-        return share * self.swin + (1.0 - share) * self.distance
+    def blocks_at(self, share: float, excess: float | None = None, swin: np.ndarray | None = None) -> np.ndarray:
+        """The fused block map with the Swin's share ``share`` and the weight ``excess`` of its excess over 1.0
+        (the bundle's own where not given), as ``MapFusion`` makes it with the mean rule; ``swin``: another Swin
+        map than the bundle's (e.g. several seeds' mean)."""
+        swin = self.swin if swin is None else swin
+        excess = self.swin_excess if excess is None else excess
+        return share * swin + (1.0 - share) * self.distance + excess * np.maximum(swin - 1.0, 0.0)
 
     def profile_blocks(self) -> np.ndarray:
         return self.blocks_at(self.swin_weight)
@@ -103,7 +110,7 @@ def gather(bundle_path: Path, data_root: Path, engine: str, split_of: Path | Non
                     distance=np.stack(dist), swin=np.stack(swin), verdict=np.array(verdict), standardised=z,
                     masks=np.stack(masks), labels=labels,
                     types=[s.defect_type for s in samples], blur_sigma=scorer.blur_sigma, guides=np.stack(guides),
-                    swin_weight=fusion.swin_weight, refiner=_refiner_of(bundle))
+                    swin_weight=fusion.swin_weight, swin_excess=fusion.swin_excess, refiner=_refiner_of(bundle))
 
 
 def _refiner_of(bundle) -> HeatmapRefiner:
@@ -249,14 +256,16 @@ def border_rows(ev: Evidence, px: int = BORDER_PX) -> list[dict]:
     return rows
 
 
-def share_rows(ev: Evidence, shares: list[float]) -> list[dict]:
-    """The bundle's served map (its own refinement) with the Swin's share of the fusion at each of ``shares``:
-    what a larger share buys in AP and costs in PRO, e.g. once the Swin was fine-tuned on labelled defects."""
+def share_rows(ev: Evidence, shares: list[float], excesses: list[float] | None = None) -> list[dict]:
+    """The bundle's served map (its own refinement) with the Swin's share of the fusion at each of ``shares`` (and
+    the weight of its excess over 1.0 at each of ``excesses``; the bundle's own where not given): what a larger
+    share or excess buys in AP and costs in PRO, e.g. once the Swin was fine-tuned on labelled defects."""
     rows = []
     for w in shares:
-        r = score(ev, ev.blocks_at(w), ev.refiner)
-        rows.append({"bundle": ev.name, "swin_share": w, "pixel_ap": r["pixel_ap"], "pro": r["pro"],
-                     "pixel_auroc": r["pixel_auroc"]})
+        for a in excesses or [ev.swin_excess]:
+            r = score(ev, ev.blocks_at(w, a), ev.refiner)
+            rows.append({"bundle": ev.name, "swin_share": w, "swin_excess": a, "pixel_ap": r["pixel_ap"],
+                         "pro": r["pro"], "pixel_auroc": r["pixel_auroc"]})
     return rows
 
 
@@ -279,6 +288,9 @@ def main() -> int:
                         help="only the table of pixel AP inside the frame and at its border (seconds per bundle)")
     parser.add_argument("--shares", type=float, nargs="+", metavar="W",
                         help="only the table of the served map with the Swin's share of the fusion at each W")
+    parser.add_argument("--excess", type=float, nargs="+", metavar="A",
+                        help="with --shares: also at each weight A of the Swin's excess over 1.0 (default: each "
+                             "bundle's own scoring.fusion.swin_excess)")
     parser.add_argument("--split-of", type=Path, action="append",
                         help="score the bundle of the same position on this bundle's test images (its training "
                              "defects left out); repeat once per --bundle")
@@ -287,10 +299,12 @@ def main() -> int:
         raise SystemExit(f"{args.data}: no dataset there")
     if args.split_of and len(args.split_of) != len(args.bundle):
         raise SystemExit("--split-of: give one per --bundle, in the same order")
+    if args.excess and not args.shares:
+        raise SystemExit("--excess: give --shares too")
     splits = args.split_of or [None] * len(args.bundle)
     evidence = [gather(b, args.data, args.engine, s) for b, s in zip(args.bundle, splits, strict=True)]
     if args.shares:
-        rows = [r for ev in evidence for r in share_rows(ev, args.shares)]
+        rows = [r for ev in evidence for r in share_rows(ev, args.shares, args.excess)]
         return _report(["## The served map with the Swin's share of the fusion at each value\n\n"
                         + markdown(rows, list(rows[0]))], args.out)
     border = [r for ev in evidence for r in border_rows(ev)]
@@ -326,7 +340,7 @@ def main() -> int:
                                  (f"mean of distance and swin of {len(evidence)} seeds", 0.5 * (swin + ev.distance))):
                 add(f"{ev.name}: {name}", score(ev, blocks))
             # the ensemble in the bundle's own final map: what a profile with N Swins would serve
-            fused = ev.swin_weight * swin + (1.0 - ev.swin_weight) * ev.distance
+            fused = ev.blocks_at(ev.swin_weight, swin=swin)
             n = len(evidence)
             add(f"{ev.name}: {ev.profile_rule} with the swin of {n} seeds, refined (scoring.refine)",
                 score(ev, fused, ev.refiner))

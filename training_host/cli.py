@@ -159,7 +159,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     metrics = evaluate_bundle(Path(args.bundle), Path(args.data), Path(args.out), overlays=args.overlays,
                               progress=not args.json, anomaly_map=args.anomaly_map,
                               use_foreground=not args.no_foreground, fusion_rule=args.fusion_rule,
-                              swin_share=args.swin_share,
+                              swin_share=args.swin_share, swin_excess=args.swin_excess,
                               image_score=args.image_score, logical_verdict=args.verdict, engine=args.engine,
                               refine=not args.no_refine, frame_shift=args.frame_shift)
     if args.json:
@@ -298,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--swin-share", type=float, default=None, metavar="W",
                    help="with a fused map: the Swin's share W in (0, 1) instead of the bundle's "
                         "scoring.fusion_swin_weight (the bundle's threshold then belongs to other scores)")
+    p.add_argument("--swin-excess", type=float, default=None, metavar="A",
+                   help="with a fused map: the weight A >= 0 of the Swin's excess over its normal extreme instead of "
+                        "the bundle's scoring.fusion_swin_excess (likewise)")
     p.add_argument("--image-score", choices=["map", "distance", "standardised", "reference_standardised"],
                    default=None, help="take the image score from the heatmap, the distance map, or the distance map "
                                       "standardised per position (against all reference images, or the K retrieved) "

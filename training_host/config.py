@@ -75,6 +75,10 @@ class ScoringConfig(_Section):
     fusion_swin_weight: float = Field(
         default=0.5, gt=0.0, lt=1.0, description="the Swin's share of the fused map (mean: weighted mean; geometric: "
                                                  "weighted geometric mean), the distance's the rest")
+    fusion_swin_excess: float = Field(
+        default=0.0, ge=0.0, description="the fused map plus this times the Swin's excess over 1.0, its held-out "
+                                         "good blocks' extreme: where the Swin is surer than on any normal block it "
+                                         "counts more, below that its share stays fusion_swin_weight (0: off)")
     image_score: Literal["map", "distance", "standardised", "reference_standardised"] = Field(
         default="map", description="the verdict on the heatmap's pooled max ('map'), on the distance map's "
                                    "('distance', with a Swin; the heatmap still comes from it), or on the distance "

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 SCHEMA_VERSION = 2
 #: schema 1 is the distance-only slice (no swin, foreground or training sections); still served as it was
-SUPPORTED_SCHEMAS = (1, 2, 3, 4, 5, 6)
+SUPPORTED_SCHEMAS = (1, 2, 3, 4, 5, 6, 7)
 #: schema 3 adds the logical (component) score; a bundle carries it only when it has that section, so a bundle
 #: without one stays readable by schema-2 runtimes, and one with it is refused by them by its version
 LOGICAL_SCHEMA_VERSION = 3
@@ -43,6 +43,8 @@ REFINE_SCHEMA_VERSION = 4
 SHIFT_SCHEMA_VERSION = 5
 #: schema 6 adds the heatmap scaled by the frame's own peak (scoring.refine.peak_power), likewise
 PEAK_SCHEMA_VERSION = 6
+#: schema 7 adds the weight of the Swin's excess over the normal blocks' extreme (scoring.fusion.swin_excess), likewise
+EXCESS_SCHEMA_VERSION = 7
 #: the Swin's share of a fused map whose manifest does not say (every bundle before schema 4)
 DEFAULT_SWIN_WEIGHT = 0.5
 MANIFEST = "manifest.json"
@@ -180,11 +182,18 @@ class FusionInfo(_Strict):
     swin_scale: float = Field(gt=0)
     quantile: float = Field(gt=0, lt=1)
     swin_weight: float | None = Field(default=None, gt=0, lt=1)  # the Swin's share; absent: an equal one
+    # the fused map plus this times max(scaled Swin - 1, 0) (``MapFusion.swin_excess``); absent: nothing added
+    swin_excess: float | None = Field(default=None, gt=0)
 
     @property
     def weight(self) -> float:
         """The Swin's share of the fused map (``DEFAULT_SWIN_WEIGHT`` where the manifest does not say)."""
         return self.swin_weight if self.swin_weight is not None else DEFAULT_SWIN_WEIGHT
+
+    @property
+    def excess(self) -> float:
+        """The weight of the Swin's excess over 1.0 (0 where the manifest does not say)."""
+        return self.swin_excess if self.swin_excess is not None else 0.0
 
 
 class RefineInfo(_Strict):
@@ -227,7 +236,9 @@ class ScoringInfo(_Strict):
                     REFINE_SCHEMA_VERSION),
                    ("scoring.frame_shift", self.frame_shift is not None, SHIFT_SCHEMA_VERSION),
                    ("scoring.refine.peak_power", self.refine is not None and self.refine.peak_power is not None,
-                    PEAK_SCHEMA_VERSION))
+                    PEAK_SCHEMA_VERSION),
+                   ("scoring.fusion.swin_excess", self.fusion is not None and self.fusion.swin_excess is not None,
+                    EXCESS_SCHEMA_VERSION))
         return [(name, version) for name, there, version in present if there]
 
 
