@@ -121,3 +121,39 @@ def test_the_share_table_also_scores_the_swin_excess_as_the_runtime_fuses_it():
     plain = module.share_rows(ev, [0.3])[0]  # the bundle's own excess: none in this evidence
     assert plain["swin_excess"] == 0.0 and abs(plain["pixel_ap"] - rows[0]["pixel_ap"]) < 1e-9
     assert rows[1]["pixel_ap"] != rows[0]["pixel_ap"]
+
+
+def test_the_share_table_serves_a_shifted_bundle_as_the_runtime_does(fitted, demo_data, tmp_path):
+    """gather on a bundle that scores shifted frames (scoring.frame_shift) keeps each moved frame's evidence, and the
+    share table's map at the bundle's own share and excess is the heatmap the runtime serves, image by image."""
+    import json
+    import shutil
+
+    from edge_runtime.core.bundle import MANIFEST, load_bundle
+    from edge_runtime.core.pipeline import Inspector
+    from edge_runtime.core.preprocess import read_image
+    from training_host.evaluation.evaluate import scored_test_split
+
+    module = _map_study()
+    path = tmp_path / "shifted"
+    shutil.copytree(fitted[0], path)
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["schema_version"] = 7
+    manifest["scoring"].update(anomaly_map="fused", frame_shift=4, refine={
+        "guide_radius": 4, "guide_eps": 0.001, "contrast_weight": 0.3, "contrast_sigma": 2.0})
+    manifest["scoring"]["fusion"].update(rule="mean", swin_weight=0.3, swin_excess=0.5)
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    ev = module.gather(path, demo_data, "cpu")
+    assert ev.shift_offsets == ((0, 4), (4, 0), (4, 4))
+    assert ev.shifted_swin.shape == ev.shifted_distance.shape == (len(ev.labels), 3, *ev.swin.shape[1:])
+    assert ev.swin_excess == 0.5 and ev.profile_rule.endswith("+ 0.5 x swin excess")
+    served = ev.served_heatmaps(0.3, 0.5)
+    inspector = Inspector(load_bundle(path))
+    samples = scored_test_split(load_bundle(path), demo_data)[0].test
+    for i, sample in enumerate(samples):
+        assert np.allclose(served[i], inspector.inspect(read_image(sample.path)).heatmap, rtol=1e-4, atol=1e-5)
+    rows = module.share_rows(ev, [0.3], [0.5])
+    metrics = module.evaluate_maps(ev.labels, ev.verdict, ev.masks, served, ev.types)
+    assert abs(rows[0]["pixel_ap"] - metrics["pixel_ap"]) < 1e-12
+    frame_only = module.heatmaps(ev, ev.blocks_at(0.3, 0.5), ev.refiner)
+    assert not np.allclose(frame_only, served)  # the moved frames change the map

@@ -34,7 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edge_runtime.core.bundle import DEFAULT_SWIN_WEIGHT, load_bundle  # noqa: E402
 from edge_runtime.core.pipeline import Inspector  # noqa: E402
 from edge_runtime.core.preprocess import read_image, to_input_tensor  # noqa: E402
-from edge_runtime.core.scoring import HeatmapRefiner, block_map_score, heatmap_from_blocks  # noqa: E402
+from edge_runtime.core.scoring import (  # noqa: E402
+    HeatmapRefiner,
+    block_map_score,
+    heatmap_from_blocks,
+    unshifted_heatmap,
+)
 from training_host.data.dataset import load_mask  # noqa: E402
 from training_host.evaluation.evaluate import scored_test_split  # noqa: E402
 from training_host.evaluation.metrics import average_precision, evaluate_maps  # noqa: E402
@@ -60,6 +65,12 @@ class Evidence:
     swin_weight: float = DEFAULT_SWIN_WEIGHT  # the Swin's share of the bundle's fused map (scoring.fusion)
     swin_excess: float = 0.0  # the weight of the Swin's excess over 1.0 in that map (scoring.fusion.swin_excess)
     refiner: HeatmapRefiner = HeatmapRefiner()  # the bundle's own heatmap refinement (scoring.refine)
+    # with scoring.frame_shift: the frame moved by each offset (down, right) after the frame's own, and each moved
+    # frame's scaled distance and Swin maps (n, offsets, h_f, w_f); the share table's served map averages their
+    # heatmaps as the runtime does (the other tables, and the verdict, use the frame's own evidence)
+    shift_offsets: tuple[tuple[int, int], ...] = ()
+    shifted_distance: np.ndarray | None = None
+    shifted_swin: np.ndarray | None = None
 
     @property
     def profile_rule(self) -> str:
@@ -67,16 +78,33 @@ class Evidence:
         excess = f" + {self.swin_excess:g} x swin excess" if self.swin_excess else ""
         return f"{self.swin_weight:g} swin + {1.0 - self.swin_weight:g} distance{excess}"
 
-    def blocks_at(self, share: float, excess: float | None = None, swin: np.ndarray | None = None) -> np.ndarray:
+    def blocks_at(self, share: float, excess: float | None = None, swin: np.ndarray | None = None,
+                  distance: np.ndarray | None = None) -> np.ndarray:
         """The fused block map with the Swin's share ``share`` and the weight ``excess`` of its excess over 1.0
-        (the bundle's own where not given), as ``MapFusion`` makes it with the mean rule; ``swin``: another Swin
-        map than the bundle's (e.g. several seeds' mean)."""
+        (the bundle's own where not given), as ``MapFusion`` makes it with the mean rule; ``swin`` / ``distance``:
+        other maps than the frame's own (e.g. several seeds' Swin mean, or a shifted frame's)."""
         swin = self.swin if swin is None else swin
+        distance = self.distance if distance is None else distance
         excess = self.swin_excess if excess is None else excess
-        return share * swin + (1.0 - share) * self.distance + excess * np.maximum(swin - 1.0, 0.0)
+        return share * swin + (1.0 - share) * distance + excess * np.maximum(swin - 1.0, 0.0)
 
     def profile_blocks(self) -> np.ndarray:
         return self.blocks_at(self.swin_weight)
+
+    def served_heatmaps(self, share: float, excess: float | None = None) -> np.ndarray:
+        """The heatmaps the runtime serves with that share and excess: the fused block maps of the frame and of
+        its shifted frames, each a heatmap moved back onto the frame's pixels, averaged (``ShiftedMean``), then
+        refined by the bundle's own refinement."""
+        if not self.shift_offsets:
+            return heatmaps(self, self.blocks_at(share, excess), self.refiner)
+        hw = self.masks.shape[1:]
+        total = heatmaps(self, self.blocks_at(share, excess))
+        for k, (dy, dx) in enumerate(self.shift_offsets):
+            moved = self.blocks_at(share, excess, swin=self.shifted_swin[:, k], distance=self.shifted_distance[:, k])
+            total += np.stack([unshifted_heatmap(heatmap_from_blocks(b.astype(np.float32), hw, self.blur_sigma),
+                                                 dy, dx) for b in moved])
+        mean = total / np.float32(1 + len(self.shift_offsets))
+        return np.stack([_refined(self.refiner, h, g) for h, g in zip(mean, self.guides, strict=True)])
 
 
 def gather(bundle_path: Path, data_root: Path, engine: str, split_of: Path | None = None) -> Evidence:
@@ -89,7 +117,7 @@ def gather(bundle_path: Path, data_root: Path, engine: str, split_of: Path | Non
         raise SystemExit(f"{bundle_path}: needs a bundle with a Swin, fusion scales and reference distances")
     samples = scored_test_split(load_bundle(split_of) if split_of else bundle, data_root)[0].test
     hw = inspector.input_hw
-    dist, swin, verdict, masks, guides, zs = [], [], [], [], [], []
+    dist, swin, verdict, masks, guides, zs, moved_dist, moved_swin = [], [], [], [], [], [], [], []
     for sample in samples:
         image = read_image(sample.path)
         guides.append(HeatmapRefiner.guide_of(to_input_tensor(image, hw, inspector.scale)))
@@ -98,6 +126,9 @@ def gather(bundle_path: Path, data_root: Path, engine: str, split_of: Path | Non
         d = ev.distance.reshape(scorer.grid)
         dist.append(d / fusion.distance_scale)
         swin.append(ev.probability.reshape(scorer.grid) / fusion.swin_scale)
+        moved = [scorer.evidence(*inspector.features(image, shift=offset)) for offset in inspector.shift_offsets]
+        moved_dist.append([m.distance.reshape(scorer.grid) / fusion.distance_scale for m in moved])
+        moved_swin.append([m.probability.reshape(scorer.grid) / fusion.swin_scale for m in moved])
         z = scorer.standardiser(d, ev.references)
         verdict.append(block_map_score(z, hw, scorer.blur_sigma, scorer.score_pool))
         zs.append(z)
@@ -110,7 +141,10 @@ def gather(bundle_path: Path, data_root: Path, engine: str, split_of: Path | Non
                     distance=np.stack(dist), swin=np.stack(swin), verdict=np.array(verdict), standardised=z,
                     masks=np.stack(masks), labels=labels,
                     types=[s.defect_type for s in samples], blur_sigma=scorer.blur_sigma, guides=np.stack(guides),
-                    swin_weight=fusion.swin_weight, swin_excess=fusion.swin_excess, refiner=_refiner_of(bundle))
+                    swin_weight=fusion.swin_weight, swin_excess=fusion.swin_excess, refiner=_refiner_of(bundle),
+                    shift_offsets=tuple(inspector.shift_offsets),
+                    shifted_distance=np.array(moved_dist) if inspector.shift_offsets else None,
+                    shifted_swin=np.array(moved_swin) if inspector.shift_offsets else None)
 
 
 def _refiner_of(bundle) -> HeatmapRefiner:
@@ -257,15 +291,17 @@ def border_rows(ev: Evidence, px: int = BORDER_PX) -> list[dict]:
 
 
 def share_rows(ev: Evidence, shares: list[float], excesses: list[float] | None = None) -> list[dict]:
-    """The bundle's served map (its own refinement) with the Swin's share of the fusion at each of ``shares`` (and
-    the weight of its excess over 1.0 at each of ``excesses``; the bundle's own where not given): what a larger
-    share or excess buys in AP and costs in PRO, e.g. once the Swin was fine-tuned on labelled defects."""
+    """The bundle's served map (its own refinement and shifted frames) with the Swin's share of the fusion at each
+    of ``shares`` (and the weight of its excess over 1.0 at each of ``excesses``; the bundle's own where not given):
+    what a larger share or excess buys in AP and costs in PRO, e.g. once the Swin was fine-tuned on labels."""
     rows = []
     for w in shares:
         for a in excesses or [ev.swin_excess]:
-            r = score(ev, ev.blocks_at(w, a), ev.refiner)
+            r = evaluate_maps(ev.labels, ev.verdict, ev.masks, ev.served_heatmaps(w, a), ev.types)
             rows.append({"bundle": ev.name, "swin_share": w, "swin_excess": a, "pixel_ap": r["pixel_ap"],
-                         "pro": r["pro"], "pixel_auroc": r["pixel_auroc"]})
+                         "pro": r["pro"], "pixel_auroc": r["pixel_auroc"],
+                         **{f"{t}_{k}": v[key] for t, v in r["per_defect"].items()
+                            for k, key in (("ap", "pixel_ap"), ("pro", "pro"))}})
     return rows
 
 
