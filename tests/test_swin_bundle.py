@@ -482,14 +482,14 @@ def test_fused_bundle_with_the_verdict_on_the_distance(tmp_path, demo_data, smal
     from training_host.training.fit import fit_product
 
     cfg = small_config.model_copy(update={"scoring": small_config.scoring.model_copy(
-        update={"fusion": "mean", "image_score": "distance", "frame_shift": 4,
+        update={"fusion": "mean", "image_score": "distance", "frame_shift": 4, "fusion_swin_excess": 0.4,
                 "refine": RefineConfig(guide_radius=4, peak_power=0.25)})})
     out = tmp_path / "fused"
     summary = fit_product(cfg, demo_data, out, progress=False)
     m = load_bundle(out).manifest
     assert summary.anomaly_map == "fused" and m.scoring.image_score == "distance" and m.scoring.fusion.rule == "mean"
-    assert m.scoring.frame_shift == 4 and m.scoring.refine.peak_power == 0.25
-    assert m.schema_version == 6  # the peak scaling needs schema 6 (the shift 5, the refinement 4)
+    assert m.scoring.frame_shift == 4 and m.scoring.refine.peak_power == 0.25 and m.scoring.fusion.swin_excess == 0.4
+    assert m.schema_version == 7  # the Swin's excess needs schema 7 (the peak scaling 6, the shift 5, the refinement 4)
     assert 0 < m.thresholds.pixel < 5 < m.thresholds.image  # fused units (1 = most extreme normal); a distance
     inspector = open_inspector(out)
     result = inspector.inspect(read_image(list_images(demo_data / "test" / "scratch")[0]))
@@ -512,7 +512,7 @@ def test_fused_bundle_with_the_verdict_on_the_distance(tmp_path, demo_data, smal
     assert report.threshold.n_leave_one_out == 22 and report.threshold.n_scores == 30  # 8 held out + 22 bank frames
     cal = load_bundle(tmp_path / "cal").manifest
     assert report.threshold.threshold == cal.thresholds.image and cal.thresholds.pixel != cal.thresholds.image
-    assert cal.scoring.image_score == "distance" and cal.scoring.frame_shift == 4 and cal.schema_version == 6
+    assert cal.scoring.image_score == "distance" and cal.scoring.frame_shift == 4 and cal.schema_version == 7
     assert cal.scoring.refine == m.scoring.refine
     assert cal.scoring.fusion.distance_scale != m.scoring.fusion.distance_scale  # rescaled on the new bank
 
