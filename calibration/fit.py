@@ -194,7 +194,7 @@ def calibrate(base: Path, images: Path, out: Path | None, *, holdout: float = 0.
         f = m.scoring.fusion
         rescaled = MapFusion.calibrate(f.rule, np.stack([e.distance for e in holdout_evidence]),
                                        np.stack([e.probability for e in holdout_evidence]),
-                                       f.weight, f.excess)
+                                       f.weight, f.swin_excess_weight, f.distance_excess_weight)
         manifest = manifest.model_copy(update={"scoring": m.scoring.model_copy(update={
             "fusion": m.scoring.fusion.model_copy(update={"distance_scale": rescaled.distance_scale,
                                                           "swin_scale": rescaled.swin_scale})})})

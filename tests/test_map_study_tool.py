@@ -114,10 +114,15 @@ def test_the_share_table_also_scores_the_swin_excess_as_the_runtime_fuses_it():
     ev = _evidence(module)
     ev.swin = 1.6 * np.flip(ev.distance, axis=2)  # above 1.0 where the flipped defects lie, below elsewhere
     rows = module.share_rows(ev, [0.3], [0.0, 0.8])
-    assert [(r["swin_share"], r["swin_excess"]) for r in rows] == [(0.3, 0.0), (0.3, 0.8)]
+    assert [(r["swin_share"], r["swin_excess"], r["distance_excess"]) for r in rows] == [(0.3, 0.0, 0.0),
+                                                                                          (0.3, 0.8, 0.0)]
     fused = MapFusion("mean", 1.0, 1.0, swin_weight=0.3, swin_excess=0.8)(ev.swin, ev.distance)
     assert np.allclose(ev.blocks_at(0.3, 0.8), fused, atol=1e-6)
     assert abs(rows[1]["pixel_ap"] - module.score(ev, fused, ev.refiner)["pixel_ap"]) < 1e-6
+    both = module.share_rows(ev, [0.3], [0.8], [1.2])[0]
+    fused = MapFusion("mean", 1.0, 1.0, swin_weight=0.3, swin_excess=0.8, distance_excess=1.2)(ev.swin, ev.distance)
+    assert (ev.distance > 1.0).any() and np.allclose(ev.blocks_at(0.3, 0.8, distance_excess=1.2), fused, atol=1e-6)
+    assert abs(both["pixel_ap"] - module.score(ev, fused, ev.refiner)["pixel_ap"]) < 1e-6
     plain = module.share_rows(ev, [0.3])[0]  # the bundle's own excess: none in this evidence
     assert plain["swin_excess"] == 0.0 and abs(plain["pixel_ap"] - rows[0]["pixel_ap"]) < 1e-9
     assert rows[1]["pixel_ap"] != rows[0]["pixel_ap"]
@@ -141,19 +146,19 @@ def test_the_share_table_serves_a_shifted_bundle_as_the_runtime_does(fitted, dem
     manifest["schema_version"] = 7
     manifest["scoring"].update(anomaly_map="fused", frame_shift=4, refine={
         "guide_radius": 4, "guide_eps": 0.001, "contrast_weight": 0.3, "contrast_sigma": 2.0})
-    manifest["scoring"]["fusion"].update(rule="mean", swin_weight=0.3, swin_excess=0.5)
+    manifest["scoring"]["fusion"].update(rule="mean", swin_weight=0.3, swin_excess=0.5, distance_excess=0.5)
     (path / MANIFEST).write_text(json.dumps(manifest))
     ev = module.gather(path, demo_data, "cpu")
     assert ev.shift_offsets == ((0, 4), (4, 0), (4, 4))
     assert ev.shifted_swin.shape == ev.shifted_distance.shape == (len(ev.labels), 3, *ev.swin.shape[1:])
-    assert ev.swin_excess == 0.5 and ev.profile_rule.endswith("+ 0.5 x swin excess")
-    served = ev.served_heatmaps(0.3, 0.5)
+    assert ev.swin_excess == ev.distance_excess == 0.5 and ev.profile_rule.endswith("+ 0.5 x distance excess")
+    served = ev.served_heatmaps(0.3, 0.5, 0.5)
     inspector = Inspector(load_bundle(path))
     samples = scored_test_split(load_bundle(path), demo_data)[0].test
     for i, sample in enumerate(samples):
         assert np.allclose(served[i], inspector.inspect(read_image(sample.path)).heatmap, rtol=1e-4, atol=1e-5)
-    rows = module.share_rows(ev, [0.3], [0.5])
+    rows = module.share_rows(ev, [0.3], [0.5], [0.5])
     metrics = module.evaluate_maps(ev.labels, ev.verdict, ev.masks, served, ev.types)
     assert abs(rows[0]["pixel_ap"] - metrics["pixel_ap"]) < 1e-12
-    frame_only = module.heatmaps(ev, ev.blocks_at(0.3, 0.5), ev.refiner)
+    frame_only = module.heatmaps(ev, ev.blocks_at(0.3, 0.5, distance_excess=0.5), ev.refiner)
     assert not np.allclose(frame_only, served)  # the moved frames change the map

@@ -303,10 +303,11 @@ def test_eval_can_score_another_swin_share_and_then_reports_no_threshold(fitted,
     assert other["fusion_swin_share"] == 0.8 and other["threshold"] is None and other["at_threshold"] is None
 
 
-def test_the_swin_excess_over_its_normal_extreme_counts_more_and_is_kept(fitted, demo_data, tmp_path):
-    """scoring.fusion.swin_excess (schema 7): the fused map plus that weight times the scaled Swin's excess over 1.0
-    (its held-out good blocks' extreme), nothing added below; used by the inspector, kept by field calibration, and
-    replaceable in eval (``--swin-excess``), which then reports no threshold."""
+def test_each_maps_excess_over_its_normal_extreme_counts_more_and_is_kept(fitted, demo_data, tmp_path):
+    """scoring.fusion.swin_excess / distance_excess (schema 7): the fused map plus those weights times the scaled
+    Swin's and distance's excess over 1.0 (their held-out good blocks' extremes), nothing added below; used by the
+    inspector, kept by field calibration, and replaceable in eval (``--swin-excess``, ``--distance-excess``), which
+    then reports no threshold."""
     from calibration.fit import calibrate
     from edge_runtime.core.pipeline import MapFusion
     from training_host.evaluation.evaluate import evaluate_bundle
@@ -317,9 +318,13 @@ def test_the_swin_excess_over_its_normal_extreme_counts_more_and_is_kept(fitted,
                        0.3 * p + 0.7 * d + 0.8 * np.array([0, 0, 0, 0.5, 1.0]))
     assert np.array_equal(MapFusion("mean", 1.0, 1.0, swin_weight=0.3, swin_excess=0.0)(p, d), plain(p, d))
     assert np.allclose(MapFusion("max", 1.0, 1.0, swin_excess=2.0)(p, d), np.maximum(p, d) + 2 * np.maximum(p - 1, 0))
+    d2 = np.array([0.5, 1.4, 0.4, 3.0, 1.0], np.float32)
+    assert np.allclose(MapFusion("mean", 1.0, 1.0, swin_weight=0.3, swin_excess=0.8, distance_excess=1.2)(p, d2),
+                       0.3 * p + 0.7 * d2 + 0.8 * np.maximum(p - 1, 0) + 1.2 * np.array([0, 0.4, 0, 2.0, 0]))
     for bad in (-0.1, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="swin_excess"):
-            MapFusion("mean", 1.0, 1.0, swin_excess=bad)
+        for name in ("swin_excess", "distance_excess"):
+            with pytest.raises(ValueError, match=name):
+                MapFusion("mean", 1.0, 1.0, **{name: bad})
     image = read_image(list_images(demo_data / "test" / "scratch")[0])
     swin = Inspector(load_bundle(fitted[0]), anomaly_map="swin")
     median = float(np.median(swin.scorer.block_evidence(*swin.features(image))[1]))
@@ -328,31 +333,42 @@ def test_the_swin_excess_over_its_normal_extreme_counts_more_and_is_kept(fitted,
         m.update(schema_version=6)            # Swin scale at this image's median block (the demo's Swin is weak)
         m["scoring"].update(anomaly_map="fused")
         m["scoring"]["fusion"].update(rule="mean", swin_weight=0.3, swin_excess=0.8, swin_scale=median)
+        m["scoring"]["fusion"]["distance_scale"] *= 0.5  # the distance above its normal extreme in places too
 
     path = tmp_path / "b"
     bundle = _with_later_section(fitted[0], path, served_with_excess, "scoring.fusion.swin_excess", 7)
     f = bundle.manifest.scoring.fusion
-    assert f.excess == 0.8 and load_bundle(fitted[0]).manifest.scoring.fusion.excess == 0.0  # absent: nothing added
+    assert f.swin_excess_weight == 0.8 and f.distance_excess is None and f.distance_excess_weight == 0.0
+    assert load_bundle(fitted[0]).manifest.scoring.fusion.swin_excess_weight == 0.0  # absent: nothing added
+    _rewrite_manifest(path, lambda m: m["scoring"]["fusion"].update(distance_excess=1.2))
+    bundle = load_bundle(path)
     inspector = Inspector(bundle)
-    assert inspector.fusion.swin_excess == 0.8
+    assert inspector.fusion.swin_excess == 0.8 and inspector.fusion.distance_excess == 1.2
     pcf, desc = inspector.features(image)
     distance, probability = inspector.scorer.block_evidence(pcf, desc)
-    scaled = probability / f.swin_scale
-    assert (scaled > 1.0).any() and (scaled < 1.0).any()
-    expected = 0.3 * scaled + 0.7 * distance / f.distance_scale + 0.8 * np.maximum(scaled - 1.0, 0.0)
+    scaled, scaled_d = probability / f.swin_scale, distance / f.distance_scale
+    assert (scaled > 1.0).any() and (scaled < 1.0).any() and (scaled_d > 1.0).any()
+    expected = (0.3 * scaled + 0.7 * scaled_d + 0.8 * np.maximum(scaled - 1.0, 0.0)
+                + 1.2 * np.maximum(scaled_d - 1.0, 0.0))
     assert np.allclose(inspector.scorer.score(pcf, desc).block_map.ravel(), expected, atol=1e-5)
     own = evaluate_bundle(path, demo_data, tmp_path / "own", overlays=0, progress=False)
     other = evaluate_bundle(path, demo_data, tmp_path / "other", overlays=0, progress=False, swin_excess=0.0)
-    assert own["fusion_swin_excess"] == 0.8 and own["threshold"] is not None
+    plain = evaluate_bundle(path, demo_data, tmp_path / "plain", overlays=0, progress=False, distance_excess=0.0)
+    assert own["fusion_swin_excess"] == 0.8 and own["fusion_distance_excess"] == 1.2 and own["threshold"] is not None
     assert other["fusion_swin_excess"] == 0.0 and other["threshold"] is None and other["pixel_ap"] != own["pixel_ap"]
+    assert plain["fusion_distance_excess"] == 0.0 and plain["threshold"] is None
     with pytest.raises(ValueError, match="swin_excess"):
         Inspector(bundle, swin_excess=-1.0)
     calibrate(path, demo_data / "train" / "good", tmp_path / "cal", holdout=0.25, quiet=True)
     cal = load_bundle(tmp_path / "cal")
-    assert cal.manifest.scoring.fusion.swin_excess == 0.8 and cal.manifest.schema_version == 7
-    assert Inspector(cal).fusion.swin_excess == 0.8
+    c = cal.manifest.scoring.fusion
+    assert c.swin_excess == 0.8 and c.distance_excess == 1.2 and cal.manifest.schema_version == 7
+    assert Inspector(cal).fusion.distance_excess == 1.2
     _rewrite_manifest(path, lambda m: m["scoring"]["fusion"].update(swin_excess=0))
     with pytest.raises(BundleError, match="swin_excess"):
+        load_bundle(path)
+    _rewrite_manifest(path, lambda m: m["scoring"]["fusion"].update(swin_excess=0.8, distance_excess=-1))
+    with pytest.raises(BundleError, match="distance_excess"):
         load_bundle(path)
 
 
@@ -483,12 +499,14 @@ def test_fused_bundle_with_the_verdict_on_the_distance(tmp_path, demo_data, smal
 
     cfg = small_config.model_copy(update={"scoring": small_config.scoring.model_copy(
         update={"fusion": "mean", "image_score": "distance", "frame_shift": 4, "fusion_swin_excess": 0.4,
+                "fusion_distance_excess": 1.2,
                 "refine": RefineConfig(guide_radius=4, peak_power=0.25)})})
     out = tmp_path / "fused"
     summary = fit_product(cfg, demo_data, out, progress=False)
     m = load_bundle(out).manifest
     assert summary.anomaly_map == "fused" and m.scoring.image_score == "distance" and m.scoring.fusion.rule == "mean"
-    assert m.scoring.frame_shift == 4 and m.scoring.refine.peak_power == 0.25 and m.scoring.fusion.swin_excess == 0.4
+    assert m.scoring.frame_shift == 4 and m.scoring.refine.peak_power == 0.25
+    assert m.scoring.fusion.swin_excess == 0.4 and m.scoring.fusion.distance_excess == 1.2
     assert m.schema_version == 7  # the Swin's excess needs schema 7 (the peak scaling 6, the shift 5, the refinement 4)
     assert 0 < m.thresholds.pixel < 5 < m.thresholds.image  # fused units (1 = most extreme normal); a distance
     inspector = open_inspector(out)

@@ -15,12 +15,14 @@ pixel AP inside the frame compares with that in its border band.
 With several bundles (the same profile fitted at other seeds) it also scores their Swins averaged. With
 ``--shares W ...`` it prints only the served map at each Swin share of the fusion, e.g. for bundles fine-tuned on
 labels beside the unsupervised one scored on the same images (``--split-of``, once per ``--bundle``), and with
-``--excess A ...`` at each weight of the Swin's excess over 1.0 too (``scoring.fusion_swin_excess``).
+``--excess A ...`` / ``--distance-excess B ...`` at each weight of the Swin's / the distance's excess over 1.0
+too (``scoring.fusion_swin_excess`` / ``fusion_distance_excess``).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -64,6 +66,7 @@ class Evidence:
     guides: np.ndarray  # (n, H, W) the frames' grey inputs, for the heatmap refinement
     swin_weight: float = DEFAULT_SWIN_WEIGHT  # the Swin's share of the bundle's fused map (scoring.fusion)
     swin_excess: float = 0.0  # the weight of the Swin's excess over 1.0 in that map (scoring.fusion.swin_excess)
+    distance_excess: float = 0.0  # the distance's likewise (scoring.fusion.distance_excess)
     refiner: HeatmapRefiner = HeatmapRefiner()  # the bundle's own heatmap refinement (scoring.refine)
     # with scoring.frame_shift: the frame moved by each offset (down, right) after the frame's own, and each moved
     # frame's scaled distance and Swin maps (n, offsets, h_f, w_f); the share table's served map averages their
@@ -75,32 +78,38 @@ class Evidence:
     @property
     def profile_rule(self) -> str:
         """The bundle's own fusion, named as the weighted rules are."""
-        excess = f" + {self.swin_excess:g} x swin excess" if self.swin_excess else ""
+        excess = (f" + {self.swin_excess:g} x swin excess" if self.swin_excess else "") + (
+            f" + {self.distance_excess:g} x distance excess" if self.distance_excess else "")
         return f"{self.swin_weight:g} swin + {1.0 - self.swin_weight:g} distance{excess}"
 
     def blocks_at(self, share: float, excess: float | None = None, swin: np.ndarray | None = None,
-                  distance: np.ndarray | None = None) -> np.ndarray:
-        """The fused block map with the Swin's share ``share`` and the weight ``excess`` of its excess over 1.0
-        (the bundle's own where not given), as ``MapFusion`` makes it with the mean rule; ``swin`` / ``distance``:
-        other maps than the frame's own (e.g. several seeds' Swin mean, or a shifted frame's)."""
+                  distance: np.ndarray | None = None, distance_excess: float | None = None) -> np.ndarray:
+        """The fused block map with the Swin's share ``share`` and the weights ``excess`` / ``distance_excess`` of
+        the Swin's and the distance's excess over 1.0 (the bundle's own where not given), as ``MapFusion`` makes it
+        with the mean rule; ``swin`` / ``distance``: other maps than the frame's own (e.g. several seeds' Swin
+        mean, or a shifted frame's)."""
         swin = self.swin if swin is None else swin
         distance = self.distance if distance is None else distance
         excess = self.swin_excess if excess is None else excess
-        return share * swin + (1.0 - share) * distance + excess * np.maximum(swin - 1.0, 0.0)
+        distance_excess = self.distance_excess if distance_excess is None else distance_excess
+        return (share * swin + (1.0 - share) * distance + excess * np.maximum(swin - 1.0, 0.0)
+                + distance_excess * np.maximum(distance - 1.0, 0.0))
 
     def profile_blocks(self) -> np.ndarray:
         return self.blocks_at(self.swin_weight)
 
-    def served_heatmaps(self, share: float, excess: float | None = None) -> np.ndarray:
+    def served_heatmaps(self, share: float, excess: float | None = None,
+                        distance_excess: float | None = None) -> np.ndarray:
         """The heatmaps the runtime serves with that share and excess: the fused block maps of the frame and of
         its shifted frames, each a heatmap moved back onto the frame's pixels, averaged (``ShiftedMean``), then
         refined by the bundle's own refinement."""
         if not self.shift_offsets:
-            return heatmaps(self, self.blocks_at(share, excess), self.refiner)
+            return heatmaps(self, self.blocks_at(share, excess, distance_excess=distance_excess), self.refiner)
         hw = self.masks.shape[1:]
-        total = heatmaps(self, self.blocks_at(share, excess))
+        total = heatmaps(self, self.blocks_at(share, excess, distance_excess=distance_excess))
         for k, (dy, dx) in enumerate(self.shift_offsets):
-            moved = self.blocks_at(share, excess, swin=self.shifted_swin[:, k], distance=self.shifted_distance[:, k])
+            moved = self.blocks_at(share, excess, swin=self.shifted_swin[:, k], distance=self.shifted_distance[:, k],
+                                   distance_excess=distance_excess)
             total += np.stack([unshifted_heatmap(heatmap_from_blocks(b.astype(np.float32), hw, self.blur_sigma),
                                                  dy, dx) for b in moved])
         mean = total / np.float32(1 + len(self.shift_offsets))
@@ -141,7 +150,8 @@ def gather(bundle_path: Path, data_root: Path, engine: str, split_of: Path | Non
                     distance=np.stack(dist), swin=np.stack(swin), verdict=np.array(verdict), standardised=z,
                     masks=np.stack(masks), labels=labels,
                     types=[s.defect_type for s in samples], blur_sigma=scorer.blur_sigma, guides=np.stack(guides),
-                    swin_weight=fusion.swin_weight, swin_excess=fusion.swin_excess, refiner=_refiner_of(bundle),
+                    swin_weight=fusion.swin_weight, swin_excess=fusion.swin_excess,
+                    distance_excess=fusion.distance_excess, refiner=_refiner_of(bundle),
                     shift_offsets=tuple(inspector.shift_offsets),
                     shifted_distance=np.array(moved_dist) if inspector.shift_offsets else None,
                     shifted_swin=np.array(moved_swin) if inspector.shift_offsets else None)
@@ -290,18 +300,19 @@ def border_rows(ev: Evidence, px: int = BORDER_PX) -> list[dict]:
     return rows
 
 
-def share_rows(ev: Evidence, shares: list[float], excesses: list[float] | None = None) -> list[dict]:
+def share_rows(ev: Evidence, shares: list[float], excesses: list[float] | None = None,
+               distance_excesses: list[float] | None = None) -> list[dict]:
     """The bundle's served map (its own refinement and shifted frames) with the Swin's share of the fusion at each
-    of ``shares`` (and the weight of its excess over 1.0 at each of ``excesses``; the bundle's own where not given):
-    what a larger share or excess buys in AP and costs in PRO, e.g. once the Swin was fine-tuned on labels."""
+    of ``shares``, and the weights of the Swin's and the distance's excess over 1.0 at each of ``excesses`` and
+    ``distance_excesses`` (the bundle's own where not given): what a larger share or excess buys in AP and costs
+    in PRO, e.g. once the Swin was fine-tuned on labels."""
     rows = []
-    for w in shares:
-        for a in excesses or [ev.swin_excess]:
-            r = evaluate_maps(ev.labels, ev.verdict, ev.masks, ev.served_heatmaps(w, a), ev.types)
-            rows.append({"bundle": ev.name, "swin_share": w, "swin_excess": a, "pixel_ap": r["pixel_ap"],
-                         "pro": r["pro"], "pixel_auroc": r["pixel_auroc"],
-                         **{f"{t}_{k}": v[key] for t, v in r["per_defect"].items()
-                            for k, key in (("ap", "pixel_ap"), ("pro", "pro"))}})
+    for w, a, b in itertools.product(shares, excesses or [ev.swin_excess], distance_excesses or [ev.distance_excess]):
+        r = evaluate_maps(ev.labels, ev.verdict, ev.masks, ev.served_heatmaps(w, a, b), ev.types)
+        rows.append({"bundle": ev.name, "swin_share": w, "swin_excess": a, "distance_excess": b,
+                     "pixel_ap": r["pixel_ap"], "pro": r["pro"], "pixel_auroc": r["pixel_auroc"],
+                     **{f"{t}_{k}": v[key] for t, v in r["per_defect"].items()
+                        for k, key in (("ap", "pixel_ap"), ("pro", "pro"))}})
     return rows
 
 
@@ -327,6 +338,9 @@ def main() -> int:
     parser.add_argument("--excess", type=float, nargs="+", metavar="A",
                         help="with --shares: also at each weight A of the Swin's excess over 1.0 (default: each "
                              "bundle's own scoring.fusion.swin_excess)")
+    parser.add_argument("--distance-excess", type=float, nargs="+", metavar="B",
+                        help="with --shares: also at each weight B of the distance's excess over 1.0 (default: each "
+                             "bundle's own scoring.fusion.distance_excess)")
     parser.add_argument("--split-of", type=Path, action="append",
                         help="score the bundle of the same position on this bundle's test images (its training "
                              "defects left out); repeat once per --bundle")
@@ -335,12 +349,12 @@ def main() -> int:
         raise SystemExit(f"{args.data}: no dataset there")
     if args.split_of and len(args.split_of) != len(args.bundle):
         raise SystemExit("--split-of: give one per --bundle, in the same order")
-    if args.excess and not args.shares:
-        raise SystemExit("--excess: give --shares too")
+    if (args.excess or args.distance_excess) and not args.shares:
+        raise SystemExit("--excess / --distance-excess: give --shares too")
     splits = args.split_of or [None] * len(args.bundle)
     evidence = [gather(b, args.data, args.engine, s) for b, s in zip(args.bundle, splits, strict=True)]
     if args.shares:
-        rows = [r for ev in evidence for r in share_rows(ev, args.shares, args.excess)]
+        rows = [r for ev in evidence for r in share_rows(ev, args.shares, args.excess, args.distance_excess)]
         return _report(["## The served map with the Swin's share of the fusion at each value\n\n"
                         + markdown(rows, list(rows[0]))], args.out)
     border = [r for ev in evidence for r in border_rows(ev)]

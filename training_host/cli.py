@@ -160,6 +160,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                               progress=not args.json, anomaly_map=args.anomaly_map,
                               use_foreground=not args.no_foreground, fusion_rule=args.fusion_rule,
                               swin_share=args.swin_share, swin_excess=args.swin_excess,
+                              distance_excess=args.distance_excess,
                               image_score=args.image_score, logical_verdict=args.verdict, engine=args.engine,
                               refine=not args.no_refine, frame_shift=args.frame_shift)
     if args.json:
@@ -301,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--swin-excess", type=float, default=None, metavar="A",
                    help="with a fused map: the weight A >= 0 of the Swin's excess over its normal extreme instead of "
                         "the bundle's scoring.fusion_swin_excess (likewise)")
+    p.add_argument("--distance-excess", type=float, default=None, metavar="B",
+                   help="with a fused map: the weight B >= 0 of the distance's excess over its normal extreme "
+                        "instead of the bundle's scoring.fusion_distance_excess (likewise)")
     p.add_argument("--image-score", choices=["map", "distance", "standardised", "reference_standardised"],
                    default=None, help="take the image score from the heatmap, the distance map, or the distance map "
                                       "standardised per position (against all reference images, or the K retrieved) "

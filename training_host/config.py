@@ -79,6 +79,9 @@ class ScoringConfig(_Section):
         default=0.0, ge=0.0, description="the fused map plus this times the Swin's excess over 1.0, its held-out "
                                          "good blocks' extreme: where the Swin is surer than on any normal block it "
                                          "counts more, below that its share stays fusion_swin_weight (0: off)")
+    fusion_distance_excess: float = Field(
+        default=0.0, ge=0.0, description="likewise the distance's excess over its held-out good blocks' extreme: "
+                                         "the pits and cracks only the distance sees count more (0: off)")
     image_score: Literal["map", "distance", "standardised", "reference_standardised"] = Field(
         default="map", description="the verdict on the heatmap's pooled max ('map'), on the distance map's "
                                    "('distance', with a Swin; the heatmap still comes from it), or on the distance "

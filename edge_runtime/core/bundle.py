@@ -43,7 +43,8 @@ REFINE_SCHEMA_VERSION = 4
 SHIFT_SCHEMA_VERSION = 5
 #: schema 6 adds the heatmap scaled by the frame's own peak (scoring.refine.peak_power), likewise
 PEAK_SCHEMA_VERSION = 6
-#: schema 7 adds the weight of the Swin's excess over the normal blocks' extreme (scoring.fusion.swin_excess), likewise
+#: schema 7 adds the weights of each fused map's excess over the normal blocks' extreme (scoring.fusion.swin_excess,
+#: distance_excess), likewise
 EXCESS_SCHEMA_VERSION = 7
 #: the Swin's share of a fused map whose manifest does not say (every bundle before schema 4)
 DEFAULT_SWIN_WEIGHT = 0.5
@@ -182,8 +183,10 @@ class FusionInfo(_Strict):
     swin_scale: float = Field(gt=0)
     quantile: float = Field(gt=0, lt=1)
     swin_weight: float | None = Field(default=None, gt=0, lt=1)  # the Swin's share; absent: an equal one
-    # the fused map plus this times max(scaled Swin - 1, 0) (``MapFusion.swin_excess``); absent: nothing added
+    # the fused map plus these times max(scaled Swin - 1, 0) and max(scaled distance - 1, 0) (``MapFusion``'s
+    # swin_excess, distance_excess); absent: nothing added
     swin_excess: float | None = Field(default=None, gt=0)
+    distance_excess: float | None = Field(default=None, gt=0)
 
     @property
     def weight(self) -> float:
@@ -191,9 +194,14 @@ class FusionInfo(_Strict):
         return self.swin_weight if self.swin_weight is not None else DEFAULT_SWIN_WEIGHT
 
     @property
-    def excess(self) -> float:
+    def swin_excess_weight(self) -> float:
         """The weight of the Swin's excess over 1.0 (0 where the manifest does not say)."""
         return self.swin_excess if self.swin_excess is not None else 0.0
+
+    @property
+    def distance_excess_weight(self) -> float:
+        """The weight of the distance's excess over 1.0 (0 where the manifest does not say)."""
+        return self.distance_excess if self.distance_excess is not None else 0.0
 
 
 class RefineInfo(_Strict):
@@ -238,7 +246,9 @@ class ScoringInfo(_Strict):
                    ("scoring.refine.peak_power", self.refine is not None and self.refine.peak_power is not None,
                     PEAK_SCHEMA_VERSION),
                    ("scoring.fusion.swin_excess", self.fusion is not None and self.fusion.swin_excess is not None,
-                    EXCESS_SCHEMA_VERSION))
+                    EXCESS_SCHEMA_VERSION),
+                   ("scoring.fusion.distance_excess",
+                    self.fusion is not None and self.fusion.distance_excess is not None, EXCESS_SCHEMA_VERSION))
         return [(name, version) for name, there, version in present if there]
 
 

@@ -150,10 +150,10 @@ class MapFusion:
     Both maps are first divided by their ``FUSION_QUANTILE`` on held-out good blocks, so 1.0 means "as high
     as the most extreme normal blocks" in either, then combined by ``rule``, the Swin weighted by
     ``swin_weight`` and the distance by the rest (a weighted mean, or a weighted geometric mean; ``max`` takes
-    no weight).  ``swin_excess`` > 0 then adds that many times the Swin's excess over 1.0 (``max(p - 1, 0)``): where
-    the Swin is surer than on any normal block it counts more, while below (where a small defect's blocks and
-    most normal ones lie, and where PRO is decided) the share stays ``swin_weight`` (MTD, fast profile: pixel AP
-    as a larger share gives, without its PRO loss).
+    no weight).  ``swin_excess`` and ``distance_excess`` > 0 then add that many times each map's excess over 1.0
+    (``max(p - 1, 0)``, ``max(d - 1, 0)``): where either is surer than on any normal block it counts more, while
+    below (where most normal blocks lie, and where PRO is decided) the shares stay.  On MTD the Swin's excess lifts
+    the large finish regions it finds, the distance's the pits and cracks only it sees.
     """
 
     rule: Literal["mean", "geometric", "max"]
@@ -161,6 +161,7 @@ class MapFusion:
     swin_scale: float
     swin_weight: float = DEFAULT_SWIN_WEIGHT
     swin_excess: float = 0.0
+    distance_excess: float = 0.0
 
     def __post_init__(self) -> None:
         if self.rule not in ("mean", "geometric", "max"):
@@ -169,35 +170,39 @@ class MapFusion:
             raise ValueError(f"fusion scales must be positive, got {self.distance_scale}, {self.swin_scale}")
         if not 0.0 < self.swin_weight < 1.0:
             raise ValueError(f"fusion swin_weight must be in (0, 1), got {self.swin_weight}")
-        if not (np.isfinite(self.swin_excess) and self.swin_excess >= 0.0):
-            raise ValueError(f"fusion swin_excess must be a finite number >= 0, got {self.swin_excess}")
+        for name in ("swin_excess", "distance_excess"):
+            value = getattr(self, name)
+            if not (np.isfinite(value) and value >= 0.0):
+                raise ValueError(f"fusion {name} must be a finite number >= 0, got {value}")
 
     @classmethod
     def calibrate(cls, rule: Literal["mean", "geometric", "max"], distances: np.ndarray,
                   probabilities: np.ndarray, swin_weight: float = DEFAULT_SWIN_WEIGHT,
-                  swin_excess: float = 0.0) -> MapFusion:
+                  swin_excess: float = 0.0, distance_excess: float = 0.0) -> MapFusion:
         """Scales from the block values of held-out good images (any shape, pooled)."""
         eps = 1e-6
         d = float(np.quantile(np.asarray(distances, dtype=np.float64).ravel(), FUSION_QUANTILE))
         p = float(np.quantile(np.asarray(probabilities, dtype=np.float64).ravel(), FUSION_QUANTILE))
         return cls(rule=rule, distance_scale=max(d, eps), swin_scale=max(p, eps), swin_weight=swin_weight,
-                   swin_excess=swin_excess)
+                   swin_excess=swin_excess, distance_excess=distance_excess)
 
     @classmethod
     def from_scorer(cls, rule: Literal["mean", "geometric", "max"], scorer: PosFARScorer,
                     good_features: list[tuple[np.ndarray, np.ndarray]],
-                    swin_weight: float = DEFAULT_SWIN_WEIGHT, swin_excess: float = 0.0) -> MapFusion:
+                    swin_weight: float = DEFAULT_SWIN_WEIGHT, swin_excess: float = 0.0,
+                    distance_excess: float = 0.0) -> MapFusion:
         """Scales from a Swin scorer's raw block evidence on held-out good images ((pcf, descriptor) pairs)."""
         evidence = [scorer.block_evidence(pcf, descriptor) for pcf, descriptor in good_features]
         return cls.calibrate(rule, np.stack([e[0] for e in evidence]), np.stack([e[1] for e in evidence]),
-                             swin_weight, swin_excess)
+                             swin_weight, swin_excess, distance_excess)
 
     def __call__(self, probability: np.ndarray, distance: np.ndarray) -> np.ndarray:
         p = np.asarray(probability, dtype=np.float32) / np.float32(self.swin_scale)
         d = np.asarray(distance, dtype=np.float32) / np.float32(self.distance_scale)
         fused = self._combine(p, d)
-        if self.swin_excess > 0.0:
-            fused = fused + np.float32(self.swin_excess) * np.maximum(p - np.float32(1.0), np.float32(0.0))
+        for weight, scaled in ((self.swin_excess, p), (self.distance_excess, d)):
+            if weight > 0.0:
+                fused = fused + np.float32(weight) * np.maximum(scaled - np.float32(1.0), np.float32(0.0))
         return fused
 
     def _combine(self, p: np.ndarray, d: np.ndarray) -> np.ndarray:
@@ -444,8 +449,9 @@ class Inspector:
     thresholds belong to its own scores and must then be read as unset.  ``refine=False`` leaves out the
     bundle's heatmap refinement (``scoring.refine``), to measure what it does; ``frame_shift`` overrides the
     bundle's shifted frames (``scoring.frame_shift``; 0: off), likewise (the thresholds then belong to other scores);
-    ``swin_share`` the Swin's share of a fused map (``scoring.fusion_swin_weight``), and ``swin_excess`` the weight of
-    its excess over the normal blocks' extreme (``scoring.fusion_swin_excess``), likewise.
+    ``swin_share`` the Swin's share of a fused map (``scoring.fusion_swin_weight``), and ``swin_excess`` /
+    ``distance_excess`` the weights of each map's excess over the normal blocks' extreme
+    (``scoring.fusion_swin_excess`` / ``fusion_distance_excess``), likewise.
 
     ``engine`` is the engine switch (``engines.ENGINE_NAMES``; ``auto`` picks by ``engines.AUTO_ORDER``); the
     choice is in ``engines`` (None when the caller hands in its own ``backbone``).
@@ -458,7 +464,7 @@ class Inspector:
                  logical_verdict: Literal["fused", "structural", "logical"] = "fused", engine: str = "cpu",
                  device: str = "CPU", engines: EngineSet | None = None, refine: bool = True,
                  frame_shift: int | None = None, swin_share: float | None = None,
-                 swin_excess: float | None = None) -> None:
+                 swin_excess: float | None = None, distance_excess: float | None = None) -> None:
         self.bundle = bundle
         m = bundle.manifest
         self.input_hw = tuple(m.preprocessing.input_size)
@@ -484,7 +490,9 @@ class Inspector:
                 raise ValueError(f"bundle {bundle.root} has no fusion scales (fitted before fused maps existed)")
             fusion = MapFusion(rule=fusion_rule or f.rule, distance_scale=f.distance_scale, swin_scale=f.swin_scale,
                                swin_weight=f.weight if swin_share is None else swin_share,
-                               swin_excess=f.excess if swin_excess is None else swin_excess)
+                               swin_excess=f.swin_excess_weight if swin_excess is None else swin_excess,
+                               distance_excess=f.distance_excess_weight if distance_excess is None
+                               else distance_excess)
         self.fusion = fusion
         self.swin = None
         if self.anomaly_map in ("swin", "fused"):

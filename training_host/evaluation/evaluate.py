@@ -91,7 +91,7 @@ def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int
                     also_exclude: set[str] | frozenset[str] = frozenset(), fusion_rule: str | None = None,
                     image_score: str | None = None, engine: str = "cpu", refine: bool = True,
                     frame_shift: int | None = None, swin_share: float | None = None,
-                    swin_excess: float | None = None) -> dict:
+                    swin_excess: float | None = None, distance_excess: float | None = None) -> dict:
     """Run every test image through the bundle; return and write the metrics.
 
     Defective images the bundle was trained on (listed with their sha256 in its manifest) are left out,
@@ -103,7 +103,7 @@ def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int
                           logical_verdict=logical_verdict,
                           fusion_rule=fusion_rule,
                           image_score=image_score, engine=engine, refine=refine, frame_shift=frame_shift,
-                          swin_share=swin_share, swin_excess=swin_excess)
+                          swin_share=swin_share, swin_excess=swin_excess, distance_excess=distance_excess)
     m = bundle.manifest
     dataset, excluded = scored_test_split(bundle, data_root, also_exclude)
     if not dataset.test:
@@ -140,7 +140,8 @@ def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int
     # the bundle's threshold belongs to its own anomaly map; with another map there is no verdict to report
     own_rule = inspector.fusion is None or m.scoring.fusion is None or (
         inspector.fusion.rule == m.scoring.fusion.rule and inspector.fusion.swin_weight == m.scoring.fusion.weight
-        and inspector.fusion.swin_excess == m.scoring.fusion.excess)
+        and inspector.fusion.swin_excess == m.scoring.fusion.swin_excess_weight
+        and inspector.fusion.distance_excess == m.scoring.fusion.distance_excess_weight)
     own_map = (inspector.anomaly_map == m.scoring.anomaly_map and (use_foreground or m.foreground is None)
                and (logical_verdict == "fused" or m.logical is None)
                and own_rule and inspector.image_score == m.scoring.image_score
@@ -174,6 +175,7 @@ def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int
         "fusion_rule": inspector.fusion.rule if inspector.fusion is not None else None,
         "fusion_swin_share": inspector.fusion.swin_weight if inspector.fusion is not None else None,
         "fusion_swin_excess": inspector.fusion.swin_excess if inspector.fusion is not None else None,
+        "fusion_distance_excess": inspector.fusion.distance_excess if inspector.fusion is not None else None,
         "image_score": inspector.image_score,
         "heatmap_refined": inspector.refiner is not None,
         "frame_shift": inspector.frame_shift,
@@ -199,7 +201,9 @@ def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int
                                + (f", fusion {metrics['fusion_rule']} (the Swin's share "
                                   f"{metrics['fusion_swin_share']:g}"
                                   + (f", its excess over 1 times {metrics['fusion_swin_excess']:g}"
-                                     if metrics["fusion_swin_excess"] else "") + ")"
+                                     if metrics["fusion_swin_excess"] else "")
+                                  + (f", the distance's excess over 1 times {metrics['fusion_distance_excess']:g}"
+                                     if metrics["fusion_distance_excess"] else "") + ")"
                                   if metrics["fusion_rule"] else "")
                                + (", heatmap refined by the frame" if inspector.refiner is not None else "")
                                + (f", heatmap and score averaged over the frame shifted by "

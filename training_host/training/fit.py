@@ -470,13 +470,16 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
         fusion = fusion_info = None
         if classifier is not None:  # the scales are always stored, so every map can be evaluated
             rule = cfg.scoring.fusion if cfg.scoring.fusion != "none" else "geometric"
-            weight, excess = cfg.scoring.fusion_swin_weight, cfg.scoring.fusion_swin_excess
+            weight, s = cfg.scoring.fusion_swin_weight, cfg.scoring
             calibrated = MapFusion.calibrate(rule, np.stack([e.distance for e in holdout_evidence]),
-                                             np.stack([e.probability for e in holdout_evidence]), weight, excess)
+                                             np.stack([e.probability for e in holdout_evidence]), weight,
+                                             s.fusion_swin_excess, s.fusion_distance_excess)
             fusion_info = B.FusionInfo(rule=rule, distance_scale=calibrated.distance_scale,
                                        swin_scale=calibrated.swin_scale, quantile=FUSION_QUANTILE,
                                        swin_weight=None if weight == B.DEFAULT_SWIN_WEIGHT else weight,
-                                       swin_excess=excess or None)  # absent when off: the bundle keeps its schema
+                                       # absent when off: the bundle keeps its schema
+                                       swin_excess=s.fusion_swin_excess or None,
+                                       distance_excess=s.fusion_distance_excess or None)
             if cfg.scoring.fusion != "none":
                 fusion = calibrated
                 scorer = scorer.with_fusion(fusion)
