@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge_runtime.core.bundle import DEFAULT_SWIN_WEIGHT, load_bundle  # noqa: E402
-from edge_runtime.core.pipeline import Inspector  # noqa: E402
+from edge_runtime.core.pipeline import Inspector, excess_over_normal  # noqa: E402
 from edge_runtime.core.preprocess import read_image, to_input_tensor  # noqa: E402
 from edge_runtime.core.scoring import (  # noqa: E402
     HeatmapRefiner,
@@ -92,8 +92,8 @@ class Evidence:
         distance = self.distance if distance is None else distance
         excess = self.swin_excess if excess is None else excess
         distance_excess = self.distance_excess if distance_excess is None else distance_excess
-        return (share * swin + (1.0 - share) * distance + excess * np.maximum(swin - 1.0, 0.0)
-                + distance_excess * np.maximum(distance - 1.0, 0.0))
+        return (share * swin + (1.0 - share) * distance + excess_over_normal(swin, excess)
+                + excess_over_normal(distance, distance_excess))
 
     def profile_blocks(self) -> np.ndarray:
         return self.blocks_at(self.swin_weight)
@@ -103,15 +103,12 @@ class Evidence:
         """The heatmaps the runtime serves with that share and excess: the fused block maps of the frame and of
         its shifted frames, each a heatmap moved back onto the frame's pixels, averaged (``ShiftedMean``), then
         refined by the bundle's own refinement."""
-        if not self.shift_offsets:
-            return heatmaps(self, self.blocks_at(share, excess, distance_excess=distance_excess), self.refiner)
-        hw = self.masks.shape[1:]
         total = heatmaps(self, self.blocks_at(share, excess, distance_excess=distance_excess))
         for k, (dy, dx) in enumerate(self.shift_offsets):
-            moved = self.blocks_at(share, excess, swin=self.shifted_swin[:, k], distance=self.shifted_distance[:, k],
-                                   distance_excess=distance_excess)
-            total += np.stack([unshifted_heatmap(heatmap_from_blocks(b.astype(np.float32), hw, self.blur_sigma),
-                                                 dy, dx) for b in moved])
+            blocks = self.blocks_at(share, excess, swin=self.shifted_swin[:, k], distance=self.shifted_distance[:, k],
+                                    distance_excess=distance_excess)
+            moved = heatmaps(self, blocks)
+            total += np.stack([unshifted_heatmap(h, dy, dx) for h in moved])
         mean = total / np.float32(1 + len(self.shift_offsets))
         return np.stack([_refined(self.refiner, h, g) for h, g in zip(mean, self.guides, strict=True)])
 

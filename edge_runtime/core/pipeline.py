@@ -141,6 +141,11 @@ STANDARDISED: tuple[str, ...] = ("standardised", "reference_standardised")
 FUSION_QUANTILE = 0.999  # each map is divided by this quantile of its values on held-out good blocks
 
 
+def excess_over_normal(scaled: np.ndarray, weight: float) -> np.ndarray:
+    """``weight`` times a scaled map's excess over 1.0, the most extreme held-out normal block (``MapFusion``)."""
+    return np.float32(weight) * np.maximum(scaled - np.float32(1.0), np.float32(0.0))
+
+
 @dataclass(frozen=True)
 class MapFusion:
     """The final map from both pieces of evidence: the Swin's probability and the nearest-normal distance.
@@ -202,7 +207,7 @@ class MapFusion:
         fused = self._combine(p, d)
         for weight, scaled in ((self.swin_excess, p), (self.distance_excess, d)):
             if weight > 0.0:
-                fused = fused + np.float32(weight) * np.maximum(scaled - np.float32(1.0), np.float32(0.0))
+                fused = fused + excess_over_normal(scaled, weight)
         return fused
 
     def _combine(self, p: np.ndarray, d: np.ndarray) -> np.ndarray:

@@ -470,7 +470,8 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
         fusion = fusion_info = None
         if classifier is not None:  # the scales are always stored, so every map can be evaluated
             rule = cfg.scoring.fusion if cfg.scoring.fusion != "none" else "geometric"
-            weight, s = cfg.scoring.fusion_swin_weight, cfg.scoring
+            s = cfg.scoring
+            weight = s.fusion_swin_weight
             calibrated = MapFusion.calibrate(rule, np.stack([e.distance for e in holdout_evidence]),
                                              np.stack([e.probability for e in holdout_evidence]), weight,
                                              s.fusion_swin_excess, s.fusion_distance_excess)
