@@ -242,3 +242,55 @@ def test_with_guess_rest_off_only_the_peaks_of_the_bags_are_learned():
                                             guess_rest=rest))
         obj(model, x, y, (0, 0), 10, torch.Generator().manual_seed(1), bags=bags).backward()
         assert int((seen["logits"].grad.abs().sum(-1) > 0).sum()) == n_learned
+
+
+def _thin_defects(n: int, seed: int) -> tuple[ResidualSet, torch.Tensor]:
+    """Real defects thinner than a block, as Eq. 15 labels them from their masks: a short line of large residuals
+    whose blocks the mask covers by less than eps_pos, so each is ignored (-1), and every other block normal."""
+    g = torch.Generator().manual_seed(seed)
+    fields = torch.rand(n, 16, 16, 12, generator=g) * 0.5
+    labels = torch.zeros(n, 16, 16, dtype=torch.int8)
+    truth = torch.zeros(n, 16, 16, dtype=torch.bool)
+    for i in range(n):
+        r, c = (int(v) for v in torch.randint(1, 12, (2,), generator=g))
+        fields[i, r, c : c + 3] += 2.0
+        truth[i, r, c : c + 3] = True
+        labels[i, r, c : c + 3] = -1
+    return ResidualSet(fields.half(), labels, ["defect"] * n), truth
+
+
+def test_masks_learned_with_resmixmatch_teach_the_thin_defects_the_focal_loss_ignores():
+    """swin.finetune_objective: with the focal loss a defect whose blocks all lie between eps_neg and eps_pos
+    teaches nothing (only the surrounding normal blocks are learned); with ResMixMatch those blocks are guessed and
+    each connected group holds at least one defect block, so the fine-tuned Swin finds such defects."""
+    from training_host.config import ProductConfig
+    from training_host.evaluation.metrics import roc_auc
+    from training_host.training.fit import TrainingOptions, _train_member
+
+    real, _ = _thin_defects(24, 0)
+    assert torch.equal(real.ignored_as_unknown().labels == UNKNOWN, real.labels == -1)
+    assert torch.equal(real.ignored_as_unknown().labels[real.labels != -1], real.labels[real.labels != -1])
+    g = torch.Generator().manual_seed(5)
+    good = ResidualSet((torch.rand(16, 16, 16, 12, generator=g) * 0.5).half(),
+                       torch.zeros(16, 16, 16, dtype=torch.int8), ["good"] * 16)
+    test, truth = _thin_defects(16, 1)
+    found = {}
+    for objective in ("focal", "resmixmatch"):
+        cfg = ProductConfig.model_validate({
+            "swin": {"batch_size": 8, "warmup_steps": 5, "ema": 0.9, "checkpoint_every": 1000, "steps": 20,
+                     "lr": 3e-3, "finetune_steps": 80, "finetune_lr": 1e-3, "defect_fraction": 0.5,
+                     "finetune_objective": objective},
+            "weak": {"rampup_steps": 20}})
+        torch.manual_seed(0)
+        model = ResidualSwin(SwinShape(in_dim=12, embed_dim=16, depth=2, heads=2, train_window=16))
+        model.set_input_scale(good.fields.float())
+        trainer = SwinTrainer(model, cfg.swin, seed=0)
+        phases, steps = _train_member(cfg, TrainingOptions(mode="supervised"), trainer, good, real, None, False)
+        assert [p["phase"] for p in phases] == ["unsupervised", "supervised"] and steps == 100
+        with torch.no_grad():
+            prob = trainer.ema(test.fields.float())
+        found[objective] = (roc_auc(truth.flatten().numpy(), prob.flatten().numpy()), float(prob[truth].mean()),
+                            float(prob[~truth].mean()))
+    (_, focal_defect, focal_normal), (auroc, defect, normal) = found["focal"], found["resmixmatch"]
+    assert focal_defect < 1.5 * focal_normal, found  # the focal loss never saw them: as likely as normal blocks
+    assert auroc > 0.95 and defect > 3 * normal and defect > focal_defect + 0.2, found

@@ -128,13 +128,14 @@ def object_data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def object_bundle(tmp_path_factory, object_data):
-    """A supervised bundle with foreground maps, fitted through the CLI with checkpoints."""
+    """A supervised bundle with foreground maps, fitted through the CLI with checkpoints, its masks learned with
+    ResMixMatch as the profiles do."""
     out = tmp_path_factory.mktemp("object_bundle") / "bundle"
     code = train_cli.main([
         "fit", "--data", str(object_data), "--out", str(out), "--mode", "supervised",
         "--supervised-from", str(object_data), "--n-defects", "3", "--defect-seed", "1",
         "--synthetic-preview", str(out.parent / "synthetic.png"), "--json",
-        *OBJECT_SETTINGS, "--set", "swin.defect_transplants=2",
+        *OBJECT_SETTINGS, "--set", "swin.defect_transplants=2", "--set", "swin.finetune_objective=resmixmatch",
     ])
     assert code == 0
     return out
@@ -145,6 +146,7 @@ def test_supervised_object_bundle_records_its_training_and_foreground(object_bun
     assert m.training.mode == "supervised" and len(m.training.defect_images) == 3
     assert m.training.steps == 90 and "3 defective images" in m.training.supervision
     assert "each also pasted into 2 good images" in m.training.supervision
+    assert "with pixel masks (learned with ResMixMatch)" in m.training.supervision
     assert m.foreground is not None and m.foreground.power == 0.15
     assert m.swin.train_window == 8 and m.swin.window == 4 and m.swin.onnx_max_abs_diff < 1e-4  # sliding windows
     maps = load_bundle(object_bundle).arrays["foreground_maps"].astype(np.float32)

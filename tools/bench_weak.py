@@ -1,9 +1,9 @@
 """Weak-label figures on the real MTD data (``make bench-weak``): the paper's protocol, one table per seed.
 
 For each seed, 10 defective test images are drawn (``pick_defects``, that seed) and labelled several ways,
-all derived from their masks (``weakrest-train labels from-masks``): pixel masks (the supervised mode), the same
-masks as block labels (learned with ResMixMatch: the same AP with more PRO on MTD), boxes, image tags, and on request
-rotated boxes and boxes perturbed by +-3 / +-7 pixels.  Every
+all derived from their masks (``weakrest-train labels from-masks``): pixel masks (the supervised mode, learned as
+the config's ``swin.finetune_objective`` says), the same masks as block labels in weak mode, boxes, image tags, and on
+request rotated boxes and boxes perturbed by +-3 / +-7 pixels.  Every
 labelled row fine-tunes the same unsupervised model (``--init``) on the same bank (the config's own seed: the
 seed picks the defects only) and is scored on the same test images as the unsupervised row, the seed's 10
 labelled defects left out of all of them.  The last table
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--kinds", nargs="+", default=["masks", "blocks", "boxes", "tags"], choices=list(KINDS),
                         help="label kinds to fit, each on every seed (blocks: the masks as block labels, "
-                             "learned with ResMixMatch)")
+                             "in weak mode)")
     parser.add_argument("--only", nargs="*", default=None,
                         help="row names to (re)fit even when the report has them, e.g. boxes tags")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

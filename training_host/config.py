@@ -135,6 +135,11 @@ class SwinConfig(_Section):
                                    description="share of each fine-tuning batch drawn from real defects")
     defect_transplants: int = Field(default=0, ge=0, description="supervised mode: each real defect is also pasted "
                                     "into this many good images at other places (its mask moved with it)")
+    finetune_objective: Literal["focal", "resmixmatch"] = Field(
+        default="focal", description="supervised mode: how the real defects' block labels are learned: the focal "
+        "loss (blocks between labels.eps_neg and eps_pos ignored), or ResMixMatch with the weak section's settings "
+        "(those blocks guessed, each connected group of them holding at least one defect block: a crack thinner "
+        "than a block still teaches something)")
     checkpoint_every: int = Field(default=250, gt=0)
 
     @field_validator("heads")

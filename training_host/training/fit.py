@@ -321,6 +321,8 @@ def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatu
     supervision = "good images + synthetic anomalies"
     if opts.mode == "supervised":
         supervision += f" + {len(labelled)} defective images with pixel masks"
+        if sc.finetune_objective == "resmixmatch":
+            supervision += " (learned with ResMixMatch)"
         if sc.defect_transplants:
             supervision += f" (each also pasted into {sc.defect_transplants} good images)"
     elif opts.mode == "weak" and weak is not None:
@@ -348,21 +350,30 @@ def _train_member(cfg: ProductConfig, opts: TrainingOptions, trainer: SwinTraine
     steps = sc.steps if opts.init is None else 0
     if real is not None:
         trainer.model.load_state_dict(trainer.ema.state_dict())  # fine-tune the unsupervised (EMA) model
+        if sc.finetune_objective == "resmixmatch":
+            real, objective = real.ignored_as_unknown(), _resmixmatch(cfg)
+        else:
+            objective = None  # the trainer's focal loss
         phases.append(trainer.run_phase("supervised", data, sc.finetune_steps, sc.finetune_lr, defects=real,
-                                        progress=progress).to_json())
+                                        progress=progress, objective=objective).to_json())
         steps += sc.finetune_steps
     if weak_set is not None:
         wc = cfg.weak
         trainer.model.load_state_dict(trainer.ema.state_dict())  # start from the unsupervised (EMA) model
-        objective = ResMixMatch(ResMixMatchConfig(
-            augmentations=wc.augmentations, temperature=wc.temperature, mixup_alpha=wc.mixup_alpha,
-            alpha_x=wc.alpha_x, alpha_u=wc.alpha_u, gamma_x=wc.gamma_x, gamma_u=wc.gamma_u, lambda_u=wc.lambda_u,
-            rampup_steps=wc.rampup_steps, mask_ratio=sc.mask_ratio, jitter=sc.jitter,
-            region_prior=wc.region_prior, peak_from=wc.peak_from, guess_rest=wc.guess_rest))
         phases.append(trainer.run_phase("weak", data, wc.steps, wc.lr, defects=weak_set, progress=progress,
-                                        objective=objective).to_json())
+                                        objective=_resmixmatch(cfg)).to_json())
         steps += wc.steps
     return phases, steps
+
+
+def _resmixmatch(cfg: ProductConfig) -> ResMixMatch:
+    """The weak-label objective from the weak section (and the Swin's token masking / jitter)."""
+    wc, sc = cfg.weak, cfg.swin
+    return ResMixMatch(ResMixMatchConfig(
+        augmentations=wc.augmentations, temperature=wc.temperature, mixup_alpha=wc.mixup_alpha,
+        alpha_x=wc.alpha_x, alpha_u=wc.alpha_u, gamma_x=wc.gamma_x, gamma_u=wc.gamma_u, lambda_u=wc.lambda_u,
+        rampup_steps=wc.rampup_steps, mask_ratio=sc.mask_ratio, jitter=sc.jitter,
+        region_prior=wc.region_prior, peak_from=wc.peak_from, guess_rest=wc.guess_rest))
 
 
 def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool = True,

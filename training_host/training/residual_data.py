@@ -49,6 +49,12 @@ class ResidualSet:
     def count(self, kind: str) -> int:
         return sum(k == kind for k in self.kinds)
 
+    def ignored_as_unknown(self) -> ResidualSet:
+        """The same fields with their ignored blocks (-1: a mask covers them between eps_neg and eps_pos) made
+        UNKNOWN, for ResMixMatch to guess: each connected group of them then holds at least one defect block."""
+        labels = torch.where(self.labels == -1, torch.full_like(self.labels, UNKNOWN), self.labels)
+        return ResidualSet(self.fields, labels, list(self.kinds), self.bags)
+
     def select(self, kind: str) -> ResidualSet:
         idx = [i for i, k in enumerate(self.kinds) if k == kind]
         bags = self.bags[idx] if self.bags is not None else None
