@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge_runtime.core.bundle import DEFAULT_SWIN_WEIGHT, load_bundle  # noqa: E402
-from edge_runtime.core.pipeline import Inspector, excess_over_normal  # noqa: E402
+from edge_runtime.core.pipeline import Inspector, fuse_scaled  # noqa: E402
 from edge_runtime.core.preprocess import read_image, to_input_tensor  # noqa: E402
 from edge_runtime.core.scoring import (  # noqa: E402
     HeatmapRefiner,
@@ -92,8 +92,7 @@ class Evidence:
         distance = self.distance if distance is None else distance
         excess = self.swin_excess if excess is None else excess
         distance_excess = self.distance_excess if distance_excess is None else distance_excess
-        return (share * swin + (1.0 - share) * distance + excess_over_normal(swin, excess)
-                + excess_over_normal(distance, distance_excess))
+        return fuse_scaled("mean", swin, distance, share, excess, distance_excess)
 
     def profile_blocks(self) -> np.ndarray:
         return self.blocks_at(self.swin_weight)

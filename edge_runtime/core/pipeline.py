@@ -141,9 +141,23 @@ STANDARDISED: tuple[str, ...] = ("standardised", "reference_standardised")
 FUSION_QUANTILE = 0.999  # each map is divided by this quantile of its values on held-out good blocks
 
 
-def excess_over_normal(scaled: np.ndarray, weight: float) -> np.ndarray:
-    """``weight`` times a scaled map's excess over 1.0, the most extreme held-out normal block (``MapFusion``)."""
-    return np.float32(weight) * np.maximum(scaled - np.float32(1.0), np.float32(0.0))
+def fuse_scaled(rule: Literal["mean", "geometric", "max"], p: np.ndarray, d: np.ndarray, swin_weight: float,
+                swin_excess: float = 0.0, distance_excess: float = 0.0) -> np.ndarray:
+    """``MapFusion``'s map from the Swin's and the distance's maps already divided by their scales (1.0: the most
+    extreme held-out normal block): ``rule`` with the Swin's share ``swin_weight``, plus each excess weight times
+    that map's excess over 1.0.  No checks: ``MapFusion`` validates its settings, studies may go past them."""
+    w = swin_weight
+    if rule == "mean":
+        fused = 0.5 * (p + d) if w == DEFAULT_SWIN_WEIGHT else np.float32(w) * p + np.float32(1.0 - w) * d
+    elif rule == "max":
+        fused = np.maximum(p, d)
+    else:
+        pc, dc = np.maximum(p, 0.0), np.maximum(d, 0.0)
+        fused = np.sqrt(pc * dc) if w == DEFAULT_SWIN_WEIGHT else pc ** np.float32(w) * dc ** np.float32(1.0 - w)
+    for weight, scaled in ((swin_excess, p), (distance_excess, d)):
+        if weight > 0.0:
+            fused = fused + np.float32(weight) * np.maximum(scaled - np.float32(1.0), np.float32(0.0))
+    return fused
 
 
 @dataclass(frozen=True)
@@ -204,21 +218,7 @@ class MapFusion:
     def __call__(self, probability: np.ndarray, distance: np.ndarray) -> np.ndarray:
         p = np.asarray(probability, dtype=np.float32) / np.float32(self.swin_scale)
         d = np.asarray(distance, dtype=np.float32) / np.float32(self.distance_scale)
-        fused = self._combine(p, d)
-        for weight, scaled in ((self.swin_excess, p), (self.distance_excess, d)):
-            if weight > 0.0:
-                fused = fused + excess_over_normal(scaled, weight)
-        return fused
-
-    def _combine(self, p: np.ndarray, d: np.ndarray) -> np.ndarray:
-        """The rule on the two scaled maps."""
-        w = self.swin_weight
-        if self.rule == "mean":
-            return 0.5 * (p + d) if w == DEFAULT_SWIN_WEIGHT else np.float32(w) * p + np.float32(1.0 - w) * d
-        if self.rule == "max":
-            return np.maximum(p, d)
-        p, d = np.maximum(p, 0.0), np.maximum(d, 0.0)
-        return np.sqrt(p * d) if w == DEFAULT_SWIN_WEIGHT else p ** np.float32(w) * d ** np.float32(1.0 - w)
+        return fuse_scaled(self.rule, p, d, self.swin_weight, self.swin_excess, self.distance_excess)
 
 
 @dataclass(frozen=True)
