@@ -37,13 +37,18 @@ def test_lambda_u_ramps_linearly():
     assert obj.lambda_u(0) == 0.0 and obj.lambda_u(200) == 2.5 and obj.lambda_u(1000) == 5.0
 
 
+def _quiet_fields(n: int, seed: int) -> tuple[torch.Generator, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """n 16x16 fields of small residuals, all blocks normal and none a defect yet, and the generator that drew them
+    (the callers mark their defects with it)."""
+    g = torch.Generator().manual_seed(seed)
+    fields = torch.rand(n, 16, 16, 12, generator=g) * 0.5
+    return g, fields, torch.zeros(n, 16, 16, dtype=torch.int8), torch.zeros(n, 16, 16, dtype=torch.bool)
+
+
 def _weak_set(n: int, seed: int) -> tuple[ResidualSet, torch.Tensor]:
     """Fields with a blob of large residuals; labels as a box would give: blocks in a 6x6 box around the blob
     unknown (UNKNOWN), all others normal (0).  Returns the set and the true blob mask."""
-    g = torch.Generator().manual_seed(seed)
-    fields = torch.rand(n, 16, 16, 12, generator=g) * 0.5
-    labels = torch.zeros(n, 16, 16, dtype=torch.int8)
-    truth = torch.zeros(n, 16, 16, dtype=torch.bool)
+    g, fields, labels, truth = _quiet_fields(n, seed)
     for i in range(n):
         r, c = (int(v) for v in torch.randint(2, 11, (2,), generator=g))
         fields[i, r : r + 2, c : c + 2] += 2.0
@@ -247,10 +252,7 @@ def test_with_guess_rest_off_only_the_peaks_of_the_bags_are_learned():
 def _thin_defects(n: int, seed: int) -> tuple[ResidualSet, torch.Tensor]:
     """Real defects thinner than a block, as Eq. 15 labels them from their masks: a short line of large residuals
     whose blocks the mask covers by less than eps_pos, so each is ignored (-1), and every other block normal."""
-    g = torch.Generator().manual_seed(seed)
-    fields = torch.rand(n, 16, 16, 12, generator=g) * 0.5
-    labels = torch.zeros(n, 16, 16, dtype=torch.int8)
-    truth = torch.zeros(n, 16, 16, dtype=torch.bool)
+    g, fields, labels, truth = _quiet_fields(n, seed)
     for i in range(n):
         r, c = (int(v) for v in torch.randint(1, 12, (2,), generator=g))
         fields[i, r, c : c + 3] += 2.0
