@@ -267,7 +267,7 @@ def test_masks_learned_with_resmixmatch_teach_the_thin_defects_the_focal_loss_ig
     each connected group holds at least one defect block, so the fine-tuned Swin finds such defects."""
     from training_host.config import ProductConfig
     from training_host.evaluation.metrics import roc_auc
-    from training_host.training.fit import TrainingOptions, _train_member
+    from training_host.training.fit import _train_member
 
     real, _ = _thin_defects(24, 0)
     assert torch.equal(real.ignored_as_unknown().labels == UNKNOWN, real.labels == -1)
@@ -287,7 +287,7 @@ def test_masks_learned_with_resmixmatch_teach_the_thin_defects_the_focal_loss_ig
         model = ResidualSwin(SwinShape(in_dim=12, embed_dim=16, depth=2, heads=2, train_window=16))
         model.set_input_scale(good.fields.float())
         trainer = SwinTrainer(model, cfg.swin, seed=0)
-        phases, steps = _train_member(cfg, TrainingOptions(mode="supervised"), trainer, good, real, None, False)
+        phases, steps = _train_member(cfg, None, trainer, good, real, None, False)
         assert [p["phase"] for p in phases] == ["unsupervised", "supervised"] and steps == 100
         with torch.no_grad():
             prob = trainer.ema(test.fields.float())

@@ -661,7 +661,8 @@ def test_real_defects_are_also_transplanted_into_good_bank_images(object_data):
     assert all(np.array_equal(a, b) for a, b in zip(again.calls[1][1], pasted_masks, strict=True))  # ... and places
 
 
-def test_an_ensemble_bundle_serves_the_mean_of_its_swins(tmp_path, demo_data, small_config):
+def test_an_ensemble_bundle_serves_the_mean_of_its_swins_and_refits_from_their_checkpoints(tmp_path, demo_data,
+                                                                                            small_config):
     import torch
     from safetensors.torch import load_file
 
@@ -694,6 +695,16 @@ def test_an_ensemble_bundle_serves_the_mean_of_its_swins(tmp_path, demo_data, sm
     served = engine.run({"residual": field.reshape(1, -1, summary.d_f).numpy()})["probability"]
     assert not np.allclose(probs[0], probs[1], atol=1e-3)  # two different Swins ...
     assert np.allclose(served, (probs[0] + probs[1]) / 2, atol=1e-4)  # ... and the bundle serves their mean
-    with pytest.raises(ValueError, match="members"):
+    with pytest.raises(ValueError, match="members is 2: give the earlier fit's checkpoint folder"):
         fit_product(cfg, demo_data, tmp_path / "again", progress=False,
                     options=TrainingOptions(init=ckpt / "unsupervised.safetensors"))
+    # the checkpoint folder starts each member from its own weights: nothing trained, the same two Swins served
+    summary = fit_product(cfg, demo_data, tmp_path / "again", progress=False,
+                          options=TrainingOptions(init=ckpt, cache_dir=tmp_path / "cache"))
+    assert summary.swin["phases"] == []
+    again = OnnxRuntimeEngine(tmp_path / "again" / SWIN).run({"residual": field.reshape(1, -1, summary.d_f).numpy()})
+    assert np.allclose(again["probability"], served, atol=1e-5)
+    shutil.copytree(ckpt, tmp_path / "one.ckpt", ignore=shutil.ignore_patterns("member1"))
+    with pytest.raises(ValueError, match="no member1/unsupervised.safetensors for member 1 of 2"):
+        fit_product(cfg, demo_data, tmp_path / "third", progress=False,
+                    options=TrainingOptions(init=tmp_path / "one.ckpt"))

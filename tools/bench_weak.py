@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(ROOT / "configs" / "products" / "fast.yaml"))
     parser.add_argument("--out", default="runs/weak")
     parser.add_argument("--init", default=None, metavar="CKPT",
-                        help="unsupervised Swin checkpoint to start from (default: train it in OUT)")
+                        help="unsupervised Swin checkpoint to start from, or with swin.members > 1 the "
+                             "checkpoint folder of a fit with as many (default: train it in OUT)")
     parser.add_argument("--cache", default=None, metavar="DIR", help="fit cache folder (default OUT/cache)")
     parser.add_argument("--n-defects", type=int, default=10)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

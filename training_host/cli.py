@@ -275,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "settings (experiments; keyed by every setting that produced them)")
     p.add_argument("--init", default=None, metavar="CHECKPOINT",
                    help="start from a checkpoint's EMA weights (e.g. OUT.ckpt/unsupervised.safetensors) "
-                        "instead of training the unsupervised phase")
+                        "instead of training the unsupervised phase; with swin.members > 1, the earlier fit's "
+                        "checkpoint folder OUT.ckpt (each member from its own)")
     p.add_argument("--synthetic-preview", default=None, metavar="PNG",
                    help="write a picture grid of synthetic anomalies")
     p.add_argument("--sign-key", default=None, metavar="KEY",

@@ -265,8 +265,7 @@ def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatu
     """
     t0 = time.perf_counter()
     sc = cfg.swin
-    if opts.init is not None and sc.members > 1:
-        raise ValueError(f"--init gives one Swin's weights; swin.members is {sc.members}")
+    inits = [member_init(opts.init, m, sc.members) for m in range(sc.members)]
     nn_scorer = fitted.scorer(cfg.posfar.k_references, extractor.grid, cfg.input_size, cfg.posfar.retrieval_trim,
                               cfg.scoring.blur_sigma, cfg.scoring.score_pool, tuple(cfg.posfar.thetas))
     maker = ResidualFieldMaker(extractor, nn_scorer, cfg.labels.eps_pos, cfg.labels.eps_neg, cfg.batch_size,
@@ -307,7 +306,7 @@ def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatu
         model.set_input_scale(good.fields.float())
         trainer = SwinTrainer(model, sc, ckpt / f"member{m}" if m else ckpt, seed=seed, resume=opts.resume,
                               dist=opts.dist)
-        member_phases, steps = _train_member(cfg, opts, trainer, data, real, weak_set, progress)
+        member_phases, steps = _train_member(cfg, inits[m], trainer, data, real, weak_set, progress)
         phases.extend({**p, "member": m} if sc.members > 1 else p for p in member_phases)
         members.append(trainer.ema.eval().cpu())
     if not opts.dist.is_main:  # rank 0 exports and writes; the others are done once training is
@@ -337,17 +336,36 @@ def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatu
     return _TrainedSwin(final, onnx_path, diff, info, phases)
 
 
-def _train_member(cfg: ProductConfig, opts: TrainingOptions, trainer: SwinTrainer, data: ResidualSet,
+def member_init(init: Path | None, member: int, members: int) -> Path | None:
+    """The checkpoint file a member starts from (``--init``): a file is one Swin's weights; a checkpoint folder
+    (``OUT.ckpt`` of an earlier fit) holds every member's, ``unsupervised.safetensors`` and
+    ``member<m>/unsupervised.safetensors``, so a several-Swin profile fine-tunes on labels without retraining."""
+    if init is None:
+        return None
+    init = Path(init)
+    if not init.is_dir():
+        if members > 1:
+            raise ValueError(f"--init {init} gives one Swin's weights; swin.members is {members}: give the earlier "
+                             "fit's checkpoint folder (OUT.ckpt), which holds each member's")
+        return init
+    path = init / f"member{member}" / "unsupervised.safetensors" if member else init / "unsupervised.safetensors"
+    if not path.is_file():
+        raise ValueError(f"--init {init}: no {path.relative_to(init)} for member {member} of {members} (a checkpoint "
+                         "folder of a fit with as many swin.members)")
+    return path
+
+
+def _train_member(cfg: ProductConfig, init: Path | None, trainer: SwinTrainer, data: ResidualSet,
                   real: ResidualSet | None, weak_set: ResidualSet | None, progress: bool) -> tuple[list[dict], int]:
-    """One Swin's phases: unsupervised (unless ``--init``), then fine-tuning on real defects or weak labels.
-    Returns the phase reports and the number of steps trained."""
+    """One Swin's phases: unsupervised (unless it starts from ``init``), then fine-tuning on real defects or weak
+    labels. Returns the phase reports and the number of steps trained."""
     sc = cfg.swin
     phases = []
-    if opts.init is not None:
-        trainer.load_weights(opts.init)
+    if init is not None:
+        trainer.load_weights(init)
     else:
         phases.append(trainer.run_phase("unsupervised", data, sc.steps, sc.lr, progress=progress).to_json())
-    steps = sc.steps if opts.init is None else 0
+    steps = sc.steps if init is None else 0
     if real is not None:
         trainer.model.load_state_dict(trainer.ema.state_dict())  # fine-tune the unsupervised (EMA) model
         if sc.finetune_objective == "resmixmatch":
