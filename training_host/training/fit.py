@@ -265,7 +265,7 @@ def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatu
     """
     t0 = time.perf_counter()
     sc = cfg.swin
-    inits = [member_init(opts.init, m, sc.members) for m in range(sc.members)]
+    inits = [_member_init(opts.init, m, sc.members) for m in range(sc.members)]
     nn_scorer = fitted.scorer(cfg.posfar.k_references, extractor.grid, cfg.input_size, cfg.posfar.retrieval_trim,
                               cfg.scoring.blur_sigma, cfg.scoring.score_pool, tuple(cfg.posfar.thetas))
     maker = ResidualFieldMaker(extractor, nn_scorer, cfg.labels.eps_pos, cfg.labels.eps_neg, cfg.batch_size,
@@ -336,7 +336,7 @@ def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatu
     return _TrainedSwin(final, onnx_path, diff, info, phases)
 
 
-def member_init(init: Path | None, member: int, members: int) -> Path | None:
+def _member_init(init: Path | None, member: int, members: int) -> Path | None:
     """The checkpoint file a member starts from (``--init``): a file is one Swin's weights; a checkpoint folder
     (``OUT.ckpt`` of an earlier fit) holds every member's, ``unsupervised.safetensors`` and
     ``member<m>/unsupervised.safetensors``, so a several-Swin profile fine-tunes on labels without retraining."""
