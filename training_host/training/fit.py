@@ -265,7 +265,7 @@ def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatu
     """
     t0 = time.perf_counter()
     sc = cfg.swin
-    inits = [_member_init(opts.init, m, sc.members) for m in range(sc.members)]
+    inits = [_member_init(opts.init, m, sc.members, opts.dist) for m in range(sc.members)]
     nn_scorer = fitted.scorer(cfg.posfar.k_references, extractor.grid, cfg.input_size, cfg.posfar.retrieval_trim,
                               cfg.scoring.blur_sigma, cfg.scoring.score_pool, tuple(cfg.posfar.thetas))
     maker = ResidualFieldMaker(extractor, nn_scorer, cfg.labels.eps_pos, cfg.labels.eps_neg, cfg.batch_size,
@@ -336,20 +336,21 @@ def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatu
     return _TrainedSwin(final, onnx_path, diff, info, phases)
 
 
-def _member_init(init: Path | None, member: int, members: int) -> Path | None:
-    """The checkpoint file a member starts from (``--init``): a file is one Swin's weights; a checkpoint folder
-    (``OUT.ckpt`` of an earlier fit) holds every member's, ``unsupervised.safetensors`` and
-    ``member<m>/unsupervised.safetensors``, so a several-Swin profile fine-tunes on labels without retraining."""
+def _member_init(init: Path | None, member: int, members: int, dist: Distributed) -> Path | None:
+    """The checkpoint file a member starts from (``--init``): a ``.safetensors`` file is one Swin's weights; a
+    checkpoint folder (``OUT.ckpt`` of an earlier fit) holds every member's, ``unsupervised.safetensors`` and
+    ``member<m>/unsupervised.safetensors``, so a several-Swin profile fine-tunes on labels without retraining.
+    Told apart by name, not on disk: under torchrun the weights need to exist only where rank 0 runs."""
     if init is None:
         return None
     init = Path(init)
-    if not init.is_dir():
+    if init.suffix == ".safetensors":
         if members > 1:
             raise ValueError(f"--init {init} gives one Swin's weights; swin.members is {members}: give the earlier "
                              "fit's checkpoint folder (OUT.ckpt), which holds each member's")
         return init
     path = init / f"member{member}" / "unsupervised.safetensors" if member else init / "unsupervised.safetensors"
-    if not path.is_file():
+    if not dist.enabled and not path.is_file():  # said before any work (under torchrun rank 0's read says it)
         raise ValueError(f"--init {init}: no {path.relative_to(init)} for member {member} of {members} (a checkpoint "
                          "folder of a fit with as many swin.members)")
     return path
