@@ -176,6 +176,8 @@ def calibrate(base: Path, images: Path, out: Path | None, *, holdout: float = 0.
         "precision": None,
     })
     arrays = fitted.arrays()
+    if "defect_bank" in bundle.arrays:  # the labelled defects' features: the same backbone's, kept as they are
+        arrays["defect_bank"] = np.asarray(bundle.arrays["defect_bank"])
     # score the hold-outs as the edge will: the bundle's own scorer over the fp16 arrays it will read
     holdout_features = list(_features(inspector, holdout_frames, "hold-out frames", quiet))
     classifier = inspector.scorer.classifier
@@ -192,7 +194,7 @@ def calibrate(base: Path, images: Path, out: Path | None, *, holdout: float = 0.
     scorer = scorer.with_standardiser(scorer.standardiser, m.scoring.image_score)
     if classifier is not None and m.scoring.fusion is not None:  # the new bank moves the distances: rescale
         f = m.scoring.fusion
-        rescaled = MapFusion.calibrate(f.rule, np.stack([e.distance for e in holdout_evidence]),
+        rescaled = MapFusion.calibrate(f.rule, np.stack([e.map_distance for e in holdout_evidence]),
                                        np.stack([e.probability for e in holdout_evidence]),
                                        f.weight, f.swin_excess_weight, f.distance_excess_weight)
         manifest = manifest.model_copy(update={"scoring": m.scoring.model_copy(update={

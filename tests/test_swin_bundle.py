@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -136,6 +137,7 @@ def object_bundle(tmp_path_factory, object_data):
         "--supervised-from", str(object_data), "--n-defects", "3", "--defect-seed", "1",
         "--synthetic-preview", str(out.parent / "synthetic.png"), "--json",
         *OBJECT_SETTINGS, "--set", "swin.defect_transplants=2", "--set", "swin.finetune_objective=resmixmatch",
+        "--set", "scoring.fusion=mean", "--set", "scoring.defect_bank_boost=1.0",
     ])
     assert code == 0
     return out
@@ -162,6 +164,53 @@ def test_supervised_object_bundle_records_its_training_and_foreground(object_bun
     assert {p.name for p in ckpt.iterdir()} >= {"unsupervised.safetensors", "unsupervised.json",
                                                 "supervised.safetensors", "supervised.json"}
     assert json.loads((ckpt / "supervised.json").read_text())["step"] == 30
+
+
+def test_a_supervised_bundle_keeps_its_defect_blocks_and_raises_the_map_there(object_bundle, object_data, tmp_path):
+    bundle = load_bundle(object_bundle)
+    m = bundle.manifest
+    info = m.scoring.defect_bank
+    assert info is not None and info.boost == 1.0 and info.cap == 2.0 and 1 <= info.images <= 3
+    assert bundle.arrays["defect_bank"].shape == (info.blocks, m.backbone.d_f) and m.schema_version == 8
+    assert f"their {info.blocks} defect blocks raise the map's distance" in m.training.supervision
+    inspector = open_inspector(object_bundle)
+    scorer = inspector.scorer
+
+    def evidence(path):
+        extracted = inspector.extract(read_image(path))
+        return scorer.evidence(extracted.pcf, extracted.descriptor)
+
+    # a labelled image's own defect blocks are in the bank: nearer it than any normal patch, raised to the cap
+    labelled = evidence(object_data / m.training.defect_images[0].name)
+    assert labelled.defect_factor.min() >= 1.0 and labelled.defect_factor.max() == pytest.approx(2.0)
+    assert "defect_bank" in labelled.timings_ms
+    good = evidence(list_images(object_data / "test" / "good")[0])
+    assert np.mean(good.defect_factor == 1.0) > 0.9  # a good frame looks like no defect almost everywhere
+    # only the map is raised: a verdict on the distance (the profiles' reference_standardised) is the plain one's
+    raised = labelled.defect_factor > 1.0
+    on_distance = scorer.with_standardiser(scorer.standardiser, "reference_standardised")
+    assert on_distance.finish(labelled).score == on_distance.finish(replace(labelled, defect_factor=None)).score
+    plain = scorer.finish(replace(labelled, defect_factor=None))
+    served = scorer.finish(labelled)
+    assert np.all(served.block_map.ravel()[raised] > plain.block_map.ravel()[raised])
+    assert np.array_equal(served.block_map.ravel()[~raised], plain.block_map.ravel()[~raised])
+    assert Inspector(bundle, anomaly_map="nn_distance").scorer.defect_bank is None  # the baseline stays plain
+    # the contract: refused by a runtime of schema 7, and the array and the section only together
+    older = tmp_path / "older"
+    shutil.copytree(object_bundle, older)
+    _rewrite_manifest(older, lambda mf: mf.update(schema_version=7))
+    with pytest.raises(BundleError, match="scoring.defect_bank needs schema version 8"):
+        load_bundle(older)
+    alone = tmp_path / "alone"
+    shutil.copytree(object_bundle, alone)
+    _rewrite_manifest(alone, lambda mf: mf["scoring"].pop("defect_bank"))
+    with pytest.raises(BundleError, match="'defect_bank' and the manifest's scoring.defect_bank must come together"):
+        load_bundle(alone)
+    wrong = tmp_path / "wrong"
+    shutil.copytree(object_bundle, wrong)
+    _rewrite_manifest(wrong, lambda mf: mf["scoring"]["defect_bank"].update(blocks=info.blocks + 1))
+    with pytest.raises(BundleError, match=f"defect_bank is \\[{info.blocks}, {m.backbone.d_f}\\], expected"):
+        load_bundle(wrong)
 
 
 def test_evaluation_leaves_out_the_training_defects(object_bundle, object_data, tmp_path):
@@ -225,7 +274,10 @@ def test_calibration_refits_foreground_maps_and_keeps_the_swin(object_bundle, ob
     radius = np.hypot(yy - 7.5, xx - 7.5)
     assert maps[:, (radius > 3.5) & (radius < 5.5)].mean() > 0.7 and maps[:, radius > 9].mean() < 0.3
     result = open_inspector(out).inspect(read_image(list_images(object_data / "test" / "good")[0]))
-    assert {"swin", "total"} <= set(result.timings_ms)
+    assert {"swin", "defect_bank", "total"} <= set(result.timings_ms)
+    # the labelled defects' features do not depend on the bank of normal patches: kept as they were
+    assert new.manifest.scoring.defect_bank == base.manifest.scoring.defect_bank
+    assert np.array_equal(new.arrays["defect_bank"], base.arrays["defect_bank"])
 
 
 def test_fused_map_uses_the_scales_stored_at_fit(fitted, demo_data):

@@ -128,11 +128,11 @@ def gather(bundle_path: Path, data_root: Path, engine: str, split_of: Path | Non
         guides.append(HeatmapRefiner.guide_of(to_input_tensor(image, hw, inspector.scale)))
         extracted = inspector.extract(image)
         ev = scorer.evidence(extracted.pcf, extracted.descriptor)
-        d = ev.distance.reshape(scorer.grid)
-        dist.append(d / fusion.distance_scale)
+        d = ev.distance.reshape(scorer.grid)  # the verdict's; the map's is raised by a defect bank, if any
+        dist.append(ev.map_distance.reshape(scorer.grid) / fusion.distance_scale)
         swin.append(ev.probability.reshape(scorer.grid) / fusion.swin_scale)
         moved = [scorer.evidence(*inspector.features(image, shift=offset)) for offset in inspector.shift_offsets]
-        moved_dist.append([m.distance.reshape(scorer.grid) / fusion.distance_scale for m in moved])
+        moved_dist.append([m.map_distance.reshape(scorer.grid) / fusion.distance_scale for m in moved])
         moved_swin.append([m.probability.reshape(scorer.grid) / fusion.swin_scale for m in moved])
         z = scorer.standardiser(d, ev.references)
         verdict.append(block_map_score(z, hw, scorer.blur_sigma, scorer.score_pool))

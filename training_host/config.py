@@ -82,6 +82,13 @@ class ScoringConfig(_Section):
     fusion_distance_excess: float = Field(
         default=0.0, ge=0.0, description="likewise the distance's excess over its held-out good blocks' extreme: "
                                          "the pits and cracks only the distance sees count more (0: off)")
+    defect_bank_boost: float = Field(
+        default=0.0, ge=0.0, description="supervised mode: the labelled defect blocks' own features kept in the "
+                                         "bundle, and the map's distance of a block nearer one of them than any "
+                                         "normal patch times 1 + this x (that ratio - 1, up to defect_bank_cap - 1), "
+                                         "in a fused map (fusion not 'none'); a verdict on the distance (image_score "
+                                         "not 'map') keeps the plain one (0: off)")
+    defect_bank_cap: float = Field(default=2.0, gt=1.0, description="the ratio counted up to this much")
     image_score: Literal["map", "distance", "standardised", "reference_standardised"] = Field(
         default="map", description="the verdict on the heatmap's pooled max ('map'), on the distance map's "
                                    "('distance', with a Swin; the heatmap still comes from it), or on the distance "

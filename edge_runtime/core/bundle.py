@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 SCHEMA_VERSION = 2
 #: schema 1 is the distance-only slice (no swin, foreground or training sections); still served as it was
-SUPPORTED_SCHEMAS = (1, 2, 3, 4, 5, 6, 7)
+SUPPORTED_SCHEMAS = (1, 2, 3, 4, 5, 6, 7, 8)
 #: schema 3 adds the logical (component) score; a bundle carries it only when it has that section, so a bundle
 #: without one stays readable by schema-2 runtimes, and one with it is refused by them by its version
 LOGICAL_SCHEMA_VERSION = 3
@@ -46,6 +46,9 @@ PEAK_SCHEMA_VERSION = 6
 #: schema 7 adds the weights of each fused map's excess over the normal blocks' extreme (scoring.fusion.swin_excess,
 #: distance_excess), likewise
 EXCESS_SCHEMA_VERSION = 7
+#: schema 8 adds the labelled defects' own patch features raising the map's distance (scoring.defect_bank, the array
+#: defect_bank), likewise
+DEFECT_BANK_SCHEMA_VERSION = 8
 #: the Swin's share of a fused map whose manifest does not say (every bundle before schema 4)
 DEFAULT_SWIN_WEIGHT = 0.5
 MANIFEST = "manifest.json"
@@ -80,6 +83,8 @@ OPTIONAL_ARRAYS: dict[str, tuple[str, int]] = {
     "logical_mean": ("float32", 1),
     "logical_precision": ("float32", 2),
     "logical_group_stats": ("float32", 2),
+    # with scoring.defect_bank: (blocks, d_f) the labelled defect blocks' patch features (``core.defect_bank``)
+    "defect_bank": ("float16", 2),
 }
 
 
@@ -220,6 +225,16 @@ class RefineInfo(_Strict):
         return HeatmapRefiner(**self.model_dump(exclude_none=True))
 
 
+class DefectBankInfo(_Strict):
+    """The map's distance raised where a block is nearer a labelled defect block than any normal patch
+    (``core.defect_bank``): by 1 + boost x min(max(ratio - 1, 0), cap - 1); the blocks are the array defect_bank."""
+
+    boost: float = Field(gt=0)
+    cap: float = Field(gt=1)
+    blocks: int = Field(ge=1)
+    images: int = Field(ge=1)
+
+
 class ScoringInfo(_Strict):
     anomaly_map: Literal["nn_distance", "swin", "fused"] = "nn_distance"
     blur_sigma: float
@@ -235,6 +250,7 @@ class ScoringInfo(_Strict):
     # backbone's stride): heatmap and verdict score are the four's means (pipeline.ShiftedMean), and the thresholds
     # were estimated on such means; absent: the frame's own, as before
     frame_shift: int | None = Field(default=None, ge=1)
+    defect_bank: DefectBankInfo | None = None  # absent: the map's distance is the nearest-normal one, as before
 
     def versioned_sections(self) -> list[tuple[str, int]]:
         """The sections present that only a later schema has, each with the schema that added it: a manifest
@@ -248,7 +264,8 @@ class ScoringInfo(_Strict):
                    ("scoring.fusion.swin_excess", self.fusion is not None and self.fusion.swin_excess is not None,
                     EXCESS_SCHEMA_VERSION),
                    ("scoring.fusion.distance_excess",
-                    self.fusion is not None and self.fusion.distance_excess is not None, EXCESS_SCHEMA_VERSION))
+                    self.fusion is not None and self.fusion.distance_excess is not None, EXCESS_SCHEMA_VERSION),
+                   ("scoring.defect_bank", self.defect_bank is not None, DEFECT_BANK_SCHEMA_VERSION))
         return [(name, version) for name, there, version in present if there]
 
 
@@ -584,6 +601,14 @@ def _check_consistency(m: Manifest, a: dict[str, np.ndarray]) -> None:
         checks.append((rd.shape == expected, f"reference_distances is {list(rd.shape)}, expected {list(expected)}"))
         checks.append((bool(np.isfinite(rd.astype(np.float32)).all()) and rd.min() >= 0,
                        "reference_distances must hold finite distances >= 0"))
+    bank_info = m.scoring.defect_bank
+    if (bank_info is not None) != ("defect_bank" in a):
+        checks.append((False, "array 'defect_bank' and the manifest's scoring.defect_bank must come together"))
+    elif bank_info is not None:
+        db = a["defect_bank"]
+        checks.append((db.shape == (bank_info.blocks, d_f),
+                       f"defect_bank is {list(db.shape)}, expected {[bank_info.blocks, d_f]}"))
+        checks.append((bool(np.isfinite(db.astype(np.float32)).all()), "non-finite values in defect_bank"))
     names = ("component_centres", "logical_mean", "logical_precision", "logical_group_stats")
     logical_arrays = [k for k in names if k in a]
     if (m.logical is not None) != bool(logical_arrays) or (logical_arrays and len(logical_arrays) != len(names)):

@@ -20,6 +20,7 @@ import numpy as np
 
 from .bundle import BACKBONE, DEFAULT_SWIN_WEIGHT, SWIN, Bundle, BundleError, load_bundle
 from .components import Components, LogicalModel, LogicalScoring, Standardisation
+from .defect_bank import DefectBank
 from .engines import (
     Engine,
     EngineError,
@@ -231,6 +232,13 @@ class Evidence:
     timings_ms: dict[str, float] = field(default_factory=dict)
     logical_score: float | None = None  # Mahalanobis distance of the composition (with a logical model)
     component_areas: np.ndarray | None = None  # (k,) area fraction of each component class
+    defect_factor: np.ndarray | None = None  # (M,) the defect bank's factor on the map's distance (with a bank)
+
+    @property
+    def map_distance(self) -> np.ndarray:
+        """The distance the map is made of: raised by the defect bank where it has one (the verdict keeps
+        ``distance``)."""
+        return self.distance if self.defect_factor is None else self.distance * self.defect_factor
 
 
 @dataclass(frozen=True)
@@ -250,7 +258,7 @@ class PosFARScorer:
                  thetas: tuple[float, ...] = (1.0, 2.0), classifier: Classifier | None = None,
                  foreground: ForegroundWeighting | None = None, fusion: MapFusion | None = None,
                  image_score: ImageScore = "map", standardiser: DistanceStandardiser | None = None,
-                 logical: LogicalScoring | None = None) -> None:
+                 logical: LogicalScoring | None = None, defect_bank: DefectBank | None = None) -> None:
         if fusion is not None and classifier is None:
             raise ValueError("a fused map needs the Swin classifier")
         if image_score not in IMAGE_SCORES:
@@ -271,6 +279,7 @@ class PosFARScorer:
         self.classifier = classifier
         self.foreground = foreground
         self.fusion = fusion
+        self.defect_bank = defect_bank
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, classifier: Classifier | None = None,
@@ -299,10 +308,14 @@ class PosFARScorer:
                                      Standardisation(lg.structural_mean, lg.structural_std),
                                      Standardisation(lg.logical_mean, lg.logical_std),
                                      "logical" if logical_verdict == "logical" else lg.rule, lg.weight)
+        defect_bank = None
+        if m.scoring.defect_bank is not None:
+            info = m.scoring.defect_bank
+            defect_bank = DefectBank(a["defect_bank"], info.boost, info.cap)
         return cls(bank, refs, m.posfar.k_references, tuple(m.backbone.grid), tuple(m.preprocessing.input_size),
                    m.scoring.blur_sigma, m.scoring.score_pool, thetas=tuple(m.posfar.thetas), classifier=classifier,
                    foreground=foreground, fusion=fusion, image_score=image_score or m.scoring.image_score,
-                   standardiser=standardiser, logical=logical)
+                   standardiser=standardiser, logical=logical, defect_bank=defect_bank)
 
     def residual(self, pcf: np.ndarray, descriptor: np.ndarray, exclude: int | None = None) -> Residual:
         """Retrieval, matching and the PosFAR residual field of one image (no classifier)."""
@@ -327,6 +340,16 @@ class PosFARScorer:
         other.logical = logical
         return other
 
+    def with_defect_bank(self, bank: DefectBank | None) -> PosFARScorer:
+        """The same scorer with (or without) a bank of labelled defect blocks raising the map's distance."""
+        other = copy.copy(self)
+        other.defect_bank = bank
+        return other
+
+    def defect_factor(self, pcf: np.ndarray, distance: np.ndarray) -> np.ndarray | None:
+        """The defect bank's factor on each block's distance (None without a bank): one place for every engine."""
+        return self.defect_bank.factor(pcf, distance) if self.defect_bank is not None else None
+
     def with_fusion(self, fusion: MapFusion | None) -> PosFARScorer:
         """The same scorer (sharing its bank and references) with another fused map, or none."""
         if fusion is not None and self.classifier is None:
@@ -336,10 +359,10 @@ class PosFARScorer:
         return other
 
     def block_evidence(self, pcf: np.ndarray, descriptor: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """The raw block distances (M,) and the Swin's probabilities (M,) (None without a classifier), before
-        fusion and foreground weighting: what :meth:`MapFusion.calibrate` needs."""
+        """The block distances the map is made of (M,) and the Swin's probabilities (M,) (None without a
+        classifier), before fusion and foreground weighting: what :meth:`MapFusion.calibrate` needs."""
         ev = self.evidence(pcf, descriptor)
-        return ev.distance, ev.probability
+        return ev.map_distance, ev.probability
 
     def evidence(self, pcf: np.ndarray, descriptor: np.ndarray, exclude: int | None = None) -> Evidence:
         """Retrieval, matching and the Swin for one image: pcf (M, d_f), descriptor (cells, C); ``exclude``
@@ -351,6 +374,10 @@ class PosFARScorer:
         match = self.bank.match(pcf, refs)
         t2 = time.perf_counter()
         timings = {"retrieval": (t1 - t0) * 1e3, "matching": (t2 - t1) * 1e3}
+        factor = self.defect_factor(pcf, match.distance)
+        if factor is not None:
+            timings["defect_bank"] = (time.perf_counter() - t2) * 1e3
+            t2 = time.perf_counter()
         probability = None
         if self.classifier is not None:
             residual = posfar_residual(pcf, match.matched, self.thetas)
@@ -363,17 +390,18 @@ class PosFARScorer:
             areas = cmap.summary[: self.logical.components.k]
             timings["logical"] = (time.perf_counter() - t3) * 1e3
         return Evidence(distance=np.asarray(match.distance, dtype=np.float32), probability=probability,
-                        references=refs, timings_ms=timings, logical_score=logical_score, component_areas=areas)
+                        references=refs, timings_ms=timings, logical_score=logical_score, component_areas=areas,
+                        defect_factor=factor)
 
     def finish(self, ev: Evidence) -> Scored:
         """The block map, heatmap and image score of one image's evidence."""
         t0 = time.perf_counter()
         distance_map = ev.distance.reshape(self.grid)
         if ev.probability is not None and self.classifier is not None:
-            block_map = ev.probability if self.fusion is None else self.fusion(ev.probability, ev.distance)
+            block_map = ev.probability if self.fusion is None else self.fusion(ev.probability, ev.map_distance)
             block_map = block_map.reshape(self.grid)
         else:
-            block_map = distance_map
+            block_map = ev.map_distance.reshape(self.grid)
         factor = self.foreground.factor(ev.references) if self.foreground is not None else None
         if factor is not None:
             block_map = block_map * factor
@@ -456,7 +484,8 @@ class Inspector:
     bundle's shifted frames (``scoring.frame_shift``; 0: off), likewise (the thresholds then belong to other scores);
     ``swin_share`` the Swin's share of a fused map (``scoring.fusion_swin_weight``), and ``swin_excess`` /
     ``distance_excess`` the weights of each map's excess over the normal blocks' extreme
-    (``scoring.fusion_swin_excess`` / ``fusion_distance_excess``), likewise.
+    (``scoring.fusion_swin_excess`` / ``fusion_distance_excess``), likewise.  A bundle's defect bank
+    (``scoring.defect_bank``) raises the fused map only: ``nn_distance`` stays the plain distance.
 
     ``engine`` is the engine switch (``engines.ENGINE_NAMES``; ``auto`` picks by ``engines.AUTO_ORDER``); the
     choice is in ``engines`` (None when the caller hands in its own ``backbone``).
@@ -511,6 +540,8 @@ class Inspector:
                                                fusion=fusion, image_score=self.image_score,
                                                logical_verdict=logical_verdict,
                                                search=self.engines.search if self.engines else None)
+        if self.anomaly_map != "fused":  # the distance baseline is the plain distance; the Swin alone has none
+            self.scorer = self.scorer.with_defect_bank(None)
         self.logical_verdict = logical_verdict if m.logical is not None else "structural"
         self.threshold = m.thresholds.image
         self.pixel_threshold = m.thresholds.pixel
@@ -533,7 +564,8 @@ class Inspector:
         s = self.scorer
         matcher = DeviceMatcher(s.bank, s.references, s.k, s.thetas, xp=require_cupy())
         return DevicePipeline(matcher, graphs.backbone, graphs.swin if self.swin is not None else None,
-                              (1, 3, *self.input_hw), stream=graphs.stream, keep_features=s.logical is not None,
+                              (1, 3, *self.input_hw), stream=graphs.stream,
+                              keep_features=s.logical is not None or s.defect_bank is not None,
                               matcher_graph=graphs.matcher)
 
     def _device_scored(self, tensor: np.ndarray) -> Scored:
@@ -546,8 +578,13 @@ class Inspector:
             logical_score, cmap = self.scorer.logical.logical_score(out["pcf"])
             areas = cmap.summary[: self.scorer.logical.components.k]
             timings["logical"] = (time.perf_counter() - t0) * 1e3
+        factor = None
+        if self.scorer.defect_bank is not None:  # on the host, from the features the device sends back
+            t0 = time.perf_counter()
+            factor = self.scorer.defect_factor(out["pcf"], out["distance"])
+            timings["defect_bank"] = (time.perf_counter() - t0) * 1e3
         ev = Evidence(distance=out["distance"], probability=out["probability"], references=out["references"],
-                      timings_ms=timings, logical_score=logical_score, component_areas=areas)
+                      timings_ms=timings, logical_score=logical_score, component_areas=areas, defect_factor=factor)
         return self.scorer.finish(ev)
 
     def _shift_averaged(self, tensor: np.ndarray | None, frame: Scored) -> Scored:

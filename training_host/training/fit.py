@@ -24,6 +24,7 @@ from edge_runtime.core.components import (
     fit_components,
     fit_logical,
 )
+from edge_runtime.core.defect_bank import DefectBank
 from edge_runtime.core.engines import OnnxRuntimeEngine
 from edge_runtime.core.fitting import BankBuilder, FittedPosFAR, split_holdout
 from edge_runtime.core.foreground import ForegroundBuilder
@@ -51,6 +52,7 @@ from training_host.training.residual_data import (
     LabelledDefect,
     ResidualFieldMaker,
     ResidualSet,
+    defect_block_features,
     defect_fields,
     pick_defects,
     read_resized,
@@ -211,6 +213,8 @@ class _TrainedSwin:
     onnx_diff: float
     info: B.TrainingInfo
     phases: list[dict]
+    defect_bank: np.ndarray | None = None  # (blocks, d_f) fp16 the real defects' anomalous blocks' features
+    defect_bank_images: int = 0
 
 
 def _training_fields(cfg: ProductConfig, maker: ResidualFieldMaker, fitted: FittedPosFAR,
@@ -279,13 +283,20 @@ def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatu
                       magnitude_skip=sc.magnitude_skip)
     ckpt = opts.checkpoint_dir or out.parent / f"{out.name}.ckpt"
     labelled: list[B.LabelledImage] = []
-    real = weak_set = None
+    real = weak_set = defect_bank = None
+    bank_images = 0
     if opts.mode == "supervised":
         real, errors = defect_fields(maker, defects, bank_paths, sc.defect_transplants, cfg.seed)
         skipped.extend(errors)
         if not len(real):
             raise ValueError(f"{opts.supervised_from}: none of the {len(defects)} picked defective images is readable")
         labelled = [B.LabelledImage(name=d.name, sha256=d.sha256, defect_type=d.sample.defect_type) for d in defects]
+        if cfg.scoring.defect_bank_boost > 0 and cfg.scoring.fusion != "none":  # no distance in a Swin-only map
+            features, bank_images = defect_block_features(maker, defects)
+            if len(features):  # stored as the edge will read it
+                defect_bank = features.astype(np.float16)
+            else:
+                log.warning("no labelled defect covers a whole block: no defect bank")
     if opts.mode == "weak" and weak is not None:
         wc = cfg.weak
         weak_set, used, errors = weak_fields(maker, weak, weak_root, wc.box_overlap, wc.box_lines, wc.tag_top_k)
@@ -324,6 +335,9 @@ def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatu
             supervision += " (learned with ResMixMatch)"
         if sc.defect_transplants:
             supervision += f" (each also pasted into {sc.defect_transplants} good images)"
+        if defect_bank is not None:
+            supervision += (f"; their {len(defect_bank)} defect blocks raise the map's distance where a block is "
+                            "nearer one of them than any normal patch")
     elif opts.mode == "weak" and weak is not None:
         kinds = ", ".join(f"{n} {k}" for k, n in weak.counts().items() if k != "total" and n)
         supervision += f" + {len(labelled)} weakly labelled defective images ({kinds}; ResMixMatch)"
@@ -333,7 +347,7 @@ def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatu
     info = B.TrainingInfo(mode=opts.mode, supervision=supervision, steps=steps, good_fields=good.count("good"),
                           synthetic_fields=n_synthetic, defect_images=labelled,
                           seconds=round(time.perf_counter() - t0, 2))
-    return _TrainedSwin(final, onnx_path, diff, info, phases)
+    return _TrainedSwin(final, onnx_path, diff, info, phases, defect_bank, bank_images)
 
 
 def _member_init(init: Path | None, member: int, members: int, dist: Distributed) -> Path | None:
@@ -477,6 +491,12 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
         scorer = fitted.scorer(cfg.posfar.k_references, extractor.grid, cfg.input_size, cfg.posfar.retrieval_trim,
                                cfg.scoring.blur_sigma, cfg.scoring.score_pool, tuple(cfg.posfar.thetas),
                                classifier=classifier, foreground_power=power, foreground_pool=fg_cfg.pool)
+        defect_bank_info = None
+        if trained is not None and trained.defect_bank is not None:
+            boost, cap = cfg.scoring.defect_bank_boost, cfg.scoring.defect_bank_cap
+            scorer = scorer.with_defect_bank(DefectBank(trained.defect_bank, boost, cap))
+            defect_bank_info = B.DefectBankInfo(boost=boost, cap=cap,
+                                                blocks=len(trained.defect_bank), images=trained.defect_bank_images)
         holdout = [(p, d) for pcf, descriptor in _cached_features(cache, extractor, holdout_paths, cfg,
                                                                   "hold-out images", skipped, progress)
                    for p, d in zip(pcf, descriptor, strict=True)]
@@ -502,7 +522,7 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
             rule = cfg.scoring.fusion if cfg.scoring.fusion != "none" else "geometric"
             s = cfg.scoring
             weight = s.fusion_swin_weight
-            calibrated = MapFusion.calibrate(rule, np.stack([e.distance for e in holdout_evidence]),
+            calibrated = MapFusion.calibrate(rule, np.stack([e.map_distance for e in holdout_evidence]),
                                              np.stack([e.probability for e in holdout_evidence]), weight,
                                              s.fusion_swin_excess, s.fusion_distance_excess)
             fusion_info = B.FusionInfo(rule=rule, distance_scale=calibrated.distance_scale,
@@ -587,7 +607,7 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
                                 blur_sigma=cfg.scoring.blur_sigma, score_pool=cfg.scoring.score_pool,
                                 fusion=fusion_info, image_score=image_score,
                                 refine=_refine_info(cfg.scoring.refine),
-                                frame_shift=cfg.scoring.frame_shift or None)
+                                frame_shift=cfg.scoring.frame_shift or None, defect_bank=defect_bank_info)
         manifest = B.Manifest(
             # the oldest schema that holds every section this bundle has, so older runtimes still read the rest
             schema_version=max([B.SCHEMA_VERSION, B.LOGICAL_SCHEMA_VERSION if logical_info is not None else 0]
@@ -618,7 +638,9 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
             training=trained.info if trained else None,
             logical=logical_info,
         )
-        B.write_bundle(out, manifest, files, {**fitted.arrays(), **standardiser.arrays(), **(logical_arrays or {})})
+        bank_arrays = {"defect_bank": trained.defect_bank} if defect_bank_info is not None else {}
+        B.write_bundle(out, manifest, files, {**fitted.arrays(), **standardiser.arrays(), **(logical_arrays or {}),
+                                              **bank_arrays})
     seconds["export"] = time.perf_counter() - t2
     precision: list[str] = []
     if cfg.export.int8:  # gated int8 twins of the graphs, measured against fp32 on data_root/test

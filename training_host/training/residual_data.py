@@ -243,6 +243,23 @@ def defect_fields(maker: ResidualFieldMaker, defects: list[LabelledDefect], bank
 
 
 
+def defect_block_features(maker: ResidualFieldMaker, defects: list[LabelledDefect]) -> tuple[np.ndarray, int]:
+    """The patch features (n, d_f) of the real defects' anomalous blocks (their masks' block labels, 1), the
+    defect bank's rows (``edge_runtime.core.defect_bank``), and how many images gave at least one."""
+    images, masks, _ = _read_defects(defects, maker.input_hw)
+    rows, used = [], 0
+    for lo in range(0, len(images), maker.batch_size):
+        batch = np.concatenate([to_input_tensor(img, maker.input_hw) for img in images[lo : lo + maker.batch_size]])
+        pcf = extract(maker.extractor, batch)[0]
+        for i, mask in enumerate(masks[lo : lo + maker.batch_size]):
+            chosen = block_labels(mask, maker.grid, maker.eps_pos, maker.eps_neg, maker.min_positive_px).ravel() == 1
+            used += bool(chosen.any())
+            rows.append(np.asarray(pcf[i], np.float32)[chosen])
+    if not rows:
+        return np.zeros((0, maker.extractor.d_f), np.float32), 0
+    return np.concatenate(rows), used
+
+
 def weak_fields(maker: ResidualFieldMaker, labels: LabelSet, root: Path, box_overlap: float, box_lines: bool = True,
                 tag_top_k: int = 1) -> tuple[ResidualSet, list[LabelledDefect], list[str]]:
     """Residual fields of weakly labelled images with their block labels (0 normal, UNKNOWN, 1 anomalous

@@ -1,0 +1,156 @@
+"""Would a bank of the labelled defects' own patch features lift the distance branch? A study, no refit.
+
+Why: the labels reach only the Swin today, and the fast profile's final map is 0.3 x the Swin + 0.7 x the
+distance (plus both excesses), so ten masked defects move pixel AP by 2 to 3 points at most.  The distance is
+each block's distance to the nearest *normal* patch; this adds the distance to the nearest *labelled defect*
+patch, d_def, and boosts blocks that sit closer to a known defect than to anything normal:
+
+    distance' = distance x (1 + beta x max(0, d_nom / d_def - 1))
+
+which leaves every block that looks less like a labelled defect than like a normal patch as it was (a new kind
+of defect keeps its distance).  The labelled blocks are the study's ``--bank`` rule: masks (the blocks at least
+``labels.eps_pos`` defective), boxes (the blocks inside each box whose distance is in the box's top
+``--box-share``), or tags (the image's ``--tag-top`` most distant blocks).  The served map (the bundle's own
+fusion, refinement and shifted frames) is scored with the project's evaluator on the bundle's test split, which
+leaves the labelled images out, so no labelled block is scored against itself.
+
+    .venv/bin/python tools/defect_bank_study.py --bundle runs/weak_excess/masks_resmixmatch_seed0 \\
+        --labels runs/weak_excess/boxes_seed0.labels.json --bank masks --beta 0.5 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from map_study import gather, markdown  # noqa: E402
+
+from edge_runtime.core.bundle import load_bundle  # noqa: E402
+from edge_runtime.core.pipeline import Inspector  # noqa: E402
+from edge_runtime.core.preprocess import read_image  # noqa: E402
+from training_host.data.dataset import load_mask, scan_dataset  # noqa: E402
+from training_host.evaluation.evaluate import scored_test_split  # noqa: E402
+from training_host.evaluation.metrics import evaluate_maps  # noqa: E402
+
+EPS_POS = 0.5  # labels.eps_pos: a block at least this defective is a defect block
+
+
+def block_fraction(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """The defective share of each block of a boolean pixel mask (the grid's cells cover the frame evenly)."""
+    return cv2.resize(mask.astype(np.float32), (grid[1], grid[0]), interpolation=cv2.INTER_AREA)
+
+
+def box_mask(boxes: list[list[float]], image_hw: tuple[int, int], hw: tuple[int, int]) -> np.ndarray:
+    """Boxes (x, y, w, h in the original image's pixels) as a mask at the inspector's input size."""
+    mask = np.zeros(hw, bool)
+    sy, sx = hw[0] / image_hw[0], hw[1] / image_hw[1]
+    for x, y, w, h in boxes:
+        mask[int(y * sy): int(np.ceil((y + h) * sy)), int(x * sx): int(np.ceil((x + w) * sx))] = True
+    return mask
+
+
+def nearest(features: np.ndarray, bank: np.ndarray) -> np.ndarray:
+    """Each feature's Euclidean distance to its nearest bank row."""
+    d2 = (features**2).sum(1)[:, None] - 2.0 * features @ bank.T + (bank**2).sum(1)[None, :]
+    return np.sqrt(np.maximum(d2.min(1), 0.0))
+
+
+def defect_bank(inspector: Inspector, data_root: Path, labels: dict, kind: str, box_share: float,
+                tag_top: int) -> tuple[np.ndarray, int]:
+    """The labelled blocks' patch features (n, d_f) by the ``kind`` rule, and how many images gave some."""
+    scorer, hw = inspector.scorer, inspector.input_hw
+    samples = {str(s.path.relative_to(data_root)): s for s in scan_dataset(data_root).test}
+    rows, used = [], 0
+    for rel, label in labels.items():
+        sample = samples[rel]
+        image = read_image(sample.path)
+        pcf, descriptor = inspector.features(image)
+        if kind == "masks":
+            chosen = block_fraction(load_mask(sample, hw), scorer.grid).ravel() >= EPS_POS
+        else:
+            distance = scorer.evidence(pcf, descriptor).distance
+            if kind == "boxes":
+                inside = block_fraction(box_mask(label["boxes"], image.shape[:2], hw), scorer.grid).ravel() >= 0.5
+                cut = np.quantile(distance[inside], 1.0 - box_share) if inside.any() else np.inf
+                chosen = inside & (distance >= cut)
+            else:
+                chosen = np.zeros(distance.shape, bool)
+                chosen[np.argsort(distance)[-tag_top:]] = True
+        used += bool(chosen.any())
+        rows.append(pcf[chosen])
+    return np.concatenate(rows).astype(np.float32), used
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", type=Path, required=True, help="a fitted bundle with a Swin")
+    parser.add_argument("--split-of", type=Path, help="score on this bundle's test split (its defects left out)")
+    parser.add_argument("--labels", type=Path, required=True,
+                        help="a labels file of bench_weak (its images are the labelled defects)")
+    parser.add_argument("--bank", choices=("masks", "boxes", "tags"), default="masks")
+    parser.add_argument("--box-share", type=float, default=0.5)
+    parser.add_argument("--tag-top", type=int, default=4)
+    parser.add_argument("--beta", type=float, nargs="+", default=[0.5, 1.0, 2.0])
+    parser.add_argument("--cap", type=float, default=float("inf"),
+                        help="the ratio d_nom / d_def counted up to this much (a few near-copies stay bounded)")
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/mtd"))
+    parser.add_argument("--out", type=Path, help="append the table as Markdown here")
+    args = parser.parse_args()
+    labels = json.loads(args.labels.read_text(encoding="utf-8"))["images"]
+    bundle = load_bundle(args.bundle)
+    if bundle.manifest.scoring.defect_bank is not None:
+        raise SystemExit(f"{args.bundle}: already has a defect bank (scoring.defect_bank); give one fitted without")
+    inspector = Inspector(bundle, refine=False)
+    samples = scored_test_split(load_bundle(args.split_of) if args.split_of else bundle, args.data)[0].test
+    if set(labels) & {str(s.path.relative_to(args.data)) for s in samples}:
+        raise SystemExit("the labelled images are in the scored split: give the labelled bundle or --split-of")
+    bank, used = defect_bank(inspector, args.data, labels, args.bank, args.box_share, args.tag_top)
+    ev = gather(args.bundle, args.data, "cpu", args.split_of)
+    scorer, scale = inspector.scorer, inspector.fusion.distance_scale
+    ratio, moved_ratio = [], []
+    for sample in samples:  # the same images in the same order as gather's
+        image = read_image(sample.path)
+        frames = [(0, 0), *inspector.shift_offsets]
+        per_frame = []
+        for offset in frames:
+            pcf, descriptor = inspector.features(image, shift=offset)
+            d_nom = scorer.evidence(pcf, descriptor).distance
+            per_frame.append((d_nom / np.maximum(nearest(pcf.astype(np.float32), bank), 1e-6)).reshape(scorer.grid))
+        ratio.append(per_frame[0])
+        moved_ratio.append(per_frame[1:])
+    ratio = np.stack(ratio)
+    moved = np.array(moved_ratio) if inspector.shift_offsets else None
+    rows = []
+    for beta in [0.0, *args.beta]:
+        boost = 1.0 + beta * np.clip(ratio - 1.0, 0.0, args.cap - 1.0)
+        variant = replace(ev, distance=ev.distance * boost)
+        if moved is not None:
+            moved_boost = 1.0 + beta * np.clip(moved - 1.0, 0.0, args.cap - 1.0)
+            variant = replace(variant, shifted_distance=ev.shifted_distance * moved_boost)
+        r = evaluate_maps(ev.labels, ev.verdict, ev.masks, variant.served_heatmaps(ev.swin_weight), ev.types)
+        rows.append({"bundle": ev.name, "bank": f"{args.bank} ({len(bank)} blocks of {used} images)", "beta": beta,
+                     "cap": args.cap,
+                     "pixel_ap": r["pixel_ap"], "pro": r["pro"], "pixel_auroc": r["pixel_auroc"],
+                     "boosted_share": float((boost > 1.0).mean()),
+                     **{f"{t}_{k}": v[key] for t, v in r["per_defect"].items()
+                        for k, key in (("ap", "pixel_ap"), ("pro", "pro"))}})
+        print(f"beta {beta:g}: AP {r['pixel_ap']:.4f} PRO {r['pro']:.4f} (scale {scale:.3g})", flush=True)
+    text = markdown(rows, list(rows[0]))
+    print(text)
+    if args.out:
+        with args.out.open("a", encoding="utf-8") as f:
+            f.write(f"\n`{' '.join(sys.argv)}`\n\n{text}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
