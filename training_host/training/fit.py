@@ -296,7 +296,7 @@ def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatu
             if len(features):  # stored as the edge will read it
                 defect_bank = features.astype(np.float16)
             else:
-                log.warning("no labelled defect covers a whole block: no defect bank")
+                log.warning("no labelled defect covers more than labels.eps_pos of a block: no defect bank")
     if opts.mode == "weak" and weak is not None:
         wc = cfg.weak
         weak_set, used, errors = weak_fields(maker, weak, weak_root, wc.box_overlap, wc.box_lines, wc.tag_top_k)
