@@ -220,6 +220,9 @@ def test_evaluation_leaves_out_the_training_defects(object_bundle, object_data, 
     assert sorted(metrics["excluded_training_defects"]) == trained
     assert metrics["n_defective"] == 4 * 3 - 3
     assert metrics["supervision"] == m.training.supervision and metrics["foreground"] is True
+    assert metrics["defect_bank_blocks"] == m.scoring.defect_bank.blocks
+    assert f"the distance raised near {m.scoring.defect_bank.blocks} labelled defect blocks" in (
+        tmp_path / "eval" / "report.html").read_text()
     no_fg = evaluate_bundle(object_bundle, object_data, tmp_path / "nofg", progress=False, use_foreground=False)
     assert no_fg["foreground"] is False and no_fg["at_threshold"] is None
 

@@ -179,6 +179,8 @@ def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int
         "image_score": inspector.image_score,
         "heatmap_refined": inspector.refiner is not None,
         "frame_shift": inspector.frame_shift,
+        "defect_bank_blocks": (len(inspector.scorer.defect_bank.features)
+                               if inspector.scorer.defect_bank is not None else None),
         "engine": inspector.engines.name if inspector.engines is not None else None,
         "foreground": bool(m.foreground is not None and use_foreground),
         "logical_verdict": inspector.logical_verdict if m.logical is not None else None,
@@ -205,6 +207,8 @@ def evaluate_bundle(bundle_path: Path, data_root: Path, out: Path, overlays: int
                                   + (f", the distance's excess over 1 times {metrics['fusion_distance_excess']:g}"
                                      if metrics["fusion_distance_excess"] else "") + ")"
                                   if metrics["fusion_rule"] else "")
+                               + (f", the distance raised near {metrics['defect_bank_blocks']} labelled defect blocks"
+                                  if metrics["defect_bank_blocks"] else "")
                                + (", heatmap refined by the frame" if inspector.refiner is not None else "")
                                + (f", heatmap and score averaged over the frame shifted by "
                                   f"{metrics['frame_shift']} px" if metrics["frame_shift"] else "")),
