@@ -172,7 +172,7 @@ def test_a_supervised_bundle_keeps_its_defect_blocks_and_raises_the_map_there(ob
     info = m.scoring.defect_bank
     assert info is not None and info.boost == 1.0 and info.cap == 2.0 and 1 <= info.images <= 3
     assert bundle.arrays["defect_bank"].shape == (info.blocks, m.backbone.d_f) and m.schema_version == 8
-    assert f"their {info.blocks} defect blocks raise the map's distance" in m.training.supervision
+    assert f"{info.blocks} labelled defect blocks raise the map's distance" in m.training.supervision
     inspector = open_inspector(object_bundle)
     scorer = inspector.scorer
 

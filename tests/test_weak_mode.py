@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from edge_runtime.core.bundle import load_bundle
+from edge_runtime.core.pipeline import Inspector
+from edge_runtime.core.preprocess import read_image
 from training_host import cli as train_cli
 from training_host.evaluation.evaluate import evaluate_bundle
+from training_host.labels.weak_labels import block_labels_from_weak, load_labels
 
 SMALL = ["--set", "input_size=[128,128]", "--set", "posfar.d_l=16", "--set", "posfar.k_references=8",
          "--set", "threshold.holdout_fraction=0.2", "--set", "swin.steps=40", "--set", "swin.synthetic_per_image=1",
@@ -39,7 +43,8 @@ def test_labels_stats_and_derivation(demo_data, box_labels, tmp_path, capsys):
 def test_weak_fit_learns_from_boxes_and_evaluation_leaves_them_out(demo_data, box_labels, tmp_path, capsys):
     out = tmp_path / "weak"
     assert train_cli.main(["fit", "--data", str(demo_data), "--out", str(out), "--mode", "weak",
-                           "--labels", str(box_labels), "--json", *SMALL]) == 0
+                           "--labels", str(box_labels), "--json", *SMALL,
+                           "--set", "scoring.fusion=mean", "--set", "scoring.defect_bank_boost=1.0"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert [p["phase"] for p in summary["swin"]["phases"]] == ["unsupervised", "weak"]
     m = load_bundle(out).manifest
@@ -47,6 +52,24 @@ def test_weak_fit_learns_from_boxes_and_evaluation_leaves_them_out(demo_data, bo
     assert "4 weakly labelled defective images (4 boxes; ResMixMatch)" in m.training.supervision
     metrics = evaluate_bundle(out, demo_data, tmp_path / "eval", progress=False)
     assert len(metrics["excluded_training_defects"]) == 4 and metrics["supervision"] == m.training.supervision
+    # the defect bank: of each boxed image, the half of the blocks its box covers that the trained Swin finds most
+    # anomalous, each row one of those blocks' patch features
+    bundle = load_bundle(out)
+    bank = bundle.arrays["defect_bank"].astype(np.float32)
+    assert m.scoring.defect_bank.blocks == len(bank) and 1 <= m.scoring.defect_bank.images <= 4
+    assert metrics["defect_bank_blocks"] == len(bank)
+    inspector = Inspector(bundle)
+    labels = load_labels(box_labels, root=demo_data)
+    candidates, expected = [], 0
+    for key, label in labels.images.items():
+        image = read_image(demo_data / key)
+        inside = block_labels_from_weak(label, image.shape[:2], m.backbone.grid, 0.5).ravel() == -1
+        candidates.append(inspector.features(image)[0][inside])
+        expected += -(-int(inside.sum()) // 2)
+    candidates = np.concatenate(candidates)
+    assert len(bank) == expected
+    nearest = np.linalg.norm(bank[:, None, :] - candidates[None], axis=2).min(1)
+    assert np.all(nearest <= 1e-2 * np.linalg.norm(bank, axis=1))
 
 
 def test_bad_label_file_is_refused_before_any_work(demo_data, tmp_path, capsys):

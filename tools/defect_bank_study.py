@@ -65,7 +65,7 @@ def nearest(features: np.ndarray, bank: np.ndarray) -> np.ndarray:
 
 
 def defect_bank(inspector: Inspector, data_root: Path, labels: dict, kind: str, box_share: float,
-                tag_top: int) -> tuple[np.ndarray, int]:
+                tag_top: int, pick: str = "distance") -> tuple[np.ndarray, int]:
     """The labelled blocks' patch features (n, d_f) by the ``kind`` rule, and how many images gave some."""
     scorer, hw = inspector.scorer, inspector.input_hw
     samples = {str(s.path.relative_to(data_root)): s for s in scan_dataset(data_root).test}
@@ -77,7 +77,8 @@ def defect_bank(inspector: Inspector, data_root: Path, labels: dict, kind: str, 
         if kind == "masks":
             chosen = block_fraction(load_mask(sample, hw), scorer.grid).ravel() >= EPS_POS
         else:
-            distance = scorer.evidence(pcf, descriptor).distance
+            ev = scorer.evidence(pcf, descriptor)
+            distance = ev.distance if pick == "distance" else ev.probability
             if kind == "boxes":
                 inside = block_fraction(box_mask(label["boxes"], image.shape[:2], hw), scorer.grid).ravel() >= 0.5
                 cut = np.quantile(distance[inside], 1.0 - box_share) if inside.any() else np.inf
@@ -99,6 +100,8 @@ def main() -> int:
     parser.add_argument("--bank", choices=("masks", "boxes", "tags"), default="masks")
     parser.add_argument("--box-share", type=float, default=0.5)
     parser.add_argument("--tag-top", type=int, default=4)
+    parser.add_argument("--pick", choices=("distance", "swin"), default="distance",
+                        help="boxes and tags: rank the blocks by the distance or by the bundle's Swin probability")
     parser.add_argument("--beta", type=float, nargs="+", default=[0.5, 1.0, 2.0])
     parser.add_argument("--cap", type=float, default=float("inf"),
                         help="the ratio d_nom / d_def counted up to this much (a few near-copies stay bounded)")
@@ -113,7 +116,7 @@ def main() -> int:
     samples = scored_test_split(load_bundle(args.split_of) if args.split_of else bundle, args.data)[0].test
     if set(labels) & {str(s.path.relative_to(args.data)) for s in samples}:
         raise SystemExit("the labelled images are in the scored split: give the labelled bundle or --split-of")
-    bank, used = defect_bank(inspector, args.data, labels, args.bank, args.box_share, args.tag_top)
+    bank, used = defect_bank(inspector, args.data, labels, args.bank, args.box_share, args.tag_top, args.pick)
     ev = gather(args.bundle, args.data, "cpu", args.split_of)
     scorer, scale = inspector.scorer, inspector.fusion.distance_scale
     ratio, moved_ratio = [], []
@@ -137,7 +140,8 @@ def main() -> int:
             moved_boost = 1.0 + beta * np.clip(moved - 1.0, 0.0, args.cap - 1.0)
             variant = replace(variant, shifted_distance=ev.shifted_distance * moved_boost)
         r = evaluate_maps(ev.labels, ev.verdict, ev.masks, variant.served_heatmaps(ev.swin_weight), ev.types)
-        rows.append({"bundle": ev.name, "bank": f"{args.bank} ({len(bank)} blocks of {used} images)", "beta": beta,
+        rule = args.bank if args.bank == "masks" else f"{args.bank} by {args.pick}"
+        rows.append({"bundle": ev.name, "bank": f"{rule} ({len(bank)} blocks of {used} images)", "beta": beta,
                      "cap": args.cap,
                      "pixel_ap": r["pixel_ap"], "pro": r["pro"], "pixel_auroc": r["pixel_auroc"],
                      "boosted_share": float((boost > 1.0).mean()),

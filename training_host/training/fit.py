@@ -52,6 +52,7 @@ from training_host.training.residual_data import (
     LabelledDefect,
     ResidualFieldMaker,
     ResidualSet,
+    box_block_features,
     defect_block_features,
     defect_fields,
     pick_defects,
@@ -213,8 +214,6 @@ class _TrainedSwin:
     onnx_diff: float
     info: B.TrainingInfo
     phases: list[dict]
-    defect_bank: np.ndarray | None = None  # (blocks, d_f) fp16 the real defects' anomalous blocks' features
-    defect_bank_images: int = 0
 
 
 def _training_fields(cfg: ProductConfig, maker: ResidualFieldMaker, fitted: FittedPosFAR,
@@ -283,20 +282,13 @@ def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatu
                       magnitude_skip=sc.magnitude_skip)
     ckpt = opts.checkpoint_dir or out.parent / f"{out.name}.ckpt"
     labelled: list[B.LabelledImage] = []
-    real = weak_set = defect_bank = None
-    bank_images = 0
+    real = weak_set = None
     if opts.mode == "supervised":
         real, errors = defect_fields(maker, defects, bank_paths, sc.defect_transplants, cfg.seed)
         skipped.extend(errors)
         if not len(real):
             raise ValueError(f"{opts.supervised_from}: none of the {len(defects)} picked defective images is readable")
         labelled = [B.LabelledImage(name=d.name, sha256=d.sha256, defect_type=d.sample.defect_type) for d in defects]
-        if cfg.scoring.defect_bank_boost > 0 and cfg.scoring.fusion != "none":  # no distance in a Swin-only map
-            features, bank_images = defect_block_features(maker, defects)
-            if len(features):  # stored as the edge will read it
-                defect_bank = features.astype(np.float16)
-            else:
-                log.warning("no labelled defect covers more than labels.eps_pos of a block: no defect bank")
     if opts.mode == "weak" and weak is not None:
         wc = cfg.weak
         weak_set, used, errors = weak_fields(maker, weak, weak_root, wc.box_overlap, wc.box_lines, wc.tag_top_k)
@@ -335,9 +327,6 @@ def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatu
             supervision += " (learned with ResMixMatch)"
         if sc.defect_transplants:
             supervision += f" (each also pasted into {sc.defect_transplants} good images)"
-        if defect_bank is not None:
-            supervision += (f"; their {len(defect_bank)} defect blocks raise the map's distance where a block is "
-                            "nearer one of them than any normal patch")
     elif opts.mode == "weak" and weak is not None:
         kinds = ", ".join(f"{n} {k}" for k, n in weak.counts().items() if k != "total" and n)
         supervision += f" + {len(labelled)} weakly labelled defective images ({kinds}; ResMixMatch)"
@@ -347,7 +336,30 @@ def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatu
     info = B.TrainingInfo(mode=opts.mode, supervision=supervision, steps=steps, good_fields=good.count("good"),
                           synthetic_fields=n_synthetic, defect_images=labelled,
                           seconds=round(time.perf_counter() - t0, 2))
-    return _TrainedSwin(final, onnx_path, diff, info, phases, defect_bank, bank_images)
+    return _TrainedSwin(final, onnx_path, diff, info, phases)
+
+
+def _defect_bank(cfg: ProductConfig, mode: str, extractor: PatchFeatureExtractor, scorer: PosFARScorer,
+                 defects: list[LabelledDefect], weak: LabelSet | None, weak_root: Path
+                 ) -> tuple[np.ndarray, int] | None:
+    """The labelled defect blocks' features (fp16, as the edge reads them) and how many images gave some: the
+    masks' anomalous blocks (supervised), or the boxed images' blocks the trained Swin (``scorer``'s classifier)
+    finds most anomalous (weak); None when ``scoring.defect_bank_boost`` is off, the map has no distance, or no
+    label gave a block."""
+    s = cfg.scoring
+    if s.defect_bank_boost <= 0 or s.fusion == "none":
+        return None
+    if mode == "supervised":
+        lc = cfg.labels
+        features, images = defect_block_features(extractor, defects, lc.eps_pos, lc.eps_neg, lc.min_positive_px)
+    elif mode == "weak" and weak is not None:
+        features, images = box_block_features(extractor, scorer, weak, weak_root)
+    else:
+        return None
+    if not len(features):
+        log.warning("no label gave a defect block (masks over labels.eps_pos of a block, or boxes): no defect bank")
+        return None
+    return features.astype(np.float16), images
 
 
 def _member_init(init: Path | None, member: int, members: int, dist: Distributed) -> Path | None:
@@ -491,12 +503,17 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
         scorer = fitted.scorer(cfg.posfar.k_references, extractor.grid, cfg.input_size, cfg.posfar.retrieval_trim,
                                cfg.scoring.blur_sigma, cfg.scoring.score_pool, tuple(cfg.posfar.thetas),
                                classifier=classifier, foreground_power=power, foreground_pool=fg_cfg.pool)
-        defect_bank_info = None
-        if trained is not None and trained.defect_bank is not None:
+        defect_bank = defect_bank_info = None
+        if trained is not None:
+            defect_bank = _defect_bank(cfg, opts.mode, extractor, scorer, defects, weak, weak_root)
+        if defect_bank is not None:
+            features, images = defect_bank
             boost, cap = cfg.scoring.defect_bank_boost, cfg.scoring.defect_bank_cap
-            scorer = scorer.with_defect_bank(DefectBank(trained.defect_bank, boost, cap))
-            defect_bank_info = B.DefectBankInfo(boost=boost, cap=cap,
-                                                blocks=len(trained.defect_bank), images=trained.defect_bank_images)
+            scorer = scorer.with_defect_bank(DefectBank(features, boost, cap))
+            defect_bank_info = B.DefectBankInfo(boost=boost, cap=cap, blocks=len(features), images=images)
+            trained.info = trained.info.model_copy(update={"supervision": trained.info.supervision + (
+                f"; {len(features)} labelled defect blocks raise the map's distance where a block is nearer one of "
+                "them than any normal patch")})
         holdout = [(p, d) for pcf, descriptor in _cached_features(cache, extractor, holdout_paths, cfg,
                                                                   "hold-out images", skipped, progress)
                    for p, d in zip(pcf, descriptor, strict=True)]
@@ -638,7 +655,7 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
             training=trained.info if trained else None,
             logical=logical_info,
         )
-        bank_arrays = {"defect_bank": trained.defect_bank} if defect_bank_info is not None else {}
+        bank_arrays = {"defect_bank": defect_bank[0]} if defect_bank is not None else {}
         B.write_bundle(out, manifest, files, {**fitted.arrays(), **standardiser.arrays(), **(logical_arrays or {}),
                                               **bank_arrays})
     seconds["export"] = time.perf_counter() - t2

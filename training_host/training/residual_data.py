@@ -30,6 +30,11 @@ from training_host.models.features import PatchFeatureExtractor, extract
 from training_host.training.distributed import SINGLE, Distributed
 from training_host.training.resmixmatch import UNKNOWN
 
+#: a boxed image's blocks in a defect bank: the half the fine-tuned Swin finds most anomalous (MTD, fast profile,
+#: boxes of ten defects, seeds 0 / 1 / 2: pixel AP +0.0 / +1.1 / +2.0 points; by the distance instead −0.5 / +0.7 /
+#: +1.6; a quarter or 0.7 within 0.3 point of a half; docs/sweeps/defect_bank.md)
+BOX_BANK_SHARE = 0.5
+
 log = logging.getLogger(__name__)
 
 
@@ -243,21 +248,45 @@ def defect_fields(maker: ResidualFieldMaker, defects: list[LabelledDefect], bank
 
 
 
-def defect_block_features(maker: ResidualFieldMaker, defects: list[LabelledDefect]) -> tuple[np.ndarray, int]:
-    """The patch features (n, d_f) of the real defects' anomalous blocks (their masks' block labels, 1), the
-    defect bank's rows (``edge_runtime.core.defect_bank``), and how many images gave at least one."""
-    images, masks, _ = _read_defects(defects, maker.input_hw)
+def defect_block_features(extractor: PatchFeatureExtractor, defects: list[LabelledDefect], eps_pos: float,
+                          eps_neg: float, min_positive_px: int = 0) -> tuple[np.ndarray, int]:
+    """The patch features (n, d_f) of the real defects' anomalous blocks (their masks' block labels, 1): a defect
+    bank's rows (``edge_runtime.core.defect_bank``), and how many images gave at least one."""
+    images, masks, _ = _read_defects(defects, extractor.input_hw)
     rows, used = [], 0
-    for lo in range(0, len(images), maker.batch_size):
-        batch = np.concatenate([to_input_tensor(img, maker.input_hw) for img in images[lo : lo + maker.batch_size]])
-        pcf = extract(maker.extractor, batch)[0]
-        for i, mask in enumerate(masks[lo : lo + maker.batch_size]):
-            chosen = block_labels(mask, maker.grid, maker.eps_pos, maker.eps_neg, maker.min_positive_px).ravel() == 1
-            used += bool(chosen.any())
-            rows.append(np.asarray(pcf[i], np.float32)[chosen])
-    if not rows:
-        return np.zeros((0, maker.extractor.d_f), np.float32), 0
-    return np.concatenate(rows), used
+    for image, mask in zip(images, masks, strict=True):
+        pcf = extract(extractor, to_input_tensor(image, extractor.input_hw))[0][0]
+        chosen = block_labels(mask, extractor.grid, eps_pos, eps_neg, min_positive_px).ravel() == 1
+        used += bool(chosen.any())
+        rows.append(np.asarray(pcf, np.float32)[chosen])
+    return (np.concatenate(rows) if rows else np.zeros((0, extractor.d_f), np.float32)), used
+
+
+def box_block_features(extractor: PatchFeatureExtractor, scorer: PosFARScorer, labels: LabelSet, root: Path,
+                       share: float = BOX_BANK_SHARE) -> tuple[np.ndarray, int]:
+    """A defect bank's rows from weak labels: each boxed image's blocks that its boxes cover more than half, the
+    ``share`` of them the fine-tuned Swin (``scorer``'s classifier) finds most anomalous, and explicit anomalous
+    blocks.  Tags give none (a whole image's guess put normal features in the bank: docs/sweeps/defect_bank.md).
+    Unreadable images are skipped (``weak_fields`` reports them)."""
+    rows, used = [], 0
+    for key, label in sorted(labels.images.items()):
+        if not label.boxes and not label.rotated_boxes and label.blocks is None:
+            continue
+        try:
+            image = read_image(root / key)
+        except ImageReadError:
+            continue
+        pcf, descriptor = (a[0] for a in extract(extractor, to_input_tensor(resize_rgb(image, extractor.input_hw),
+                                                                            extractor.input_hw)))
+        blocks = block_labels_from_weak(label, image.shape[:2], extractor.grid, 0.5).ravel()
+        chosen = blocks == 1
+        inside = (blocks == -1) if label.blocks is None else np.zeros_like(chosen)
+        if inside.any():
+            probability = scorer.evidence(pcf, descriptor).probability
+            chosen |= inside & (probability >= np.quantile(probability[inside], 1.0 - share))
+        used += bool(chosen.any())
+        rows.append(np.asarray(pcf, np.float32)[chosen])
+    return (np.concatenate(rows) if rows else np.zeros((0, extractor.d_f), np.float32)), used
 
 
 def weak_fields(maker: ResidualFieldMaker, labels: LabelSet, root: Path, box_overlap: float, box_lines: bool = True,
