@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from map_study import gather, markdown  # noqa: E402
 
 from edge_runtime.core.bundle import load_bundle  # noqa: E402
+from edge_runtime.core.defect_bank import DefectBank, raised  # noqa: E402
 from edge_runtime.core.pipeline import Inspector  # noqa: E402
 from edge_runtime.core.preprocess import read_image  # noqa: E402
 from training_host.data.dataset import load_mask, scan_dataset  # noqa: E402
@@ -56,12 +57,6 @@ def box_mask(boxes: list[list[float]], image_hw: tuple[int, int], hw: tuple[int,
     for x, y, w, h in boxes:
         mask[int(y * sy): int(np.ceil((y + h) * sy)), int(x * sx): int(np.ceil((x + w) * sx))] = True
     return mask
-
-
-def nearest(features: np.ndarray, bank: np.ndarray) -> np.ndarray:
-    """Each feature's Euclidean distance to its nearest bank row."""
-    d2 = (features**2).sum(1)[:, None] - 2.0 * features @ bank.T + (bank**2).sum(1)[None, :]
-    return np.sqrt(np.maximum(d2.min(1), 0.0))
 
 
 def defect_bank(inspector: Inspector, data_root: Path, labels: dict, kind: str, box_share: float,
@@ -117,6 +112,7 @@ def main() -> int:
     if set(labels) & {str(s.path.relative_to(args.data)) for s in samples}:
         raise SystemExit("the labelled images are in the scored split: give the labelled bundle or --split-of")
     bank, used = defect_bank(inspector, args.data, labels, args.bank, args.box_share, args.tag_top, args.pick)
+    search = DefectBank(bank, 1.0, args.cap)  # its nearest-block search; the factor is taken at each beta below
     ev = gather(args.bundle, args.data, "cpu", args.split_of)
     scorer, scale = inspector.scorer, inspector.fusion.distance_scale
     ratio, moved_ratio = [], []
@@ -127,18 +123,17 @@ def main() -> int:
         for offset in frames:
             pcf, descriptor = inspector.features(image, shift=offset)
             d_nom = scorer.evidence(pcf, descriptor).distance
-            per_frame.append((d_nom / np.maximum(nearest(pcf.astype(np.float32), bank), 1e-6)).reshape(scorer.grid))
+            per_frame.append((d_nom / np.maximum(search.nearest_distance(pcf), 1e-6)).reshape(scorer.grid))
         ratio.append(per_frame[0])
         moved_ratio.append(per_frame[1:])
     ratio = np.stack(ratio)
     moved = np.array(moved_ratio) if inspector.shift_offsets else None
     rows = []
     for beta in [0.0, *args.beta]:
-        boost = 1.0 + beta * np.clip(ratio - 1.0, 0.0, args.cap - 1.0)
+        boost = raised(ratio, beta, args.cap)
         variant = replace(ev, distance=ev.distance * boost)
         if moved is not None:
-            moved_boost = 1.0 + beta * np.clip(moved - 1.0, 0.0, args.cap - 1.0)
-            variant = replace(variant, shifted_distance=ev.shifted_distance * moved_boost)
+            variant = replace(variant, shifted_distance=ev.shifted_distance * raised(moved, beta, args.cap))
         r = evaluate_maps(ev.labels, ev.verdict, ev.masks, variant.served_heatmaps(ev.swin_weight), ev.types)
         rule = args.bank if args.bank == "masks" else f"{args.bank} by {args.pick}"
         rows.append({"bundle": ev.name, "bank": f"{rule} ({len(bank)} blocks of {used} images)", "beta": beta,

@@ -21,6 +21,11 @@ import numpy as np
 from .matching import QUERY_CHUNK, augmented_projection, augmented_query
 
 
+def raised(ratio: np.ndarray, boost: float, cap: float) -> np.ndarray:
+    """The factor on a block's distance from d_normal / d_defect: 1 + boost x min(max(ratio - 1, 0), cap - 1)."""
+    return (1.0 + boost * np.clip(ratio - 1.0, 0.0, cap - 1.0)).astype(np.float32)
+
+
 class DefectBank:
     """Labelled defect blocks' features (n, d_f) and how far a block near one is raised (``boost``, ``cap``)."""
 
@@ -58,4 +63,4 @@ class DefectBank:
     def factor(self, pcf: np.ndarray, distance: np.ndarray) -> np.ndarray:
         """(M,) float32 the factor on each block's nearest-normal ``distance``: 1 where no defect block is nearer."""
         ratio = np.asarray(distance, np.float32) / np.maximum(self.nearest_distance(pcf), 1e-6)
-        return (1.0 + self.boost * np.clip(ratio - 1.0, 0.0, self.cap - 1.0)).astype(np.float32)
+        return raised(ratio, self.boost, self.cap)
