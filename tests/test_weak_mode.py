@@ -13,6 +13,7 @@ from edge_runtime.core.preprocess import read_image
 from training_host import cli as train_cli
 from training_host.evaluation.evaluate import evaluate_bundle
 from training_host.labels.weak_labels import block_labels_from_weak, load_labels
+from training_host.training.residual_data import BOX_BANK_LEVEL
 
 SMALL = ["--set", "input_size=[128,128]", "--set", "posfar.d_l=16", "--set", "posfar.k_references=8",
          "--set", "threshold.holdout_fraction=0.2", "--set", "swin.steps=40", "--set", "swin.synthetic_per_image=1",
@@ -52,20 +53,23 @@ def test_weak_fit_learns_from_boxes_and_evaluation_leaves_them_out(demo_data, bo
     assert "4 weakly labelled defective images (4 boxes; ResMixMatch)" in m.training.supervision
     metrics = evaluate_bundle(out, demo_data, tmp_path / "eval", progress=False)
     assert len(metrics["excluded_training_defects"]) == 4 and metrics["supervision"] == m.training.supervision
-    # the defect bank: of each boxed image, the half of the blocks its box covers that the trained Swin finds most
-    # anomalous, each row one of those blocks' patch features
+    # the defect bank: of each boxed image, the blocks its box covers that the trained Swin is surer of than
+    # BOX_BANK_LEVEL x its scale on held-out good blocks (at least the surest), each row one of those blocks' features
     bundle = load_bundle(out)
     bank = bundle.arrays["defect_bank"].astype(np.float32)
     assert m.scoring.defect_bank.blocks == len(bank) and 1 <= m.scoring.defect_bank.images <= 4
     assert metrics["defect_bank_blocks"] == len(bank)
     inspector = Inspector(bundle)
+    level = BOX_BANK_LEVEL * m.scoring.fusion.swin_scale
     labels = load_labels(box_labels, root=demo_data)
     candidates, expected = [], 0
     for key, label in labels.images.items():
         image = read_image(demo_data / key)
         inside = block_labels_from_weak(label, image.shape[:2], m.backbone.grid, 0.5).ravel() == -1
-        candidates.append(inspector.features(image)[0][inside])
-        expected += -(-int(inside.sum()) // 2)
+        pcf, descriptor = inspector.features(image)
+        candidates.append(pcf[inside])
+        sure = int((inspector.scorer.evidence(pcf, descriptor).probability[inside] >= level).sum())
+        expected += sure or int(inside.any())
     candidates = np.concatenate(candidates)
     assert len(bank) == expected
     nearest = np.linalg.norm(bank[:, None, :] - candidates[None], axis=2).min(1)

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from map_study import gather, markdown  # noqa: E402
 
 from edge_runtime.core.bundle import load_bundle  # noqa: E402
+from edge_runtime.core.coreset import greedy_kcenter  # noqa: E402
 from edge_runtime.core.defect_bank import DefectBank, raised  # noqa: E402
 from edge_runtime.core.pipeline import Inspector  # noqa: E402
 from edge_runtime.core.preprocess import read_image  # noqa: E402
@@ -59,8 +60,17 @@ def box_mask(boxes: list[list[float]], image_hw: tuple[int, int], hw: tuple[int,
     return mask
 
 
+def covering_blocks(features: np.ndarray, max_blocks: int) -> np.ndarray:
+    """At most ``max_blocks`` rows, chosen by greedy k-center so every labelled block keeps a near one (a smaller
+    bank is a faster search; docs/sweeps/defect_bank.md measures what it loses)."""
+    if len(features) <= max_blocks:
+        return features
+    return features[np.sort(greedy_kcenter(features, max_blocks))]
+
+
 def defect_bank(inspector: Inspector, data_root: Path, labels: dict, kind: str, box_share: float,
-                tag_top: int, pick: str = "distance") -> tuple[np.ndarray, int]:
+                tag_top: int, pick: str = "distance", level: float = 1.0, eps: float = EPS_POS
+                ) -> tuple[np.ndarray, int]:
     """The labelled blocks' patch features (n, d_f) by the ``kind`` rule, and how many images gave some."""
     scorer, hw = inspector.scorer, inspector.input_hw
     samples = {str(s.path.relative_to(data_root)): s for s in scan_dataset(data_root).test}
@@ -70,14 +80,19 @@ def defect_bank(inspector: Inspector, data_root: Path, labels: dict, kind: str, 
         image = read_image(sample.path)
         pcf, descriptor = inspector.features(image)
         if kind == "masks":
-            chosen = block_fraction(load_mask(sample, hw), scorer.grid).ravel() >= EPS_POS
+            chosen = block_fraction(load_mask(sample, hw), scorer.grid).ravel() >= eps
         else:
             ev = scorer.evidence(pcf, descriptor)
             distance = ev.distance if pick == "distance" else ev.probability
             if kind == "boxes":
                 inside = block_fraction(box_mask(label["boxes"], image.shape[:2], hw), scorer.grid).ravel() >= 0.5
-                cut = np.quantile(distance[inside], 1.0 - box_share) if inside.any() else np.inf
-                chosen = inside & (distance >= cut)
+                if pick == "level":  # the Swin surer than on the held-out normal blocks' quantile, at least one
+                    chosen = inside & (ev.probability >= level * inspector.fusion.swin_scale)
+                    if inside.any() and not chosen.any():
+                        chosen[np.flatnonzero(inside)[np.argmax(ev.probability[inside])]] = True
+                else:
+                    cut = np.quantile(distance[inside], 1.0 - box_share) if inside.any() else np.inf
+                    chosen = inside & (distance >= cut)
             else:
                 chosen = np.zeros(distance.shape, bool)
                 chosen[np.argsort(distance)[-tag_top:]] = True
@@ -95,11 +110,15 @@ def main() -> int:
     parser.add_argument("--bank", choices=("masks", "boxes", "tags"), default="masks")
     parser.add_argument("--box-share", type=float, default=0.5)
     parser.add_argument("--tag-top", type=int, default=4)
-    parser.add_argument("--pick", choices=("distance", "swin"), default="distance",
-                        help="boxes and tags: rank the blocks by the distance or by the bundle's Swin probability")
+    parser.add_argument("--pick", choices=("distance", "swin", "level"), default="distance",
+                        help="boxes and tags: rank the blocks by the distance or by the bundle's Swin probability; "
+                             "boxes: or take those whose Swin probability is over --level x the fusion's Swin scale")
+    parser.add_argument("--level", type=float, default=1.0)
+    parser.add_argument("--eps", type=float, default=EPS_POS, help="masks: a block at least this defective is taken")
     parser.add_argument("--beta", type=float, nargs="+", default=[0.5, 1.0, 2.0])
     parser.add_argument("--cap", type=float, default=float("inf"),
                         help="the ratio d_nom / d_def counted up to this much (a few near-copies stay bounded)")
+    parser.add_argument("--max-blocks", type=int, help="keep at most this many rows (greedy k-center)")
     parser.add_argument("--data", type=Path, default=Path("../shared/data/mtd"))
     parser.add_argument("--out", type=Path, help="append the table as Markdown here")
     args = parser.parse_args()
@@ -111,7 +130,10 @@ def main() -> int:
     samples = scored_test_split(load_bundle(args.split_of) if args.split_of else bundle, args.data)[0].test
     if set(labels) & {str(s.path.relative_to(args.data)) for s in samples}:
         raise SystemExit("the labelled images are in the scored split: give the labelled bundle or --split-of")
-    bank, used = defect_bank(inspector, args.data, labels, args.bank, args.box_share, args.tag_top, args.pick)
+    bank, used = defect_bank(inspector, args.data, labels, args.bank, args.box_share, args.tag_top, args.pick,
+                             args.level, args.eps)
+    if args.max_blocks:
+        bank = covering_blocks(bank, args.max_blocks)
     search = DefectBank(bank, 1.0, args.cap)  # its nearest-block search; the factor is taken at each beta below
     ev = gather(args.bundle, args.data, "cpu", args.split_of)
     scorer, scale = inspector.scorer, inspector.fusion.distance_scale

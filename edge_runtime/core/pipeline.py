@@ -161,6 +161,11 @@ def fuse_scaled(rule: Literal["mean", "geometric", "max"], p: np.ndarray, d: np.
     return fused
 
 
+def fusion_scale(values: np.ndarray) -> float:
+    """A map's scale: its ``FUSION_QUANTILE`` over held-out good blocks (any shape, pooled), at least 1e-6."""
+    return max(float(np.quantile(np.asarray(values, dtype=np.float64).ravel(), FUSION_QUANTILE)), 1e-6)
+
+
 @dataclass(frozen=True)
 class MapFusion:
     """The final map from both pieces of evidence: the Swin's probability and the nearest-normal distance.
@@ -200,11 +205,8 @@ class MapFusion:
                   probabilities: np.ndarray, swin_weight: float = DEFAULT_SWIN_WEIGHT,
                   swin_excess: float = 0.0, distance_excess: float = 0.0) -> MapFusion:
         """Scales from the block values of held-out good images (any shape, pooled)."""
-        eps = 1e-6
-        d = float(np.quantile(np.asarray(distances, dtype=np.float64).ravel(), FUSION_QUANTILE))
-        p = float(np.quantile(np.asarray(probabilities, dtype=np.float64).ravel(), FUSION_QUANTILE))
-        return cls(rule=rule, distance_scale=max(d, eps), swin_scale=max(p, eps), swin_weight=swin_weight,
-                   swin_excess=swin_excess, distance_excess=distance_excess)
+        return cls(rule=rule, distance_scale=fusion_scale(distances), swin_scale=fusion_scale(probabilities),
+                   swin_weight=swin_weight, swin_excess=swin_excess, distance_excess=distance_excess)
 
     @classmethod
     def from_scorer(cls, rule: Literal["mean", "geometric", "max"], scorer: PosFARScorer,

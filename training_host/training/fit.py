@@ -34,6 +34,7 @@ from edge_runtime.core.pipeline import (
     PosFARScorer,
     Scored,
     SwinClassifier,
+    fusion_scale,
     shift_averaged,
 )
 from edge_runtime.core.scoring import DistanceStandardiser, check_frame_shift, shifted_frame
@@ -49,6 +50,7 @@ from training_host.models.swin import ResidualSwin, SwinEnsemble, SwinShape
 from training_host.training.cache import FitCache, features_key, residuals_key
 from training_host.training.distributed import SINGLE, Distributed
 from training_host.training.residual_data import (
+    BOX_BANK_LEVEL,
     LabelledDefect,
     ResidualFieldMaker,
     ResidualSet,
@@ -340,12 +342,12 @@ def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatu
 
 
 def _defect_bank(cfg: ProductConfig, mode: str, extractor: PatchFeatureExtractor, scorer: PosFARScorer,
-                 defects: list[LabelledDefect], weak: LabelSet | None, weak_root: Path
+                 defects: list[LabelledDefect], weak: LabelSet | None, weak_root: Path, swin_scale: float
                  ) -> tuple[np.ndarray, int] | None:
     """The labelled defect blocks' features (fp16, as the edge reads them) and how many images gave some: the
     masks' anomalous blocks (supervised), or the boxed images' blocks the trained Swin (``scorer``'s classifier)
-    finds most anomalous (weak); None when ``scoring.defect_bank_boost`` is off, the map has no distance, or no
-    label gave a block."""
+    is surer of than ``BOX_BANK_LEVEL`` x its ``swin_scale`` on held-out good blocks (weak); None when
+    ``scoring.defect_bank_boost`` is off, the map has no distance, or no label gave a block."""
     s = cfg.scoring
     if s.defect_bank_boost <= 0 or s.fusion == "none":
         return None
@@ -353,7 +355,7 @@ def _defect_bank(cfg: ProductConfig, mode: str, extractor: PatchFeatureExtractor
         lc = cfg.labels
         features, images = defect_block_features(extractor, defects, lc.eps_pos, lc.eps_neg, lc.min_positive_px)
     elif mode == "weak" and weak is not None:
-        features, images = box_block_features(extractor, scorer, weak, weak_root)
+        features, images = box_block_features(extractor, scorer, weak, weak_root, BOX_BANK_LEVEL * swin_scale)
     else:
         return None
     if not len(features):
@@ -503,9 +505,14 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
         scorer = fitted.scorer(cfg.posfar.k_references, extractor.grid, cfg.input_size, cfg.posfar.retrieval_trim,
                                cfg.scoring.blur_sigma, cfg.scoring.score_pool, tuple(cfg.posfar.thetas),
                                classifier=classifier, foreground_power=power, foreground_pool=fg_cfg.pool)
+        holdout = [(p, d) for pcf, descriptor in _cached_features(cache, extractor, holdout_paths, cfg,
+                                                                  "hold-out images", skipped, progress)
+                   for p, d in zip(pcf, descriptor, strict=True)]
+        holdout_evidence = [scorer.evidence(p, d) for p, d in holdout]
         defect_bank = defect_bank_info = None
-        if trained is not None:
-            defect_bank = _defect_bank(cfg, opts.mode, extractor, scorer, defects, weak, weak_root)
+        if trained is not None:  # boxes' blocks are those the Swin is surer of than of held-out good blocks
+            swin_scale = fusion_scale([e.probability for e in holdout_evidence])
+            defect_bank = _defect_bank(cfg, opts.mode, extractor, scorer, defects, weak, weak_root, swin_scale)
         if defect_bank is not None:
             features, images = defect_bank
             boost, cap = cfg.scoring.defect_bank_boost, cfg.scoring.defect_bank_cap
@@ -514,10 +521,8 @@ def fit_product(cfg: ProductConfig, data_root: Path, out: Path, progress: bool =
             trained.info = trained.info.model_copy(update={"supervision": trained.info.supervision + (
                 f"; {len(features)} labelled defect blocks raise the map's distance where a block is nearer one of "
                 "them than any normal patch")})
-        holdout = [(p, d) for pcf, descriptor in _cached_features(cache, extractor, holdout_paths, cfg,
-                                                                  "hold-out images", skipped, progress)
-                   for p, d in zip(pcf, descriptor, strict=True)]
-        holdout_evidence = [scorer.evidence(p, d) for p, d in holdout]
+            holdout_evidence = [replace(e, defect_factor=scorer.defect_factor(p, e.distance))
+                                for e, (p, _) in zip(holdout_evidence, holdout, strict=True)]
         # bank image j, matched with itself left out of its retrieval: about 10x more good maps than the hold-out
         components = stability = None
         if sampler is not None:

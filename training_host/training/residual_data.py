@@ -30,10 +30,11 @@ from training_host.models.features import PatchFeatureExtractor, extract
 from training_host.training.distributed import SINGLE, Distributed
 from training_host.training.resmixmatch import UNKNOWN
 
-#: a boxed image's blocks in a defect bank: the half the fine-tuned Swin finds most anomalous (MTD, fast profile,
-#: boxes of ten defects, seeds 0 / 1 / 2: pixel AP +0.0 / +1.1 / +2.0 points; by the distance instead −0.5 / +0.7 /
-#: +1.6; a quarter or 0.7 within 0.3 point of a half; docs/sweeps/defect_bank.md)
-BOX_BANK_SHARE = 0.5
+#: a boxed image's blocks in a defect bank: those the fine-tuned Swin is surer of than this many times its scale (its
+#: 0.999 quantile on held-out good blocks), at least the surest of each image's (MTD, fast profile, boxes of ten
+#: defects, seeds 0 / 1 / 2: pixel AP XXX; the half it finds most anomalous +0.0 / +1.1 / +2.0 points, by the distance
+#: −0.5 / +0.7 / +1.6; docs/sweeps/defect_bank.md)
+BOX_BANK_LEVEL = 1.0
 
 log = logging.getLogger(__name__)
 
@@ -263,11 +264,12 @@ def defect_block_features(extractor: PatchFeatureExtractor, defects: list[Labell
 
 
 def box_block_features(extractor: PatchFeatureExtractor, scorer: PosFARScorer, labels: LabelSet, root: Path,
-                       share: float = BOX_BANK_SHARE) -> tuple[np.ndarray, int]:
-    """A defect bank's rows from weak labels: each boxed image's blocks that its boxes cover more than half, the
-    ``share`` of them the fine-tuned Swin (``scorer``'s classifier) finds most anomalous, and explicit anomalous
-    blocks.  Tags give none (a whole image's guess put normal features in the bank: docs/sweeps/defect_bank.md).
-    Unreadable images are skipped (``weak_fields`` reports them)."""
+                       level: float) -> tuple[np.ndarray, int]:
+    """A defect bank's rows from weak labels: each boxed image's blocks that its boxes cover more than half and
+    whose fine-tuned Swin (``scorer``'s classifier) probability is at least ``level`` (at least the image's surest
+    one: a faint defect still gives a row), and explicit anomalous blocks.  Tags give none (a whole image's guess
+    put normal features in the bank: docs/sweeps/defect_bank.md).  Unreadable images are skipped (``weak_fields``
+    reports them)."""
     rows, used = [], 0
     for key, label in sorted(labels.images.items()):
         if not label.boxes and not label.rotated_boxes and label.blocks is None:
@@ -282,8 +284,9 @@ def box_block_features(extractor: PatchFeatureExtractor, scorer: PosFARScorer, l
         chosen = blocks == 1
         inside = (blocks == -1) if label.blocks is None else np.zeros_like(chosen)
         if inside.any():
-            probability = scorer.evidence(pcf, descriptor).probability
-            chosen |= inside & (probability >= np.quantile(probability[inside], 1.0 - share))
+            probability = np.where(inside, scorer.evidence(pcf, descriptor).probability, -np.inf)
+            sure = probability >= level
+            chosen |= sure if sure.any() else probability == probability.max()
         used += bool(chosen.any())
         rows.append(np.asarray(pcf, np.float32)[chosen])
     return (np.concatenate(rows) if rows else np.zeros((0, extractor.d_f), np.float32)), used
