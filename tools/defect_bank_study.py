@@ -9,8 +9,10 @@ patch, d_def, and boosts blocks that sit closer to a known defect than to anythi
 
 which leaves every block that looks less like a labelled defect than like a normal patch as it was (a new kind
 of defect keeps its distance).  The labelled blocks are the study's ``--bank`` rule: masks (the blocks at least
-``labels.eps_pos`` defective), boxes (the blocks inside each box whose distance is in the box's top
-``--box-share``), or tags (the image's ``--tag-top`` most distant blocks).  The served map (the bundle's own
+``--eps`` defective), boxes (the blocks inside each box whose distance, or with ``--pick swin`` the Swin's
+probability, is in the box's top ``--box-share``; with ``--pick level`` those whose probability is at least
+``--level`` x the fusion's Swin scale, as a weak fit takes them), or tags (the image's ``--tag-top`` most distant
+blocks).  ``--max-blocks`` thins the bank by greedy k-center.  The served map (the bundle's own
 fusion, refinement and shifted frames) is scored with the project's evaluator on the bundle's test split, which
 leaves the labelled images out, so no labelled block is scored against itself.
 
