@@ -121,6 +121,8 @@ def main() -> int:
     parser.add_argument("--cap", type=float, default=float("inf"),
                         help="the ratio d_nom / d_def counted up to this much (a few near-copies stay bounded)")
     parser.add_argument("--max-blocks", type=int, help="keep at most this many rows (greedy k-center)")
+    parser.add_argument("--gate", type=float, default=0.0,
+                        help="raise only blocks whose distance is at least this x the fusion's distance scale")
     parser.add_argument("--data", type=Path, default=Path("../shared/data/mtd"))
     parser.add_argument("--out", type=Path, help="append the table as Markdown here")
     args = parser.parse_args()
@@ -139,7 +141,7 @@ def main() -> int:
     search = DefectBank(bank, 1.0, args.cap)  # its nearest-block search; the factor is taken at each beta below
     ev = gather(args.bundle, args.data, "cpu", args.split_of)
     scorer, scale = inspector.scorer, inspector.fusion.distance_scale
-    ratio, moved_ratio = [], []
+    ratio, moved_ratio, searched = [], [], []
     for sample in samples:  # the same images in the same order as gather's
         image = read_image(sample.path)
         frames = [(0, 0), *inspector.shift_offsets]
@@ -147,10 +149,16 @@ def main() -> int:
         for offset in frames:
             pcf, descriptor = inspector.features(image, shift=offset)
             d_nom = scorer.evidence(pcf, descriptor).distance
-            per_frame.append((d_nom / np.maximum(search.nearest_distance(pcf), 1e-6)).reshape(scorer.grid))
+            ratio_nom = d_nom / np.maximum(search.nearest_distance(pcf), 1e-6)
+            if args.gate:  # blocks this far below the map's scale are not searched: factor 1
+                searched.append(float((d_nom >= args.gate * scale).mean()))
+                ratio_nom = np.where(d_nom >= args.gate * scale, ratio_nom, 0.0)
+            per_frame.append(ratio_nom.reshape(scorer.grid))
         ratio.append(per_frame[0])
         moved_ratio.append(per_frame[1:])
     ratio = np.stack(ratio)
+    if searched:
+        print(f"gate {args.gate:g} x scale {scale:.3g}: {np.mean(searched):.1%} of the blocks searched", flush=True)
     moved = np.array(moved_ratio) if inspector.shift_offsets else None
     rows = []
     for beta in [0.0, *args.beta]:
