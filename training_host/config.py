@@ -84,8 +84,8 @@ class ScoringConfig(_Section):
                                          "the pits and cracks only the distance sees count more (0: off)")
     defect_bank_boost: float = Field(
         default=0.0, ge=0.0, description="masks, or weak boxes (their blocks the trained Swin is surer of than "
-                                         "of held-out good blocks): the labelled defect blocks' own features kept in the "
-                                         "bundle, and the map's distance of a block nearer one of them than any "
+                                         "of held-out good blocks): the labelled defect blocks' own features kept "
+                                         "in the bundle, and the map's distance of a block nearer one of them than any "
                                          "normal patch times 1 + this x (that ratio - 1, up to defect_bank_cap - 1), "
                                          "in a fused map (fusion not 'none'); a verdict on the distance (image_score "
                                          "not 'map') keeps the plain one (0: off)")
