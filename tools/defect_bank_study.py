@@ -44,6 +44,7 @@ from edge_runtime.core.preprocess import read_image  # noqa: E402
 from training_host.data.dataset import load_mask, scan_dataset  # noqa: E402
 from training_host.evaluation.evaluate import scored_test_split  # noqa: E402
 from training_host.evaluation.metrics import evaluate_maps  # noqa: E402
+from training_host.training.residual_data import sure_blocks  # noqa: E402
 
 EPS_POS = 0.5  # labels.eps_pos: a block at least this defective is a defect block
 
@@ -88,10 +89,8 @@ def defect_bank(inspector: Inspector, data_root: Path, labels: dict, kind: str, 
             distance = ev.distance if pick == "distance" else ev.probability
             if kind == "boxes":
                 inside = block_fraction(box_mask(label["boxes"], image.shape[:2], hw), scorer.grid).ravel() >= 0.5
-                if pick == "level":  # the Swin surer than on the held-out normal blocks' quantile, at least one
-                    chosen = inside & (ev.probability >= level * inspector.fusion.swin_scale)
-                    if inside.any() and not chosen.any():
-                        chosen[np.flatnonzero(inside)[np.argmax(ev.probability[inside])]] = True
+                if pick == "level":  # the fit's rule: surer than level x the Swin's scale, at least one
+                    chosen = sure_blocks(ev.probability, inside, level * inspector.fusion.swin_scale)
                 else:
                     cut = np.quantile(distance[inside], 1.0 - box_share) if inside.any() else np.inf
                     chosen = inside & (distance >= cut)

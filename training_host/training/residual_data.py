@@ -261,14 +261,27 @@ def defect_block_features(extractor: PatchFeatureExtractor, defects: list[Labell
         chosen = block_labels(mask, extractor.grid, eps_pos, eps_neg, min_positive_px).ravel() == 1
         used += bool(chosen.any())
         rows.append(np.asarray(pcf, np.float32)[chosen])
-    return (np.concatenate(rows) if rows else np.zeros((0, extractor.d_f), np.float32)), used
+    return _stacked(rows, extractor.d_f), used
+
+
+def _stacked(rows: list[np.ndarray], d_f: int) -> np.ndarray:
+    """Each image's chosen rows as one (n, d_f) float32 array (empty without images)."""
+    return np.concatenate(rows) if rows else np.zeros((0, d_f), np.float32)
+
+
+def sure_blocks(probability: np.ndarray, inside: np.ndarray, level: float) -> np.ndarray:
+    """Of the ``inside`` blocks (a boolean mask), those whose Swin ``probability`` is at least ``level``; the surest
+    one when none is, so a faint defect still gives a row.  The boxes' rule of a defect bank."""
+    candidates = np.where(inside, probability, -np.inf)
+    sure = candidates >= level
+    return sure if sure.any() or not inside.any() else candidates == candidates.max()
 
 
 def box_block_features(extractor: PatchFeatureExtractor, scorer: PosFARScorer, labels: LabelSet, root: Path,
                        level: float) -> tuple[np.ndarray, int]:
     """A defect bank's rows from weak labels: each boxed image's blocks that its boxes cover more than half and
-    whose fine-tuned Swin (``scorer``'s classifier) probability is at least ``level`` (at least the image's surest
-    one: a faint defect still gives a row), and explicit anomalous blocks.  Tags give none (a whole image's guess
+    whose fine-tuned Swin (``scorer``'s classifier) probability is at least ``level`` (:func:`sure_blocks`), and
+    explicit anomalous blocks.  Tags give none (a whole image's guess
     put normal features in the bank: docs/sweeps/defect_bank.md).  Unreadable images are skipped (``weak_fields``
     reports them)."""
     rows, used = [], 0
@@ -285,12 +298,10 @@ def box_block_features(extractor: PatchFeatureExtractor, scorer: PosFARScorer, l
         chosen = blocks == 1
         inside = (blocks == -1) if label.blocks is None else np.zeros_like(chosen)
         if inside.any():
-            probability = np.where(inside, scorer.evidence(pcf, descriptor).probability, -np.inf)
-            sure = probability >= level
-            chosen |= sure if sure.any() else probability == probability.max()
+            chosen |= sure_blocks(scorer.evidence(pcf, descriptor).probability, inside, level)
         used += bool(chosen.any())
         rows.append(np.asarray(pcf, np.float32)[chosen])
-    return (np.concatenate(rows) if rows else np.zeros((0, extractor.d_f), np.float32)), used
+    return _stacked(rows, extractor.d_f), used
 
 
 def weak_fields(maker: ResidualFieldMaker, labels: LabelSet, root: Path, box_overlap: float, box_lines: bool = True,
