@@ -14,6 +14,7 @@ from training_host.labels.weak_labels import (
     LabelSet,
     WeakLabel,
     block_labels_from_weak,
+    box_blocks,
     import_coco,
     import_labelme,
     load_labels,
@@ -245,6 +246,29 @@ def test_blocks_non_divisible_image():
     np.testing.assert_array_equal(out, expect)
     full = block_labels_from_weak(WeakLabel(boxes=((-10, -10, 100, 100),)), (50, 70), (3, 4))
     assert (full == -1).all()
+
+
+def test_box_blocks_each_box_keeps_its_defect_even_when_thin_or_small():
+    # 64 x 128 px into 4 x 8 blocks of 16 x 16 px
+    big = (32, 16, 32, 32)  # exactly blocks (1..2, 2..3)
+    hairline = (94, 0, 4, 36)  # 4 px wide across the column edge at x = 96: 2 px of each of two columns
+    pit = (5, 53, 6, 6)  # 36 px inside block (3, 0): 14 % of it
+    out = box_blocks(WeakLabel(boxes=(big, hairline, pit)), (64, 128), (4, 8))
+    assert len(out) == 3 and all(b.shape == (4, 8) and b.dtype == bool for b in out)
+    expect = np.zeros((4, 8), bool)
+    expect[1:3, 2:4] = True
+    np.testing.assert_array_equal(out[0], expect)
+    # the hairline covers no block by more than half: it keeps the blocks it covers at least half as much as its best
+    # (2 / 16 of each block of rows 0 and 1, in both columns), not row 2's (2 / 16 x 4 / 16)
+    expect = np.zeros((4, 8), bool)
+    expect[0:2, 5:7] = True
+    np.testing.assert_array_equal(out[1], expect)
+    assert out[2].sum() == 1 and out[2][3, 0]
+    # a rotated box is its own box too; one outside the image gives nothing
+    rotated = box_blocks(WeakLabel(rotated_boxes=((48, 32, 32, 32, 0),), boxes=((200, 200, 5, 5),)), (64, 128), (4, 8))
+    assert len(rotated) == 1 and rotated[0].sum() == 4 and rotated[0][1:3, 2:4].all()
+    with pytest.raises(ValueError, match="grid"):
+        box_blocks(WeakLabel(boxes=(big,)), (64, 128), (0, 8))
 
 
 # ----------------------------------------------------------------------------------------------- bags

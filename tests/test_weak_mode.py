@@ -12,7 +12,7 @@ from edge_runtime.core.pipeline import Inspector
 from edge_runtime.core.preprocess import read_image
 from training_host import cli as train_cli
 from training_host.evaluation.evaluate import evaluate_bundle
-from training_host.labels.weak_labels import block_labels_from_weak, load_labels
+from training_host.labels.weak_labels import box_blocks, load_labels
 from training_host.training.residual_data import BOX_BANK_LEVEL
 
 SMALL = ["--set", "input_size=[128,128]", "--set", "posfar.d_l=16", "--set", "posfar.k_references=8",
@@ -53,8 +53,8 @@ def test_weak_fit_learns_from_boxes_and_evaluation_leaves_them_out(demo_data, bo
     assert "4 weakly labelled defective images (4 boxes; ResMixMatch)" in m.training.supervision
     metrics = evaluate_bundle(out, demo_data, tmp_path / "eval", progress=False)
     assert len(metrics["excluded_training_defects"]) == 4 and metrics["supervision"] == m.training.supervision
-    # the defect bank: of each boxed image, the blocks its box covers that the trained Swin is surer of than
-    # BOX_BANK_LEVEL x its scale on held-out good blocks (at least the surest), each row one of those blocks' features
+    # the defect bank: of each box's own blocks, those the trained Swin is surer of than BOX_BANK_LEVEL x its scale on
+    # held-out good blocks (at least the box's surest), each row one of those blocks' features
     bundle = load_bundle(out)
     bank = bundle.arrays["defect_bank"].astype(np.float32)
     assert m.scoring.defect_bank.blocks == len(bank) and 1 <= m.scoring.defect_bank.images <= 4
@@ -65,11 +65,15 @@ def test_weak_fit_learns_from_boxes_and_evaluation_leaves_them_out(demo_data, bo
     candidates, expected = [], 0
     for key, label in labels.images.items():
         image = read_image(demo_data / key)
-        inside = block_labels_from_weak(label, image.shape[:2], m.backbone.grid, 0.5).ravel() == -1
         pcf, descriptor = inspector.features(image)
-        candidates.append(pcf[inside])
-        sure = int((inspector.scorer.evidence(pcf, descriptor).probability[inside] >= level).sum())
-        expected += sure or int(inside.any())
+        probability = inspector.scorer.evidence(pcf, descriptor).probability
+        chosen = set()
+        for inside in box_blocks(label, image.shape[:2], m.backbone.grid):
+            own = np.flatnonzero(inside.ravel())
+            candidates.append(pcf[own])
+            sure = own[probability[own] >= level]
+            chosen |= set(sure.tolist()) if len(sure) else {int(own[np.argmax(probability[own])])}
+        expected += len(chosen)
     candidates = np.concatenate(candidates)
     assert len(bank) == expected
     nearest = np.linalg.norm(bank[:, None, :] - candidates[None], axis=2).min(1)

@@ -11,7 +11,8 @@ which leaves every block that looks less like a labelled defect than like a norm
 of defect keeps its distance).  The labelled blocks are the study's ``--bank`` rule: masks (the blocks at least
 ``--eps`` defective), boxes (the blocks inside each box whose distance, or with ``--pick swin`` the Swin's
 probability, is in the box's top ``--box-share``; with ``--pick level`` those whose probability is at least
-``--level`` x the fusion's Swin scale, as a weak fit takes them), or tags (the image's ``--tag-top`` most distant
+``--level`` x the fusion's Swin scale; with ``--pick fit`` the same from each box's own blocks, exactly as a weak fit
+takes them), or tags (the image's ``--tag-top`` most distant
 blocks).  ``--max-blocks`` thins the bank by greedy k-center.  The served map (the bundle's own
 fusion, refinement and shifted frames) is scored with the project's evaluator on the bundle's test split, which
 leaves the labelled images out, so no labelled block is scored against itself.
@@ -44,7 +45,8 @@ from edge_runtime.core.preprocess import read_image  # noqa: E402
 from training_host.data.dataset import load_mask, scan_dataset  # noqa: E402
 from training_host.evaluation.evaluate import scored_test_split  # noqa: E402
 from training_host.evaluation.metrics import evaluate_maps  # noqa: E402
-from training_host.training.residual_data import sure_blocks  # noqa: E402
+from training_host.labels.weak_labels import WeakLabel  # noqa: E402
+from training_host.training.residual_data import labelled_bank_blocks, sure_blocks  # noqa: E402
 
 EPS_POS = 0.5  # labels.eps_pos: a block at least this defective is a defect block
 
@@ -87,7 +89,11 @@ def defect_bank(inspector: Inspector, data_root: Path, labels: dict, kind: str, 
         else:
             ev = scorer.evidence(pcf, descriptor)
             distance = ev.distance if pick == "distance" else ev.probability
-            if kind == "boxes":
+            if kind == "boxes" and pick == "fit":  # the fit's own rule (each box's blocks, then the level rule)
+                weak = WeakLabel(boxes=tuple(label["boxes"]))
+                chosen = labelled_bank_blocks(weak, image.shape[:2], scorer.grid, ev.probability,
+                                              level * inspector.fusion.swin_scale)
+            elif kind == "boxes":
                 inside = block_fraction(box_mask(label["boxes"], image.shape[:2], hw), scorer.grid).ravel() >= 0.5
                 if pick == "level":  # the fit's rule: surer than level x the Swin's scale, at least one
                     chosen = sure_blocks(ev.probability, inside, level * inspector.fusion.swin_scale)
@@ -111,9 +117,11 @@ def main() -> int:
     parser.add_argument("--bank", choices=("masks", "boxes", "tags"), default="masks")
     parser.add_argument("--box-share", type=float, default=0.5)
     parser.add_argument("--tag-top", type=int, default=4)
-    parser.add_argument("--pick", choices=("distance", "swin", "level"), default="distance",
+    parser.add_argument("--pick", choices=("distance", "swin", "level", "fit"), default="distance",
                         help="boxes and tags: rank the blocks by the distance or by the bundle's Swin probability; "
-                             "boxes: or take those whose Swin probability is over --level x the fusion's Swin scale")
+                             "boxes: or take those whose Swin probability is over --level x the fusion's Swin scale "
+                             "(level: among the blocks the union of the boxes covers half; fit: each box's own "
+                             "blocks as a weak fit finds them, thin and small boxes included)")
     parser.add_argument("--level", type=float, default=1.0)
     parser.add_argument("--eps", type=float, default=EPS_POS, help="masks: a block at least this defective is taken")
     parser.add_argument("--beta", type=float, nargs="+", default=[0.5, 1.0, 2.0])

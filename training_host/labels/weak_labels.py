@@ -492,6 +492,20 @@ def _box_mask(label: WeakLabel, image_hw: tuple[int, int]) -> np.ndarray:
     return mask
 
 
+def _checked_grid(grid: tuple[int, int], image_hw: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(gh, gw), (H, W) as ints, or a ValueError when the grid is not positive or finer than the image."""
+    gh, gw = int(grid[0]), int(grid[1])
+    H, W = int(image_hw[0]), int(image_hw[1])
+    if gh < 1 or gw < 1 or H < gh or W < gw:
+        raise ValueError(f"grid {tuple(grid)} must be positive and no finer than the image (height {H}, width {W})")
+    return (gh, gw), (H, W)
+
+
+def _single_boxes(label: WeakLabel) -> list[WeakLabel]:
+    """One label per box and rotated box of ``label``."""
+    return [WeakLabel(boxes=(b,)) for b in label.boxes] + [WeakLabel(rotated_boxes=(b,)) for b in label.rotated_boxes]
+
+
 def block_labels_from_weak(label: WeakLabel, image_hw: tuple[int, int], grid: tuple[int, int],
                            overlap: float = 0.0) -> np.ndarray:
     """Block labels of paper Sec. III-D1, int8 (h, w): a block covered by the union of the boxes over more than
@@ -502,10 +516,7 @@ def block_labels_from_weak(label: WeakLabel, image_hw: tuple[int, int], grid: tu
 
     Boxes are in pixels of the original image of size ``image_hw`` = (H, W); the grid cuts it into h x w blocks
     with float edges, so H and W need not be divisible by the grid."""
-    gh, gw = int(grid[0]), int(grid[1])
-    H, W = int(image_hw[0]), int(image_hw[1])
-    if gh < 1 or gw < 1 or H < gh or W < gw:
-        raise ValueError(f"grid {tuple(grid)} must be positive and no finer than the image (height {H}, width {W})")
+    (gh, gw), (H, W) = _checked_grid(grid, image_hw)
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     if label.blocks is not None:
@@ -514,15 +525,39 @@ def block_labels_from_weak(label: WeakLabel, image_hw: tuple[int, int], grid: tu
         return label.blocks.copy()
     if not label.boxes and not label.rotated_boxes:
         return np.full((gh, gw), -1, np.int8)
-    mask = _box_mask(label, (H, W))
+    frac = _block_coverage(_box_mask(label, (H, W)), (gh, gw))
+    return np.where(frac > overlap, -1, 0).astype(np.int8)
+
+
+def _block_coverage(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """float64 (h, w) the share of each block a uint8 (H, W) mask covers; the grid cuts the image with float edges."""
+    H, W = mask.shape
     integral = cv2.integral(mask)  # (H+1, W+1) float64 sums
-    rows = np.round(np.linspace(0, H, gh + 1)).astype(int)
-    cols = np.round(np.linspace(0, W, gw + 1)).astype(int)
+    rows = np.round(np.linspace(0, H, grid[0] + 1)).astype(int)
+    cols = np.round(np.linspace(0, W, grid[1] + 1)).astype(int)
     r0, r1 = rows[:-1, None], rows[1:, None]
     c0, c1 = cols[None, :-1], cols[None, 1:]
     covered = integral[r1, c1] - integral[r0, c1] - integral[r1, c0] + integral[r0, c0]
-    frac = covered / ((r1 - r0) * (c1 - c0))
-    return np.where(frac > overlap, -1, 0).astype(np.int8)
+    return covered / ((r1 - r0) * (c1 - c0))
+
+
+def box_blocks(label: WeakLabel, image_hw: tuple[int, int], grid: tuple[int, int],
+               overlap: float = 0.5) -> list[np.ndarray]:
+    """Each box's (and rotated box's) own blocks, boolean (h, w) each: those it covers more than ``overlap`` of.
+
+    A box too thin or too small to cover any block that much (a hairline crack's box straddling two block columns,
+    a pit smaller than a block) gets the blocks it covers at least half as much as its best-covered one: its defect
+    is there, and a rule that gave it no block would drop the label.  A box entirely outside the image gives none."""
+    (gh, gw), (H, W) = _checked_grid(grid, image_hw)
+    out = []
+    for one in _single_boxes(label):
+        frac = _block_coverage(_box_mask(one, (H, W)), (gh, gw))
+        best = frac.max()
+        if best > overlap:
+            out.append(frac > overlap)
+        elif best > 0:
+            out.append(frac >= 0.5 * best)
+    return out
 
 
 def _to_block(points: np.ndarray, image_hw: tuple[int, int], grid: tuple[int, int]) -> np.ndarray:
@@ -583,9 +618,7 @@ def weak_bags(label: WeakLabel, image_hw: tuple[int, int], grid: tuple[int, int]
             for box in rotated:
                 bags.extend(_box_lines(box, image_hw, grid))
         else:
-            singles = [WeakLabel(boxes=(b,)) for b in label.boxes]
-            singles += [WeakLabel(rotated_boxes=(b,)) for b in label.rotated_boxes]
-            for one in singles:
+            for one in _single_boxes(label):
                 bags.append(np.flatnonzero(block_labels_from_weak(one, image_hw, grid, overlap=0.0) == -1))
         ks = [1] * len(bags)
     else:

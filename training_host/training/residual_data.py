@@ -25,7 +25,7 @@ from edge_runtime.core.pipeline import PosFARScorer
 from edge_runtime.core.preprocess import ImageReadError, read_image, resize_rgb, to_input_tensor
 from training_host.data.dataset import TestSample, load_mask, scan_dataset
 from training_host.data.synthetic import AnomalySynthesizer, block_labels, transplant_defect
-from training_host.labels.weak_labels import LabelSet, block_labels_from_weak, weak_bags
+from training_host.labels.weak_labels import LabelSet, WeakLabel, block_labels_from_weak, box_blocks, weak_bags
 from training_host.models.features import PatchFeatureExtractor, extract
 from training_host.training.distributed import SINGLE, Distributed
 from training_host.training.resmixmatch import UNKNOWN
@@ -277,11 +277,25 @@ def sure_blocks(probability: np.ndarray, inside: np.ndarray, level: float) -> np
     return sure if sure.any() or not inside.any() else candidates == candidates.max()
 
 
+def labelled_bank_blocks(label: WeakLabel, image_hw: tuple[int, int], grid: tuple[int, int],
+                         probability: np.ndarray | None, level: float) -> np.ndarray:
+    """Boolean (h * w,) the blocks of one weakly labelled image that go in a defect bank: explicit anomalous blocks,
+    or of each box's own blocks (``box_blocks``) those whose Swin ``probability`` (h * w,) is at least ``level``, at
+    least the box's surest (:func:`sure_blocks`).  One place for the fit and the study."""
+    if label.blocks is not None:
+        return block_labels_from_weak(label, image_hw, grid).ravel() == 1
+    chosen = np.zeros(int(np.prod(grid)), bool)
+    for inside in box_blocks(label, image_hw, grid):
+        chosen |= sure_blocks(probability, inside.ravel(), level)
+    return chosen
+
+
 def box_block_features(extractor: PatchFeatureExtractor, scorer: PosFARScorer, labels: LabelSet, root: Path,
                        level: float) -> tuple[np.ndarray, int]:
-    """A defect bank's rows from weak labels: each boxed image's blocks that its boxes cover more than half and
-    whose fine-tuned Swin (``scorer``'s classifier) probability is at least ``level`` (:func:`sure_blocks`), and
-    explicit anomalous blocks.  Tags give none (a whole image's guess
+    """A defect bank's rows from weak labels: of each box's own blocks (those it covers more than half, or for a box
+    too thin or small for that, those it covers at least half as much as its best-covered one), the ones whose
+    fine-tuned Swin (``scorer``'s classifier) probability is at least ``level``, at least its surest; and explicit
+    anomalous blocks (:func:`labelled_bank_blocks`).  Tags give none (a whole image's guess
     put normal features in the bank: docs/sweeps/defect_bank.md).  Unreadable images are skipped (``weak_fields``
     reports them)."""
     rows, used = [], 0
@@ -294,11 +308,8 @@ def box_block_features(extractor: PatchFeatureExtractor, scorer: PosFARScorer, l
             continue
         pcf, descriptor = (a[0] for a in extract(extractor, to_input_tensor(resize_rgb(image, extractor.input_hw),
                                                                             extractor.input_hw)))
-        blocks = block_labels_from_weak(label, image.shape[:2], extractor.grid, 0.5).ravel()
-        chosen = blocks == 1
-        inside = (blocks == -1) if label.blocks is None else np.zeros_like(chosen)
-        if inside.any():
-            chosen |= sure_blocks(scorer.evidence(pcf, descriptor).probability, inside, level)
+        probability = None if label.blocks is not None else scorer.evidence(pcf, descriptor).probability
+        chosen = labelled_bank_blocks(label, image.shape[:2], extractor.grid, probability, level)
         used += bool(chosen.any())
         rows.append(np.asarray(pcf, np.float32)[chosen])
     return _stacked(rows, extractor.d_f), used
