@@ -11,11 +11,13 @@ from training_host.data.synthetic import (
     SyntheticConfig,
     band_mask,
     block_labels,
+    covered_blocks,
     crack_mask,
     packaged_textures,
     perlin_mask,
     perlin_noise,
     pit_mask,
+    region_blocks,
     save_sample_grid,
     transplant_defect,
 )
@@ -188,6 +190,24 @@ def test_perlin_mask_areas():
 def test_perlin_mask_non_divisible_shape():
     m = perlin_mask((100, 37), np.random.default_rng(1))
     assert m.shape == (100, 37) and 16 <= m.sum() <= 0.3 * 100 * 37
+
+
+def test_every_defect_region_names_its_blocks_even_when_thin_or_small():
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:32, 16:32] = 1  # a region filling block (1, 1)
+    mask[0:16, 46:50] = 1  # a hairline across the column edge at x = 48: 2 / 16 of blocks (0, 2) and (0, 3)
+    mask[16:20, 46:50] = 1  # ... and 2 / 16 x 4 / 16 of (1, 2) and (1, 3): less than half its best
+    mask[52:55, 4:7] = 1  # a pit: 9 / 256 of block (3, 0)
+    expected = np.zeros((4, 4), bool)
+    expected[1, 1] = expected[0, 2] = expected[0, 3] = expected[3, 0] = True
+    assert np.array_equal(region_blocks(mask, (4, 4), 0.5), expected)
+    assert not (block_labels(mask, (4, 4)) == 1)[0, 2:].any()  # Eq. 15 alone names none of the hairline's
+    # a region covering a block by more than the share keeps only those blocks: its rim stays out
+    assert np.array_equal(covered_blocks(np.array([[0.9, 0.2], [0.6, 0.0]]), 0.5), [[True, False], [True, False]])
+    assert not covered_blocks(np.zeros((2, 2)), 0.5).any()
+    assert not region_blocks(np.zeros((64, 64)), (4, 4), 0.5).any()
+    with pytest.raises(ValueError, match="not divisible"):
+        region_blocks(mask, (5, 5), 0.5)
 
 
 def test_block_labels():

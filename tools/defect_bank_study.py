@@ -13,7 +13,8 @@ of defect keeps its distance).  The labelled blocks are the study's ``--bank`` r
 probability, is in the box's top ``--box-share``; with ``--pick level`` those whose probability is at least
 ``--level`` x the fusion's Swin scale; with ``--pick fit`` the same from each box's own blocks, exactly as a weak fit
 takes them), or tags (the image's ``--tag-top`` most distant
-blocks).  ``--max-blocks`` thins the bank by greedy k-center.  The served map (the bundle's own
+blocks).  ``--pick fit`` with masks takes them as a supervised fit does (each defect region's blocks, thin and small
+ones included).  ``--max-blocks`` thins the bank by greedy k-center.  The served map (the bundle's own
 fusion, refinement and shifted frames) is scored with the project's evaluator on the bundle's test split, which
 leaves the labelled images out, so no labelled block is scored against itself.
 
@@ -46,9 +47,10 @@ from training_host.data.dataset import load_mask, scan_dataset  # noqa: E402
 from training_host.evaluation.evaluate import scored_test_split  # noqa: E402
 from training_host.evaluation.metrics import evaluate_maps  # noqa: E402
 from training_host.labels.weak_labels import WeakLabel  # noqa: E402
-from training_host.training.residual_data import labelled_bank_blocks, sure_blocks  # noqa: E402
+from training_host.training.residual_data import labelled_bank_blocks, mask_bank_blocks, sure_blocks  # noqa: E402
 
 EPS_POS = 0.5  # labels.eps_pos: a block at least this defective is a defect block
+EPS_NEG = 0.1  # labels.eps_neg (the fit's block labels need it; a bank takes only their positives)
 
 
 def block_fraction(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
@@ -84,7 +86,9 @@ def defect_bank(inspector: Inspector, data_root: Path, labels: dict, kind: str, 
         sample = samples[rel]
         image = read_image(sample.path)
         pcf, descriptor = inspector.features(image)
-        if kind == "masks":
+        if kind == "masks" and pick == "fit":  # the fit's own rule: thin and small regions keep their blocks
+            chosen = mask_bank_blocks(load_mask(sample, hw), scorer.grid, eps, EPS_NEG).ravel()
+        elif kind == "masks":
             chosen = block_fraction(load_mask(sample, hw), scorer.grid).ravel() >= eps
         else:
             ev = scorer.evidence(pcf, descriptor)
@@ -121,7 +125,8 @@ def main() -> int:
                         help="boxes and tags: rank the blocks by the distance or by the bundle's Swin probability; "
                              "boxes: or take those whose Swin probability is over --level x the fusion's Swin scale "
                              "(level: among the blocks the union of the boxes covers half; fit: each box's own "
-                             "blocks as a weak fit finds them, thin and small boxes included)")
+                             "blocks as a weak fit finds them, thin and small boxes included); masks with fit: "
+                             "the blocks a supervised fit takes")
     parser.add_argument("--level", type=float, default=1.0)
     parser.add_argument("--eps", type=float, default=EPS_POS, help="masks: a block at least this defective is taken")
     parser.add_argument("--beta", type=float, nargs="+", default=[0.5, 1.0, 2.0])
@@ -174,7 +179,7 @@ def main() -> int:
         if moved is not None:
             variant = replace(variant, shifted_distance=ev.shifted_distance * raised(moved, beta, args.cap))
         r = evaluate_maps(ev.labels, ev.verdict, ev.masks, variant.served_heatmaps(ev.swin_weight), ev.types)
-        rule = args.bank if args.bank == "masks" else f"{args.bank} by {args.pick}"
+        rule = args.bank if args.bank == "masks" and args.pick != "fit" else f"{args.bank} by {args.pick}"
         rows.append({"bundle": ev.name, "bank": f"{rule} ({len(bank)} blocks of {used} images)", "beta": beta,
                      "cap": args.cap,
                      "pixel_ap": r["pixel_ap"], "pro": r["pro"], "pixel_auroc": r["pixel_auroc"],

@@ -620,6 +620,36 @@ def block_labels(mask: np.ndarray, grid: tuple[int, int], eps_pos: float = 0.5, 
     return labels
 
 
+def covered_blocks(frac: np.ndarray, share: float) -> np.ndarray:
+    """Boolean, the blocks one region covers more than ``share`` of (``frac``: the share of each block it covers).
+
+    A region too thin or too small to cover any block that much (a hairline crack straddling two block columns, a pit
+    smaller than a block) gets the blocks it covers at least half as much as its best-covered one instead: the defect
+    is there, and a rule that named no block for it would drop the label.  An empty region names none."""
+    frac = np.asarray(frac, dtype=np.float64)
+    best = float(frac.max()) if frac.size else 0.0
+    if best > share:
+        return frac > share
+    return frac >= 0.5 * best if best > 0 else np.zeros(frac.shape, bool)
+
+
+def region_blocks(mask: np.ndarray, grid: tuple[int, int], share: float) -> np.ndarray:
+    """Boolean (h, w): the union over the mask's 8-connected defect regions of each one's :func:`covered_blocks`, so
+    every region names at least one block.  ``mask`` (H, W), nonzero = defect, H and W divisible by ``grid``."""
+    from scipy import ndimage
+
+    m = np.asarray(mask) != 0
+    gh, gw = int(grid[0]), int(grid[1])
+    hh, ww = m.shape
+    if gh < 1 or gw < 1 or hh % gh or ww % gw:
+        raise ValueError(f"mask shape {m.shape} is not divisible by grid {tuple(grid)}")
+    regions, n = ndimage.label(m, structure=np.ones((3, 3), bool))
+    out = np.zeros((gh, gw), bool)
+    for r in range(1, n + 1):
+        out |= covered_blocks((regions == r).reshape(gh, hh // gh, gw, ww // gw).mean(axis=(1, 3)), share)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- preview
 def save_sample_grid(samples: list[tuple[np.ndarray, np.ndarray]], path: Path, columns: int = 4,
                      tile: int = 160) -> Path:

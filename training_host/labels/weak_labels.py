@@ -25,6 +25,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from training_host.data.synthetic import covered_blocks
+
 FORMAT_VERSION = 1
 KINDS: tuple[str, ...] = ("blocks", "rotated_boxes", "boxes", "tag")  # most precise first
 _ENTRY_KEYS = frozenset(KINDS)
@@ -543,21 +545,12 @@ def _block_coverage(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
 
 def box_blocks(label: WeakLabel, image_hw: tuple[int, int], grid: tuple[int, int],
                overlap: float = 0.5) -> list[np.ndarray]:
-    """Each box's (and rotated box's) own blocks, boolean (h, w) each: those it covers more than ``overlap`` of.
-
-    A box too thin or too small to cover any block that much (a hairline crack's box straddling two block columns,
-    a pit smaller than a block) gets the blocks it covers at least half as much as its best-covered one: its defect
-    is there, and a rule that gave it no block would drop the label.  A box entirely outside the image gives none."""
+    """Each box's (and rotated box's) own blocks, boolean (h, w) each: those it covers more than ``overlap`` of, or for
+    a box too thin or too small for that, those it covers at least half as much as its best-covered one
+    (:func:`~training_host.data.synthetic.covered_blocks`).  A box entirely outside the image gives none."""
     (gh, gw), (H, W) = _checked_grid(grid, image_hw)
-    out = []
-    for one in _single_boxes(label):
-        frac = _block_coverage(_box_mask(one, (H, W)), (gh, gw))
-        best = frac.max()
-        if best > overlap:
-            out.append(frac > overlap)
-        elif best > 0:
-            out.append(frac >= 0.5 * best)
-    return out
+    own = (covered_blocks(_block_coverage(_box_mask(one, (H, W)), (gh, gw)), overlap) for one in _single_boxes(label))
+    return [b for b in own if b.any()]
 
 
 def _to_block(points: np.ndarray, image_hw: tuple[int, int], grid: tuple[int, int]) -> np.ndarray:

@@ -24,7 +24,7 @@ from edge_runtime.core.bundle import sha256_of
 from edge_runtime.core.pipeline import PosFARScorer
 from edge_runtime.core.preprocess import ImageReadError, read_image, resize_rgb, to_input_tensor
 from training_host.data.dataset import TestSample, load_mask, scan_dataset
-from training_host.data.synthetic import AnomalySynthesizer, block_labels, transplant_defect
+from training_host.data.synthetic import AnomalySynthesizer, block_labels, region_blocks, transplant_defect
 from training_host.labels.weak_labels import LabelSet, WeakLabel, block_labels_from_weak, box_blocks, weak_bags
 from training_host.models.features import PatchFeatureExtractor, extract
 from training_host.training.distributed import SINGLE, Distributed
@@ -250,15 +250,24 @@ def defect_fields(maker: ResidualFieldMaker, defects: list[LabelledDefect], bank
 
 
 
+def mask_bank_blocks(mask: np.ndarray, grid: tuple[int, int], eps_pos: float, eps_neg: float,
+                     min_positive_px: int = 0) -> np.ndarray:
+    """Boolean (h, w) the blocks of one masked defect that go in a defect bank: its anomalous blocks (block labels
+    1), and of each defect region, the blocks it covers more than ``eps_pos`` of, or for a region too thin or small to
+    cover any block that much, those it covers at least half as much as its best-covered one (``region_blocks``), so
+    a hairline crack or a pit still gives rows.  One place for the fit and the study."""
+    return (block_labels(mask, grid, eps_pos, eps_neg, min_positive_px) == 1) | region_blocks(mask, grid, eps_pos)
+
+
 def defect_block_features(extractor: PatchFeatureExtractor, defects: list[LabelledDefect], eps_pos: float,
                           eps_neg: float, min_positive_px: int = 0) -> tuple[np.ndarray, int]:
-    """The patch features (n, d_f) of the real defects' anomalous blocks (their masks' block labels, 1): a defect
-    bank's rows (``edge_runtime.core.defect_bank``), and how many images gave at least one."""
+    """The patch features (n, d_f) of the real defects' blocks (:func:`mask_bank_blocks`): a defect bank's rows
+    (``edge_runtime.core.defect_bank``), and how many images gave at least one."""
     images, masks, _ = _read_defects(defects, extractor.input_hw)
     rows, used = [], 0
     for image, mask in zip(images, masks, strict=True):
         pcf = extract(extractor, to_input_tensor(image, extractor.input_hw))[0][0]
-        chosen = block_labels(mask, extractor.grid, eps_pos, eps_neg, min_positive_px).ravel() == 1
+        chosen = mask_bank_blocks(mask, extractor.grid, eps_pos, eps_neg, min_positive_px).ravel()
         used += bool(chosen.any())
         rows.append(np.asarray(pcf, np.float32)[chosen])
     return _stacked(rows, extractor.d_f), used
