@@ -21,6 +21,7 @@ from training_host.data.synthetic import (
     save_sample_grid,
     transplant_defect,
 )
+from training_host.training.residual_data import mask_bank_blocks
 
 SIZE = 128
 
@@ -202,6 +203,9 @@ def test_every_defect_region_names_its_blocks_even_when_thin_or_small():
     expected[1, 1] = expected[0, 2] = expected[0, 3] = expected[3, 0] = True
     assert np.array_equal(region_blocks(mask, (4, 4), 0.5), expected)
     assert not (block_labels(mask, (4, 4)) == 1)[0, 2:].any()  # Eq. 15 alone names none of the hairline's
+    # a defect bank takes both: the block labels' positives (min_positive_px ones too) and every region's own blocks
+    bank = mask_bank_blocks(mask, (4, 4), 0.5, 0.1, min_positive_px=8)  # the hairline's 8 px in (1, 2) and (1, 3)
+    assert np.array_equal(bank, expected | (block_labels(mask, (4, 4), 0.5, 0.1, 8) == 1)) and bank[1, 2:].all()
     # a region covering a block by more than the share keeps only those blocks: its rim stays out
     assert np.array_equal(covered_blocks(np.array([[0.9, 0.2], [0.6, 0.0]]), 0.5), [[True, False], [True, False]])
     assert not covered_blocks(np.zeros((2, 2)), 0.5).any()
