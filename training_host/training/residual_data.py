@@ -30,11 +30,12 @@ from training_host.models.features import PatchFeatureExtractor, extract
 from training_host.training.distributed import SINGLE, Distributed
 from training_host.training.resmixmatch import UNKNOWN
 
-#: a boxed image's blocks in a defect bank: those the fine-tuned Swin is surer of than this many times its scale (its
-#: 0.999 quantile on held-out good blocks), at least the surest of each image's.  MTD, fast profile, boxes of ten
-#: defects, seeds 0 / 1 / 2, refitted: pixel AP +0.1 / +1.2 / +2.7 points over no bank, against +0.0 / +1.4 / +2.1
-#: for the half of the box blocks the Swin ranks highest; levels 0.8 to 1.2 within 0.8 point of each other, 1.5 keeps
-#: too few blocks (docs/sweeps/defect_bank.md)
+#: a box's blocks in a defect bank: those the fine-tuned Swin is surer of than this many times its scale (its 0.999
+#: quantile on held-out good blocks), at least the box's surest.  MTD, fast profile, boxes of ten defects, seeds 0 / 1
+#: / 2, refitted: pixel AP +0.1 / +1.2 / +2.7 points over no bank, against +0.0 / +1.4 / +2.1 for the half of the box
+#: blocks the Swin ranks highest; levels 0.8 to 1.2 within 0.8 point of each other, 1.5 keeps too few blocks.  Each
+#: box's own blocks (thin and small boxes too, ``box_blocks``) rather than the union's: PRO +0.4 / +0.0 / +0.3 points
+#: (docs/sweeps/defect_bank.md)
 BOX_BANK_LEVEL = 1.0
 
 log = logging.getLogger(__name__)
