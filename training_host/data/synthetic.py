@@ -605,19 +605,24 @@ def block_labels(mask: np.ndarray, grid: tuple[int, int], eps_pos: float = 0.5, 
     if not 0.0 <= eps_neg <= eps_pos <= 1.0:
         raise ValueError(f"need 0 <= eps_neg <= eps_pos <= 1, got eps_neg={eps_neg}, eps_pos={eps_pos}")
     m = np.asarray(mask)
-    if m.ndim != 2:
-        raise ValueError(f"mask must be 2-D (H, W), got shape {m.shape}")
-    gh, gw = int(grid[0]), int(grid[1])
-    hh, ww = m.shape
-    if gh < 1 or gw < 1 or hh % gh or ww % gw:
-        raise ValueError(f"mask shape {m.shape} is not divisible by grid {tuple(grid)}")
-    frac = (m != 0).reshape(gh, hh // gh, gw, ww // gw).mean(axis=(1, 3))
-    labels = np.full((gh, gw), -1, np.int8)
+    frac = _block_shares(m != 0, grid)
+    labels = np.full(frac.shape, -1, np.int8)
     labels[frac > eps_pos] = 1
     labels[frac < eps_neg] = 0
     if min_positive_px > 0:
-        labels[frac * (hh // gh) * (ww // gw) >= min_positive_px] = 1
+        labels[frac * (m.shape[0] // frac.shape[0]) * (m.shape[1] // frac.shape[1]) >= min_positive_px] = 1
     return labels
+
+
+def _block_shares(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """float (h, w) the share of each block a boolean (H, W) mask covers; H and W must be divisible by ``grid``."""
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2-D (H, W), got shape {mask.shape}")
+    gh, gw = int(grid[0]), int(grid[1])
+    hh, ww = mask.shape
+    if gh < 1 or gw < 1 or hh % gh or ww % gw:
+        raise ValueError(f"mask shape {mask.shape} is not divisible by grid {tuple(grid)}")
+    return mask.reshape(gh, hh // gh, gw, ww // gw).mean(axis=(1, 3))
 
 
 def covered_blocks(frac: np.ndarray, share: float) -> np.ndarray:
@@ -639,14 +644,10 @@ def region_blocks(mask: np.ndarray, grid: tuple[int, int], share: float) -> np.n
     from scipy import ndimage
 
     m = np.asarray(mask) != 0
-    gh, gw = int(grid[0]), int(grid[1])
-    hh, ww = m.shape
-    if gh < 1 or gw < 1 or hh % gh or ww % gw:
-        raise ValueError(f"mask shape {m.shape} is not divisible by grid {tuple(grid)}")
+    out = np.zeros(_block_shares(m, grid).shape, bool)  # also checks the shapes
     regions, n = ndimage.label(m, structure=np.ones((3, 3), bool))
-    out = np.zeros((gh, gw), bool)
     for r in range(1, n + 1):
-        out |= covered_blocks((regions == r).reshape(gh, hh // gh, gw, ww // gw).mean(axis=(1, 3)), share)
+        out |= covered_blocks(_block_shares(regions == r, grid), share)
     return out
 
 
