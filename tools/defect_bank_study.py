@@ -46,7 +46,7 @@ from edge_runtime.core.preprocess import read_image  # noqa: E402
 from training_host.data.dataset import load_mask, scan_dataset  # noqa: E402
 from training_host.evaluation.evaluate import scored_test_split  # noqa: E402
 from training_host.evaluation.metrics import evaluate_maps  # noqa: E402
-from training_host.labels.weak_labels import WeakLabel  # noqa: E402
+from training_host.labels.weak_labels import WeakLabel, load_labels  # noqa: E402
 from training_host.training.residual_data import labelled_bank_blocks, mask_bank_blocks, sure_blocks  # noqa: E402
 
 EPS_POS = 0.5  # labels.eps_pos: a block at least this defective is a defect block
@@ -76,9 +76,10 @@ def covering_blocks(features: np.ndarray, max_blocks: int) -> np.ndarray:
 
 
 def defect_bank(inspector: Inspector, data_root: Path, labels: dict, kind: str, box_share: float,
-                tag_top: int, pick: str = "distance", level: float = 1.0, eps: float = EPS_POS
-                ) -> tuple[np.ndarray, int]:
-    """The labelled blocks' patch features (n, d_f) by the ``kind`` rule, and how many images gave some."""
+                tag_top: int, pick: str = "distance", level: float = 1.0, eps: float = EPS_POS,
+                weak: dict[str, WeakLabel] | None = None) -> tuple[np.ndarray, int]:
+    """The labelled blocks' patch features (n, d_f) by the ``kind`` rule, and how many images gave some.  ``weak``:
+    the same labels read as a fit reads them (``load_labels``), which ``--pick fit`` with boxes needs."""
     scorer, hw = inspector.scorer, inspector.input_hw
     samples = {str(s.path.relative_to(data_root)): s for s in scan_dataset(data_root).test}
     rows, used = [], 0
@@ -94,8 +95,7 @@ def defect_bank(inspector: Inspector, data_root: Path, labels: dict, kind: str, 
             ev = scorer.evidence(pcf, descriptor)
             distance = ev.distance if pick == "distance" else ev.probability
             if kind == "boxes" and pick == "fit":  # the fit's own rule (each box's blocks, then the level rule)
-                weak = WeakLabel(boxes=tuple(label["boxes"]))
-                chosen = labelled_bank_blocks(weak, image.shape[:2], scorer.grid, ev.probability,
+                chosen = labelled_bank_blocks(weak[rel], image.shape[:2], scorer.grid, ev.probability,
                                               level * inspector.fusion.swin_scale)
             elif kind == "boxes":
                 inside = block_fraction(box_mask(label["boxes"], image.shape[:2], hw), scorer.grid).ravel() >= 0.5
@@ -146,8 +146,9 @@ def main() -> int:
     samples = scored_test_split(load_bundle(args.split_of) if args.split_of else bundle, args.data)[0].test
     if set(labels) & {str(s.path.relative_to(args.data)) for s in samples}:
         raise SystemExit("the labelled images are in the scored split: give the labelled bundle or --split-of")
+    weak = load_labels(args.labels, root=args.data).images if args.pick == "fit" and args.bank == "boxes" else None
     bank, used = defect_bank(inspector, args.data, labels, args.bank, args.box_share, args.tag_top, args.pick,
-                             args.level, args.eps)
+                             args.level, args.eps, weak)
     if args.max_blocks:
         bank = covering_blocks(bank, args.max_blocks)
     search = DefectBank(bank, 1.0, args.cap)  # its nearest-block search; the factor is taken at each beta below
