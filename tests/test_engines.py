@@ -115,6 +115,29 @@ def test_the_openvino_search_finds_numpys_nearest_candidates():
         search(rng.normal(size=(50, 24)).astype(np.float32), np.zeros((114, 9), np.float32))
 
 
+def test_the_openvino_bank_search_finds_numpys_nearest_defect_blocks():
+    """The defect bank's search OpenVINO engines bring (engines.OpenVinoBankSearch) against numpy's: the same
+    distances to float rounding, near a block and far from all of them; a patch count it was not compiled for is
+    refused by name."""
+    if not HAS_OPENVINO:
+        pytest.skip("openvino is not installed (pip install '.[openvino]')")
+    from edge_runtime.core.defect_bank import DefectBank
+    from edge_runtime.core.engines import OpenVinoBankSearch
+
+    rng = np.random.default_rng(5)
+    blocks = rng.normal(size=(300, 24)).astype(np.float32) * 3.0
+    pcf = np.concatenate([blocks[:20] + 0.01, rng.normal(size=(44, 24)).astype(np.float32) * 3.0])
+    engine_bank = DefectBank(blocks, 1.0, 2.0, search=OpenVinoBankSearch(blocks, n_queries=64, threads=1))
+    numpy_bank = DefectBank(blocks, 1.0, 2.0)
+    got, want = engine_bank.nearest_distance(pcf), numpy_bank.nearest_distance(pcf)
+    brute = np.sqrt(((pcf[:, None] - blocks[None]) ** 2).sum(-1)).min(1)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-2)
+    np.testing.assert_allclose(got, brute, rtol=1e-4, atol=1e-2)
+    assert got[20:].min() > 1.0  # the far ones are far
+    with pytest.raises(ValueError, match="63 patches, the defect bank's search was compiled for 64"):
+        engine_bank.nearest_distance(pcf[:63])
+
+
 def test_openvino_engines_bring_their_search_and_the_others_do_not(fitted):
     bundle = load_bundle(fitted[0])
     assert select_engines(bundle, "cpu", threads=1).search is None

@@ -12,6 +12,8 @@ import pytest
 
 from edge_runtime import cli as edge_cli
 from edge_runtime.core.bundle import ARRAYS, MANIFEST, SWIN, BundleError, load_bundle, sha256_of
+from edge_runtime.core.defect_bank import DefectBank, NumpyBankSearch
+from edge_runtime.core.engines import openvino_devices, select_engines
 from edge_runtime.core.fitting import split_holdout
 from edge_runtime.core.pipeline import Inspector, open_inspector
 from edge_runtime.core.preprocess import list_images, read_image
@@ -212,6 +214,29 @@ def test_a_supervised_bundle_keeps_its_defect_blocks_and_raises_the_map_there(ob
     with pytest.raises(BundleError, match=f"defect_bank is \\[{info.blocks}, {m.backbone.d_f}\\], expected"):
         load_bundle(wrong)
 
+
+def test_openvino_engines_search_the_defect_bank_in_their_own_pool(object_bundle, object_data):
+    """With an OpenVINO engine numpy keeps one BLAS thread, so the bank's product runs in OpenVINO's pool
+    (engines.OpenVinoBankSearch): the same factors as numpy's search on the same features."""
+    if "CPU" not in openvino_devices():
+        pytest.skip("openvino is not installed (pip install '.[openvino]')")
+    bundle = load_bundle(object_bundle)
+    assert select_engines(bundle, "cpu", threads=1).bank_search is None
+    inspector = open_inspector(object_bundle, engine="openvino", threads=1)
+    bank = inspector.scorer.defect_bank
+    assert bank is not None and bank.search is inspector.engines.bank_search
+    numpy_bank = DefectBank(bundle.arrays["defect_bank"], bank.boost, bank.cap)
+    assert isinstance(numpy_bank.search, NumpyBankSearch)
+    names = [d.name for d in bundle.manifest.training.defect_images[:1]]
+    paths = [object_data / n for n in names] + list_images(object_data / "test" / "good")[:1]
+    for path in paths:
+        extracted = inspector.extract(read_image(path))
+        ev = inspector.scorer.evidence(extracted.pcf, extracted.descriptor)
+        want = numpy_bank.factor(extracted.pcf, ev.distance)
+        np.testing.assert_allclose(ev.defect_factor, want, atol=1e-3)
+    assert ev.defect_factor.max() >= 1.0 and "defect_bank" in ev.timings_ms
+    with pytest.raises(ValueError, match="compiled for"):
+        bank.search(extracted.pcf[:-1])
 
 def test_evaluation_leaves_out_the_training_defects(object_bundle, object_data, tmp_path):
     m = load_bundle(object_bundle).manifest

@@ -1,10 +1,12 @@
-"""An engine's own nearest-candidate search against numpy's, in one process, on the same frames.
+"""An engine's own nearest-candidate and defect bank searches against numpy's, in one process, on the same frames.
 
 Why: OpenVINO engines run the search in OpenVINO's pool and keep numpy's BLAS to one thread
 (``engines.OpenVinoSearch``), so the two pools stop spinning against each other between the graphs. This
 measures that choice where it matters, whole frames, in alternating rounds (the machine's drift hits both
 sides alike): back to back (``--pace-ms 0``, a saturated line) or with a pause between frames (a 10 frames/s
-line: ``--pace-ms 100``), and checks that both searches pick the same bank rows.
+line: ``--pace-ms 100``), and checks that both searches pick the same bank rows.  A labelled bundle's defect bank
+is searched the same way (``engines.OpenVinoBankSearch``): the numpy side searches it with numpy's BLAS too, and
+both sides' distances to the nearest defect block are compared.
 
     python tools/bench_search.py --bundle runs/engines/fast --images ../shared/data/mtd/test/good
 """
@@ -22,8 +24,9 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from edge_runtime.core.defect_bank import NumpyBankSearch  # noqa: E402
 from edge_runtime.core.engines import default_threads  # noqa: E402
-from edge_runtime.core.matching import NumpySearch  # noqa: E402
+from edge_runtime.core.matching import NumpySearch, augmented_projection  # noqa: E402
 from edge_runtime.core.pipeline import open_inspector  # noqa: E402
 from edge_runtime.core.preprocess import list_images, read_image  # noqa: E402
 
@@ -48,20 +51,33 @@ def main() -> int:
         return 2
     numpy_side = open_inspector(args.bundle, engine=args.engine)
     numpy_side.scorer.bank.search = NumpySearch(numpy_side.scorer.bank.pca)
+    bank = numpy_side.scorer.defect_bank
+    if bank is not None:
+        bank.search = NumpyBankSearch(augmented_projection(bank.features))
 
-    agree = []
+    agree, bank_gap = [], []
     for image in images:
         extracted = own.extract(image)
         refs = own.scorer.references.nearest(extracted.descriptor, own.scorer.k)
         a = own.scorer.bank.match(extracted.pcf, refs).bank_rows
         b = numpy_side.scorer.bank.match(extracted.pcf, refs).bank_rows
         agree.append(float((a == b).mean()))
+        if bank is not None:
+            near = (own.scorer.defect_bank.nearest_distance(extracted.pcf), bank.nearest_distance(extracted.pcf))
+            bank_gap.append(float(np.max(np.abs(near[0] - near[1]) / np.maximum(near[1], 1.0))))
     print(f"same nearest bank row: {100 * statistics.mean(agree):.3f} % of patches "
           f"(lowest image {100 * min(agree):.3f} %) on {len(images)} images")
+    if bank_gap:
+        print(f"defect bank ({len(bank.features)} blocks): largest difference of the nearest block's distance "
+              f"{max(bank_gap):.2e} (relative, distances under 1 absolute)")
 
     # the numpy side gets the BLAS threads it had before the engine brought its search
-    sides = (("numpy search, BLAS threads = cores", numpy_side, default_threads()),
-             (f"{args.engine} search, BLAS 1 thread", own, 1))
+    sides = [("numpy search, BLAS threads = cores", numpy_side, default_threads()),
+             (f"{args.engine} search, BLAS 1 thread", own, 1)]
+    if bank is not None:  # as before the engine searched the bank too: its search, numpy's bank on one thread
+        numpy_bank = open_inspector(args.bundle, engine=args.engine)
+        numpy_bank.scorer.defect_bank.search = NumpyBankSearch(augmented_projection(bank.features))
+        sides.insert(1, (f"{args.engine} search, numpy's defect bank search, BLAS 1 thread", numpy_bank, 1))
     timings: dict[str, list[dict]] = {name: [] for name, _, _ in sides}
     for _ in range(args.rounds):
         for name, inspector, blas in sides:

@@ -16,9 +16,17 @@ docs/sweeps/defect_bank.md.)
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from .matching import QUERY_CHUNK, augmented_projection, augmented_query
+
+#: (M, d_f) patch features -> (M,) each one's best q.b - |b|^2 / 2 over the bank's blocks b: the nearest block's
+#: score, from which :meth:`DefectBank.nearest_distance` takes the distance.  :class:`NumpyBankSearch` is the
+#: reference; an OpenVINO engine brings its own (``engines.OpenVinoBankSearch``: numpy keeps one BLAS thread
+#: beside OpenVINO's pool, and this product is the bank stage's whole work)
+BankSearch = Callable[[np.ndarray], np.ndarray]
 
 
 def raised(ratio: np.ndarray, boost: float, cap: float) -> np.ndarray:
@@ -26,10 +34,25 @@ def raised(ratio: np.ndarray, boost: float, cap: float) -> np.ndarray:
     return (1.0 + boost * np.clip(ratio - 1.0, 0.0, cap - 1.0)).astype(np.float32)
 
 
-class DefectBank:
-    """Labelled defect blocks' features (n, d_f) and how far a block near one is raised (``boost``, ``cap``)."""
+class NumpyBankSearch:
+    """The bank's search on the host: the augmented product in blocks of queries and its maximum (numpy BLAS)."""
 
-    def __init__(self, features: np.ndarray, boost: float, cap: float) -> None:
+    def __init__(self, augmented: np.ndarray) -> None:
+        self.augmented = augmented
+
+    def __call__(self, pcf: np.ndarray) -> np.ndarray:
+        best = np.empty(len(pcf), np.float32)
+        for lo in range(0, len(pcf), QUERY_CHUNK):
+            q = pcf[lo : lo + QUERY_CHUNK]
+            best[lo : lo + len(q)] = (augmented_query(np, q) @ self.augmented.T).max(axis=1)
+        return best
+
+
+class DefectBank:
+    """Labelled defect blocks' features (n, d_f) and how far a block near one is raised (``boost``, ``cap``);
+    ``search``: an engine's own search over them (None: numpy's)."""
+
+    def __init__(self, features: np.ndarray, boost: float, cap: float, search: BankSearch | None = None) -> None:
         features = np.asarray(features, dtype=np.float32)
         if features.ndim != 2 or not len(features):
             raise ValueError(f"a defect bank needs (n >= 1, d_f) features, got shape {list(features.shape)}")
@@ -42,7 +65,7 @@ class DefectBank:
         self.cap = float(cap)
         # rows [b, -|b|^2 / 2]: one product per chunk gives q.b - |b|^2 / 2, whose max is the nearest block (the
         # matcher's form; half the time of |q|^2 - 2 q.b + |b|^2 here: 1.4 against 3.0 ms for 1 049 blocks)
-        self._augmented = augmented_projection(features)
+        self.search: BankSearch = search or NumpyBankSearch(augmented_projection(features))
 
     @property
     def d_f(self) -> int:
@@ -53,12 +76,8 @@ class DefectBank:
         pcf = np.asarray(pcf, dtype=np.float32)
         if pcf.ndim != 2 or pcf.shape[1] != self.d_f:
             raise ValueError(f"patch features are {list(pcf.shape)}, the defect bank has {self.d_f} channels")
-        out = np.empty(len(pcf), np.float32)
-        for lo in range(0, len(pcf), QUERY_CHUNK):
-            q = pcf[lo : lo + QUERY_CHUNK]
-            best = (augmented_query(np, q) @ self._augmented.T).max(axis=1)
-            out[lo : lo + len(q)] = np.sqrt(np.maximum(np.einsum("md,md->m", q, q) - 2.0 * best, 0.0))
-        return out
+        best = np.asarray(self.search(pcf), np.float32)
+        return np.sqrt(np.maximum(np.einsum("md,md->m", pcf, pcf) - 2.0 * best, 0.0))
 
     def factor(self, pcf: np.ndarray, distance: np.ndarray) -> np.ndarray:
         """(M,) float32 the factor on each block's nearest-normal ``distance``: 1 where no defect block is nearer."""

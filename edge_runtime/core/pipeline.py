@@ -20,7 +20,7 @@ import numpy as np
 
 from .bundle import BACKBONE, DEFAULT_SWIN_WEIGHT, SWIN, Bundle, BundleError, load_bundle
 from .components import Components, LogicalModel, LogicalScoring, Standardisation
-from .defect_bank import DefectBank
+from .defect_bank import BankSearch, DefectBank
 from .engines import (
     Engine,
     EngineError,
@@ -288,9 +288,10 @@ class PosFARScorer:
                     use_foreground: bool = True, fusion: MapFusion | None = None,
                     image_score: ImageScore | None = None,
                     logical_verdict: Literal["fused", "structural", "logical"] = "fused",
-                    search: NearestSearch | None = None) -> PosFARScorer:
+                    search: NearestSearch | None = None, bank_search: BankSearch | None = None) -> PosFARScorer:
         """The bundle's scorer; pass ``classifier`` (its Swin engine) to score with the residual Swin, and
-        ``fusion`` as well to fuse it with the distance; ``search``: an engine's nearest-candidate search."""
+        ``fusion`` as well to fuse it with the distance; ``search``: an engine's nearest-candidate search;
+        ``bank_search``: an engine's search over the defect bank's blocks (with ``scoring.defect_bank``)."""
         m, a = bundle.manifest, bundle.arrays
         pca = PCA(components=a["pca_components"], mean=a["pca_mean"])
         bank = MemoryBank(a["bank"], a["bank_image"], pca, search=search)
@@ -313,7 +314,7 @@ class PosFARScorer:
         defect_bank = None
         if m.scoring.defect_bank is not None:
             info = m.scoring.defect_bank
-            defect_bank = DefectBank(a["defect_bank"], info.boost, info.cap)
+            defect_bank = DefectBank(a["defect_bank"], info.boost, info.cap, search=bank_search)
         return cls(bank, refs, m.posfar.k_references, tuple(m.backbone.grid), tuple(m.preprocessing.input_size),
                    m.scoring.blur_sigma, m.scoring.score_pool, thetas=tuple(m.posfar.thetas), classifier=classifier,
                    foreground=foreground, fusion=fusion, image_score=image_score or m.scoring.image_score,
@@ -541,7 +542,8 @@ class Inspector:
         self.scorer = PosFARScorer.from_bundle(bundle, classifier=classifier, use_foreground=use_foreground,
                                                fusion=fusion, image_score=self.image_score,
                                                logical_verdict=logical_verdict,
-                                               search=self.engines.search if self.engines else None)
+                                               search=self.engines.search if self.engines else None,
+                                               bank_search=self.engines.bank_search if self.engines else None)
         if self.anomaly_map != "fused":  # the distance baseline is the plain distance; the Swin alone has none
             self.scorer = self.scorer.with_defect_bank(None)
         self.logical_verdict = logical_verdict if m.logical is not None else "structural"
