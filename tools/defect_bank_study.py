@@ -14,7 +14,8 @@ probability, is in the box's top ``--box-share``; with ``--pick level`` those wh
 ``--level`` x the fusion's Swin scale; with ``--pick fit`` the same from each box's own blocks, exactly as a weak fit
 takes them), or tags (the image's ``--tag-top`` most distant
 blocks).  ``--pick fit`` with masks takes them as a supervised fit does (each defect region's blocks, thin and small
-ones included).  ``--max-blocks`` thins the bank by greedy k-center.  The served map (the bundle's own
+ones included), at every ``--views`` offset.  ``--max-blocks`` thins the bank by greedy k-center, ``--search-dims``
+searches it in its own principal directions.  The served map (the bundle's own
 fusion, refinement and shifted frames) is scored with the project's evaluator on the bundle's test split, which
 leaves the labelled images out, so no labelled block is scored against itself.
 
@@ -41,8 +42,10 @@ from map_study import gather, markdown  # noqa: E402
 from edge_runtime.core.bundle import load_bundle  # noqa: E402
 from edge_runtime.core.coreset import greedy_kcenter  # noqa: E402
 from edge_runtime.core.defect_bank import DefectBank, raised  # noqa: E402
+from edge_runtime.core.matching import augmented_projection, augmented_query, nearest_candidates  # noqa: E402
 from edge_runtime.core.pipeline import Inspector  # noqa: E402
 from edge_runtime.core.preprocess import read_image  # noqa: E402
+from edge_runtime.core.scoring import shifted_frame  # noqa: E402
 from training_host.data.dataset import load_mask, scan_dataset  # noqa: E402
 from training_host.evaluation.evaluate import scored_test_split  # noqa: E402
 from training_host.evaluation.metrics import evaluate_maps  # noqa: E402
@@ -75,9 +78,28 @@ def covering_blocks(features: np.ndarray, max_blocks: int) -> np.ndarray:
     return features[np.sort(greedy_kcenter(features, max_blocks))]
 
 
+class ProjectedBankSearch:
+    """A cheaper, approximate search (``--search-dims``): each patch's nearest block by the bank's own top ``dims``
+    principal directions, then that block's score q.b - |b|^2 / 2 in the full space (``defect_bank.BankSearch``'s
+    contract), so the distance is exact to the block found, which may not be the nearest one."""
+
+    def __init__(self, features: np.ndarray, dims: int) -> None:
+        self.features = features
+        self.mean = features.mean(0)
+        self.directions = np.linalg.svd(features - self.mean, full_matrices=False)[2][:dims].T.astype(np.float32)
+        self.projected = augmented_projection((features - self.mean) @ self.directions)
+        self.half_norms = 0.5 * np.einsum("nd,nd->n", features, features)
+
+    def __call__(self, pcf: np.ndarray) -> np.ndarray:
+        query = augmented_query(np, (pcf - self.mean) @ self.directions)
+        nearest = nearest_candidates(np, query, self.projected)
+        return np.einsum("md,md->m", pcf, self.features[nearest]) - self.half_norms[nearest]
+
+
 def defect_bank(inspector: Inspector, data_root: Path, labels: dict, kind: str, box_share: float,
                 tag_top: int, pick: str = "distance", level: float = 1.0, eps: float = EPS_POS,
-                weak: dict[str, WeakLabel] | None = None) -> tuple[np.ndarray, int]:
+                weak: dict[str, WeakLabel] | None = None,
+                views: tuple[tuple[int, int], ...] = ((0, 0),)) -> tuple[np.ndarray, int]:
     """The labelled blocks' patch features (n, d_f) by the ``kind`` rule, and how many images gave some.  ``weak``:
     the same labels read as a fit reads them (``load_labels``), which ``--pick fit`` with boxes needs."""
     scorer, hw = inspector.scorer, inspector.input_hw
@@ -88,7 +110,14 @@ def defect_bank(inspector: Inspector, data_root: Path, labels: dict, kind: str, 
         image = read_image(sample.path)
         pcf, descriptor = inspector.features(image)
         if kind == "masks" and pick == "fit":  # the fit's own rule: thin and small regions keep their blocks
-            chosen = mask_bank_blocks(load_mask(sample, hw), scorer.grid, eps, EPS_NEG).ravel()
+            mask = load_mask(sample, hw)
+            chosen = mask_bank_blocks(mask, scorer.grid, eps, EPS_NEG).ravel()
+            for dy, dx in views:
+                if (dy, dx) == (0, 0):
+                    continue
+                moved = shifted_frame(mask[None, None].astype(np.float32), dy, dx)[0, 0] > 0.5
+                more = mask_bank_blocks(moved, scorer.grid, eps, EPS_NEG).ravel()
+                rows.append(inspector.features(image, shift=(dy, dx))[0][more])
         elif kind == "masks":
             chosen = block_fraction(load_mask(sample, hw), scorer.grid).ravel() >= eps
         else:
@@ -133,8 +162,12 @@ def main() -> int:
     parser.add_argument("--cap", type=float, default=float("inf"),
                         help="the ratio d_nom / d_def counted up to this much (a few near-copies stay bounded)")
     parser.add_argument("--max-blocks", type=int, help="keep at most this many rows (greedy k-center)")
+    parser.add_argument("--search-dims", type=int,
+                        help="search the bank in its own top principal directions (the distance in full space)")
     parser.add_argument("--gate", type=float, default=0.0,
                         help="raise only blocks whose distance is at least this x the fusion's distance scale")
+    parser.add_argument("--views", nargs="+", default=["0,0"],
+                        help="masks with --pick fit: also take each labelled image's blocks moved dy,dx px")
     parser.add_argument("--data", type=Path, default=Path("../shared/data/mtd"))
     parser.add_argument("--out", type=Path, help="append the table as Markdown here")
     args = parser.parse_args()
@@ -148,10 +181,13 @@ def main() -> int:
         raise SystemExit("the labelled images are in the scored split: give the labelled bundle or --split-of")
     weak = load_labels(args.labels, root=args.data).images if args.pick == "fit" and args.bank == "boxes" else None
     bank, used = defect_bank(inspector, args.data, labels, args.bank, args.box_share, args.tag_top, args.pick,
-                             args.level, args.eps, weak)
+                             args.level, args.eps, weak,
+                             tuple(tuple(int(v) for v in view.split(",")) for view in args.views))
     if args.max_blocks:
         bank = covering_blocks(bank, args.max_blocks)
-    search = DefectBank(bank, 1.0, args.cap)  # its nearest-block search; the factor is taken at each beta below
+    # its nearest-block search; the factor is taken at each beta below
+    search = DefectBank(bank, 1.0, args.cap,
+                        search=ProjectedBankSearch(bank, args.search_dims) if args.search_dims else None)
     ev = gather(args.bundle, args.data, "cpu", args.split_of)
     scorer, scale = inspector.scorer, inspector.fusion.distance_scale
     ratio, moved_ratio, searched = [], [], []
