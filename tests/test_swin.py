@@ -37,6 +37,10 @@ def test_window_partition_round_trip_and_shift_mask():
     assert mask.shape == (4, 64, 64)
     assert float(mask[0].abs().sum()) == 0.0  # the top-left window holds one region after the shift
     assert float((mask[3] < 0).float().mean()) > 0.5  # the bottom-right one mixes four regions
+    # masked pairs get exactly zero weight, never a subnormal one (slow on CPUs: swin.MASKED)
+    weights = torch.softmax(torch.randn(64, 64, generator=torch.Generator().manual_seed(0)) * 5 + mask[3], dim=-1)
+    assert float(weights[mask[3] < 0].abs().max()) == 0.0
+    assert not bool(((weights > 0) & (weights < torch.finfo(torch.float32).tiny)).any())
 
 
 def test_shifted_windows_let_information_cross_window_borders():
