@@ -40,9 +40,10 @@ class SwinShape:
 
 #: what the shift mask adds to the attention logits of token pairs from different regions: far enough below any
 #: logit that exp() underflows to exactly 0.  At -100 (the Swin paper's code) the masked weights were subnormal
-#: (e^-100 ~ 4e-44), which ONNX Runtime's CPU kernels handle ~15 % slower: the fast profile's Swin graph took 1.87
-#: against 1.60 ms with this value, the same probabilities to the last bit (those weights are far below float32's
-#: resolution of the softmax's sum).  Within float16's range, for TensorRT's fp16 plans.
+#: (e^-100 ~ 4e-44), which CPUs handle slowly: the fast profile's Swin graph took 1.87 against 1.60 ms with this
+#: value under ONNX Runtime, and its fit 160 against 128 s, with the same figures to every digit (those weights are
+#: far below float32's resolution of the softmax's sum; README, "Engines: accuracy and speed").  Within float16's
+#: range, for TensorRT's fp16 plans.
 MASKED = -1e4
 
 
