@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import resource
-import sys
-import time
-from pathlib import Path
 
-import numpy as np
+# Set before numpy loads OpenBLAS, which reads it once: after each call OpenBLAS's idle workers then sleep at once
+# instead of spinning for a while (OpenBLAS's default), on the cores the next frame's backbone needs.  On 2 cores
+# with the `cpu` engine the backbone stage was bimodal, 3.35-5.36 ms (p25-p75) with the spin, and 3.19-3.31 ms
+# without (README, "Engines: accuracy and speed").  A value already in the environment wins.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
-from .core.bundle import BundleError, load_bundle
-from .core.engines import ENGINE_NAMES
-from .core.pipeline import open_inspector
-from .core.preprocess import ImageReadError, list_images, read_image
+import argparse  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from .core.bundle import BundleError, load_bundle  # noqa: E402
+from .core.engines import ENGINE_NAMES  # noqa: E402
+from .core.pipeline import open_inspector  # noqa: E402
+from .core.preprocess import ImageReadError, list_images, read_image  # noqa: E402
 
 
 def cmd_check_bundle(args: argparse.Namespace) -> int:

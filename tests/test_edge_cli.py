@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -71,3 +72,24 @@ def test_edge_runtime_never_imports_torch():
             " edge_runtime.service.runner, edge_runtime.publishing.mqtt, edge_runtime.acquisition.genicam;"
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_the_edge_command_lets_openblas_idle_workers_sleep_before_numpy_loads_it():
+    """OpenBLAS reads OPENBLAS_THREAD_TIMEOUT once, when numpy loads it: ``weakrest-edge`` sets it first (its idle
+    workers spun on the cores the next frame's backbone needed), and a value already in the environment wins."""
+    probe = (
+        "import importlib.abc, os, sys\n"
+        "seen = []\n"
+        "class Watch(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'numpy' and not seen:\n"
+        "            seen.append(os.environ.get('OPENBLAS_THREAD_TIMEOUT'))\n"
+        "sys.meta_path.insert(0, Watch())\n"
+        "import edge_runtime.cli\n"
+        "print(seen)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    for given, expected in ((None, "['4']"), ("12", "['12']")):
+        run_env = env if given is None else {**env, "OPENBLAS_THREAD_TIMEOUT": given}
+        out = subprocess.run([sys.executable, "-c", probe], env=run_env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == expected
