@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge_runtime.core.defect_bank import NumpyBankSearch  # noqa: E402
 from edge_runtime.core.engines import default_threads  # noqa: E402
-from edge_runtime.core.matching import NumpySearch, augmented_projection  # noqa: E402
+from edge_runtime.core.matching import NumpySearch  # noqa: E402
 from edge_runtime.core.pipeline import open_inspector  # noqa: E402
 from edge_runtime.core.preprocess import list_images, read_image  # noqa: E402
 
@@ -53,7 +53,7 @@ def main() -> int:
     numpy_side.scorer.bank.search = NumpySearch(numpy_side.scorer.bank.pca)
     bank = numpy_side.scorer.defect_bank
     if bank is not None:
-        bank.search = NumpyBankSearch(augmented_projection(bank.features))
+        bank.search = NumpyBankSearch(bank.features)
 
     agree, bank_gap = [], []
     for image in images:
@@ -76,7 +76,7 @@ def main() -> int:
              (f"{args.engine} search, BLAS 1 thread", own, 1)]
     if bank is not None:  # as before the engine searched the bank too: its search, numpy's bank on one thread
         numpy_bank = open_inspector(args.bundle, engine=args.engine)
-        numpy_bank.scorer.defect_bank.search = NumpyBankSearch(augmented_projection(bank.features))
+        numpy_bank.scorer.defect_bank.search = bank.search
         sides.insert(1, (f"{args.engine} search, numpy's defect bank search, BLAS 1 thread", numpy_bank, 1))
     timings: dict[str, list[dict]] = {name: [] for name, _, _ in sides}
     for _ in range(args.rounds):

@@ -364,10 +364,7 @@ def build_engine_set(bundle: Bundle, engine: str, threads: int | None = None, de
     built = {role: build(path) for role, path in paths.items()}
     own_search = engine.startswith("openvino") and device == "CPU"
     search = _openvino_search(bundle, threads) if own_search else None
-    bank_search = None
-    if own_search and "defect_bank" in bundle.arrays:
-        grid = bundle.manifest.backbone.grid
-        bank_search = OpenVinoBankSearch(bundle.arrays["defect_bank"], grid[0] * grid[1], threads=threads)
+    bank_search = _openvino_bank_search(bundle, threads) if own_search else None
     return EngineSet(name=engine, requested=requested or engine, backbone=built["backbone"], swin=built.get("swin"),
                      graphs={role: path.name for role, path in paths.items()}, search=search,
                      bank_search=bank_search)
@@ -381,6 +378,14 @@ def _openvino_search(bundle: Bundle, threads: int | None) -> OpenVinoSearch:
     m, a = bundle.manifest, bundle.arrays
     return OpenVinoSearch(a["pca_components"], a["pca_mean"], m.backbone.grid[0] * m.backbone.grid[1],
                           max_candidates(a["bank_image"], m.posfar.k_references), threads=threads)
+
+
+def _openvino_bank_search(bundle: Bundle, threads: int | None) -> OpenVinoBankSearch | None:
+    """The bundle's defect bank search compiled for the grid's patches (None: the bundle has no bank)."""
+    if "defect_bank" not in bundle.arrays:
+        return None
+    grid = bundle.manifest.backbone.grid
+    return OpenVinoBankSearch(bundle.arrays["defect_bank"], grid[0] * grid[1], threads=threads)
 
 
 def _gpu_engine_set(bundle: Bundle, engine: str, requested: str, build_plans: bool) -> EngineSet:
