@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edge_runtime.core.coreset import greedy_kcenter, greedy_kcenter_batched, select_per_image
-from edge_runtime.core.matching import MemoryBank, posfar_residual
+from edge_runtime.core.matching import MemoryBank, posfar_residual, widened
 from edge_runtime.core.pca import PCA, fit_pca
 from edge_runtime.core.position import position_code
 from edge_runtime.core.retrieval import ReferenceIndex
@@ -105,6 +105,21 @@ def test_matching_equals_brute_force_restricted_search():
     assert np.isin(mb.image_index[match.bank_rows], refs).all()
     with pytest.raises(ValueError):
         MemoryBank(bank, image[:10], pca)
+
+
+def test_a_float16_bank_is_widened_exactly():
+    """The bank is stored as float16; the matched rows come back as the float32 numpy would give, bit for bit."""
+    rng = np.random.default_rng(7)
+    half = (rng.normal(size=(1024, 152)) * 30).astype(np.float16)
+    half[0, :6] = [-0.0, 6e-8, 65504, np.inf, -np.inf, np.nan]  # -0, a subnormal, the largest, infinities, NaN
+    for x in (half, half[:, :3], half[:1], half[::3, ::2], np.zeros((0, 152), np.float16)):
+        out = widened(x)
+        assert out.dtype == np.float32 and out.shape == x.shape
+        assert out.tobytes() == x.astype(np.float32).tobytes()
+    bank = MemoryBank(half[1:300].astype(np.float32).astype(np.float16), rng.integers(0, 10, 299),
+                      fit_pca(half[1:300].astype(np.float32), n_components=8))
+    rows = rng.integers(0, 299, 64)
+    assert bank.rows(rows).tobytes() == bank.features[rows].astype(np.float32).tobytes()
 
 
 def test_posfar_residual_averages_theta_powers():

@@ -38,13 +38,16 @@ class SwinShape:
     magnitude_skip: bool = False  # the block's residual magnitude as an input and a direct term of the logit
 
 
-#: what the shift mask adds to the attention logits of token pairs from different regions: far enough below any
-#: logit that exp() underflows to exactly 0.  At -100 (the Swin paper's code) the masked weights were subnormal
-#: (e^-100 ~ 4e-44), which CPUs handle slowly: the fast profile's Swin graph took 1.87 against 1.60 ms with this
-#: value under ONNX Runtime, and its fit 160 against 128 s, with the same figures to every digit (those weights are
-#: far below float32's resolution of the softmax's sum; README, "Engines: accuracy and speed").  Within float16's
-#: range, for TensorRT's fp16 plans.
-MASKED = -1e4
+#: what the shift mask adds to the attention logits of token pairs from different regions.  Their weights must be
+#: negligible: at most e^-40 ~ 4e-18 of the row's largest, so even 64 of them stay far below float32's resolution
+#: of the softmax's sum (2^-24), and the figures are the same as with an exact zero.  They must not be subnormal,
+#: which CPUs handle slowly: at -100 (the Swin paper's code) torch's weights were (e^-100 ~ 4e-44), and at -1e4
+#: ONNX Runtime's softmax, which clamps exp()'s argument at -88.4, still made them so (e^-88.4 ~ 4e-39).  At -40
+#: the masked logits stay above that clamp unless a row's logits already spread over more than 48.  Measured on the
+#: fast profile's Swin graph under ONNX Runtime: 1.87 ms at -100, 1.57 at -1e4, 1.45 at -40 (its masked softmax
+#: 221 -> 46 us); its fit 160 s at -100, 128 s at -1e4 (README, "Engines: accuracy and speed").  Within float16's
+#: range, for TensorRT's fp16 plans, where e^-40 is exactly 0.
+MASKED = -40.0
 
 
 def _window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
