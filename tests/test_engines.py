@@ -138,9 +138,14 @@ def test_the_openvino_bank_search_finds_numpys_nearest_defect_blocks():
         engine_bank.nearest_distance(pcf[:63])
 
 
-def test_openvino_engines_bring_their_search_and_the_others_do_not(fitted):
-    bundle = load_bundle(fitted[0])
-    assert select_engines(bundle, "cpu", threads=1).search is None
+def test_host_engines_bring_numpys_search_on_their_threads_and_openvino_its_own(fitted):
+    from edge_runtime.core.matching import NumpySearch
+
+    inspector = open_inspector(fitted[0], engine="cpu", threads=2)
+    search = inspector.engines.search
+    assert isinstance(search, NumpySearch) and search.threads.n == 2
+    assert inspector.scorer.bank.search is search
+    assert select_engines(load_bundle(fitted[0]), "cpu", threads=1).search.threads.n == 1
     if not HAS_OPENVINO:
         pytest.skip("openvino is not installed (pip install '.[openvino]')")
     inspector = open_inspector(fitted[0], engine="openvino", threads=1)

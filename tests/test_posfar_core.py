@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 
 from edge_runtime.core.coreset import greedy_kcenter, greedy_kcenter_batched, select_per_image
-from edge_runtime.core.matching import MemoryBank, posfar_residual, widened
+import threading
+
+from edge_runtime.core.defect_bank import NumpyBankSearch
+from edge_runtime.core.matching import MemoryBank, NumpySearch, SearchThreads, posfar_residual, widened
 from edge_runtime.core.pca import PCA, fit_pca
 from edge_runtime.core.position import position_code
 from edge_runtime.core.retrieval import ReferenceIndex
@@ -105,6 +108,38 @@ def test_matching_equals_brute_force_restricted_search():
     assert np.isin(mb.image_index[match.bank_rows], refs).all()
     with pytest.raises(ValueError):
         MemoryBank(bank, image[:10], pca)
+
+
+def test_search_threads_share_the_blocks_and_find_what_one_thread_finds():
+    threads = SearchThreads(2)
+    seen: list[tuple[int, int, str]] = []
+    threads.run(lambda lo, hi: seen.append((lo, hi, threading.current_thread().name)), 1000, 256)
+    assert sorted((lo, hi) for lo, hi, _ in seen) == [(0, 256), (256, 512), (512, 768), (768, 1000)]
+    assert len({name for *_, name in seen}) == 2  # the caller and its worker
+    one = SearchThreads(1)
+    seen.clear()
+    one.run(lambda lo, hi: seen.append((lo, hi, threading.current_thread().name)), 300, 256)
+    assert [(lo, hi) for lo, hi, _ in seen] == [(0, 256), (256, 300)]
+    assert {name for *_, name in seen} == {threading.current_thread().name}
+
+    def fails_on_the_worker(lo: int, hi: int) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError(f"block {lo}-{hi}")
+
+    with pytest.raises(RuntimeError, match="block 256-512"):
+        threads.run(fails_on_the_worker, 1000, 256)
+    with pytest.raises(ValueError, match="at least one thread"):
+        SearchThreads(0)
+
+    rng = np.random.default_rng(8)
+    bank = rng.normal(size=(2000, 16)).astype(np.float32)
+    pca = fit_pca(bank, n_components=8)
+    query = rng.normal(size=(1024, 16)).astype(np.float32)
+    serial, shared = MemoryBank(bank, np.arange(2000) // 100, pca), MemoryBank(bank, np.arange(2000) // 100, pca,
+                                                                            search=NumpySearch(pca, threads))
+    refs = np.array([1, 4, 7, 12])
+    assert np.array_equal(shared.match(query, refs).bank_rows, serial.match(query, refs).bank_rows)
+    assert np.array_equal(NumpyBankSearch(bank[:300], threads)(query), NumpyBankSearch(bank[:300])(query))
 
 
 def test_a_float16_bank_is_widened_exactly():

@@ -221,7 +221,7 @@ def test_openvino_engines_search_the_defect_bank_in_their_own_pool(object_bundle
     if "CPU" not in openvino_devices():
         pytest.skip("openvino is not installed (pip install '.[openvino]')")
     bundle = load_bundle(object_bundle)
-    assert select_engines(bundle, "cpu", threads=1).bank_search is None
+    assert isinstance(select_engines(bundle, "cpu", threads=1).bank_search, NumpyBankSearch)
     inspector = open_inspector(object_bundle, engine="openvino", threads=1)
     bank = inspector.scorer.defect_bank
     assert bank is not None and bank.search is inspector.engines.bank_search

@@ -304,8 +304,11 @@ class EngineSet:
     graphs: dict[str, str]  # role -> graph file name ("backbone": "backbone.int8.onnx", ...)
     passed_over: dict[str, str] = field(default_factory=dict)  # auto: engine -> why not
     device: DeviceGraphs | None = None  # GPU engines: the graphs on the device, for the device pipeline
-    search: NearestSearch | None = None  # the engine's own nearest-candidate search (None: numpy's)
-    bank_search: BankSearch | None = None  # the engine's own defect bank search (None: numpy's, or no bank)
+    # the engine's nearest-candidate and defect bank searches on its own threads: OpenVINO's pool, or numpy's
+    # search on ``matching.SearchThreads`` (None: the scorer's one-thread numpy search, or no bank; GPU engines
+    # match on the device)
+    search: NearestSearch | None = None
+    bank_search: BankSearch | None = None
 
     def describe(self) -> dict:
         """For /health and reports: what runs, on which graphs, and (auto) what was passed over."""
@@ -362,9 +365,10 @@ def build_engine_set(bundle: Bundle, engine: str, threads: int | None = None, de
     build = _builder(engine, threads, device)
     paths = _graph_paths(bundle, int8=engine.endswith("int8"))
     built = {role: build(path) for role, path in paths.items()}
-    own_search = engine.startswith("openvino") and device == "CPU"
-    search = _openvino_search(bundle, threads) if own_search else None
-    bank_search = _openvino_bank_search(bundle, threads) if own_search else None
+    if engine.startswith("openvino") and device == "CPU":
+        search, bank_search = _openvino_search(bundle, threads), _openvino_bank_search(bundle, threads)
+    else:
+        search, bank_search = _host_searches(bundle, threads)
     return EngineSet(name=engine, requested=requested or engine, backbone=built["backbone"], swin=built.get("swin"),
                      graphs={role: path.name for role, path in paths.items()}, search=search,
                      bank_search=bank_search)
@@ -378,6 +382,19 @@ def _openvino_search(bundle: Bundle, threads: int | None) -> OpenVinoSearch:
     m, a = bundle.manifest, bundle.arrays
     return OpenVinoSearch(a["pca_components"], a["pca_mean"], m.backbone.grid[0] * m.backbone.grid[1],
                           max_candidates(a["bank_image"], m.posfar.k_references), threads=threads)
+
+
+def _host_searches(bundle: Bundle, threads: int | None) -> tuple[NearestSearch, BankSearch | None]:
+    """numpy's nearest-candidate and defect bank searches (None: no bank), their blocks of queries shared by
+    ``threads`` threads (``matching.SearchThreads``)."""
+    from .defect_bank import NumpyBankSearch
+    from .matching import NumpySearch, SearchThreads
+    from .pca import PCA
+
+    a = bundle.arrays
+    shared = SearchThreads(threads or default_threads())
+    bank_search = NumpyBankSearch(a["defect_bank"], shared) if "defect_bank" in a else None
+    return NumpySearch(PCA(components=a["pca_components"], mean=a["pca_mean"]), shared), bank_search
 
 
 def _openvino_bank_search(bundle: Bundle, threads: int | None) -> OpenVinoBankSearch | None:

@@ -9,6 +9,7 @@ feature space against the matched entry.
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import cv2
@@ -84,19 +85,60 @@ def augmented_query(xp, query):
     return out
 
 
-def nearest_candidates(xp, query_aug, candidates_aug, chunk: int | None = QUERY_CHUNK):
+class SearchThreads:
+    """This thread and ``n - 1`` workers, which share a search's blocks of queries (block i on thread i mod n).
+
+    Why: asked for 2 threads, numpy's BLAS splits each block's small product between them and pays a wake-up per
+    block (its workers sleep between calls, ``OPENBLAS_THREAD_TIMEOUT``): the fast profile's nearest-candidate
+    search took 0.90 ms a frame on 2 cores so, and no less on one.  Whole blocks on separate threads, each product
+    on one BLAS thread (numpy releases the GIL in the product and the reduction): 0.51 ms; a 1 067-block defect
+    bank's search 1.37 -> 1.08 ms.  The workers wait on a queue, so they take no core between frames.  The caller
+    keeps numpy's BLAS at one thread (``engines.limit_blas_threads``), or the threads' products would fight its
+    pool for the cores."""
+
+    def __init__(self, n: int) -> None:
+        if n < 1:
+            raise ValueError(f"a search needs at least one thread, got {n}")
+        self.n = n
+        self._workers = ThreadPoolExecutor(n - 1, thread_name_prefix="search") if n > 1 else None
+
+    def run(self, work: Callable[[int, int], None], m: int, chunk: int) -> None:
+        """``work(lo, hi)`` for each block ``[lo, hi)`` of ``chunk`` of the ``m`` queries; returns when all are done
+        (a worker's exception is raised here)."""
+        spans = [(lo, min(lo + chunk, m)) for lo in range(0, m, chunk)]
+        shares = min(self.n, len(spans)) if self._workers is not None else 1
+
+        def share(k: int) -> None:
+            for lo, hi in spans[k::shares]:
+                work(lo, hi)
+
+        futures = [self._workers.submit(share, k) for k in range(1, shares)] if shares > 1 else []
+        try:
+            share(0)
+        finally:
+            wait(futures)
+        for future in futures:
+            future.result()
+
+
+#: one thread, blocks in order: the searches' default
+SERIAL = SearchThreads(1)
+
+
+def nearest_candidates(xp, query_aug, candidates_aug, chunk: int | None = QUERY_CHUNK,
+                       threads: SearchThreads = SERIAL):
     """Index (into the candidates) of each query's nearest candidate, by the augmented product's argmax, in
-    blocks of ``chunk`` queries (None: all at once, as on a GPU)."""
+    blocks of ``chunk`` queries shared by ``threads`` (None: all at once, as on a GPU)."""
     cand_t = xp.ascontiguousarray(candidates_aug.T)
     m = query_aug.shape[0]
     if chunk is None or chunk >= m:
         return xp.argmax(query_aug @ cand_t, axis=1)
     best = xp.empty(m, dtype=xp.int64)
-    block = xp.empty((chunk, cand_t.shape[1]), dtype=xp.float32)
-    for i in range(0, m, chunk):
-        n = min(chunk, m - i)
-        xp.matmul(query_aug[i:i + n], cand_t, out=block[:n])
-        best[i:i + n] = xp.argmax(block[:n], axis=1)
+
+    def block(lo: int, hi: int) -> None:
+        best[lo:hi] = xp.argmax(query_aug[lo:hi] @ cand_t, axis=1)
+
+    threads.run(block, m, chunk)
     return best
 
 
@@ -107,13 +149,16 @@ NearestSearch = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 class NumpySearch:
-    """The nearest-candidate search on the host: PCA projection, augmented product, argmax (numpy BLAS)."""
+    """The nearest-candidate search on the host: PCA projection, augmented product, argmax (numpy BLAS), its
+    blocks of queries shared by ``threads``."""
 
-    def __init__(self, pca: PCA) -> None:
+    def __init__(self, pca: PCA, threads: SearchThreads = SERIAL) -> None:
         self.pca = pca
+        self.threads = threads
 
     def __call__(self, pcf: np.ndarray, candidates_aug: np.ndarray) -> np.ndarray:
-        return nearest_candidates(np, augmented_query(np, self.pca.transform(pcf)), candidates_aug)
+        return nearest_candidates(np, augmented_query(np, self.pca.transform(pcf)), candidates_aug,
+                                  threads=self.threads)
 
 
 def max_candidates(image_index: np.ndarray, k: int) -> int:
@@ -192,12 +237,16 @@ def posfar_residual(pcf: np.ndarray, matched: np.ndarray, thetas: tuple[float, .
     Concatenating the theta powers and pooling the 2*d_f channels back to d_f in pairs is the same as
     averaging the powers per channel, which is what this computes, as float32 (M, d_f).
     """
-    diff = np.abs(np.asarray(pcf, dtype=np.float32) - np.asarray(matched, dtype=np.float32))
+    diff = np.subtract(pcf, matched, dtype=np.float32)
+    np.abs(diff, out=diff)
+    # in place, powers 1 and 2 without pow(): a quarter of a frame's numpy time otherwise.  Two terms add the same
+    # either way round, so |d| itself goes last and is summed into without a copy of it
+    ordered = sorted(thetas, key=lambda t: t == 1.0) if len(thetas) == 2 else list(thetas)
     out: np.ndarray | None = None
-    for theta in thetas:  # in place, powers 1 and 2 without pow(): a quarter of a frame's numpy time otherwise
+    for i, theta in enumerate(ordered):
         term = diff if theta == 1.0 else diff * diff if theta == 2.0 else diff ** np.float32(theta)
         if out is None:
-            out = term.copy() if term is diff else term
+            out = term.copy() if term is diff and i < len(ordered) - 1 else term
         else:
             out += term
     out /= np.float32(len(thetas))

@@ -513,8 +513,9 @@ class Inspector:
             self.engines = engines or select_engines(bundle, engine, threads=threads, device=device)
             backbone, swin = self.engines.backbone, swin or self.engines.swin
             if self.engines.search is not None:
-                # the engine runs the search in its own pool: numpy keeps one thread, whose pool would otherwise
-                # spin between frames on the cores the engine's graphs need (engines.OpenVinoSearch)
+                # the engine's searches run on their own threads: numpy's BLAS keeps one, or its pool would fight
+                # them for the cores, and spin between frames on those the graphs need (engines.OpenVinoSearch,
+                # matching.SearchThreads)
                 limit_blas_threads(1)
         self.backbone = backbone
         self.anomaly_map = anomaly_map or m.scoring.anomaly_map
