@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
 from edge_runtime.core.coreset import greedy_kcenter, greedy_kcenter_batched, select_per_image
-import threading
-
 from edge_runtime.core.defect_bank import NumpyBankSearch
 from edge_runtime.core.matching import MemoryBank, NumpySearch, SearchThreads, posfar_residual, widened
 from edge_runtime.core.pca import PCA, fit_pca
