@@ -1,7 +1,9 @@
 """An engine's own nearest-candidate and defect bank searches against numpy's, in one process, on the same frames.
 
 Why: OpenVINO engines run the search in OpenVINO's pool and keep numpy's BLAS to one thread
-(``engines.OpenVinoSearch``), so the two pools stop spinning against each other between the graphs. This
+(``engines.OpenVinoSearch``), so the two pools stop spinning against each other between the graphs; ``cpu``
+engines run numpy's search with its blocks of queries shared by their own threads, numpy's BLAS at one thread
+(``matching.SearchThreads``), against numpy's search on BLAS threads for every core before. This
 measures that choice where it matters, whole frames, in alternating rounds (the machine's drift hits both
 sides alike): back to back (``--pace-ms 0``, a saturated line) or with a pause between frames (a 10 frames/s
 line: ``--pace-ms 100``), and checks that both searches pick the same bank rows.  A labelled bundle's defect bank

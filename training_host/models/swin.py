@@ -39,14 +39,17 @@ class SwinShape:
 
 
 #: what the shift mask adds to the attention logits of token pairs from different regions.  Their weights must be
-#: negligible: at most e^-40 ~ 4e-18 of the row's largest, so even 64 of them stay far below float32's resolution
-#: of the softmax's sum (2^-24), and the figures are the same as with an exact zero.  They must not be subnormal,
-#: which CPUs handle slowly: at -100 (the Swin paper's code) torch's weights were (e^-100 ~ 4e-44), and at -1e4
-#: ONNX Runtime's softmax, which clamps exp()'s argument at -88.4, still made them so (e^-88.4 ~ 4e-39).  At -40
-#: the masked logits stay above that clamp unless a row's logits already spread over more than 48.  Measured on the
-#: fast profile's Swin graph under ONNX Runtime: 1.87 ms at -100, 1.57 at -1e4, 1.45 at -40 (its masked softmax
-#: 221 -> 46 us); its fit 160 s at -100, 128 s at -1e4 (README, "Engines: accuracy and speed").  Within float16's
-#: range, for TensorRT's fp16 plans, where e^-40 is exactly 0.
+#: negligible: e^-40 ~ 4e-18 times e^(how far a masked pair's own logit is above its row's largest unmasked one),
+#: so that even 64 of them stay far below float32's resolution of the softmax's sum (2^-24) and the figures are
+#: those of an exact zero.  And they must not be subnormal, which CPUs handle slowly: at -100 (the Swin paper's
+#: code) torch's weights were (e^-100 ~ 4e-44), and at -1e4 ONNX Runtime's softmax, which clamps exp()'s argument
+#: at -88.4, still made them so (e^-88.4 ~ 4e-39).  Measured in the fast profile's trained Swin on 37 MTD test
+#: images (a one-off script): a masked pair's logit at most 5.4 above its row's largest unmasked one (so weights
+#: below e^-34.6 ~ 1e-15; above 18 they could matter), and a masked logit at -40 at most 56 below its row's largest
+#: (31 to spare before exp() gives subnormals).  The fast profile's Swin graph under ONNX Runtime: 1.87 ms at -100
+#: against 1.60 at -1e4 in one run, 1.62 at -1e4 against 1.48 at -40 in another (its masked softmax 221 -> 46 us);
+#: its fit 160 s at -100, 128 s at -1e4 and -40, the same figures every way (README, "Engines: accuracy and
+#: speed").  Within float16's range, for TensorRT's fp16 plans, where e^-40 is exactly 0.
 MASKED = -40.0
 
 
