@@ -122,8 +122,10 @@ def test_search_threads_share_the_blocks_and_find_what_one_thread_finds():
     assert [(lo, hi) for lo, hi, _ in seen] == [(0, 256), (256, 300)]
     assert {name for *_, name in seen} == {threading.current_thread().name}
 
+    caller = threading.current_thread()
+
     def fails_on_the_worker(lo: int, hi: int) -> None:
-        if threading.current_thread() is not threading.main_thread():
+        if threading.current_thread() is not caller:
             raise RuntimeError(f"block {lo}-{hi}")
 
     with pytest.raises(RuntimeError, match="block 256-512"):
