@@ -10,7 +10,8 @@ line: ``--pace-ms 100``), and checks that both searches pick the same bank rows.
 is searched the same way (``engines.OpenVinoBankSearch``): the numpy side searches it with numpy's BLAS too, and
 both sides' distances to the nearest defect block are compared.
 
-    OPENBLAS_THREAD_TIMEOUT=4 python tools/bench_search.py --bundle runs/engines/fast --images ../shared/data/mtd/test/good
+    OPENBLAS_THREAD_TIMEOUT=4 python tools/bench_search.py --bundle runs/engines/fast \
+        --images ../shared/data/mtd/test/good
 
 (the variable as ``weakrest-edge`` sets it before numpy loads OpenBLAS; without it the numpy side's idle BLAS workers
 spin on the cores the backbone needs, and its backbone stage reads slower: 4.6 against 3.2 ms on 2 cores)
