@@ -1,4 +1,4 @@
-"""An engine's own nearest-candidate and defect bank searches against numpy's, in one process, on the same frames.
+r"""An engine's own nearest-candidate and defect bank searches against numpy's, in one process, on the same frames.
 
 Why: OpenVINO engines run the search in OpenVINO's pool and keep numpy's BLAS to one thread
 (``engines.OpenVinoSearch``), so the two pools stop spinning against each other between the graphs; ``cpu``
