@@ -45,7 +45,8 @@ def test_keys_follow_the_settings_that_produced_the_stage(demo_data, tiny_config
     images = sorted((demo_data / "train" / "good").iterdir())[:5]
     base = features_key(tiny_config, images)
     swin_only = tiny_config.model_copy(update={"swin": tiny_config.swin.model_copy(update={
-        "steps": 99, "embed_dim": 64, "region_balance": 0.5, "members": 3, "defect_transplants": 5})})
+        "steps": 99, "embed_dim": 64, "region_balance": 0.5, "members": 3, "defect_transplants": 5,
+        "boundary_ignore": 1})})
     assert features_key(swin_only, images) == base
     assert residuals_key(swin_only, base) == residuals_key(tiny_config, base)  # Swin training only: same fields
     more_synthetic = tiny_config.model_copy(update={"swin": tiny_config.swin.model_copy(

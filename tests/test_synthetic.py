@@ -11,6 +11,7 @@ from training_host.data.synthetic import (
     SyntheticConfig,
     band_mask,
     block_labels,
+    boundary_ignored,
     covered_blocks,
     crack_mask,
     packaged_textures,
@@ -235,6 +236,29 @@ def test_block_labels():
     assert np.array_equal(block_labels(mask, (4, 4), min_positive_px=0), labels)
     with pytest.raises(ValueError, match="min_positive_px"):
         block_labels(mask, (4, 4), min_positive_px=-1)
+
+
+def test_boundary_ignored_leaves_only_the_normal_blocks_next_to_an_anomaly_out():
+    labels = np.zeros((2, 6, 7), np.int8)
+    labels[0, 2, 3] = 1  # an anomaly inside the grid
+    labels[1, 0, 6] = -1  # an ignored block in a corner counts as well
+    before = labels.copy()
+    one = boundary_ignored(labels, 1)
+    assert one.dtype == np.int8 and one.shape == labels.shape
+    expected = labels.copy()
+    expected[0, 1:4, 2:5] = -1
+    expected[0, 2, 3] = 1  # the anomaly keeps its label
+    expected[1, 0:2, 5:7] = -1  # clipped at the grid's edge, never wrapped round to the other side
+    assert np.array_equal(one, expected)
+    two = boundary_ignored(labels, 2)
+    assert (two[0, 0:5, 1:6] != 0).all() and (two[0][two[0] != 0].size == 25) and two[0, 2, 3] == 1
+    assert (two[1] != 0).sum() == 9 and (two[1, 3:, :] == 0).all()
+    assert np.array_equal(labels, before)  # the input is not modified
+    assert np.array_equal(boundary_ignored(labels, 0), labels)
+    assert np.array_equal(boundary_ignored(np.zeros((3, 4), np.int8), 1), np.zeros((3, 4), np.int8))  # no anomaly
+    assert boundary_ignored(np.zeros((0, 4, 4), np.int8), 1).shape == (0, 4, 4)
+    with pytest.raises(ValueError, match="width"):
+        boundary_ignored(labels, -1)
 
 
 def test_pit_and_crack_masks_are_small_or_thin():

@@ -614,6 +614,27 @@ def block_labels(mask: np.ndarray, grid: tuple[int, int], eps_pos: float = 0.5, 
     return labels
 
 
+def boundary_ignored(labels: np.ndarray, width: int) -> np.ndarray:
+    """Block labels (..., h, w) with each normal block (0) within ``width`` blocks (chessboard distance) of an
+    anomalous or ignored one made ignored (-1).
+
+    Around a pasted anomaly the backbone's receptive fields carry it into the neighbouring blocks: their residuals
+    are as large as the anomaly's own (MTD, fast profile: median 3.0 against 3.5 times the same block's residual
+    on the clean image).  Labelled normal, they teach the Swin to keep a sharp edge that the features do not show.
+    ``width`` 0 returns the labels unchanged."""
+    if width < 0:
+        raise ValueError(f"width must be >= 0, got {width}")
+    labels = np.asarray(labels)
+    if width == 0 or labels.size == 0:
+        return labels.copy()
+    marked = (labels != 0).astype(np.uint8).reshape(-1, *labels.shape[-2:])
+    kernel = np.ones((2 * width + 1, 2 * width + 1), np.uint8)
+    near = np.stack([cv2.dilate(m, kernel, borderType=cv2.BORDER_CONSTANT, borderValue=0) for m in marked])
+    out = labels.copy()
+    out[(near.reshape(labels.shape) != 0) & (labels == 0)] = -1
+    return out
+
+
 def _block_shares(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     """float (h, w) the share of each block a boolean (H, W) mask covers; H and W must be divisible by ``grid``."""
     if mask.ndim != 2:

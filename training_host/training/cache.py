@@ -38,7 +38,8 @@ FORMAT = 1  # bump when what is stored under a key changes
 # Swin settings that only steer training: residual fields do not depend on them
 SWIN_TRAINING_ONLY = frozenset({
     "embed_dim", "depth", "heads", "window", "mlp_ratio", "train_window", "window_stride", "position_embedding",
-    "log_input", "magnitude_skip", "steps", "finetune_steps", "batch_size", "lr", "finetune_lr", "weight_decay",
+    "log_input", "magnitude_skip", "boundary_ignore", "steps", "finetune_steps", "batch_size", "lr", "finetune_lr",
+    "weight_decay",
     "warmup_steps", "ema", "focal_alpha", "focal_gamma", "region_balance", "mask_ratio", "jitter", "defect_fraction",
     "defect_transplants", "finetune_objective", "members", "checkpoint_every",
 })

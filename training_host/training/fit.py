@@ -305,7 +305,7 @@ def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatu
             member_cfg = cfg.model_copy(update={"seed": seed})
             synthetic = _training_fields(member_cfg, maker, fitted, bank_paths, cache, progress, good)[1]
         n_synthetic += synthetic.count("synthetic")
-        data = ResidualSet.concat([good, synthetic])
+        data = ResidualSet.concat([good, synthetic.boundary_ignored(sc.boundary_ignore)])
         torch.manual_seed(seed)
         model = ResidualSwin(shape)
         model.set_input_scale(good.fields.float())

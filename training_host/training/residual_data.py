@@ -24,7 +24,13 @@ from edge_runtime.core.bundle import sha256_of
 from edge_runtime.core.pipeline import PosFARScorer
 from edge_runtime.core.preprocess import ImageReadError, read_image, resize_rgb, to_input_tensor
 from training_host.data.dataset import TestSample, load_mask, scan_dataset
-from training_host.data.synthetic import AnomalySynthesizer, block_labels, region_blocks, transplant_defect
+from training_host.data.synthetic import (
+    AnomalySynthesizer,
+    block_labels,
+    boundary_ignored,
+    region_blocks,
+    transplant_defect,
+)
 from training_host.labels.weak_labels import LabelSet, WeakLabel, block_labels_from_weak, box_blocks, weak_bags
 from training_host.models.features import PatchFeatureExtractor, extract
 from training_host.training.distributed import SINGLE, Distributed
@@ -61,6 +67,13 @@ class ResidualSet:
         """The same fields with their ignored blocks (-1: a mask covers them between eps_neg and eps_pos) made
         UNKNOWN, for ResMixMatch to guess: each connected group of them then holds at least one defect block."""
         labels = torch.where(self.labels == -1, torch.full_like(self.labels, UNKNOWN), self.labels)
+        return ResidualSet(self.fields, labels, list(self.kinds), self.bags)
+
+    def boundary_ignored(self, width: int) -> ResidualSet:
+        """The same fields with the normal blocks next to their anomalies ignored (:func:`boundary_ignored`)."""
+        if not width:
+            return self
+        labels = torch.from_numpy(boundary_ignored(self.labels.numpy(), width))
         return ResidualSet(self.fields, labels, list(self.kinds), self.bags)
 
     def select(self, kind: str) -> ResidualSet:
