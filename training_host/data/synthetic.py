@@ -619,9 +619,9 @@ def boundary_ignored(labels: np.ndarray, width: int) -> np.ndarray:
     anomalous or ignored one made ignored (-1).
 
     Around a pasted anomaly the backbone's receptive fields carry it into the neighbouring blocks: their residuals
-    are as large as the anomaly's own (MTD, fast profile: median 3.0 against 3.5 times the same block's residual
-    on the clean image).  Labelled normal, they teach the Swin to keep a sharp edge that the features do not show.
-    ``width`` 0 returns the labels unchanged."""
+    are nearly as large as the anomaly's own (MTD, fast profile: median 3.0 against 3.5 times the same block's
+    residual on the clean image).  Labelled normal, they teach the Swin to keep a sharp edge that the features do
+    not show.  ``width`` 0 returns the labels unchanged."""
     if width < 0:
         raise ValueError(f"width must be >= 0, got {width}")
     labels = np.asarray(labels)
