@@ -29,8 +29,7 @@ def test_shipped_configs_validate():
 
 def test_the_fine_profile_is_the_fast_profile_with_its_documented_additions():
     """fine.yaml says it is the fast profile setting for setting, plus the Swin ensemble, the shifted heatmap and
-    the larger weight of the ensemble's excess over its normal extreme, less the synthetic anomalies' neighbours
-    left out of the loss:
+    the larger weight of the ensemble's excess over its normal extreme:
     a change to one profile that is not carried to the other fails here."""
     def flat(d: dict, prefix: str = "") -> dict:
         out = {}
@@ -42,7 +41,7 @@ def test_the_fine_profile_is_the_fast_profile_with_its_documented_additions():
     fine = flat(load_config(REPO / "configs" / "products" / "fine.yaml").model_dump())
     differ = {k: (fast.get(k), fine.get(k)) for k in fast.keys() | fine.keys() if fast.get(k) != fine.get(k)}
     assert differ == {"profile": ("fast", "fine"), "swin.members": (1, 3), "scoring.frame_shift": (0, 4),
-                      "scoring.fusion_swin_excess": (0.4, 0.8), "swin.boundary_ignore": (2, 0)}
+                      "scoring.fusion_swin_excess": (0.4, 0.8)}
 
 
 @pytest.mark.parametrize(
