@@ -394,7 +394,7 @@ def _host_searches(bundle: Bundle, threads: int | None) -> tuple[NearestSearch, 
     a = bundle.arrays
     shared = SearchThreads(threads or default_threads())
     bank_search = NumpyBankSearch(a["defect_bank"], shared) if "defect_bank" in a else None
-    return NumpySearch(PCA(components=a["pca_components"], mean=a["pca_mean"]), shared), bank_search
+    return NumpySearch(PCA.from_arrays(a), shared), bank_search
 
 
 def _openvino_bank_search(bundle: Bundle, threads: int | None) -> OpenVinoBankSearch | None:

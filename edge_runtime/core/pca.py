@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +14,11 @@ class PCA:
 
     components: np.ndarray
     mean: np.ndarray
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> PCA:
+        """The fitted projection a bundle stores (its ``pca_components`` and ``pca_mean`` arrays)."""
+        return cls(components=arrays["pca_components"], mean=arrays["pca_mean"])
 
     @property
     def dim(self) -> int:

@@ -293,7 +293,7 @@ class PosFARScorer:
         ``fusion`` as well to fuse it with the distance; ``search``: an engine's nearest-candidate search;
         ``bank_search``: an engine's search over the defect bank's blocks (with ``scoring.defect_bank``)."""
         m, a = bundle.manifest, bundle.arrays
-        pca = PCA(components=a["pca_components"], mean=a["pca_mean"])
+        pca = PCA.from_arrays(a)
         bank = MemoryBank(a["bank"], a["bank_image"], pca, search=search)
         refs = ReferenceIndex(a["ref_descriptors"].astype(np.float32), trim=m.posfar.retrieval_trim)
         foreground = None
