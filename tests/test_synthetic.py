@@ -261,6 +261,64 @@ def test_boundary_ignored_leaves_only_the_normal_blocks_next_to_an_anomaly_out()
         boundary_ignored(labels, -1)
 
 
+def test_a_residual_sets_boundary_ignored_relabels_only_the_asked_kind_and_shares_its_fields():
+    import torch
+
+    from training_host.training.residual_data import ResidualSet
+
+    labels = torch.zeros((3, 5, 5), dtype=torch.int8)
+    labels[:, 2, 2] = 1  # the same anomaly in a good-kind field would be left as it is
+    fields = torch.rand(3, 5, 5, 2).half()
+    data = ResidualSet(fields, labels, ["good", "synthetic", "synthetic"])
+    ringed = data.boundary_ignored(1, kind="synthetic")
+    assert ringed.fields is data.fields  # no copy of the fields, only of the labels
+    assert torch.equal(ringed.labels[0], labels[0])
+    for i in (1, 2):
+        assert torch.equal(ringed.labels[i], torch.from_numpy(boundary_ignored(labels[i].numpy(), 1)))
+    assert torch.equal(data.labels, labels)  # the set itself keeps its labels
+    assert torch.equal(data.boundary_ignored(1).labels, torch.from_numpy(boundary_ignored(labels.numpy(), 1)))
+    assert data.boundary_ignored(0, kind="synthetic") is data
+    assert torch.equal(data.boundary_ignored(1, kind="weak").labels, labels)  # no field of that kind
+
+
+def test_boundary_ignore_steers_the_unsupervised_phase_only_and_the_fine_tuning_sees_the_neighbours_as_normal():
+    """Fine-tuned with the neighbours left out as well, the weak labels gained less (docs/sweeps/boundary.md)."""
+    import torch
+
+    from training_host.config import ProductConfig
+    from training_host.models.swin import ResidualSwin, SwinShape
+    from training_host.training.fit import _train_member
+    from training_host.training.residual_data import ResidualSet
+    from training_host.training.train_swin import SwinTrainer
+
+    class Recording(SwinTrainer):  # the real trainer; it notes the labels each phase trained on
+        seen: dict = {}
+
+        def run_phase(self, phase, data, *args, **kwargs):
+            self.seen[phase] = data.labels.clone()
+            return super().run_phase(phase, data, *args, **kwargs)
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.zeros((8, 8, 8), dtype=torch.int8)
+    labels[4:, 3:5, 3:5] = 1  # four synthetic fields with an anomaly, four good ones
+    data = ResidualSet(torch.rand(8, 8, 8, 4, generator=g).half(), labels, ["good"] * 4 + ["synthetic"] * 4)
+    real = ResidualSet(torch.rand(2, 8, 8, 4, generator=g).half(), labels[4:6].clone(), ["defect"] * 2)
+    cfg = ProductConfig.model_validate({"swin": {
+        "batch_size": 4, "warmup_steps": 1, "checkpoint_every": 1000, "steps": 2, "finetune_steps": 2, "window": 4,
+        "train_window": 8,
+        "finetune_objective": "focal", "boundary_ignore": 1}})
+    model = ResidualSwin(SwinShape(in_dim=4, embed_dim=8, depth=2, heads=2, window=4, train_window=8))
+    model.set_input_scale(data.fields.float())
+    trainer = Recording(model, cfg.swin, seed=0)
+    phases, steps = _train_member(cfg, None, trainer, data, real, None, False)
+    assert [p["phase"] for p in phases] == ["unsupervised", "supervised"] and steps == 4
+    ring = torch.from_numpy(boundary_ignored(labels.numpy(), 1)) != labels
+    assert ring[4:].sum() == 4 * 12 and not ring[:4].any()
+    assert (trainer.seen["unsupervised"][ring] == -1).all()  # left out while learning from synthetic anomalies
+    assert torch.equal(trainer.seen["supervised"], labels)  # normal again when the labels fine-tune
+    assert torch.equal(data.labels, labels)
+
+
 def test_pit_and_crack_masks_are_small_or_thin():
     rng = np.random.default_rng(0)
     for _ in range(20):

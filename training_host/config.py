@@ -135,8 +135,9 @@ class SwinConfig(_Section):
                                   description="an anomalous block of a region of s blocks weighs s^-region_balance "
                                   "in the loss (the batch's anomalous total kept): 1 every region equal, 0 off")
     boundary_ignore: int = Field(default=0, ge=0, le=4, description="synthetic anomalies: normal blocks within this "
-                                 "many blocks of an anomalous or ignored one are left out of the loss (the "
-                                 "receptive fields carry the anomaly into them); 0: labelled normal")
+                                 "many blocks of an anomalous or ignored one are left out of the unsupervised "
+                                 "phase's loss (the receptive fields carry the anomaly into them); fine-tuning on "
+                                 "labels keeps them normal; 0: labelled normal throughout")
     mask_ratio: float = Field(default=0.1, ge=0.0, lt=1.0, description="residual tokens zeroed (Eq. 18)")
     jitter: float = Field(default=0.1, ge=0.0, description="log-scale jitter of residual tokens (Eq. 18)")
     synthetic_per_image: int = Field(default=2, ge=0, description="synthetic anomalies made from each good image")

@@ -305,7 +305,7 @@ def _train_swin(cfg: ProductConfig, opts: TrainingOptions, extractor: PatchFeatu
             member_cfg = cfg.model_copy(update={"seed": seed})
             synthetic = _training_fields(member_cfg, maker, fitted, bank_paths, cache, progress, good)[1]
         n_synthetic += synthetic.count("synthetic")
-        data = ResidualSet.concat([good, synthetic.boundary_ignored(sc.boundary_ignore)])
+        data = ResidualSet.concat([good, synthetic])
         torch.manual_seed(seed)
         model = ResidualSwin(shape)
         model.set_input_scale(good.fields.float())
@@ -387,13 +387,15 @@ def _member_init(init: Path | None, member: int, members: int, dist: Distributed
 def _train_member(cfg: ProductConfig, init: Path | None, trainer: SwinTrainer, data: ResidualSet,
                   real: ResidualSet | None, weak_set: ResidualSet | None, progress: bool) -> tuple[list[dict], int]:
     """One Swin's phases: unsupervised (unless it starts from ``init``), then fine-tuning on real defects or weak
-    labels. Returns the phase reports and the number of steps trained."""
+    labels. Returns the phase reports and the number of steps trained.  ``swin.boundary_ignore`` steers the
+    unsupervised phase only: fine-tuned with it too, the weak labels gained less (docs/sweeps/boundary.md)."""
     sc = cfg.swin
     phases = []
     if init is not None:
         trainer.load_weights(init)
-    else:
-        phases.append(trainer.run_phase("unsupervised", data, sc.steps, sc.lr, progress=progress).to_json())
+    else:  # swin.boundary_ignore: this phase only; the labels' fine-tuning below sees those blocks as normal
+        unsupervised = data.boundary_ignored(sc.boundary_ignore, kind="synthetic")
+        phases.append(trainer.run_phase("unsupervised", unsupervised, sc.steps, sc.lr, progress=progress).to_json())
     steps = sc.steps if init is None else 0
     if real is not None:
         trainer.model.load_state_dict(trainer.ema.state_dict())  # fine-tune the unsupervised (EMA) model

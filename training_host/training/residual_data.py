@@ -69,11 +69,15 @@ class ResidualSet:
         labels = torch.where(self.labels == -1, torch.full_like(self.labels, UNKNOWN), self.labels)
         return ResidualSet(self.fields, labels, list(self.kinds), self.bags)
 
-    def boundary_ignored(self, width: int) -> ResidualSet:
-        """The same fields with the normal blocks next to their anomalies ignored (:func:`boundary_ignored`)."""
+    def boundary_ignored(self, width: int, kind: str | None = None) -> ResidualSet:
+        """The same fields (shared, not copied) with the normal blocks next to their anomalies ignored
+        (:func:`boundary_ignored`): in every field, or in those of ``kind`` only."""
         if not width:
             return self
-        labels = torch.from_numpy(boundary_ignored(self.labels.numpy(), width))
+        labels = self.labels.clone()
+        idx = [i for i, k in enumerate(self.kinds) if kind is None or k == kind]
+        if idx:
+            labels[idx] = torch.from_numpy(boundary_ignored(self.labels[idx].numpy(), width))
         return ResidualSet(self.fields, labels, list(self.kinds), self.bags)
 
     def select(self, kind: str) -> ResidualSet:
