@@ -393,7 +393,7 @@ def _train_member(cfg: ProductConfig, init: Path | None, trainer: SwinTrainer, d
     phases = []
     if init is not None:
         trainer.load_weights(init)
-    else:  # swin.boundary_ignore: this phase only; the labels' fine-tuning below sees those blocks as normal
+    else:
         unsupervised = data.boundary_ignored(sc.boundary_ignore, kind="synthetic")
         phases.append(trainer.run_phase("unsupervised", unsupervised, sc.steps, sc.lr, progress=progress).to_json())
     steps = sc.steps if init is None else 0
