@@ -305,8 +305,7 @@ def test_boundary_ignore_steers_the_unsupervised_phase_only_and_the_fine_tuning_
     real = ResidualSet(torch.rand(2, 8, 8, 4, generator=g).half(), labels[4:6].clone(), ["defect"] * 2)
     cfg = ProductConfig.model_validate({"swin": {
         "batch_size": 4, "warmup_steps": 1, "checkpoint_every": 1000, "steps": 2, "finetune_steps": 2, "window": 4,
-        "train_window": 8,
-        "finetune_objective": "focal", "boundary_ignore": 1}})
+        "train_window": 8, "finetune_objective": "focal", "boundary_ignore": 1}})
     model = ResidualSwin(SwinShape(in_dim=4, embed_dim=8, depth=2, heads=2, window=4, train_window=8))
     model.set_input_scale(data.fields.float())
     trainer = Recording(model, cfg.swin, seed=0)

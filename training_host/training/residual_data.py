@@ -63,6 +63,10 @@ class ResidualSet:
     def count(self, kind: str) -> int:
         return sum(k == kind for k in self.kinds)
 
+    def _indices(self, kind: str | None) -> list[int]:
+        """The positions of the fields of ``kind`` (None: every field)."""
+        return [i for i, k in enumerate(self.kinds) if kind is None or k == kind]
+
     def ignored_as_unknown(self) -> ResidualSet:
         """The same fields with their ignored blocks (-1: a mask covers them between eps_neg and eps_pos) made
         UNKNOWN, for ResMixMatch to guess: each connected group of them then holds at least one defect block."""
@@ -75,13 +79,13 @@ class ResidualSet:
         if not width:
             return self
         labels = self.labels.clone()
-        idx = [i for i, k in enumerate(self.kinds) if kind is None or k == kind]
+        idx = self._indices(kind)
         if idx:
             labels[idx] = torch.from_numpy(boundary_ignored(self.labels[idx].numpy(), width))
         return ResidualSet(self.fields, labels, list(self.kinds), self.bags)
 
     def select(self, kind: str) -> ResidualSet:
-        idx = [i for i, k in enumerate(self.kinds) if k == kind]
+        idx = self._indices(kind)
         bags = self.bags[idx] if self.bags is not None else None
         return ResidualSet(self.fields[idx], self.labels[idx], [kind] * len(idx), bags)
 
